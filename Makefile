@@ -1,0 +1,37 @@
+# variant-autoscaler developer entry points. Every target installs what it needs itself.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: venv demo test bench lint system-deps clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+## demo: the main job on the bundled example fleet (no cluster needed)
+demo: venv
+	$(VENV)/bin/variant-autoscaler plan examples/fleet.yaml
+
+## test: the whole suite (installs the venv and the Debian packages tests need)
+test: venv system-deps
+	$(PY) -m pytest -q tests
+
+## system-deps: Debian packages and binaries the tests use (real Prometheus, etcd, helm)
+system-deps:
+	@bash scripts/install-system-deps.sh
+
+## bench: benchmarks under benchmarks/, figures printed
+bench: venv
+	$(PY) -m pytest -q benchmarks --benchmark-columns=min,mean,max,rounds -s
+
+lint: venv
+	$(VENV)/bin/ruff check optimizer operator tests benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache .benchmarks reports

@@ -1,0 +1,154 @@
+"""One optimization problem: the fleet, the demand and the SLOs, checked for consistency.
+
+This is the input file format of `variant-autoscaler plan` and the object the operator builds
+from custom resources each cycle. Every reference (variant -> model, variant -> accelerator,
+workload -> model) is checked here, so the engine never sees a dangling name.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from optimizer.fleet import Accelerator, ModelSpec, Variant
+from optimizer.workload import SLO, Workload
+
+
+class AllocationOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    change_penalty_per_replica: float = Field(
+        default=0.0, ge=0, description="Cost per hour charged for each replica added or removed vs current."
+    )
+    power_cap_w: float | None = Field(default=None, gt=0, description="Upper bound on total accelerator power.")
+    kv_transfer_gb_s: float = Field(
+        default=25.0, gt=0, description="Bandwidth of the P->D KV-cache link per transfer, GB/s."
+    )
+    service_level: float = Field(
+        default=1.0, gt=0, le=1.0,
+        description="Fraction of each replica's SLO capacity to plan for; < 1 buys latency headroom.",
+    )
+    time_limit_s: float = Field(default=2.0, gt=0, description="Solver wall-clock limit.")
+    relative_gap: float = Field(default=0.01, ge=0, description="Stop when the proven optimality gap is below this.")
+
+
+class Problem(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    accelerators: list[Accelerator] = Field(min_length=1)
+    models: list[ModelSpec] = Field(min_length=1)
+    variants: list[Variant] = Field(min_length=1)
+    workloads: list[Workload] = Field(default_factory=list)
+    slos: list[SLO] = Field(default_factory=list)
+    options: AllocationOptions = Field(default_factory=AllocationOptions)
+
+    @model_validator(mode="after")
+    def _references(self) -> Problem:
+        for field, names in (
+            ("accelerators", [a.name for a in self.accelerators]),
+            ("models", [m.name for m in self.models]),
+            ("variants", [v.name for v in self.variants]),
+            ("workloads", [w.model for w in self.workloads]),
+            ("slos", [s.model for s in self.slos]),
+        ):
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            if dupes:
+                raise ValueError(f"{field}: duplicate name(s) {dupes}")
+        accs = {a.name: a for a in self.accelerators}
+        models = {m.name: m for m in self.models}
+        for i, v in enumerate(self.variants):
+            if v.accelerator not in accs:
+                raise ValueError(
+                    f"variants[{i}].accelerator: unknown accelerator {v.accelerator!r} (known: {sorted(accs)})"
+                )
+            if v.model not in models:
+                raise ValueError(f"variants[{i}].model: unknown model {v.model!r} (known: {sorted(models)})")
+            mem = accs[v.accelerator].memory_gb * v.accelerators_per_replica
+            weight = models[v.model].weight_gb
+            if weight >= mem:
+                raise ValueError(
+                    f"variants[{i}] ({v.name}): weights of {v.model} ({weight:g} GB) do not fit in "
+                    f"{v.accelerators_per_replica} x {v.accelerator} ({mem:g} GB)"
+                )
+        for field, items in (("workloads", self.workloads), ("slos", self.slos)):
+            for i, item in enumerate(items):
+                if item.model not in models:
+                    raise ValueError(f"{field}[{i}].model: unknown model {item.model!r} (known: {sorted(models)})")
+        with_slo = {s.model for s in self.slos}
+        for i, w in enumerate(self.workloads):
+            if w.model not in with_slo:
+                raise ValueError(f"workloads[{i}]: model {w.model!r} has demand but no entry in slos")
+        return self
+
+    def accelerator(self, name: str) -> Accelerator:
+        return next(a for a in self.accelerators if a.name == name)
+
+    def model(self, name: str) -> ModelSpec:
+        return next(m for m in self.models if m.name == name)
+
+    def slo(self, model: str) -> SLO:
+        return next(s for s in self.slos if s.model == model)
+
+    def workload(self, model: str) -> Workload | None:
+        return next((w for w in self.workloads if w.model == model), None)
+
+    def variant_cost_per_hour(self, variant: Variant) -> float:
+        return self.accelerator(variant.accelerator).cost_per_hour * variant.accelerators_per_replica
+
+
+class InputError(Exception):
+    """A bad input file, with the file, the field and the reason, ready to show a human."""
+
+    def __init__(self, source: str, field: str, reason: str):
+        self.source, self.field, self.reason = source, field, reason
+        where = f"{source}: {field}" if field else source
+        super().__init__(f"{where}: {reason}")
+
+
+def format_validation_error(err: ValidationError) -> list[tuple[str, str]]:
+    """(field path, reason) per error, with list indices as `[i]` and union tags dropped."""
+    out = []
+    for e in err.errors():
+        path = ""
+        for part in e["loc"]:
+            if isinstance(part, int):
+                path += f"[{part}]"
+            elif part in ("parametric", "tabulated"):
+                continue
+            else:
+                path += f".{part}" if path else str(part)
+        msg = e["msg"].removeprefix("Value error, ")
+        out.append((path, msg))
+    return out
+
+
+def read_document(path: str | Path) -> dict:
+    """Read a YAML or JSON mapping, or raise InputError naming the file."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise InputError(str(p), "", f"cannot read file ({exc.strerror or exc})") from None
+    try:
+        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        raise InputError(str(p), "", f"not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {exc}") from None
+    if not isinstance(data, dict):
+        raise InputError(str(p), "", f"expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def load_problem(path: str | Path) -> Problem:
+    """Load a plan input file (YAML or JSON); any problem becomes one InputError."""
+    data = read_document(path)
+    try:
+        return Problem.model_validate(data)
+    except ValidationError as err:
+        field, reason = format_validation_error(err)[0]
+        more = len(err.errors()) - 1
+        if more:
+            reason += f" (and {more} more error{'s' if more > 1 else ''})"
+        raise InputError(str(path), field, reason) from None

@@ -1,0 +1,211 @@
+"""Performance profiles: how long one prefill and one decode iteration take on one replica.
+
+Two shapes, one interface (`prefill_s(tokens)`, `decode_step_s(batch, context_tokens)`):
+
+* ``ParametricProfile`` -- the linear/quadratic model vLLM-style servers follow closely
+  (decode is memory-bound: a fixed weight read plus a per-sequence and per-KV-token cost;
+  prefill is compute-bound: linear in tokens plus an attention term).
+* ``TabulatedProfile`` -- measured points, interpolated monotonically (PCHIP), so offline
+  profiles can be used as measured.
+
+``fit_profile`` turns observed samples into a ``ParametricProfile`` with a robust least-squares
+fit, so the engine works without offline profiling too.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Annotated, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class ParametricProfile(BaseModel):
+    """decode_step_s = base + per_seq*batch + per_kv_token*batch*context; prefill_s = base + a*t + b*t^2."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["parametric"] = "parametric"
+    decode_base_s: float = Field(gt=0, description="Decode iteration time at batch 0 (weight read).")
+    decode_per_seq_s: float = Field(default=0.0, ge=0, description="Added per sequence in the batch.")
+    decode_per_kv_token_s: float = Field(
+        default=0.0, ge=0, description="Added per KV-cache token read in one iteration (batch x context)."
+    )
+    prefill_base_s: float = Field(default=0.0, ge=0, description="Fixed cost of one prefill.")
+    prefill_per_token_s: float = Field(gt=0, description="Prefill time per prompt token.")
+    prefill_per_token_sq_s: float = Field(default=0.0, ge=0, description="Attention term per token squared.")
+
+    def decode_step_s(self, batch, context_tokens=0.0):
+        """Time of one decode iteration with `batch` sequences of mean context `context_tokens`."""
+        return self.decode_base_s + self.decode_per_seq_s * batch + self.decode_per_kv_token_s * batch * context_tokens
+
+    def prefill_s(self, tokens):
+        """Time to prefill `tokens` prompt tokens (one prompt, or one chunk of several)."""
+        return self.prefill_base_s + self.prefill_per_token_s * tokens + self.prefill_per_token_sq_s * tokens**2
+
+
+class ProfilePoint(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    x: float = Field(ge=0, description="Batch size (decode) or prompt tokens (prefill).")
+    time_s: float = Field(ge=0)
+
+
+def _check_points(points: list[ProfilePoint], what: str) -> list[ProfilePoint]:
+    if len(points) < 2:
+        raise ValueError(f"{what} needs at least 2 points")
+    xs = [p.x for p in points]
+    if any(b <= a for a, b in zip(xs, xs[1:], strict=False)):
+        raise ValueError(f"{what} x values must be strictly increasing, got {xs}")
+    return points
+
+
+class TabulatedProfile(BaseModel):
+    """Measured points with monotone (PCHIP) interpolation and linear extrapolation past the ends.
+
+    Noisy measurements that are not monotone are first made monotone (running maximum), because a
+    bigger batch or a longer prompt never takes less time on the same replica.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["tabulated"] = "tabulated"
+    decode_points: list[ProfilePoint] = Field(description="(batch, iteration time) points.")
+    prefill_points: list[ProfilePoint] = Field(description="(prompt tokens, prefill time) points.")
+    decode_per_kv_token_s: float = Field(
+        default=0.0, ge=0, description="Added per KV-cache token read in one iteration (batch x context)."
+    )
+
+    @field_validator("decode_points")
+    @classmethod
+    def _decode(cls, v):
+        return _check_points(v, "decode_points")
+
+    @field_validator("prefill_points")
+    @classmethod
+    def _prefill(cls, v):
+        return _check_points(v, "prefill_points")
+
+    @model_validator(mode="after")
+    def _positive_decode(self) -> TabulatedProfile:
+        if max(p.time_s for p in self.decode_points) <= 0:
+            raise ValueError("decode_points must contain a positive time")
+        return self
+
+    @cached_property
+    def _decode_curve(self):
+        return _MonotoneCurve([p.x for p in self.decode_points], [p.time_s for p in self.decode_points])
+
+    @cached_property
+    def _prefill_curve(self):
+        return _MonotoneCurve([p.x for p in self.prefill_points], [p.time_s for p in self.prefill_points])
+
+    def decode_step_s(self, batch, context_tokens=0.0):
+        return self._decode_curve(batch) + self.decode_per_kv_token_s * np.asarray(batch) * context_tokens
+
+    def prefill_s(self, tokens):
+        return self._prefill_curve(tokens)
+
+
+class _MonotoneCurve:
+    """PCHIP through monotone-ised points, linear beyond the ends (floored at 0 below)."""
+
+    def __init__(self, xs: list[float], ys: list[float]):
+        from scipy.interpolate import PchipInterpolator
+
+        self.xs = np.asarray(xs, dtype=float)
+        self.ys = np.maximum.accumulate(np.asarray(ys, dtype=float))
+        self._pchip = PchipInterpolator(self.xs, self.ys, extrapolate=False)
+        self._lo_slope = (self.ys[1] - self.ys[0]) / (self.xs[1] - self.xs[0])
+        self._hi_slope = (self.ys[-1] - self.ys[-2]) / (self.xs[-1] - self.xs[-2])
+
+    def __call__(self, x):
+        xa = np.asarray(x, dtype=float)
+        inside = np.clip(xa, self.xs[0], self.xs[-1])
+        y = self._pchip(inside)
+        y = np.where(xa > self.xs[-1], self.ys[-1] + self._hi_slope * (xa - self.xs[-1]), y)
+        y = np.where(xa < self.xs[0], np.maximum(0.0, self.ys[0] + self._lo_slope * (xa - self.xs[0])), y)
+        return float(y) if y.ndim == 0 else y
+
+
+PerformanceProfile = Annotated[ParametricProfile | TabulatedProfile, Field(discriminator="kind")]
+
+
+class DecodeSample(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    batch: float = Field(gt=0)
+    context_tokens: float = Field(default=0.0, ge=0)
+    step_s: float = Field(gt=0)
+
+
+class PrefillSample(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tokens: float = Field(gt=0)
+    time_s: float = Field(gt=0)
+
+
+def fit_profile(
+    decode: list[DecodeSample],
+    prefill: list[PrefillSample],
+    *,
+    quadratic_prefill: bool = False,
+) -> ParametricProfile:
+    """Fit a ParametricProfile to observed samples, robust to outliers.
+
+    Uses soft-L1 least squares on relative residuals with non-negative coefficients: a few
+    samples taken during a GC pause or a preemption must not drag the curve, and every
+    coefficient has a physical meaning that cannot be negative.
+    """
+    from scipy.optimize import least_squares
+
+    if len(decode) < 2:
+        raise ValueError(f"need at least 2 decode samples to fit a profile, got {len(decode)}")
+    if len(prefill) < 2:
+        raise ValueError(f"need at least 2 prefill samples to fit a profile, got {len(prefill)}")
+
+    b = np.array([s.batch for s in decode])
+    c = np.array([s.context_tokens for s in decode])
+    y = np.array([s.step_s for s in decode])
+    a_dec = np.column_stack([np.ones_like(b), b, b * c])
+    if not np.any(c > 0):
+        a_dec = a_dec[:, :2]
+    dec = _robust_nonneg_fit(a_dec, y, least_squares)
+    if len(dec) == 2:
+        dec = np.append(dec, 0.0)
+
+    t = np.array([s.tokens for s in prefill])
+    yp = np.array([s.time_s for s in prefill])
+    cols = [np.ones_like(t), t] + ([t**2] if quadratic_prefill else [])
+    pre = _robust_nonneg_fit(np.column_stack(cols), yp, least_squares)
+    if len(pre) == 2:
+        pre = np.append(pre, 0.0)
+
+    tiny = 1e-12
+    return ParametricProfile(
+        decode_base_s=max(dec[0], tiny),
+        decode_per_seq_s=dec[1],
+        decode_per_kv_token_s=dec[2],
+        prefill_base_s=pre[0],
+        prefill_per_token_s=max(pre[1], tiny),
+        prefill_per_token_sq_s=pre[2],
+    )
+
+
+def _robust_nonneg_fit(a: np.ndarray, y: np.ndarray, least_squares) -> np.ndarray:
+    scale = np.maximum(np.abs(y), 1e-12)
+    a_rel = a / scale[:, None]
+    ones = np.ones_like(y)
+    col_scale = np.maximum(np.abs(a_rel).max(axis=0), 1e-300)
+    start, *_ = np.linalg.lstsq(a_rel / col_scale, ones, rcond=None)
+    start = np.clip(start, 0, None) + 1e-9
+    res = least_squares(
+        lambda w: (a_rel / col_scale) @ w - ones,
+        start,
+        bounds=(0, np.inf),
+        loss="soft_l1",
+        f_scale=0.05,
+    )
+    return res.x / col_scale
