@@ -12,7 +12,6 @@ import pkgutil
 import sys
 
 from optimizer.problem import InputError
-
 from variant_autoscaler import commands
 
 EXIT_BAD_INPUT = 2
