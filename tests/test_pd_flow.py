@@ -1,0 +1,317 @@
+"""P->D max-flow analysis: the textbook example exactly, the Helix graph, independent cross-checks,
+bottleneck classification on constructed graphs, and the `flow` command end to end."""
+
+import json
+import random
+import subprocess
+from pathlib import Path
+
+import networkx as nx
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from scipy.optimize import linprog
+from scipy.sparse.csgraph import maximum_flow
+
+from optimizer.pd_flow import (
+    ALGORITHMS,
+    FlowGraph,
+    GraphFieldError,
+    analyze,
+    build_pd_graph,
+    load_flow_graph,
+    max_flow_value,
+)
+from optimizer.problem import InputError
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "pd_flow.yaml"
+HELIX = ROOT.parent / "shared" / "data" / "maxflow" / "helix_single24_llama70b.json"
+CLI = ROOT / ".venv" / "bin" / "variant-autoscaler"
+
+EXAMPLE_EDGES = [("S", "P1", 60), ("S", "P2", 70), ("P1", "D1", 40), ("P1", "D2", 25),
+                 ("P2", "D1", 30), ("P2", "D2", 50), ("D1", "T", 65), ("D2", "T", 55)]
+
+
+def graph_of(edges, source="S", sink="T") -> FlowGraph:
+    return FlowGraph(source=source, sink=sink, edges=[{"u": u, "v": v, "capacity": c} for u, v, c in edges])
+
+
+def flows(analysis) -> dict[tuple[str, str], float]:
+    return {(e.u, e.v): e.flow for e in analysis.edges}
+
+
+def lp_max_flow(graph: FlowGraph) -> float:
+    """Max flow as a linear program (HiGHS via scipy): an answer that shares no code with networkx."""
+    nodes = sorted({e.u for e in graph.edges} | {e.v for e in graph.edges})
+    index = {n: i for i, n in enumerate(nodes)}
+    inner = [n for n in nodes if n not in (graph.source, graph.sink)]
+    a_eq = np.zeros((len(inner), len(graph.edges)))
+    row = {n: r for r, n in enumerate(inner)}
+    objective = np.zeros(len(graph.edges))
+    for j, e in enumerate(graph.edges):
+        if e.u in row:
+            a_eq[row[e.u], j] -= 1
+        if e.v in row:
+            a_eq[row[e.v], j] += 1
+        objective[j] = -(e.u == graph.source) + (e.v == graph.source)
+    assert index
+    res = linprog(objective, A_eq=a_eq, b_eq=np.zeros(len(inner)),
+                  bounds=[(0, e.capacity) for e in graph.edges], method="highs")
+    assert res.status == 0, res.message
+    return -res.fun
+
+
+def scipy_max_flow(edges, source, sink) -> int:
+    """Max flow of an integer-capacity graph by scipy's csgraph (Dinic/Edmonds-Karp in C)."""
+    nodes = sorted({u for u, _, _ in edges} | {v for _, v, _ in edges})
+    index = {n: i for i, n in enumerate(nodes)}
+    m = sp.csr_matrix(
+        ([c for _, _, c in edges], ([index[u] for u, _, _ in edges], [index[v] for _, v, _ in edges])),
+        shape=(len(nodes), len(nodes)), dtype=np.int64,
+    )
+    return int(maximum_flow(m, index[source], index[sink]).flow_value)
+
+
+def assert_is_a_maximum_flow(graph: FlowGraph, analysis):
+    """Capacity bounds, conservation at every node, and a cut whose capacity equals the flow."""
+    net: dict[str, float] = {}
+    for e in analysis.edges:
+        assert -1e-9 <= e.flow <= (e.capacity if e.capacity is not None else float("inf")) + 1e-9
+        net[e.u] = net.get(e.u, 0.0) - e.flow
+        net[e.v] = net.get(e.v, 0.0) + e.flow
+    for node, balance in net.items():
+        if node not in (graph.source, graph.sink):
+            assert balance == pytest.approx(0.0, abs=1e-6), f"flow not conserved at {node}"
+    assert -net[graph.source] == pytest.approx(analysis.max_flow, rel=1e-9)
+    assert net[graph.sink] == pytest.approx(analysis.max_flow, rel=1e-9)
+    assert sum(c.capacity for c in analysis.min_cut) == pytest.approx(analysis.max_flow, rel=1e-9)
+    assert sum(c.capacity for c in analysis.sink_side_min_cut) == pytest.approx(analysis.max_flow, rel=1e-9)
+    by_edge = {(e.u, e.v): e for e in analysis.edges}
+    assert all(by_edge[c.u, c.v].saturated for c in analysis.min_cut + analysis.sink_side_min_cut)
+
+
+# --- the worked example ---------------------------------------------------------------------------
+
+
+def test_example_reproduces_the_textbook_answer():
+    a = analyze(load_flow_graph(EXAMPLE))
+    assert a.max_flow == pytest.approx(120)
+    assert a.layout == "prefill-decode"
+    assert a.bottleneck == "decode"
+    assert {(c.u, c.v) for c in a.min_cut} == {("D1", "T"), ("D2", "T")}
+    assert a.min_cut_unique
+    shares = {(s.prefill, s.decode): round(100 * s.share, 1) for s in a.kv_schedule}
+    assert shares == {("P1", "D1"): 33.3, ("P1", "D2"): 16.7, ("P2", "D1"): 20.8, ("P2", "D2"): 29.2}
+    spare = {(e.u, e.v): e.spare for e in a.edges if e.spare}
+    assert spare == {("S", "P2"): 10, ("P1", "D2"): 5, ("P2", "D1"): 5, ("P2", "D2"): 15}
+    assert a.several_optimal_splits
+    text = " ".join(a.recommendations)
+    assert "Adding prefill capacity will not raise throughput: all decode edges are saturated" in text
+    assert "Adding KV link capacity will not raise throughput" in text
+    assert "one of several optimal" in text
+    assert_is_a_maximum_flow(load_flow_graph(EXAMPLE), a)
+
+
+def test_example_split_is_networkx_edmonds_karp_and_independent_of_edge_order():
+    g = nx.DiGraph()
+    for u, v, c in EXAMPLE_EDGES:
+        g.add_edge(u, v, capacity=c)
+    _, direct = nx.maximum_flow(g, "S", "T", flow_func=nx.algorithms.flow.edmonds_karp)
+    expected = {(u, v): direct[u][v] for u, v, _ in EXAMPLE_EDGES}
+    assert flows(analyze(graph_of(EXAMPLE_EDGES))) == expected
+    rng = random.Random(7)
+    for _ in range(5):
+        shuffled = EXAMPLE_EDGES[:]
+        rng.shuffle(shuffled)
+        assert flows(analyze(graph_of(shuffled))) == expected
+
+
+def test_scale_options_match_an_independent_recomputation():
+    a = analyze(graph_of(EXAMPLE_EDGES))
+    assert {(o.u, o.v) for o in a.scale_options} == {("D1", "T"), ("D2", "T")}
+    big = sum(c for _, _, c in EXAMPLE_EDGES)
+    for o in a.scale_options:
+        relaxed = [(u, v, big if (u, v) == (o.u, o.v) else c) for u, v, c in EXAMPLE_EDGES]
+        assert o.max_flow_if_unlimited == pytest.approx(scipy_max_flow(relaxed, "S", "T"))
+        assert o.gain_if_unlimited == pytest.approx(o.max_flow_if_unlimited - 120)
+        assert o.gain_if_unlimited > 0
+
+
+# --- the real Helix placement graph ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def helix():
+    if not HELIX.exists():
+        pytest.skip(f"../shared not present: {HELIX} is missing")
+    return load_flow_graph(HELIX)
+
+
+def test_helix_max_flow_value_and_validity(helix):
+    a = analyze(helix)
+    assert a.max_flow == pytest.approx(1289.5558, abs=1e-3)
+    assert a.max_flow == pytest.approx(lp_max_flow(helix), rel=1e-7)
+    assert a.layout == "generic"
+    assert_is_a_maximum_flow(helix, a)
+
+
+def test_every_networkx_algorithm_agrees_on_helix(helix):
+    values = {name: max_flow_value(helix, name) for name in ALGORITHMS}
+    assert all(v == pytest.approx(1289.5558, abs=1e-3) for v in values.values()), values
+
+
+# --- independent cross-checks on random graphs -----------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_pd_graphs_match_scipy(seed):
+    rng = random.Random(seed)
+    prefill = {f"P{i}": rng.randint(0, 40) for i in range(rng.randint(1, 4))}
+    decode = {f"D{i}": rng.randint(0, 40) for i in range(rng.randint(1, 4))}
+    links = {(p, d): rng.randint(0, 30) * 1000 for p in prefill for d in decode if rng.random() < 0.7}
+    links.setdefault((rng.choice(sorted(prefill)), rng.choice(sorted(decode))), 7000)
+    graph = build_pd_graph(prefill, decode, links, kv_bytes_per_request=1000)
+    a = analyze(graph)
+    ints = [(e.u, e.v, int(e.capacity)) for e in graph.edges]
+    assert a.max_flow == pytest.approx(scipy_max_flow(ints, "source", "sink"))
+    assert_is_a_maximum_flow(graph, a)
+    assert sum(s.share for s in a.kv_schedule) == pytest.approx(1.0 if a.max_flow > 0 else 0.0)
+
+
+def test_unique_flow_is_not_flagged_as_one_of_several():
+    a = analyze(graph_of([("S", "A", 5), ("A", "B", 3), ("B", "T", 9)]))
+    assert a.max_flow == 3
+    assert not a.several_optimal_splits
+    assert not any(e.flow_can_vary for e in a.edges)
+
+
+# --- bottleneck classification ---------------------------------------------------------------------
+
+
+def test_prefill_bound_graph():
+    a = analyze(build_pd_graph({"P1": 10, "P2": 15}, {"D1": 40, "D2": 40}, None, kv_bytes_per_request=1e6))
+    assert a.max_flow == pytest.approx(25)
+    assert a.bottleneck == "prefill"
+    assert {(c.u, c.v) for c in a.min_cut} == {("source", "P1"), ("source", "P2")}
+    assert any(r.startswith("Adding decode capacity will not raise throughput") for r in a.recommendations)
+    assert {o.stage for o in a.scale_options} == {"prefill"}
+
+
+def test_kv_bound_graph_and_link_capacity_from_bandwidth():
+    kv_bytes = 2e9
+    links = {("P1", "D1"): 10e9, ("P2", "D2"): 8e9}
+    graph = build_pd_graph({"P1": 100, "P2": 100}, {"D1": 100, "D2": 100}, links, kv_bytes_per_request=kv_bytes)
+    caps = {(e.u, e.v): e.capacity for e in graph.edges}
+    assert caps["P1", "D1"] == pytest.approx(10e9 / kv_bytes)
+    assert ("P1", "D2") not in caps
+    a = analyze(graph)
+    assert a.max_flow == pytest.approx(9)
+    assert a.bottleneck == "kv_links"
+    assert any(r.startswith("Adding prefill capacity will not raise throughput") for r in a.recommendations)
+
+
+def test_unlimited_links_connect_every_pair():
+    graph = build_pd_graph({"P1": 1, "P2": 1}, {"D1": 1, "D2": 1, "D3": 1}, None, kv_bytes_per_request=1)
+    middle = [(e.u, e.v, e.capacity) for e in graph.edges if e.u.startswith("P")]
+    assert len(middle) == 6 and all(c is None for _, _, c in middle)
+
+
+def test_mixed_and_tied_bottlenecks():
+    mixed = analyze(build_pd_graph({"P1": 5, "P2": 50}, {"D1": 50, "D2": 8},
+                                   {("P1", "D1"): 50, ("P2", "D2"): 50}, kv_bytes_per_request=1))
+    assert mixed.max_flow == pytest.approx(13)
+    assert mixed.bottleneck == "mixed"
+    assert {(c.u, c.v) for c in mixed.min_cut} == {("source", "P1"), ("D2", "sink")}
+    tied = analyze(build_pd_graph({"P1": 30}, {"D1": 30}, None, kv_bytes_per_request=1))
+    assert tied.bottleneck == "mixed"
+    assert not tied.min_cut_unique
+    assert tied.scale_options == []
+    assert any("scale them together" in r for r in tied.recommendations)
+
+
+def test_generic_graph_is_classified_by_position():
+    chain = [("s", "a", 10), ("a", "b", 10), ("b", "c", 10), ("c", "d", 10), ("d", "e", 10), ("e", "t", 2)]
+    a = analyze(graph_of(chain, "s", "t"))
+    assert a.layout == "generic" and a.kv_schedule == []
+    assert a.bottleneck == "decode"
+    near_source = [(u, v, 2 if (u, v) == ("a", "b") else c) for u, v, c in chain[:-1]] + [("e", "t", 10)]
+    assert analyze(graph_of(near_source, "s", "t")).bottleneck == "prefill"
+
+
+# --- bad input -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("doc, field", [
+    ({"source": "S", "sink": "T", "edges": [{"u": "S", "v": "T", "capacity": -1}]}, "edges[0].capacity"),
+    ({"source": "S", "sink": "S", "edges": [{"u": "S", "v": "T", "capacity": 1}]}, "sink"),
+    ({"source": "X", "sink": "T", "edges": [{"u": "S", "v": "T", "capacity": 1}]}, "source"),
+    ({"source": "S", "sink": "T", "nodes": ["S", "T"],
+      "edges": [{"u": "S", "v": "T", "capacity": 1}, {"u": "S", "v": "Q", "capacity": 1}]}, "edges[1].v"),
+    ({"source": "S", "sink": "T", "edges": [{"u": "S", "v": "A", "capacity": 1},
+                                             {"u": "B", "v": "T", "capacity": 1}]}, "sink"),
+    ({"source": "S", "sink": "T", "edges": [{"u": "S", "v": "T", "capacity": 1},
+                                             {"u": "S", "v": "T", "capacity": 2}]}, "edges[1]"),
+    ({"source": "S", "sink": "T", "edges": [{"u": "S", "v": "T"}]}, "edges[0].capacity"),
+])
+def test_bad_graphs_name_the_field(tmp_path, doc, field):
+    path = tmp_path / "g.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(InputError) as err:
+        load_flow_graph(path)
+    assert err.value.field == field
+    assert err.value.source == str(path)
+
+
+def test_extra_keys_are_ignored_and_unlimited_path_is_an_error():
+    g = FlowGraph.model_validate({"source": "S", "sink": "T", "max_flow": 3,
+                                  "edges": [{"u": "S", "v": "T", "capacity": 3, "flow": 99}]})
+    assert analyze(g).max_flow == 3
+    with pytest.raises(GraphFieldError):
+        analyze(graph_of([("S", "A", None), ("A", "T", None)]))
+    with pytest.raises(GraphFieldError):
+        build_pd_graph({"P1": 1}, {"D1": 1}, {("P9", "D1"): 5}, kv_bytes_per_request=1)
+
+
+# --- the command ----------------------------------------------------------------------------------
+
+
+def cli(*args, cwd=ROOT):
+    return subprocess.run([str(CLI), "flow", *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_cli_prints_the_analysis():
+    out = cli("examples/pd_flow.yaml")
+    assert out.returncode == 0, out.stderr
+    assert "Max flow 120" in out.stdout
+    assert "bottleneck: decode" in out.stdout
+    assert "33.3" in out.stdout and "29.2" in out.stdout
+
+
+def test_cli_json_and_plot(tmp_path):
+    png = tmp_path / "flow.png"
+    out = cli("examples/pd_flow.yaml", "--json", "--plot", png)
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert doc["max_flow"] == pytest.approx(120)
+    assert doc["bottleneck"] == "decode"
+    assert {(e["u"], e["v"]) for e in doc["min_cut"]} == {("D1", "T"), ("D2", "T")}
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert png.stat().st_size > 20_000
+
+
+@pytest.mark.parametrize("text, name, field", [
+    ("source: S\nsink: T\nedges:\n  - {u: S, v: T, capacity: -5}\n", "neg.yaml", "edges[0].capacity"),
+    ("source: S\nsink: T\nedges: [unclosed\n", "broken.yaml", "not valid YAML"),
+    ("source: S\nsink: T\nedges:\n  - {u: S, v: A, capacity: null}\n  - {u: A, v: T, capacity: .inf}\n",
+     "inf.yaml", "edges"),
+])
+def test_cli_bad_files_exit_2_with_one_line(tmp_path, text, name, field):
+    path = tmp_path / name
+    path.write_text(text)
+    out = cli(path)
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    assert str(path) in out.stderr and field in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
