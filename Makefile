@@ -28,7 +28,7 @@ system-deps:
 
 ## bench: benchmarks under benchmarks/, figures printed
 bench: venv
-	$(PY) -m pytest -q benchmarks --benchmark-columns=min,mean,max,rounds -s
+	$(PY) -m pytest -q benchmarks -o python_files='bench_*.py' --benchmark-columns=min,mean,max,rounds -s
 
 lint: venv
 	$(VENV)/bin/ruff check optimizer operator tests benchmarks

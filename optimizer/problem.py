@@ -135,7 +135,8 @@ def read_document(path: str | Path) -> dict:
     try:
         data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
     except (yaml.YAMLError, json.JSONDecodeError) as exc:
-        raise InputError(str(p), "", f"not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {exc}") from None
+        detail = " ".join(str(exc).split())
+        raise InputError(str(p), "", f"not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {detail}") from None
     if not isinstance(data, dict):
         raise InputError(str(p), "", f"expected a mapping at the top level, got {type(data).__name__}")
     return data
