@@ -1,0 +1,163 @@
+"""Request routers that know about scale-down (the Vidur autoscaling lab's point).
+
+A router that keeps sending work to a replica the autoscaler wants gone keeps it alive (it never
+empties) or makes its requests fail. So every router here skips replicas marked for removal, and
+each also decides *which* replicas a scale-down marks: an idle one leaves at once and costs nothing
+to remove, so idle replicas always go first.
+
+Routers see replicas through a tiny protocol (`RoutableReplica`): the cluster simulator and a
+real gateway can both provide it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from optimizer.simulation.policy import RouteGuidance
+
+
+class RoutableReplica(Protocol):
+    id: str
+    variant: str
+    draining: bool
+    created_s: float
+
+    @property
+    def outstanding(self) -> int: ...
+
+
+def _idle_first(replicas: Sequence[RoutableReplica], count: int, key) -> list[RoutableReplica]:
+    live = [r for r in replicas if not r.draining]
+    idle = [r for r in live if r.outstanding == 0]
+    busy = sorted((r for r in live if r.outstanding > 0), key=key)
+    return (idle + busy)[: max(0, count)]
+
+
+class RoundRobinRouter:
+    """Cycles over the live replicas of a pool; on scale-down removes idle ones, then the newest."""
+
+    name = "round-robin"
+
+    def __init__(self):
+        self._next: dict[str, int] = {}
+
+    def pick(self, pool_key: str, pool: Sequence[RoutableReplica], input_tokens: int = 0):
+        n = len(pool)
+        start = self._next.get(pool_key, 0)
+        for i in range(n):
+            replica = pool[(start + i) % n]
+            if not replica.draining:
+                self._next[pool_key] = (start + i + 1) % n
+                return replica
+        return None
+
+    def victims(self, replicas: Sequence[RoutableReplica], count: int) -> list[RoutableReplica]:
+        return _idle_first(replicas, count, key=lambda r: -r.created_s)
+
+    def set_guidance(self, routing: list[RouteGuidance]) -> None:
+        """Round-robin ignores optimizer guidance."""
+
+
+class LeastOutstandingRouter:
+    """Sends each request to the live replica with the fewest outstanding requests.
+
+    On scale-down it marks idle replicas first and, when none is idle, the one with the fewest
+    outstanding requests: it drains soonest, so the cluster stops paying for it soonest.
+    Ties go round-robin, so equally loaded replicas share the work.
+    """
+
+    name = "least-outstanding"
+
+    def __init__(self):
+        self._next: dict[str, int] = {}
+
+    def pick(self, pool_key: str, pool: Sequence[RoutableReplica], input_tokens: int = 0):
+        n = len(pool)
+        if n == 0:
+            return None
+        start = self._next.get(pool_key, 0) % n
+        best, best_load, best_i = None, None, 0
+        for i in range(n):
+            replica = pool[(start + i) % n]
+            if replica.draining:
+                continue
+            load = replica.outstanding
+            if best_load is None or load < best_load:
+                best, best_load, best_i = replica, load, i
+                if load == 0:
+                    break
+        if best is not None:
+            self._next[pool_key] = (start + best_i + 1) % n
+        return best
+
+    def victims(self, replicas: Sequence[RoutableReplica], count: int) -> list[RoutableReplica]:
+        return _idle_first(replicas, count, key=lambda r: (r.outstanding, -r.created_s))
+
+    def set_guidance(self, routing: list[RouteGuidance]) -> None:
+        """Least-outstanding ignores optimizer guidance."""
+
+
+class WeightedRouter:
+    """Follows the optimizer's per-bucket routing weights across variants, least-outstanding within one.
+
+    The optimizer decides what share of each prompt-length bucket each variant should serve (cheap
+    accelerators for short prompts, fast ones for long ones); this router realises those shares
+    with smooth weighted round-robin (deterministic, no long runs on one variant). Variants with
+    no live replica are skipped and the rest renormalised; with no guidance for a request it falls
+    back to least-outstanding over the whole pool.
+    """
+
+    name = "weighted"
+
+    def __init__(self):
+        self._inner = LeastOutstandingRouter()
+        self._rules: dict[str, list[RouteGuidance]] = {}
+        self._credit: dict[tuple[str, int], dict[str, float]] = {}
+
+    def set_guidance(self, routing: list[RouteGuidance]) -> None:
+        rules: dict[str, list[RouteGuidance]] = {}
+        for rule in routing:
+            key = f"{rule.model}/{'decode' if rule.stage == 'D' else 'entry'}"
+            rules.setdefault(key, []).append(rule)
+        self._rules = rules
+        self._credit = {}
+
+    def _weights(self, pool_key: str, input_tokens: int) -> tuple[int, dict[str, float]]:
+        merged: dict[str, float] = {}
+        bucket = -1
+        for i, rule in enumerate(self._rules.get(pool_key, ())):
+            if rule.covers(input_tokens):
+                bucket = i if bucket < 0 else bucket
+                for variant, w in rule.weights.items():
+                    merged[variant] = merged.get(variant, 0.0) + w
+        return bucket, merged
+
+    def pick(self, pool_key: str, pool: Sequence[RoutableReplica], input_tokens: int = 0):
+        bucket, weights = self._weights(pool_key, input_tokens)
+        if weights:
+            by_variant: dict[str, list[RoutableReplica]] = {}
+            for r in pool:
+                if not r.draining and weights.get(r.variant, 0.0) > 0:
+                    by_variant.setdefault(r.variant, []).append(r)
+            if by_variant:
+                credit = self._credit.setdefault((pool_key, bucket), {})
+                total = sum(weights[v] for v in by_variant)
+                for v in by_variant:
+                    credit[v] = credit.get(v, 0.0) + weights[v]
+                chosen = max(sorted(by_variant), key=lambda v: credit[v])
+                credit[chosen] -= total
+                return self._inner.pick(f"{pool_key}/{chosen}", by_variant[chosen], input_tokens)
+        return self._inner.pick(pool_key, pool, input_tokens)
+
+    def victims(self, replicas: Sequence[RoutableReplica], count: int) -> list[RoutableReplica]:
+        return self._inner.victims(replicas, count)
+
+
+ROUTERS = {cls.name: cls for cls in (RoundRobinRouter, LeastOutstandingRouter, WeightedRouter)}
+
+
+def make_router(name: str):
+    if name not in ROUTERS:
+        raise ValueError(f"unknown router {name!r} (known: {sorted(ROUTERS)})")
+    return ROUTERS[name]()
