@@ -33,6 +33,7 @@ from optimizer.datasheet import (
 from optimizer.profile_data import (
     LayerTimes,
     SplitwiseRow,
+    consistent_runs,
     discover_helix_profiles,
     load_helix_layer_times,
     load_splitwise,
@@ -98,8 +99,6 @@ def observations_from_profiles(profiles_root: str | Path) -> list[Observation]:
     Helix machine folders are named <gpu> or <gpu>x<n> (n GPUs in tensor parallel). Splitwise
     configurations whose prefill gets faster with a bigger batch are dropped as broken runs.
     """
-    from optimizer.profile_data import _consistent
-
     root = Path(profiles_root)
     out: list[Observation] = []
     for (model, machine), directory in discover_helix_profiles(root / "helix").items():
@@ -113,7 +112,7 @@ def observations_from_profiles(profiles_root: str | Path) -> list[Observation]:
     for model, hardware, tp in configs:
         if model not in SPLITWISE_MODELS or hardware not in SPLITWISE_HARDWARE:
             continue
-        chosen = _consistent([r for r in rows if (r.model, r.hardware, r.tensor_parallel) == (model, hardware, tp)])
+        chosen = consistent_runs([r for r in rows if (r.model, r.hardware, r.tensor_parallel) == (model, hardware, tp)])
         out += splitwise_observations(MODEL_FACTS[SPLITWISE_MODELS[model]], SPLITWISE_HARDWARE[hardware], chosen)
     return out
 

@@ -155,26 +155,24 @@ class ModelFacts(_Strict):
         )
 
 
-def _llama_like(name: str, **shape) -> ModelFacts:
-    return ModelFacts.from_architecture(name, **shape)
-
+_arch = ModelFacts.from_architecture
 
 # Shapes from each model's config.json on Hugging Face (fp16/bf16 weights).
 MODEL_FACTS: dict[str, ModelFacts] = {
     m.name: m
     for m in [
-        _llama_like("Llama-2-70B", num_layers=80, hidden_size=8192, intermediate_size=28672,
+        _arch("Llama-2-70B", num_layers=80, hidden_size=8192, intermediate_size=28672,
                     num_heads=64, num_kv_heads=8, vocab_size=32000),
-        _llama_like("LLaMA-30B", num_layers=60, hidden_size=6656, intermediate_size=17920,
+        _arch("LLaMA-30B", num_layers=60, hidden_size=6656, intermediate_size=17920,
                     num_heads=52, num_kv_heads=52, vocab_size=32000),
-        _llama_like("BLOOM-176B", num_layers=70, hidden_size=14336, intermediate_size=4 * 14336,
+        _arch("BLOOM-176B", num_layers=70, hidden_size=14336, intermediate_size=4 * 14336,
                     num_heads=112, num_kv_heads=112, vocab_size=250880, gated_mlp=False,
                     tied_embeddings=True),
-        _llama_like("Llama-3.1-8B", num_layers=32, hidden_size=4096, intermediate_size=14336,
+        _arch("Llama-3.1-8B", num_layers=32, hidden_size=4096, intermediate_size=14336,
                     num_heads=32, num_kv_heads=8, vocab_size=128256),
-        _llama_like("Llama-3.1-70B", num_layers=80, hidden_size=8192, intermediate_size=28672,
+        _arch("Llama-3.1-70B", num_layers=80, hidden_size=8192, intermediate_size=28672,
                     num_heads=64, num_kv_heads=8, vocab_size=128256),
-        _llama_like("Qwen2.5-32B", num_layers=64, hidden_size=5120, intermediate_size=27648,
+        _arch("Qwen2.5-32B", num_layers=64, hidden_size=5120, intermediate_size=27648,
                     num_heads=40, num_kv_heads=8, vocab_size=152064),
     ]
 }

@@ -24,7 +24,7 @@ from pathlib import Path
 from statistics import median
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from optimizer.problem import InputError
 from optimizer.profile import DecodeSample, PrefillSample, ProfilePoint, TabulatedProfile
@@ -196,8 +196,6 @@ SPLITWISE_COLUMNS = {
 
 def load_splitwise(path: str | Path) -> list[SplitwiseRow]:
     """Read Splitwise's perf_model.csv; any bad header or row raises ProfileDataError."""
-    from pydantic import ValidationError
-
     p = Path(path)
     try:
         text = p.read_text()
@@ -230,7 +228,7 @@ def load_splitwise(path: str | Path) -> list[SplitwiseRow]:
     return rows
 
 
-def _consistent(rows: list[SplitwiseRow]) -> list[SplitwiseRow]:
+def consistent_runs(rows: list[SplitwiseRow]) -> list[SplitwiseRow]:
     """Drop whole configurations whose median prefill is faster than that of a smaller batch.
 
     A bigger batch of the same prompts cannot prefill faster; such rows (Splitwise has a few,
@@ -270,7 +268,7 @@ def splitwise_samples(
         have = sorted({(r.model, r.hardware, r.tensor_parallel) for r in rows})
         raise ValueError(f"no Splitwise rows for ({model!r}, {hardware!r}, tp={tensor_parallel}); have {have}")
     if drop_inconsistent:
-        chosen = _consistent(chosen)
+        chosen = consistent_runs(chosen)
     decode = [
         DecodeSample(batch=r.batch_size, context_tokens=r.prompt_size + r.token_size / 2, step_s=r.token_time_ms / MS_PER_S)
         for r in chosen
