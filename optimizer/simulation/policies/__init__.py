@@ -1,0 +1,1 @@
+"""Autoscaling policies, all behind the `optimizer.simulation.policy.Policy` interface."""
