@@ -34,6 +34,11 @@ Metric names (all gauges unless noted; label sets in brackets):
 - `variant_autoscaler_inventory_in_use` / `variant_autoscaler_inventory_available` [accelerator]:
   accelerators the decision uses / the cluster has (no series when unlimited).
 - `variant_autoscaler_cost_per_hour`: cost of the decided allocation.
+- `variant_autoscaler_homogeneous_cost_per_hour` [accelerator]: cost of the cheapest allocation that
+  meets the same demand on one accelerator type only (the label names it); the dashboard's baseline.
+- `variant_autoscaler_slo_target_seconds` / `variant_autoscaler_observed_latency_seconds` [model,
+  objective (ttft|itl), percentile]: a model's latency target and the latency observed at that
+  percentile over the collection window; observed <= target means the SLO is attained.
 - `variant_autoscaler_last_successful_cycle_timestamp_seconds`: Unix time of the last complete cycle.
 - `variant_autoscaler_active`: 1 on the operator replica that runs the loop (kopf peering), else 0.
 - `variant_autoscaler_optimizer_duration_seconds` (histogram): capacity table + allocation time.
@@ -77,6 +82,9 @@ METRIC_NAMES: tuple[str, ...] = (
     f"{PREFIX}inventory_in_use",
     f"{PREFIX}inventory_available",
     f"{PREFIX}cost_per_hour",
+    f"{PREFIX}homogeneous_cost_per_hour",
+    f"{PREFIX}slo_target_seconds",
+    f"{PREFIX}observed_latency_seconds",
     f"{PREFIX}last_successful_cycle_timestamp_seconds",
     f"{PREFIX}active",
     f"{PREFIX}optimizer_duration_seconds",
@@ -116,6 +124,11 @@ class ModelReading(_Frozen):
     arrival_rate_rps: float | None = Field(default=None, ge=0)
     normalized_load: float | None = Field(default=None, ge=0)
     unmet_demand_rps: float = Field(default=0.0, ge=0)
+    slo_percentile: float = Field(default=90.0, gt=0, lt=100, description="Percentile the SLO targets apply at.")
+    slo_ttft_s: float | None = Field(default=None, gt=0)
+    slo_itl_s: float | None = Field(default=None, gt=0)
+    observed_ttft_s: float | None = Field(default=None, ge=0, description="Observed TTFT at slo_percentile.")
+    observed_itl_s: float | None = Field(default=None, ge=0, description="Observed ITL at slo_percentile.")
 
 
 class RoutingWeight(_Frozen):
@@ -140,6 +153,9 @@ class DecisionSnapshot(_Frozen):
     routing: list[RoutingWeight] = Field(default_factory=list)
     accelerators: list[AcceleratorUse] = Field(default_factory=list)
     cost_per_hour: float | None = Field(default=None, ge=0)
+    homogeneous_cost_per_hour: float | None = Field(
+        default=None, ge=0, description="Cheapest allocation meeting the same demand on one accelerator type.")
+    homogeneous_accelerator: str | None = Field(default=None, description="The type that baseline uses.")
 
 
 def wva_desired_ratio(desired: int, current: int) -> float:
@@ -194,12 +210,24 @@ class _SnapshotCollector:
                        "Model demand / capacity at SLO of its ready replicas (1.0 = at SLO capacity).", ["model"])
         rate = family(f"{PREFIX}model_arrival_rate_rps", "Observed requests/s of the model.", ["model"])
         unmet = family(f"{PREFIX}unmet_demand_rps", "Demand the decided allocation cannot serve at SLO.", ["model"])
+        slo_names = ["model", "objective", "percentile"]
+        target = family(f"{PREFIX}slo_target_seconds", "Latency target of the model at the SLO percentile.",
+                        slo_names)
+        observed = family(f"{PREFIX}observed_latency_seconds",
+                          "Latency observed at the SLO percentile over the collection window.", slo_names)
         for m in snap.models:
             if m.normalized_load is not None:
                 mload.add_metric([m.model], m.normalized_load)
             if m.arrival_rate_rps is not None:
                 rate.add_metric([m.model], m.arrival_rate_rps)
             unmet.add_metric([m.model], m.unmet_demand_rps)
+            pct = f"{m.slo_percentile:g}"
+            for objective, goal, seen in (("ttft", m.slo_ttft_s, m.observed_ttft_s),
+                                          ("itl", m.slo_itl_s, m.observed_itl_s)):
+                if goal is not None:
+                    target.add_metric([m.model, objective, pct], goal)
+                if seen is not None:
+                    observed.add_metric([m.model, objective, pct], seen)
 
         routing = family(f"{PREFIX}routing_weight", "Share of a model's requests of one length bucket for a variant.",
                          ["model", "bucket", "namespace", "variant"])
@@ -217,14 +245,19 @@ class _SnapshotCollector:
         cost = GaugeMetricFamily(f"{PREFIX}cost_per_hour", "Cost per hour of the decided allocation.")
         if snap.cost_per_hour is not None:
             cost.add_metric([], snap.cost_per_hour)
+        baseline = GaugeMetricFamily(f"{PREFIX}homogeneous_cost_per_hour",
+                                     "Cost per hour of the cheapest single-accelerator-type allocation for the "
+                                     "same demand.", labels=["accelerator"])
+        if snap.homogeneous_cost_per_hour is not None:
+            baseline.add_metric([snap.homogeneous_accelerator or ""], snap.homogeneous_cost_per_hour)
         last = GaugeMetricFamily(f"{PREFIX}last_successful_cycle_timestamp_seconds",
                                  "Unix time of the last cycle that completed without error.")
         if last_ok is not None:
             last.add_metric([], last_ok)
         act = GaugeMetricFamily(f"{PREFIX}active", "1 on the operator replica that runs the control loop.")
         act.add_metric([], 1.0 if active else 0.0)
-        yield from (desired, optimal, current, ready, vload, cap, avail, mload, rate, unmet, routing, in_use,
-                    have, cost, last, act, wdes, wcur, wratio)
+        yield from (desired, optimal, current, ready, vload, cap, avail, mload, rate, unmet, target, observed,
+                    routing, in_use, have, cost, baseline, last, act, wdes, wcur, wratio)
 
 
 class Exporter:
