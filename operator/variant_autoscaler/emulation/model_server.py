@@ -387,9 +387,9 @@ class EmulatedModelServer:
     async def start(self) -> EmulatedModelServer:
         self._engine = _Engine(self.config)
         self._engine_task = asyncio.create_task(self._engine.run(), name=f"engine:{self.config.model}")
-        self._runner = web.AppRunner(self.build_app(), access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(self.build_app(), access_log=None, handle_signals=False, shutdown_timeout=0.5)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.config.host, self.config.port, shutdown_timeout=0.5)
+        site = web.TCPSite(self._runner, self.config.host, self.config.port)
         await site.start()
         self.port = self._runner.addresses[0][1]
         return self
