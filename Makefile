@@ -35,3 +35,26 @@ lint: venv
 
 clean:
 	rm -rf $(VENV) .pytest_cache .benchmarks reports
+
+# ---- packaging (charts/, deploy/, Dockerfile) --------------------------------------------------
+IMAGE ?= variant-autoscaler:$(shell sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}/\1/p' charts/variant-autoscaler/Chart.yaml)
+HELM ?= $(if $(wildcard bin/helm),bin/helm,helm)
+
+.PHONY: chart-lint manifests image kind-e2e
+
+## chart-lint: `helm lint --strict` and a render of the chart (helm comes from `make system-deps`)
+chart-lint: system-deps
+	$(HELM) lint --strict charts/variant-autoscaler
+	$(HELM) template variant-autoscaler charts/variant-autoscaler --include-crds >/dev/null
+
+## manifests: regenerate the chart's CRD copies and deploy/ (plain manifests, alerts, dashboard) from their sources
+manifests: venv system-deps
+	HELM=$(HELM) $(PY) deploy/generate.py
+
+## image: build the operator image $(IMAGE) (needs a Docker engine; none runs in CI here)
+image:
+	docker build -t $(IMAGE) .
+
+## kind-e2e: kind cluster + image + helm install + samples + a scale-up check (needs Docker and kind; not run in CI)
+kind-e2e:
+	IMAGE=$(IMAGE) bash scripts/kind-e2e.sh
