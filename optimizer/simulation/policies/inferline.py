@@ -6,7 +6,12 @@ As in the Vidur autoscaling lab's version of InferLine's tuner:
   recent completions) over window sizes doubling from `base_window_s` up to 60 s, updated in O(1)
   amortized time per arrival, read over the last `horizon_s` seconds;
 * a replica's token throughput as an exponential moving average of what its busy time produced
-  (tokens processed per busy second, from the replicas' counters);
+  (tokens processed per busy second, from the replicas' counters), sampled only from replicas
+  that had requests waiting, i.e. ran the largest batch they could: under continuous batching a
+  lightly loaded replica is busy all the time at a small batch, and counting it would read a low
+  throughput, plan more replicas, lighten the load further and run away to the replica limit
+  (the first version here did exactly that); until a saturated sample arrives the estimate is
+  the replica's throughput at its SLO capacity from the capacity model;
 * target replicas = max token arrival rate over the windows / replica token throughput.
 
 It runs one variant (InferLine plans one hardware type per model stage).
@@ -53,10 +58,12 @@ class InferLinePolicy:
         busy, tokens = 0.0, 0
         seen = {}
         for r in observation.replicas_of(self.variant, ReplicaState.READY, ReplicaState.DRAINING):
-            prev_busy, prev_tokens = self._counters.get(r.name, (0.0, 0))
-            busy += r.busy_s - prev_busy
-            tokens += r.tokens - prev_tokens
+            prev = self._counters.get(r.name)
             seen[r.name] = (r.busy_s, r.tokens)
+            if prev is None or r.queue_len == 0:
+                continue
+            busy += r.busy_s - prev[0]
+            tokens += r.tokens - prev[1]
         self._counters = seen
         if busy > 0.25 * self.interval_s and tokens > 0:
             sample = tokens / busy

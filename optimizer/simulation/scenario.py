@@ -1,0 +1,238 @@
+"""A simulation scenario: which fleet, which traffic, which policies to compare (the `simulate` input).
+
+A scenario file (YAML) names a fleet (a `Problem` file, path relative to the scenario, or inline),
+the one model whose traffic is replayed, a trace (a file in one of the public formats, or a
+generator), cluster options (cold start, warm-up) and the policies. Baseline parameters left out
+are filled from the capacity model on the trace's own length mix, the way an operator would tune
+a baseline on its traffic history: an HPA's target concurrency is what one replica runs at its
+SLO capacity times `target_fraction`, the static fleet covers the trace's peak minute.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from optimizer.fleet import Role
+from optimizer.problem import InputError, Problem, format_validation_error, load_problem, read_document
+from optimizer.simulation.cluster import ClusterOptions
+from optimizer.simulation.demand import DEFAULT_INPUT_EDGES, bucket_label
+from optimizer.simulation.envelope import TrafficEnvelope
+from optimizer.simulation.generators import GeneratedTrace
+from optimizer.simulation.traces import Trace, load_trace
+from optimizer.workload import SLO, LengthBucket, Workload
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FileTrace(_Strict):
+    """A recorded trace: Azure CSV, Mooncake JSONL or Vidur CSV, optionally cut and replayed faster."""
+
+    source: Literal["file"] = "file"
+    path: str
+    format: Literal["azure", "mooncake", "vidur"] | None = None
+    speedup: float = Field(default=1.0, gt=0, description="Replay at k x the recorded rate.")
+    start_s: float = Field(default=0.0, ge=0, description="Skip the requests before this (recorded time).")
+    duration_s: float | None = Field(default=None, gt=0, description="Keep this much recorded time.")
+
+    def build(self, base_dir: Path, model: str) -> Trace:
+        path = Path(self.path)
+        if not path.is_absolute():
+            path = base_dir / path
+        trace = load_trace(path, self.format, model=model)
+        if self.start_s or self.duration_s is not None:
+            end = self.start_s + self.duration_s if self.duration_s is not None else math.inf
+            trace = trace.window(self.start_s, end)
+        return trace.replay(self.speedup) if self.speedup != 1.0 else trace
+
+
+TraceSpec = Annotated[FileTrace | GeneratedTrace, Field(discriminator="source")]
+RouterName = Literal["round-robin", "least-outstanding", "weighted"]
+
+
+class StaticPeakSpec(_Strict):
+    kind: Literal["static-peak"] = "static-peak"
+    name: str | None = None
+    variant: str | None = Field(default=None, description="None: the variant that covers the peak cheapest.")
+    replicas: int | None = Field(default=None, gt=0, description="None: enough for the trace's peak minute.")
+    router: RouterName = "least-outstanding"
+
+
+class HpaSpec(_Strict):
+    kind: Literal["hpa"] = "hpa"
+    name: str | None = None
+    variant: str | None = Field(default=None, description="None: one HPA run per PD variant (homogeneous fleets).")
+    metric: Literal["concurrency", "queue", "kv_usage"] = "concurrency"
+    target: float | None = Field(default=None, gt=0, description="None: target_fraction x concurrency at SLO capacity.")
+    target_fraction: float = Field(default=0.8, gt=0, le=2)
+    interval_s: float = Field(default=15.0, gt=0)
+    stabilization_s: float = Field(default=300.0, ge=0)
+    router: RouterName = "least-outstanding"
+
+
+class InferLineSpec(_Strict):
+    kind: Literal["inferline"] = "inferline"
+    name: str | None = None
+    variant: str | None = Field(default=None, description="None: the PD variant with the lowest cost per request.")
+    base_window_s: float = Field(default=2.0, gt=0)
+    horizon_s: float = Field(default=60.0, gt=0)
+    interval_s: float = Field(default=15.0, gt=0)
+    router: RouterName = "least-outstanding"
+
+
+class SaturationSpec(_Strict):
+    kind: Literal["wva"] = "wva"
+    name: str | None = None
+    interval_s: float = Field(default=30.0, gt=0)
+    router: RouterName = "least-outstanding"
+
+
+class OursSpec(_Strict):
+    """The decision engine (capacity model + allocation) every interval."""
+
+    kind: Literal["ours"] = "ours"
+    name: str | None = None
+    service_level: float = Field(default=0.85, gt=0, le=1)
+    change_penalty: float = Field(default=0.5, ge=0, description="$/h per replica added or removed.")
+    interval_s: float = Field(default=30.0, gt=0)
+    scale_down_delay_s: float = Field(default=120.0, ge=0)
+    lead_time_s: float | None = Field(default=None, ge=0, description="None: the slowest variant's cold start.")
+    router: RouterName = "weighted"
+
+
+PolicySpec = Annotated[StaticPeakSpec | HpaSpec | InferLineSpec | SaturationSpec | OursSpec,
+                       Field(discriminator="kind")]
+
+
+class ParetoSpec(_Strict):
+    """Ours at several service levels: the latency-cost front and its normalized hypervolume."""
+
+    service_levels: list[float] = Field(default_factory=lambda: [0.55, 0.7, 0.85, 1.0], min_length=1)
+    latency: Literal["ttft", "itl", "e2e"] = "e2e"
+    cost_reference: float | None = Field(default=None, gt=0, description="None: the dearest run's cost.")
+    latency_reference: float | None = Field(default=None, gt=0, description="None: the slowest run's P90.")
+
+    @model_validator(mode="after")
+    def _levels(self) -> ParetoSpec:
+        if any(not 0 < s <= 1 for s in self.service_levels):
+            raise ValueError("service_levels must be in (0, 1]")
+        return self
+
+
+class Scenario(_Strict):
+    name: str = "scenario"
+    fleet: str | Problem = Field(description="A Problem file (path relative to the scenario) or the Problem inline.")
+    model: str = Field(description="The model whose traffic is replayed; the fleet is cut to its variants.")
+    slo: SLO | None = Field(default=None, description="Latency targets for the model; None: the fleet's.")
+    trace: TraceSpec
+    cluster: ClusterOptions = Field(default_factory=ClusterOptions)
+    policies: list[PolicySpec] = Field(min_length=1)
+    pareto: ParetoSpec | None = Field(default_factory=ParetoSpec)
+    input_edges: list[int] = Field(default_factory=lambda: list(DEFAULT_INPUT_EDGES),
+                                   description="Prompt-length bucket edges (tokens) for routing and planning.")
+
+
+def load_scenario(path: str | Path) -> tuple[Scenario, Path]:
+    """Read a scenario file; returns it and the directory relative paths in it start from."""
+    data = read_document(path)
+    try:
+        return Scenario.model_validate(data), Path(path).resolve().parent
+    except ValidationError as err:
+        field, reason = format_validation_error(err)[0]
+        raise InputError(str(path), field, reason) from None
+
+
+@dataclass
+class Prepared:
+    """A scenario resolved into objects: the fleet cut to one model, the trace, the mix, capacities."""
+
+    scenario: Scenario
+    problem: Problem
+    trace: Trace
+    mix: Workload
+    mix_capacity_rps: dict[str, float]
+    """Per variant: requests/s one replica sustains at SLO for the trace's whole length mix."""
+    mix_concurrency: dict[str, float]
+    """Per variant: requests in flight on one replica at that capacity."""
+    peak_rps: float
+    """Highest arrival rate over 60 s windows of the scored part of the trace."""
+    cold_start_s: dict[str, float]
+
+
+def prepare(scenario: Scenario, base_dir: Path, source: str = "scenario") -> Prepared:
+    from optimizer.capacity import capacity_table
+
+    if isinstance(scenario.fleet, Problem):
+        fleet = scenario.fleet
+    else:
+        fleet_path = Path(scenario.fleet)
+        fleet = load_problem(fleet_path if fleet_path.is_absolute() else base_dir / fleet_path)
+    if scenario.model not in {m.name for m in fleet.models}:
+        raise InputError(source, "model", f"{scenario.model!r} is not a model of the fleet "
+                                          f"({sorted(m.name for m in fleet.models)})")
+    variants = [v for v in fleet.variants if v.model == scenario.model]
+    if not any(v.role is Role.BOTH for v in variants) and not (
+            any(v.role is Role.PREFILL for v in variants) and any(v.role is Role.DECODE for v in variants)):
+        raise InputError(source, "fleet", f"no variant can serve {scenario.model} end to end")
+    slo = next((s for s in fleet.slos if s.model == scenario.model), None)
+    if scenario.slo is not None:
+        slo = scenario.slo.model_copy(update={"model": scenario.model})
+    if slo is None:
+        raise InputError(source, "fleet", f"the fleet has no SLO for {scenario.model}")
+    try:
+        trace = scenario.trace.build(base_dir, scenario.model) if isinstance(scenario.trace, FileTrace) \
+            else scenario.trace.model_copy(update={"model": scenario.model}).build()
+    except ValueError as exc:
+        raise InputError(source, "trace", str(exc)) from None
+    if len(trace) == 0:
+        raise InputError(source, "trace", "the trace has no requests")
+    used_accs = {v.accelerator for v in variants}
+    mix = _whole_trace_mix(trace, scenario.model, scenario.input_edges)
+    problem = Problem(
+        accelerators=[a for a in fleet.accelerators if a.name in used_accs],
+        models=[m for m in fleet.models if m.name == scenario.model],
+        variants=variants, workloads=[mix], slos=[slo], options=fleet.options,
+    )
+    caps = capacity_table(problem)
+    shares = {b.label: b.share for b in mix.buckets}
+    mix_cap, mix_conc = {}, {}
+    for v in variants:
+        load = 0.0
+        conc = 0.0
+        for label, share in shares.items():
+            est = caps.get((v.name, label))
+            if est is None or est.max_rate_rps <= 0:
+                load = math.inf
+                break
+            load += share / est.max_rate_rps
+            conc += share * est.batch_at_max / est.max_rate_rps
+        mix_cap[v.name] = 0.0 if not math.isfinite(load) else 1.0 / load
+        mix_conc[v.name] = 0.0 if not math.isfinite(load) else conc / load
+    scored = trace.arrival_s[trace.arrival_s >= scenario.cluster.warmup_s]
+    env = TrafficEnvelope((60.0,))
+    env.extend(scored if len(scored) else trace.arrival_s)
+    weight = {m.name: m.weight_gb for m in fleet.models}
+    cold = {v.name: scenario.cluster.cold_start.seconds(v.accelerator, weight[v.model]) for v in variants}
+    return Prepared(scenario, problem, trace, mix, mix_cap, mix_conc, env.max_rate(), cold)
+
+
+def _whole_trace_mix(trace: Trace, model: str, edges: list[int]) -> Workload:
+    bounds = list(zip((0, *edges), (*edges, None), strict=True))
+    ins, outs = trace.input_tokens, trace.output_tokens
+    idx = np.searchsorted(np.asarray(edges), ins, side="right")
+    buckets = []
+    for b, (lo, hi) in enumerate(bounds):
+        sel = idx == b
+        if not sel.any():
+            continue
+        buckets.append(LengthBucket(name=bucket_label(lo, hi), input_tokens=float(ins[sel].mean()),
+                                    output_tokens=float(outs[sel].mean()), share=float(sel.mean())))
+    rate = len(trace) / max(trace.duration_s, 1e-9)
+    return Workload(model=model, arrival_rate_rps=rate, buckets=buckets)

@@ -1,0 +1,124 @@
+"""Baseline policies follow their published rules; the demand estimator reads rate and mix correctly."""
+
+import numpy as np
+import pytest
+
+from optimizer.simulation.demand import DemandEstimator
+from optimizer.simulation.policies.hpa import HpaLikePolicy
+from optimizer.simulation.policies.inferline import InferLinePolicy
+from optimizer.simulation.policies.saturation import SaturationPolicy
+from optimizer.simulation.policy import (
+    ArrivalSample,
+    CompletionSample,
+    Observation,
+    ReplicaObservation,
+    ReplicaState,
+)
+
+READY, STARTING = ReplicaState.READY, ReplicaState.STARTING
+
+
+def rep(name, variant="v", state=READY, queue=0, running=0, kv=0.0, busy=0.0, tokens=0):
+    return ReplicaObservation(name=name, variant=variant, state=state, queue_len=queue, running=running,
+                              kv_usage=kv, busy_s=busy, tokens=tokens)
+
+
+def obs(t, replicas, arrivals=(), completions=(), interval=15.0):
+    return Observation(time_s=t, interval_s=interval, replicas=list(replicas), arrivals=list(arrivals),
+                       completions=list(completions))
+
+
+def test_hpa_follows_the_ratio_outside_the_tolerance():
+    hpa = HpaLikePolicy("v", target=5.0)
+    # Two replicas at 10 requests each, target 5: ceil(20 / 5) = 4.
+    assert hpa.decide(obs(0, [rep("a", running=10), rep("b", running=8, queue=2)])).desired_replicas == {"v": 4}
+    # Average 5.33 is within 10 % of 5: keep the count (ceil(16 / 5) would be 4).
+    hpa = HpaLikePolicy("v", target=5.0)
+    three = [rep("a", running=5), rep("b", running=5), rep("c", running=4, queue=2)]
+    assert hpa.decide(obs(0, three)).desired_replicas == {"v": 3}
+
+
+def test_hpa_counts_starting_replicas_as_idle_and_limits_scale_up():
+    hpa = HpaLikePolicy("v", target=5.0)
+    # One ready at 10 plus one starting: 10 / (2 x 5) = 1.0, inside tolerance.
+    assert hpa.decide(obs(0, [rep("a", running=10), rep("b", state=STARTING)])).desired_replicas == {"v": 2}
+    # 100 requests on one replica, target 1: at most max(2 x 1, 1 + 4) = 5 in one step.
+    hpa = HpaLikePolicy("v", target=1.0)
+    assert hpa.decide(obs(0, [rep("a", running=100)])).desired_replicas == {"v": 5}
+
+
+def test_hpa_scale_down_waits_for_the_stabilization_window():
+    hpa = HpaLikePolicy("v", target=5.0, stabilization_s=300.0)
+    four = [rep(n, running=10) for n in "abcd"]
+    assert hpa.decide(obs(0, four)).desired_replicas == {"v": 8}
+    quiet = [rep(n, running=1) for n in "abcdefgh"]
+    for t in (15, 150, 300):
+        assert hpa.decide(obs(t, quiet)).desired_replicas == {"v": 8}
+    # At 315 s the recommendation of 8 made at 0 s has left the window; only the quiet ones remain.
+    assert hpa.decide(obs(315, quiet)).desired_replicas == {"v": 2}
+
+
+def test_wva_adds_the_cheapest_when_spare_runs_low_and_removes_the_dearest():
+    costs = {"cheap": 1.0, "dear": 5.0}
+    wva = SaturationPolicy("m", costs)
+    # "a" is saturated (queue 6 >= 5); "b" has 0.75 KV in use: spare 0.05 < 0.1 -> +1 cheapest.
+    d = wva.decide(obs(0, [rep("a", "dear", queue=6), rep("b", "dear", kv=0.75)]))
+    assert d.desired_replicas == {"cheap": 1, "dear": 2}
+    # Lightly loaded: removing one still leaves spare above the triggers -> -1 on the dearest.
+    d = wva.decide(obs(30, [rep("a", "dear", kv=0.1), rep("b", "dear", kv=0.1), rep("c", "cheap", kv=0.1)]))
+    assert d.desired_replicas == {"cheap": 1, "dear": 1}
+    # A replica still starting: wait for it before judging.
+    d = wva.decide(obs(60, [rep("a", "dear", queue=9), rep("b", "cheap", state=STARTING)]))
+    assert d.desired_replicas == {"cheap": 1, "dear": 1}
+    # Two replicas at 0.45 KV: removing one would put the other at 0.9, saturated -> keep both.
+    d = wva.decide(obs(90, [rep("a", "dear", kv=0.45), rep("b", "dear", kv=0.45)]))
+    assert d.desired_replicas == {"dear": 2, "cheap": 0}
+
+
+def test_inferline_targets_max_token_rate_over_throughput():
+    policy = InferLinePolicy("v", "m", initial_throughput_tps=1000.0, base_window_s=1.0, horizon_s=60.0)
+    # 30 requests of 200 prompt tokens inside one second (6000 tokens/s over the 1 s window), no
+    # completions yet so no output estimate: 6000 / 1000 = 6 replicas.
+    times = list(np.linspace(10.0, 10.9, 30))
+    d = policy.decide(obs(15, [rep("a")], arrivals=[ArrivalSample(model="m", times_s=times, input_tokens=[200] * 30)]))
+    assert d.desired_replicas == {"v": 6}
+    # A saturated replica: 10,000 tokens in 5 busy seconds, then 30,000 in 10 (EMA, alpha 0.3).
+    policy.decide(obs(30, [rep("a", queue=3, busy=5.0, tokens=10_000)]))
+    assert policy.throughput_tps == pytest.approx(1000 + 0.3 * (2000 - 1000))
+    policy.decide(obs(45, [rep("a", queue=3, busy=15.0, tokens=40_000)]))
+    assert policy.throughput_tps == pytest.approx(1300 + 0.3 * (3000 - 1300))
+    # A replica with nothing waiting (small batches) does not drag the estimate down.
+    policy.decide(obs(60, [rep("a", busy=30.0, tokens=41_000)]))
+    assert policy.throughput_tps == pytest.approx(1810.0)
+
+
+def test_demand_estimator_reads_rate_mix_and_output_lengths():
+    est = DemandEstimator("m", input_edges=(1000,), rate_windows_s=(30.0, 60.0), rate_horizon_s=120.0,
+                          lead_time_s=60.0, prior_output_tokens=100.0)
+    rng = np.random.default_rng(0)
+    t = 0.0
+    for tick in range(1, 21):  # 300 s at 4 req/s, a quarter of them long
+        end = tick * 15.0
+        times = np.sort(rng.uniform(t, end, size=60)).tolist()
+        ins = [3000 if k % 4 == 0 else 200 for k in range(60)]
+        done = CompletionSample(model="m", input_tokens=[200, 3000], output_tokens=[50, 400])
+        est.observe(obs(end, [], arrivals=[ArrivalSample(model="m", times_s=times, input_tokens=ins)],
+                        completions=[done]))
+        t = end
+    w = est.workload(300.0)
+    assert 4.0 <= w.arrival_rate_rps < 5.5
+    shares = {b.label: b.share for b in w.buckets}
+    assert shares == pytest.approx({"in0-1000": 0.75, "in1000+": 0.25})
+    outputs = {b.label: b.output_tokens for b in w.buckets}
+    # Exponential average from the prior of 100 tokens, 20 observations at weight 0.2: within 2 %.
+    assert outputs["in0-1000"] == pytest.approx(50, rel=0.02) and outputs["in1000+"] == pytest.approx(400, rel=0.02)
+    # Traffic doubles: the trend term plans above the envelope of what was seen.
+    for tick in range(21, 25):
+        end = tick * 15.0
+        times = np.sort(rng.uniform(t, end, size=120)).tolist()
+        est.observe(obs(end, [], arrivals=[ArrivalSample(model="m", times_s=times, input_tokens=[200] * 120)]))
+        t = end
+    assert est.rate_rps(360.0) > 8.5
+    # Then silence: after the horizon the planned rate falls to what is still arriving (nothing).
+    est.observe(obs(600.0, [], interval=240.0))
+    assert est.rate_rps(600.0) == 0.0
