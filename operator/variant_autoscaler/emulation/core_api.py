@@ -661,12 +661,12 @@ class ObjectStore:
     listeners and readers may keep references.
     """
 
-    def __init__(self, types: Iterable[ResourceType] = BUILTIN_TYPES):
+    def __init__(self, types: Iterable[ResourceType] = BUILTIN_TYPES, *, history_length: int = HISTORY_LENGTH):
         self.types = {t.key: t for t in types}
         self.by_kind = {t.kind: t for t in self.types.values()}
         self._objects: dict[tuple[str, str], dict[tuple[str, str], JsonObj]] = {k: {} for k in self.types}
         self.resource_version = 1
-        self._history: deque[WatchEvent] = deque(maxlen=HISTORY_LENGTH)
+        self._history: deque[WatchEvent] = deque(maxlen=history_length)
         self._listeners: list[Listener] = []
         for name in INITIAL_NAMESPACES:
             self.create(self.type("", "namespaces"), "", {"metadata": {"name": name}})
@@ -1272,12 +1272,11 @@ class CoreApi:
             content_type=request.headers.get("Content-Type", ""), body=_summarise_body(raw),
             proxied=not self._served_here(request.path))
         self._requests.append(record)
-        request["record"] = record
         try:
             if record.proxied:
                 response = await self._proxy(request, raw, record)
             else:
-                response = await self._serve(request, api, query, raw)
+                response = await self._serve(request, api, query, raw, record)
         except ApiError as err:
             response = error_response(err)
         except json.JSONDecodeError as err:
@@ -1297,8 +1296,8 @@ class CoreApi:
         return segs[0] in ("api", "version", "healthz", "livez", "readyz")
 
     async def _serve(self, request: web.Request, api: ApiPath | None, query: dict[str, str],
-                     raw: bytes) -> web.StreamResponse:
-        path = request.path
+                     raw: bytes, record: RequestRecord) -> web.StreamResponse:
+        path = request.path.rstrip("/") or "/"
         if path in ("/healthz", "/livez", "/readyz") or path.startswith(("/healthz/", "/livez/", "/readyz/")):
             return web.Response(text="ok")
         if path == "/version":
@@ -1311,7 +1310,7 @@ class CoreApi:
         if path == "/apis":
             return json_response(await self._group_list())
         if path == "/openapi/v3" or path.startswith("/openapi/v3/"):
-            return await self._openapi_v3(request, raw)
+            return await self._openapi_v3(request, raw, record)
         segs = [x for x in path.split("/") if x]
         if len(segs) == 2 and segs[0] == "apis":
             return json_response(self._group(segs[1]))
@@ -1322,7 +1321,7 @@ class CoreApi:
         if api.group and api.version != self._group_version(api.group):
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
         rtype = self.store.type(api.group, api.plural)
-        return await self._resource_request(request, rtype, api, query, raw)
+        return await self._resource_request(request, rtype, api, query, raw, record)
 
     # -- discovery
 
@@ -1363,7 +1362,7 @@ class CoreApi:
             return []
         return listed.get("items", [])
 
-    async def _openapi_v3(self, request: web.Request, raw: bytes) -> web.StreamResponse:
+    async def _openapi_v3(self, request: web.Request, raw: bytes, record: RequestRecord) -> web.StreamResponse:
         docs: dict[str, JsonObj] = {}
         local: dict[str, list] = {}
         for t in self.store.types.values():
@@ -1385,8 +1384,8 @@ class CoreApi:
         key = request.path[len("/openapi/v3/"):]
         if key in docs:
             return json_response(docs[key])
-        request["record"].proxied = True
-        return await self._proxy(request, raw, request["record"])
+        record.proxied = True
+        return await self._proxy(request, raw, record)
 
     def _group(self, group: str) -> JsonObj:
         version = self._group_version(group)
@@ -1419,7 +1418,7 @@ class CoreApi:
     # -- resources
 
     async def _resource_request(self, request: web.Request, rtype: ResourceType, api: ApiPath,
-                                query: dict[str, str], raw: bytes) -> web.StreamResponse:
+                                query: dict[str, str], raw: bytes, record: RequestRecord) -> web.StreamResponse:
         method = request.method
         namespace = api.namespace or ""
         if rtype.namespaced is False and api.namespace:
@@ -1434,7 +1433,7 @@ class CoreApi:
         if api.name is None:
             if method == "GET":
                 if query.get("watch") in ("true", "1"):
-                    return await self._watch(request, rtype, api.namespace, query)
+                    return await self._watch(request, rtype, api.namespace, query, record)
                 return self._list(request, rtype, api.namespace, query)
             if method == "POST":
                 if rtype.namespaced and not api.namespace:
@@ -1529,7 +1528,7 @@ class CoreApi:
                                         for o in items]})
 
     async def _watch(self, request: web.Request, rtype: ResourceType, namespace: str | None,
-                     query: dict[str, str]) -> web.StreamResponse:
+                     query: dict[str, str], record: RequestRecord) -> web.StreamResponse:
         labels = parse_label_selector(query.get("labelSelector"))
         fields = parse_field_selector(query.get("fieldSelector"))
         timeout_s = min(int(query.get("timeoutSeconds") or DEFAULT_WATCH_TIMEOUT_S), MAX_WATCH_TIMEOUT_S)
@@ -1585,7 +1584,7 @@ class CoreApi:
         response.enable_chunked_encoding()
         try:
             await response.prepare(request)
-            request["record"].status = 200
+            record.status = 200
             if gone:
                 err = ApiError(410, "Expired", f"too old resource version: {since} "
                                f"({self.store.oldest_retained()})")
@@ -1652,6 +1651,10 @@ class CoreApi:
         if not self.upstream:
             raise ApiError(503, "ServiceUnavailable", "the CRD server is not running yet")
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
+        if raw and "Content-Type" not in request.headers:
+            # A real apiserver reads a body without Content-Type as its first media type, JSON; left
+            # out here, aiohttp would label it application/octet-stream and the CRD server refuse it.
+            headers["Content-Type"] = "application/json"
         http = await self._http()
         try:
             upstream = await http.request(request.method, self.upstream + request.path_qs, headers=headers,
