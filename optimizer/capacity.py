@@ -1,0 +1,576 @@
+"""How many requests per second ONE replica of a variant sustains for one length bucket at the SLO.
+
+Why analytical: the operator sizes ~1000 variants x 10 buckets every cycle, far too many to
+simulate; so each (variant, bucket) gets a queueing model, vectorised over all cases at once,
+and the discrete-event simulator (``optimizer.simulation.replica``) is the reference it is
+tested against (tests/test_capacity.py).
+
+The replica is vLLM-like (continuous batching, prefill prioritised over decode, KV reserved for
+a request's whole life; see the simulator's docstring). Notation: I, O = input/output tokens,
+W = O - 1 decode steps per request, d(n) = decode step at batch n, p(m) = prefill of m prompts.
+
+* Slots. At most K = min(max_batch, KV tokens // (I + O)) sequences run at once. With the batch
+  full, a replica completes at most X_max = K / (W d(K) + K p(1)) requests/s: each admission
+  costs a prefill that stalls the whole batch.
+* Decode batch and ITL. The search runs over the mean batch n in [0, K], which gives the rate
+  explicitly, lambda = n / (W d(n) + n p_eff), p_eff the per-request share of a batched prefill
+  (requests arriving during one decode step are prefilled together). The step including prefill
+  stalls averages tau = d(n) / (1 - rho), rho = lambda p_eff. Around that mean the batch and the
+  stalls feed back on each other (more arrivals -> longer steps and more stalls -> sequences
+  stay longer -> bigger batch); ``optimizer.batch_fluctuation`` gives the resulting spread of
+  a request's decode time and the extra load a request sees because arrivals come in bursts.
+  ITL at the percentile = mean + z * sd (normal approximation).
+* Slot wait (a state-dependent birth-death chain in the heavy-traffic regime). An arrival waits
+  for a slot with the Halfin-Whitt probability for K servers, using the occupancy's mean and its
+  variance from the fluctuation model (peakedness, not the Poisson variance of M/M/K); a waiting
+  request's wait is exponential with rate 2 (X_max - lambda), the heavy-traffic rate for
+  near-deterministic service (every request decodes the same number of tokens).
+* TTFT. Slot wait, then the rest of the iteration in flight when the request arrives (idle, a
+  decode step, or a prefill of m prompts, m distributed as 1 + Poisson), then its own prefill
+  batch: itself plus the Poisson(lambda x that iteration) requests that arrived with it. The
+  percentile is read off that mixture distribution, not from a mean.
+* Roles. P: prefill only, TTFT includes the KV transfer, up to K prompts per prefill batch.
+  D: decode only; a slot wait delays the second token, so it spends the ITL budget (and E2E);
+  TTFT is the prefill side's business. PD: both.
+* E2E at the percentile = TTFT percentile + W x ITL percentile (conservative).
+
+Measured against the simulator: within 6 % for PD and D on the test profiles and mixes; P replicas
+with long prompts near saturation are predicted up to ~5-10 % low (see tests/test_capacity.py).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+from scipy.special import gammainc, log_ndtr, ndtri
+
+from optimizer.batch_fluctuation import fluctuation_factors
+from optimizer.fleet import Accelerator, ModelSpec, Role, Variant
+from optimizer.kv_memory import kv_capacity_tokens
+from optimizer.problem import Problem
+from optimizer.workload import SLO, LengthBucket
+
+Limiting = Literal["ttft", "itl", "e2e", "max_batch", "kv_memory", "none"]
+
+_SEARCH_STEPS = 22
+_QUANTILE_STEPS = 24
+_PREFILL_GRID = 64  # prefill batch sizes tabulated per case; linear beyond
+_SLOT_TAIL_SPEEDUP = 2.0  # heavy-traffic wait-tail rate factor 2 / (1 + C_s^2) for deterministic service
+_SLOT_LIMITED_WAIT_SHARE = 0.5  # TTFT misses are "slot" misses when slot waits make up this share
+_ROLE_CODE = {Role.BOTH: 0, Role.PREFILL: 1, Role.DECODE: 2}
+_PD, _P, _D = 0, 1, 2
+
+
+class CapacityEstimate(BaseModel):
+    """What one replica of a variant can take of one bucket's traffic while meeting the SLO."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    variant: str
+    bucket: str
+    max_rate_rps: float = Field(
+        ge=0, description="Highest sustainable arrival rate x service_level; 0 = cannot meet the SLO."
+    )
+    ttft_s: float | None = Field(description="Predicted TTFT at max_rate_rps at the SLO percentile (None for D).")
+    itl_s: float | None = Field(description="Predicted ITL at max_rate_rps at the SLO percentile (None for P).")
+    e2e_s: float | None = Field(description="Predicted E2E at max_rate_rps at the SLO percentile (None for P).")
+    batch_at_max: float = Field(ge=0, description="Mean decode batch (role P: mean prefill batch) at max_rate_rps.")
+    max_concurrency: int = Field(ge=0, description="Sequences that fit at once: min(max_batch, KV cache / request).")
+    kv_capacity_tokens: float = Field(ge=0)
+    limiting: Limiting = Field(description="What stops a higher rate (or, at 0, what fails even unloaded).")
+    reason: str | None = Field(default=None, description="Why the replica cannot serve this bucket at all.")
+
+
+def replica_capacity(
+    variant: Variant,
+    model: ModelSpec,
+    accelerator: Accelerator,
+    bucket: LengthBucket,
+    slo: SLO,
+    *,
+    kv_transfer_s: float = 0.0,
+    service_level: float = 1.0,
+) -> CapacityEstimate:
+    """Capacity of one replica of ``variant`` for requests of ``bucket`` at ``slo``.
+
+    ``kv_transfer_s``: P->D KV-cache transfer per request (P: part of TTFT; D: part of E2E).
+    ``service_level`` in (0, 1] scales the sustainable rate down to buy latency headroom.
+    """
+    _check_levels(kv_transfer_s, service_level)
+    profiles: dict[str, object] = {}
+    key = _prefix(variant, model, accelerator, profiles) + _suffix(bucket, slo, kv_transfer_s, service_level)
+    return _estimates([(variant.name, bucket.label)], [key], profiles)[0]
+
+
+def capacity_table(problem: Problem) -> dict[tuple[str, str], CapacityEstimate]:
+    """Every variant x every bucket of its model's workload, keyed (variant name, bucket label).
+
+    P and D variants pay a KV transfer of input_tokens x kv_bytes_per_token / kv_transfer_gb_s
+    (P in TTFT, D in E2E). Models without a workload have no buckets, so no entries.
+    """
+    opts = problem.options
+    _check_levels(0.0, opts.service_level)
+    accs = {a.name: a for a in problem.accelerators}
+    models = {m.name: m for m in problem.models}
+    slos = {s.model: s for s in problem.slos}
+    # Per model: (bucket label, case suffix without transfer, with transfer) for each bucket.
+    suffixes: dict[str, list[tuple[str, tuple, tuple]]] = {}
+    for w in problem.workloads:
+        model, slo = models[w.model], slos[w.model]
+        rows = []
+        for b in w.buckets:
+            transfer = b.input_tokens * model.kv_bytes_per_token / (opts.kv_transfer_gb_s * 1e9)
+            rows.append((b.label, _suffix(b, slo, 0.0, opts.service_level),
+                         _suffix(b, slo, transfer, opts.service_level)))
+        suffixes[w.model] = rows
+    profiles: dict[str, object] = {}
+    names: list[tuple[str, str]] = []
+    keys: list[tuple] = []
+    for v in problem.variants:
+        rows = suffixes.get(v.model)
+        if not rows:
+            continue
+        prefix = _prefix(v, models[v.model], accs[v.accelerator], profiles)
+        split = v.role is not Role.BOTH
+        for label, plain, with_transfer in rows:
+            names.append((v.name, label))
+            keys.append(prefix + (with_transfer if split else plain))
+    return dict(zip(names, _estimates(names, keys, profiles), strict=True))
+
+
+# ----------------------------------------------------------------------------------------------
+# Cases are plain tuples (hashable, cheap), solved in one vectorised batch and cached.
+
+
+class _Solved(NamedTuple):
+    rate: float
+    ttft: float
+    itl: float
+    e2e: float
+    batch: float
+    k: int
+    kv_tokens: float
+    limiting: str
+    reason: str | None
+
+
+def _check_levels(kv_transfer_s: float, service_level: float) -> None:
+    if not 0 < service_level <= 1:
+        raise ValueError(f"service_level must be in (0, 1], got {service_level}")
+    if not kv_transfer_s >= 0:
+        raise ValueError(f"kv_transfer_s must be >= 0, got {kv_transfer_s}")
+
+
+def _prefix(variant: Variant, model: ModelSpec, accelerator: Accelerator, profiles: dict) -> tuple:
+    pkey = variant.profile.model_dump_json()
+    profiles.setdefault(pkey, variant.profile)
+    return (pkey, _ROLE_CODE[Role(variant.role)], int(variant.max_batch),
+            kv_capacity_tokens(model, accelerator, variant.accelerators_per_replica))
+
+
+def _suffix(bucket: LengthBucket, slo: SLO, kv_transfer_s: float, service_level: float) -> tuple:
+    return (float(bucket.input_tokens), float(bucket.output_tokens), float(slo.ttft_s), float(slo.itl_s),
+            float(slo.e2e_s) if slo.e2e_s is not None else np.inf, float(slo.percentile) / 100.0,
+            float(kv_transfer_s), float(service_level))
+
+
+def _estimate(variant: str, bucket: str, s: _Solved) -> CapacityEstimate:
+    def opt(x):
+        return float(x) if np.isfinite(x) else None
+
+    # Built from values the model produced and checked itself: skip re-validation (10k per cycle).
+    return CapacityEstimate.model_construct(
+        variant=variant, bucket=bucket, max_rate_rps=s.rate, ttft_s=opt(s.ttft), itl_s=opt(s.itl),
+        e2e_s=opt(s.e2e), batch_at_max=s.batch, max_concurrency=s.k, kv_capacity_tokens=s.kv_tokens,
+        limiting=s.limiting, reason=s.reason,
+    )
+
+
+# The operator recomputes the table every cycle with mostly unchanged inputs: keep solved cases,
+# the estimates built from them, and each profile's tabulated curves.
+_CACHE_LIMIT = 200_000
+_SOLVED: dict[tuple, _Solved] = {}
+_ESTIMATES: dict[tuple, CapacityEstimate] = {}
+_DECODE_ROWS: dict[str, np.ndarray] = {}
+_PREFILL_ROWS: dict[tuple[str, float], np.ndarray] = {}
+
+
+def _solve_many(keys: list[tuple], profiles: dict[str, object]) -> list[_Solved]:
+    todo = list(dict.fromkeys(k for k in keys if k not in _SOLVED))
+    if todo:
+        if len(_SOLVED) + len(todo) > _CACHE_LIMIT:
+            _SOLVED.clear()
+            _ESTIMATES.clear()
+        for k, s in zip(todo, _CapacityModel(todo, profiles).solve(), strict=True):
+            _SOLVED[k] = s
+    return [_SOLVED[k] for k in keys]
+
+
+def _estimates(names: list[tuple[str, str]], keys: list[tuple], profiles: dict) -> list[CapacityEstimate]:
+    out: list[CapacityEstimate | None] = [_ESTIMATES.get((n, k)) for n, k in zip(names, keys, strict=True)]
+    missing = [i for i, e in enumerate(out) if e is None]
+    if missing:
+        solved = _solve_many([keys[i] for i in missing], profiles)
+        if len(_ESTIMATES) + len(missing) > _CACHE_LIMIT:
+            _ESTIMATES.clear()
+        for i, s in zip(missing, solved, strict=True):
+            est = _estimate(names[i][0], names[i][1], s)
+            _ESTIMATES[(names[i], keys[i])] = est
+            out[i] = est
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The vectorised model.
+
+
+class _Point(NamedTuple):
+    lam: np.ndarray  # arrival rate
+    x_max: np.ndarray  # saturation throughput
+    batch: np.ndarray  # mean decode batch (P: mean prefill batch)
+    itl_q: np.ndarray  # ITL at the percentile (decode roles)
+    itl_stable: np.ndarray
+    wait_p: np.ndarray  # probability of waiting for a slot
+    tail_rate: np.ndarray  # rate of the exponential slot wait
+    w_idle: np.ndarray  # chance a request finds the replica idle (TTFT = one prefill)
+    w_busy: np.ndarray  # otherwise TTFT - one prefill ~ Gamma(shape, scale)
+    shape: np.ndarray
+    scale: np.ndarray
+
+
+class _CapacityModel:
+    """All cases as arrays; every formula below works on every case at once."""
+
+    def __init__(self, keys: list[tuple], profiles: dict[str, object]):
+        cols = list(zip(*keys, strict=True))
+        f = np.array
+        self.keys = keys
+        self.role = f(cols[1], dtype=np.int64)
+        self.mb = f(cols[2], dtype=float)
+        self.kv = f(cols[3], dtype=float)
+        self.I = f(cols[4], dtype=float)
+        self.O = f(cols[5], dtype=float)
+        self.ttft_t, self.itl_t, self.e2e_t = f(cols[6]), f(cols[7]), f(cols[8])
+        self.q = f(cols[9])
+        self.z = ndtri(self.q)
+        self.xfer, self.level = f(cols[10]), f(cols[11])
+        # PD with (about) one output token never decodes: it is a prefill server.
+        self.prefill_only = (self.role == _P) | ((self.role == _PD) & (self.O < 1.5))
+        self.decodes = ~self.prefill_only
+        self.is_pd = (self.role == _PD) & self.decodes
+        self.is_d = self.role == _D
+        self.prefills = ~self.is_d
+        self.W = np.maximum(self.O - 1.0, 0.5)
+        per_request = np.where(self.prefill_only, self.I + 1.0, self.I + self.O)
+        self.k_kv = np.floor(self.kv / per_request)
+        self.K = np.minimum(self.mb, self.k_kv)
+        self.Kc = np.maximum(self.K, 1.0)
+        self._tabulate([k[0] for k in keys], profiles)
+
+    # ----- profile tables -----
+    def _tabulate(self, profile_keys: list[str], profiles: dict[str, object]) -> None:
+        """Decode step d(n), n = 0..max_batch+1 (flat, per profile) and prefill p(m), m = 0..grid."""
+        n_cases = len(profile_keys)
+        groups: dict[str, list[int]] = {}
+        for i, pk in enumerate(profile_keys):
+            groups.setdefault(pk, []).append(i)
+        self.kv_coef = np.zeros(n_cases)
+        offsets = np.zeros(n_cases, dtype=np.int64)
+        rows = []
+        self.prefill_tab = np.zeros((n_cases, _PREFILL_GRID + 1))
+        start = 0
+        for pk, idx in groups.items():
+            prof = profiles[pk]
+            idx = np.asarray(idx)
+            row = _decode_row(pk, prof, int(self.mb[idx].max()))
+            rows.append(row)
+            offsets[idx] = start
+            start += row.size
+            self.kv_coef[idx] = float(getattr(prof, "decode_per_kv_token_s", 0.0))
+            self.prefill_tab[idx] = _prefill_rows(pk, prof, self.I[idx])
+        self.decode_flat = np.concatenate(rows)
+        self.decode_off = offsets
+        self.ctx = self.I + 1.0 + self.W / 2.0  # mean context a decoding sequence reads
+        self.p1 = self.prefill_tab[:, 1].copy()
+        self._prefill_flat = self.prefill_tab.ravel()
+        self._row0 = np.arange(n_cases) * (_PREFILL_GRID + 1)
+        self._mb_i = self.mb.astype(np.int64)
+
+    def decode(self, n):
+        """Decode step at (fractional) batch n, each case at its mean context."""
+        n = np.clip(n, 0.0, self.mb + 1.0)
+        lo = np.minimum(np.floor(n).astype(np.int64), self._mb_i)
+        a = self.decode_flat[self.decode_off + lo]
+        b = self.decode_flat[self.decode_off + lo + 1]
+        return a + (n - lo) * (b - a) + self.kv_coef * n * self.ctx
+
+    def decode_slope(self, n):
+        """Added decode time per added sequence at batch n."""
+        lo = np.minimum(np.floor(np.clip(n, 0.0, self.mb)).astype(np.int64), self._mb_i)
+        return (self.decode_flat[self.decode_off + lo + 1] - self.decode_flat[self.decode_off + lo]
+                + self.kv_coef * self.ctx)
+
+    def prefill(self, m):
+        """Prefill of m prompts (fractional m interpolates; past the grid, linear extrapolation)."""
+        m = np.maximum(m, 0.0)
+        lo = np.minimum(np.floor(m).astype(np.int64), _PREFILL_GRID - 1)
+        idx = (self._row0 if m.ndim == 1 else self._row0[:, None]) + lo
+        a = self._prefill_flat[idx]
+        b = self._prefill_flat[idx + 1]
+        return a + (m - lo) * (b - a)
+
+    # ----- the model at one operating point per case -----
+    def point(self, u) -> _Point:
+        """The operating point at search position u in [0, 1] (0 = no load, 1 = saturation)."""
+        K, W = self.Kc, self.W
+
+        # Decoding roles: the mean batch n is the search variable, the rate follows from it.
+        n = u * K
+        per_step = n / W  # arrivals during one decode step, prefilled together
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            m_bar = np.where(per_step > 1e-9, per_step / -np.expm1(-per_step), 1.0)
+        p_eff = np.where(self.is_pd, self.prefill(m_bar) / m_bar, 0.0)
+        d_n = self.decode(n)
+        slope = self.decode_slope(n)
+        lam_dec = n / (W * d_n + n * p_eff)
+        rho = np.clip(lam_dec * p_eff, 0.0, 0.999999)
+        g = lam_dec * slope * W
+        stable = 1.0 - g - rho > 2e-3
+        tau = d_n / (1.0 - rho)
+        fj, fc, fn = fluctuation_factors(g, rho)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            extra = np.where(lam_dec > 0, fc / lam_dec, slope * W + p_eff) - p_eff  # minus its own prefill
+            sd = np.where(lam_dec > 0, np.sqrt(tau * fj / (lam_dec * W)), 0.0)
+        itl_q = tau + extra / W + self.z * sd
+        p_sat = np.where(self.is_pd, self.p1, 0.0)
+        d_full = self.decode(K)
+        x_max_dec = K / (W * d_full + K * p_sat)
+        itl_full = d_full / (1.0 - x_max_dec * p_sat)  # a full batch cannot decode slower than this
+        itl_q = np.where(stable, np.minimum(itl_q, np.maximum(itl_full, tau)), np.inf)
+
+        # Prefill-only: search over the rate, up to full prefill batches back to back.
+        x_max_pre = K / self.prefill(K)
+        lam = np.where(self.decodes, lam_dec, u * x_max_pre)
+        x_max = np.where(self.decodes, x_max_dec, x_max_pre)
+
+        # Slot wait: Halfin-Whitt with the occupancy's own variance (peakedness).
+        occupancy = n + np.where(lam_dec > 0, fc, 0.0) + rho
+        beta = (K - occupancy) / np.sqrt(np.maximum(n * fn, 1e-12))
+        wait_p = _halfin_whitt(beta)
+        wait_p = np.where(self.decodes, np.where(stable, np.where(n > 0, wait_p, 0.0), 1.0), 0.0)
+        tail_rate = _SLOT_TAIL_SPEEDUP * np.maximum(x_max - lam, 0.0)
+
+        # What is in flight when a request arrives, as moments of its TTFT beyond one prefill.
+        slope_p = self.prefill_tab[:, 2] - self.p1  # each extra prompt in a prefill batch
+        d_step = self.decode(np.maximum(n, 1.0))
+        m_pre, var_m = self._prefill_batches(lam, d_step, slope_p)
+        mean_len = self.prefill(m_pre)
+        len2 = mean_len**2 + slope_p**2 * var_m
+        len3 = mean_len**3 + 3.0 * mean_len * slope_p**2 * var_m + slope_p**3 * var_m
+        with np.errstate(divide="ignore", invalid="ignore"):
+            idle_gap = np.where(lam > 0, np.exp(-lam * mean_len) / lam, np.inf)
+            busy_p = np.where(lam > 0, mean_len / (mean_len + idle_gap), 0.0)
+        w_pre = np.where(self.decodes, rho, busy_p)
+        w_dec = np.where(self.decodes, (1.0 - rho) * -np.expm1(-n), 0.0)
+        w_idle = np.clip(1.0 - w_pre - w_dec, 0.0, 1.0)
+        # Arriving during an iteration of length L (length-biased): wait U*L, then its own batch,
+        # itself plus Poisson(lam L) others, each adding slope_p.
+        own = slope_p * lam
+        lb1, lb2 = len2 / mean_len, len3 / mean_len
+        e1_pre, e1_dec = lb1 * (0.5 + own), d_step * (0.5 + own)
+        e2_pre = lb2 * (1.0 / 3.0 + own + own**2) + slope_p**2 * lam * lb1
+        e2_dec = d_step**2 * (1.0 / 3.0 + own + own**2) + slope_p**2 * lam * d_step
+        busy = w_pre + w_dec
+        with np.errstate(divide="ignore", invalid="ignore"):
+            m1 = np.where(busy > 0, (w_pre * e1_pre + w_dec * e1_dec) / busy, 0.0)
+            m2 = np.where(busy > 0, (w_pre * e2_pre + w_dec * e2_dec) / busy, 0.0)
+        var = np.maximum(m2 - m1**2, 1e-12 * np.maximum(m1**2, 1e-30))
+        shape = np.where(m1 > 0, m1**2 / var, 1.0)
+        scale = np.where(m1 > 0, var / np.maximum(m1, 1e-300), 1.0)
+        batch = np.where(self.decodes, n, m_pre)
+        return _Point(lam, x_max, batch, itl_q, stable, wait_p, tail_rate, w_idle, busy, shape, scale)
+
+    def _prefill_batches(self, lam, d_step, slope_p):
+        """Mean and variance of the prompts in a prefill batch: those that arrived during the last iteration.
+
+        P: the previous prefill batch (branching: long batches breed long batches), or 1 after an
+        idle spell. PD: mostly the arrivals during one decode step, given there was one.
+        """
+        m = np.ones_like(lam)
+        for _ in range(6):
+            a = lam * self.prefill(m)
+            m = a + np.exp(-a)
+        a = lam * self.prefill(m)
+        first = a + np.exp(-a)
+        var_p = (a + a * a + np.exp(-a) - first**2) / (1.0 - np.minimum((lam * slope_p) ** 2, 0.95))
+        seen = lam * d_step
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            m_pd = np.where(seen > 1e-9, seen / -np.expm1(-seen), 1.0)
+        return np.where(self.decodes, m_pd, m), np.where(self.decodes, m_pd - 1.0, np.maximum(var_p, 0.0))
+
+    def ttft_cdf(self, x, pt: _Point):
+        """P(TTFT <= x) for prefilling roles (KV transfer excluded): gamma fit beyond one prefill."""
+        beyond = x - self.p1
+        path = pt.w_idle * (beyond >= 0) + pt.w_busy * gammainc(pt.shape, np.maximum(beyond, 0.0) / pt.scale)
+        slot_ok = -np.expm1(-pt.tail_rate * np.maximum(beyond, 0.0))
+        return (1.0 - pt.wait_p) * path + pt.wait_p * slot_ok
+
+    def wait_cdf(self, y, pt: _Point):
+        """P(slot wait <= y)."""
+        return np.where(y >= 0, 1.0 - pt.wait_p * np.exp(-pt.tail_rate * np.maximum(y, 0.0)), 0.0)
+
+    def checks(self, pt: _Point):
+        """Per constraint, whether it holds: ttft, itl (decode speed), slot wait of D, e2e."""
+        ok_ttft = np.where(self.prefills, self.ttft_cdf(self.ttft_t - self.xfer, pt) >= self.q, True)
+        ok_itl = np.where(self.decodes, pt.itl_q <= self.itl_t, True)
+        # D: waiting for a slot delays the second token, so it spends the ITL budget.
+        ok_wait = np.where(self.is_d, self.wait_cdf(self.W * (self.itl_t - pt.itl_q), pt) >= self.q, True)
+        finite = np.isfinite(self.e2e_t)
+        room = np.where(finite, self.e2e_t - self.W * pt.itl_q, 0.0)
+        ok_e2e = np.ones_like(ok_ttft)
+        if (finite & self.is_pd).any():
+            ok_e2e = np.where(finite & self.is_pd, self.ttft_cdf(room, pt) >= self.q, ok_e2e)
+        ok_e2e = np.where(finite & self.is_d, self.wait_cdf(room - self.p1 - self.xfer, pt) >= self.q, ok_e2e)
+        return ok_ttft, ok_itl, ok_wait, ok_e2e
+
+    def ttft_quantile(self, pt: _Point):
+        lo = np.zeros_like(self.q)
+        hi = np.maximum(self.ttft_t, self.p1) * 2.0 + 1.0
+        for _ in range(8):  # widen until the quantile is bracketed
+            short = self.ttft_cdf(hi, pt) < self.q
+            if not short.any():
+                break
+            hi = np.where(short, hi * 4.0, hi)
+        for _ in range(_QUANTILE_STEPS):
+            mid = 0.5 * (lo + hi)
+            ok = self.ttft_cdf(mid, pt) >= self.q
+            lo, hi = np.where(ok, lo, mid), np.where(ok, mid, hi)
+        return hi
+
+    def _unloaded_failures(self):
+        """Cases no load can save, with the constraint and a reason for a human."""
+        W = self.W
+        itl0 = self.decode(1.0)
+        e2e0 = np.where(self.is_d, self.p1 + self.xfer, self.p1) + W * itl0
+        checks = [
+            ("kv_memory", self.k_kv < 1),
+            ("ttft", self.prefills & (self.p1 + self.xfer > self.ttft_t)),
+            ("itl", self.decodes & (itl0 > self.itl_t)),
+            ("e2e", self.decodes & (e2e0 > self.e2e_t)),
+        ]
+        limiting = {}
+        for name, bad in checks:
+            for i in np.flatnonzero(bad):
+                if i in limiting:
+                    continue
+                if name == "kv_memory":
+                    per = self.I[i] + (1.0 if self.prefill_only[i] else self.O[i])
+                    why = (f"one request needs {per:g} KV-cache tokens but the replica holds "
+                           f"{self.kv[i]:.0f} once the weights are loaded")
+                elif name == "ttft":
+                    why = (f"prefill of {self.I[i]:g} tokens alone takes {self.p1[i]:.3g} s"
+                           + (f" (+{self.xfer[i]:.3g} s KV transfer)" if self.xfer[i] > 0 else "")
+                           + f", over the TTFT target {self.ttft_t[i]:g} s")
+                elif name == "itl":
+                    why = (f"a single sequence decodes at {itl0[i]:.3g} s/token, over the ITL target "
+                           f"{self.itl_t[i]:g} s")
+                else:
+                    why = (f"unloaded, a request takes {e2e0[i]:.3g} s end to end, over the E2E target "
+                           f"{self.e2e_t[i]:g} s")
+                limiting[i] = (name, why)
+        return limiting
+
+    def _u_for_rate(self, target):
+        """Search position whose rate is `target` (rates rise with u)."""
+        lo, hi = np.zeros_like(target), np.ones_like(target)
+        for _ in range(_SEARCH_STEPS):
+            mid = 0.5 * (lo + hi)
+            below = self.point(mid).lam <= target
+            lo, hi = np.where(below, mid, lo), np.where(below, hi, mid)
+        return lo
+
+    def solve(self) -> list[_Solved]:
+        dead = self._unloaded_failures()
+        lo = np.zeros(len(self.keys))
+        hi = np.ones(len(self.keys))
+        for _ in range(_SEARCH_STEPS):
+            mid = 0.5 * (lo + hi)
+            ok = np.logical_and.reduce(self.checks(self.point(mid)))
+            lo, hi = np.where(ok, mid, lo), np.where(ok, hi, mid)
+        at_max = self.point(lo)
+        fails_above = [~c for c in self.checks(self.point(hi))]
+        hit_ceiling = lo >= 1.0 - 1e-6
+
+        rate = at_max.lam * self.level
+        at = at_max if np.all(self.level >= 1.0) else self.point(np.where(self.level < 1.0, self._u_for_rate(rate), lo))
+        ttft_q = np.where(self.prefills, self.ttft_quantile(at) + self.xfer, np.nan)
+        itl_q = np.where(self.decodes, at.itl_q, np.nan)
+        e2e_q = np.where(self.is_pd, ttft_q + self.W * itl_q,
+                         np.where(self.is_d, self.p1 + self.xfer + self.W * itl_q, np.nan))
+        slot_label = np.where(self.k_kv < self.mb, "kv_memory", "max_batch")
+        waits = at_max.wait_p >= _SLOT_LIMITED_WAIT_SHARE * (1.0 - self.q)
+        # A prefill server is slot-bound only if its batch cap keeps it well below what unlimited
+        # batching would reach; otherwise the prefill compute itself saturates.
+        grid = float(_PREFILL_GRID)
+        capped = (self.K < grid) & (self.K / self.prefill(self.Kc) < 0.95 * grid / self.prefill(np.full_like(self.Kc, grid)))
+        full_prefills = self.prefill_only & capped & (at_max.lam >= 0.9 * at_max.x_max)
+        compute_bound = self.prefill_only & ~capped
+
+        out = []
+        for i in range(len(self.keys)):
+            k, kv = int(max(self.K[i], 0)), float(self.kv[i])
+            if i in dead:
+                name, why = dead[i]
+                out.append(_Solved(0.0, np.nan, np.nan, np.nan, 0.0, k, kv, name, why))
+                continue
+            f_ttft, f_itl, f_wait, f_e2e = (bool(a[i]) for a in fails_above)
+            if hit_ceiling[i]:
+                lim = "none" if compute_bound[i] else str(slot_label[i])
+            elif f_itl:
+                lim = "itl"
+            elif f_ttft:
+                lim = str(slot_label[i]) if (waits[i] or full_prefills[i]) else "ttft"
+            elif f_wait:
+                lim = str(slot_label[i])
+            elif f_e2e:
+                lim = "e2e"
+            else:
+                lim = "none"
+            out.append(_Solved(float(rate[i]), float(ttft_q[i]), float(itl_q[i]), float(e2e_q[i]),
+                               float(at.batch[i]), k, kv, lim, None))
+        return out
+
+
+def _decode_row(pkey: str, profile, max_batch: int) -> np.ndarray:
+    """d(n) at context 0 for n = 0..max_batch+1 (the context term is added per case)."""
+    row = _DECODE_ROWS.get(pkey)
+    if row is None or row.size < max_batch + 2:
+        if len(_DECODE_ROWS) > _CACHE_LIMIT // 10:
+            _DECODE_ROWS.clear()
+        n = np.arange(max(max_batch, 255) + 2, dtype=float)
+        row = np.atleast_1d(np.asarray(profile.decode_step_s(n, 0.0), dtype=float))
+        _DECODE_ROWS[pkey] = row
+    return row
+
+
+def _prefill_rows(pkey: str, profile, input_tokens: np.ndarray) -> np.ndarray:
+    """p(m prompts of input_tokens) for m = 0.._PREFILL_GRID, one row per input length."""
+    if len(_PREFILL_ROWS) >= _CACHE_LIMIT // 4:
+        _PREFILL_ROWS.clear()
+    missing = sorted({float(t) for t in input_tokens if (pkey, float(t)) not in _PREFILL_ROWS})
+    if missing:
+        tokens = np.asarray(missing)[:, None] * np.arange(_PREFILL_GRID + 1, dtype=float)[None, :]
+        values = np.asarray(profile.prefill_s(tokens), dtype=float).reshape(tokens.shape)
+        values[:, 0] = 0.0
+        for t, row in zip(missing, values, strict=True):
+            _PREFILL_ROWS[(pkey, t)] = row
+    return np.stack([_PREFILL_ROWS[(pkey, float(t))] for t in input_tokens])
+
+
+def _halfin_whitt(beta):
+    """P(wait) for many servers at slack beta = (servers - mean occupancy) / sd (Halfin-Whitt)."""
+    b = np.clip(beta, 1e-9, 35.0)
+    log_ratio = log_ndtr(b) + 0.5 * b * b + 0.5 * np.log(2.0 * np.pi)  # log(Phi(b) / phi(b))
+    return np.where(beta > 0, 1.0 / (1.0 + b * np.exp(log_ratio)), 1.0)

@@ -1,0 +1,300 @@
+"""The analytical capacity model against the single-replica simulator, and its sizing rules.
+
+Validation: for three replica types (an H100 with an 8B model, an A100 with a 13B model that runs
+out of KV cache, an L4 with a 7B model given as measured points) and three request mixes (short
+chat, long prompt, long generation), the model's max rate must be within 10 % of the rate at which
+the simulated replica starts to miss the SLO (found by bisection over Poisson arrival rates).
+Request lengths vary +/-25 % around the bucket means, as real traffic does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from optimizer.batch_fluctuation import _integrals, fluctuation_factors
+from optimizer.capacity import CapacityEstimate, capacity_table, replica_capacity
+from optimizer.fleet import Accelerator, ModelSpec, Role, Variant
+from optimizer.kv_memory import kv_capacity_tokens
+from optimizer.problem import AllocationOptions, Problem
+from optimizer.profile import ParametricProfile, ProfilePoint, TabulatedProfile
+from optimizer.simulation.replica import simulate_replica
+from optimizer.workload import SLO, LengthBucket, Workload
+
+H100 = Accelerator(name="H100", memory_gb=80, cost_per_hour=4.0)
+A100 = Accelerator(name="A100-80G", memory_gb=80, cost_per_hour=2.0)
+L4 = Accelerator(name="L4", memory_gb=24, cost_per_hour=0.8)
+LLAMA8B = ModelSpec(name="llama-8b", weight_gb=16, kv_bytes_per_token=131072)
+LLAMA13B = ModelSpec(name="llama-13b", weight_gb=26, kv_bytes_per_token=819200)
+MISTRAL7B = ModelSpec(name="mistral-7b", weight_gb=14.5, kv_bytes_per_token=131072)
+
+# Roofline-like numbers: decode reads the weights (+ KV per token), prefill is compute-bound.
+H100_8B = ParametricProfile(decode_base_s=0.006, decode_per_seq_s=6e-5, decode_per_kv_token_s=4.9e-8,
+                            prefill_base_s=0.002, prefill_per_token_s=3.2e-5)
+A100_13B = ParametricProfile(decode_base_s=0.016, decode_per_seq_s=1e-4, decode_per_kv_token_s=5e-7,
+                             prefill_base_s=0.004, prefill_per_token_s=1.67e-4)
+L4_7B = TabulatedProfile(
+    decode_points=[ProfilePoint(x=b, time_s=t) for b, t in [(1, .060), (8, .0625), (32, .070), (64, .082),
+                                                             (128, .105)]],
+    prefill_points=[ProfilePoint(x=x, time_s=t) for x, t in [(16, .012), (128, .040), (512, .140),
+                                                              (2048, .56), (8192, 2.4)]],
+    decode_per_kv_token_s=5.5e-7,
+)
+
+REPLICAS = {
+    "h100-8b": (H100, LLAMA8B, H100_8B, 128, SLO(model="llama-8b", ttft_s=0.5, itl_s=0.04)),
+    "a100-13b": (A100, LLAMA13B, A100_13B, 64, SLO(model="llama-13b", ttft_s=1.5, itl_s=0.06)),
+    "l4-7b": (L4, MISTRAL7B, L4_7B, 64, SLO(model="mistral-7b", ttft_s=2.0, itl_s=0.12)),
+}
+MIXES = {"chat": (256, 128), "long-prompt": (2000, 200), "long-generation": (300, 800)}
+
+SIM_REQUESTS = 3000
+SPREAD = 0.25
+
+
+def _replica(name: str, role: Role | str = Role.BOTH, **variant_over):
+    acc, model, profile, max_batch, slo = REPLICAS[name]
+    fields = dict(name=f"{name}-{Role(role).value}", model=model.name, accelerator=acc.name, max_batch=max_batch,
+                  role=role, profile=profile)
+    fields.update(variant_over)
+    return Variant(**fields), model, acc, slo
+
+
+def _bucket(inp: float, out: float) -> LengthBucket:
+    return LengthBucket(input_tokens=inp, output_tokens=out, share=1.0)
+
+
+def _simulated_break_rate(variant, model, acc, slo, inp, out, guess, *, kv_transfer_s=0.0, steps=8):
+    """Bisect the Poisson rate in [0.6, 1.4] x guess where the simulated percentile first misses the SLO."""
+    rng = np.random.default_rng(20240601)
+    unit_gaps = rng.exponential(1.0, SIM_REQUESTS)
+    ins = np.maximum(1, np.round(inp * (1 + SPREAD * rng.uniform(-1, 1, SIM_REQUESTS))))
+    outs = np.maximum(1, np.round(out * (1 + SPREAD * rng.uniform(-1, 1, SIM_REQUESTS))))
+    kv = kv_capacity_tokens(model, acc, variant.accelerators_per_replica)
+    warm = slice(SIM_REQUESTS // 10, None)
+
+    def misses(rate):
+        rec = simulate_replica(variant.profile, np.cumsum(unit_gaps / rate), ins, outs, max_batch=variant.max_batch,
+                               kv_capacity_tokens=kv, role=variant.role, kv_transfer_s=kv_transfer_s)
+        bad = False
+        if variant.role.does_prefill:
+            bad |= np.percentile(rec.ttft_s[warm], slo.percentile) > slo.ttft_s
+        if variant.role.does_decode:
+            bad |= np.nanpercentile(rec.itl_s[warm], slo.percentile) > slo.itl_s
+        return bad
+
+    lo, hi = 0.6 * guess, 1.4 * guess
+    for _ in range(steps):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (lo, mid) if misses(mid) else (mid, hi)
+    return 0.5 * (lo + hi)
+
+
+@pytest.mark.parametrize("mix", MIXES)
+@pytest.mark.parametrize("replica", REPLICAS)
+def test_model_max_rate_within_10_percent_of_simulated_slo_break(replica, mix):
+    variant, model, acc, slo = _replica(replica)
+    inp, out = MIXES[mix]
+    est = replica_capacity(variant, model, acc, _bucket(inp, out), slo)
+    assert est.max_rate_rps > 0
+    simulated = _simulated_break_rate(variant, model, acc, slo, inp, out, est.max_rate_rps)
+    assert est.max_rate_rps == pytest.approx(simulated, rel=0.10), (est, simulated)
+
+
+@pytest.mark.parametrize("role", [Role.PREFILL, Role.DECODE])
+@pytest.mark.parametrize("replica", REPLICAS)
+def test_disaggregated_roles_within_10_percent_of_simulation(replica, role):
+    variant, model, acc, slo = _replica(replica, role)
+    inp, out = MIXES["long-prompt"]
+    transfer = inp * model.kv_bytes_per_token / 25e9
+    est = replica_capacity(variant, model, acc, _bucket(inp, out), slo, kv_transfer_s=transfer)
+    simulated = _simulated_break_rate(variant, model, acc, slo, inp, out, est.max_rate_rps, kv_transfer_s=transfer)
+    assert est.max_rate_rps == pytest.approx(simulated, rel=0.10), (est, simulated)
+
+
+# ----- sizing rules -----
+
+def test_prefill_role_ignores_itl_and_pd_does_not():
+    bucket = _bucket(512, 256)
+    impossible_itl = {"itl_s": 1e-6}
+    p_variant, model, acc, slo = _replica("h100-8b", Role.PREFILL)
+    pd_variant, *_ = _replica("h100-8b", Role.BOTH)
+    tight = slo.model_copy(update=impossible_itl)
+    assert replica_capacity(p_variant, model, acc, bucket, tight).max_rate_rps == \
+        replica_capacity(p_variant, model, acc, bucket, slo).max_rate_rps > 0
+    pd = replica_capacity(pd_variant, model, acc, bucket, tight)
+    assert pd.max_rate_rps == 0 and pd.limiting == "itl" and "decodes" in pd.reason
+
+
+def test_decode_role_ignores_prefill_ttft_and_pd_does_not():
+    bucket = _bucket(2000, 200)
+    d_variant, model, acc, slo = _replica("a100-13b", Role.DECODE)
+    pd_variant, *_ = _replica("a100-13b", Role.BOTH)
+    tight = slo.model_copy(update={"ttft_s": 0.01})  # far below one 2000-token prefill
+    d_tight = replica_capacity(d_variant, model, acc, bucket, tight)
+    assert d_tight.max_rate_rps == replica_capacity(d_variant, model, acc, bucket, slo).max_rate_rps > 0
+    assert d_tight.ttft_s is None
+    pd = replica_capacity(pd_variant, model, acc, bucket, tight)
+    assert pd.max_rate_rps == 0 and pd.limiting == "ttft" and "prefill" in pd.reason
+
+
+def test_kv_transfer_lowers_prefill_capacity_and_shows_in_ttft():
+    variant, model, acc, slo = _replica("l4-7b", Role.PREFILL)
+    bucket = _bucket(2000, 200)
+    without = replica_capacity(variant, model, acc, bucket, slo)
+    with_transfer = replica_capacity(variant, model, acc, bucket, slo, kv_transfer_s=0.4)
+    assert 0 < with_transfer.max_rate_rps < without.max_rate_rps
+    assert with_transfer.ttft_s <= slo.ttft_s + 1e-6
+    too_slow = replica_capacity(variant, model, acc, bucket, slo, kv_transfer_s=slo.ttft_s)
+    assert too_slow.max_rate_rps == 0 and "KV transfer" in too_slow.reason
+
+
+@pytest.mark.parametrize("role", [Role.BOTH, Role.PREFILL, Role.DECODE])
+@pytest.mark.parametrize("replica", REPLICAS)
+def test_looser_slo_never_lowers_capacity(replica, role):
+    variant, model, acc, slo = _replica(replica, role)
+    bucket = _bucket(*MIXES["chat"])
+    previous = -1.0
+    for scale in [0.8, 1.0, 1.5, 2.0, 4.0]:
+        looser = slo.model_copy(update={"ttft_s": slo.ttft_s * scale, "itl_s": slo.itl_s * scale})
+        rate = replica_capacity(variant, model, acc, bucket, looser).max_rate_rps
+        assert rate >= previous * (1 - 1e-9)
+        previous = rate
+    previous = -1.0
+    for pct in [99.0, 95.0, 90.0, 50.0]:
+        rate = replica_capacity(variant, model, acc, bucket, slo.model_copy(update={"percentile": pct})).max_rate_rps
+        assert rate >= previous * (1 - 1e-9)
+        previous = rate
+    assert previous > 0
+
+
+@pytest.mark.parametrize("role", [Role.BOTH, Role.DECODE])
+@pytest.mark.parametrize("replica", REPLICAS)
+def test_longer_outputs_never_raise_capacity(replica, role):
+    variant, model, acc, slo = _replica(replica, role)
+    rates = [replica_capacity(variant, model, acc, _bucket(300, out), slo).max_rate_rps
+             for out in [16, 64, 128, 256, 512, 1024]]
+    assert rates[0] > 0
+    assert all(b <= a * (1 + 1e-9) for a, b in zip(rates, rates[1:], strict=False)), rates
+
+
+def test_infeasible_at_zero_load_gives_zero_with_reason():
+    variant, model, acc, slo = _replica("l4-7b")
+    prefill_too_slow = replica_capacity(variant, model, acc, _bucket(8000, 100), slo)
+    assert prefill_too_slow.max_rate_rps == 0
+    assert prefill_too_slow.limiting == "ttft" and "prefill of 8000 tokens" in prefill_too_slow.reason
+    decode_too_slow = replica_capacity(variant, model, acc, _bucket(100, 100), slo.model_copy(update={"itl_s": 0.05}))
+    assert decode_too_slow.max_rate_rps == 0 and decode_too_slow.limiting == "itl"
+    e2e_too_tight = replica_capacity(variant, model, acc, _bucket(100, 100), slo.model_copy(update={"e2e_s": 3.0}))
+    assert e2e_too_tight.max_rate_rps == 0 and e2e_too_tight.limiting == "e2e"
+    kv = kv_capacity_tokens(model, acc)
+    too_long = replica_capacity(variant, model, acc, _bucket(kv, 10), slo.model_copy(update={"ttft_s": 1e4}))
+    assert too_long.max_rate_rps == 0 and too_long.limiting == "kv_memory" and "KV-cache" in too_long.reason
+
+
+def test_kv_memory_limits_the_batch():
+    variant, model, acc, slo = _replica("a100-13b")
+    bucket = _bucket(2000, 1000)
+    kv = kv_capacity_tokens(model, acc)
+    est = replica_capacity(variant, model, acc, bucket, slo.model_copy(update={"itl_s": 0.2}))
+    assert est.max_concurrency == math.floor(kv / 3000) < variant.max_batch
+    assert est.limiting == "kv_memory"
+    assert est.batch_at_max <= est.max_concurrency
+    roomier = replica_capacity(variant, model, acc.model_copy(update={"memory_gb": 160}), bucket,
+                               slo.model_copy(update={"itl_s": 0.2}))
+    assert roomier.max_concurrency > est.max_concurrency
+    assert roomier.max_rate_rps > est.max_rate_rps
+
+
+def test_max_batch_limits_when_memory_is_plentiful():
+    variant, model, acc, slo = _replica("h100-8b")
+    est = replica_capacity(variant, model, acc, _bucket(*MIXES["chat"]), slo)
+    assert est.max_concurrency == variant.max_batch and est.limiting == "max_batch"
+    bigger = replica_capacity(variant.model_copy(update={"max_batch": 256}), model, acc, _bucket(*MIXES["chat"]), slo)
+    assert bigger.max_rate_rps > est.max_rate_rps
+
+
+def test_service_level_scales_the_rate_and_predictions_follow_it():
+    variant, model, acc, slo = _replica("h100-8b")
+    bucket = _bucket(*MIXES["long-prompt"])
+    full = replica_capacity(variant, model, acc, bucket, slo)
+    headroom = replica_capacity(variant, model, acc, bucket, slo, service_level=0.7)
+    assert headroom.max_rate_rps == pytest.approx(0.7 * full.max_rate_rps, rel=1e-9)
+    assert headroom.itl_s < full.itl_s
+    with pytest.raises(ValueError, match="service_level"):
+        replica_capacity(variant, model, acc, bucket, slo, service_level=0.0)
+
+
+def test_predictions_at_max_rate_respect_the_slo():
+    for name in REPLICAS:
+        for role in Role:
+            variant, model, acc, slo = _replica(name, role)
+            for inp, out in MIXES.values():
+                est = replica_capacity(variant, model, acc, _bucket(inp, out), slo)
+                if est.max_rate_rps == 0:
+                    continue
+                if est.ttft_s is not None:
+                    assert est.ttft_s <= slo.ttft_s * (1 + 1e-6)
+                if est.itl_s is not None:
+                    assert est.itl_s <= slo.itl_s * (1 + 1e-6)
+
+
+def _problem(service_level=1.0):
+    variants = []
+    for name in REPLICAS:
+        for role in Role:
+            variants.append(_replica(name, role)[0])
+    buckets = [LengthBucket(input_tokens=i, output_tokens=o, share=1 / 3) for i, o in MIXES.values()]
+    models = [LLAMA8B, LLAMA13B, MISTRAL7B]
+    return Problem(
+        accelerators=[H100, A100, L4], models=models, variants=variants,
+        workloads=[Workload(model=m.name, arrival_rate_rps=5.0, buckets=buckets) for m in models[:2]],
+        slos=[REPLICAS[n][4] for n in REPLICAS],
+        options=AllocationOptions(kv_transfer_gb_s=10.0, service_level=service_level),
+    )
+
+
+def test_capacity_table_covers_variants_with_demand_and_matches_single_calls():
+    problem = _problem()
+    table = capacity_table(problem)
+    with_demand = [v for v in problem.variants if problem.workload(v.model) is not None]
+    assert set(table) == {(v.name, b.label) for v in with_demand for b in problem.workload(v.model).buckets}
+    for (vname, label), est in table.items():
+        v = next(x for x in problem.variants if x.name == vname)
+        b = next(x for x in problem.workload(v.model).buckets if x.label == label)
+        model = problem.model(v.model)
+        transfer = 0.0 if v.role is Role.BOTH else b.input_tokens * model.kv_bytes_per_token / 10e9
+        single = replica_capacity(v, model, problem.accelerator(v.accelerator), b, problem.slo(v.model),
+                                  kv_transfer_s=transfer)
+        assert est == single
+        CapacityEstimate.model_validate(est.model_dump())  # what model_construct built is valid
+
+
+def test_capacity_table_applies_service_level():
+    full = capacity_table(_problem())
+    half = capacity_table(_problem(service_level=0.5))
+    for key, est in full.items():
+        assert half[key].max_rate_rps == pytest.approx(0.5 * est.max_rate_rps, rel=1e-9)
+
+
+def test_capacity_estimate_rejects_bad_values():
+    with pytest.raises(ValidationError):
+        CapacityEstimate(variant="v", bucket="b", max_rate_rps=-1, ttft_s=None, itl_s=None, e2e_s=None,
+                         batch_at_max=0, max_concurrency=0, kv_capacity_tokens=0, limiting="none")
+    with pytest.raises(ValidationError):
+        CapacityEstimate(variant="v", bucket="b", max_rate_rps=1, ttft_s=None, itl_s=None, e2e_s=None,
+                         batch_at_max=0, max_concurrency=0, kv_capacity_tokens=0, limiting="gpu")
+
+
+def test_fluctuation_table_matches_direct_quadrature_and_poisson_limit():
+    g = np.array([0.05, 0.25, 0.6, 0.3, 0.0, 0.45])
+    rho = np.array([0.8, 0.5, 0.1, 0.3, 0.3, 0.45])
+    table = np.array(fluctuation_factors(g, rho))
+    direct = np.array(_integrals(g, rho))
+    np.testing.assert_allclose(table, direct, rtol=0.02)
+    j, c, jn = fluctuation_factors(np.array([1e-9]), np.array([0.0]))
+    assert j[0] == pytest.approx(0.0, abs=1e-6) and c[0] == pytest.approx(0.0, abs=1e-6)
+    assert jn[0] == pytest.approx(1.0, abs=1e-6)  # no feedback: the batch is Poisson
