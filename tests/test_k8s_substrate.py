@@ -506,3 +506,26 @@ def test_kopf_runs_its_lifecycle_with_peering(emulated_cluster, kube_api, kube_n
     kopf_calls = emulated_cluster.core.requests_from("kopf/")
     assert {(r.verb, r.group, r.resource) for r in kopf_calls} >= {
         ("watch", GROUP, PLURAL), ("patch", GROUP, PLURAL), ("create", "", "events"), ("patch", "kopf.dev", "kopfpeerings")}
+
+
+def test_cluster_module_serves_until_sigterm(emulated_cluster, tmp_path):
+    """`python -m variant_autoscaler.emulation.cluster` is what `make live` starts."""
+    import signal
+    import subprocess
+    import sys
+
+    kubeconfig = tmp_path / "live.kubeconfig"
+    proc = subprocess.Popen([sys.executable, "-m", "variant_autoscaler.emulation.cluster", "--kubeconfig",
+                             str(kubeconfig), "--namespace", "live"], stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: kubeconfig.exists() or proc.poll() is not None, "the kubeconfig", timeout_s=60)
+        assert proc.poll() is None, proc.stderr.read()
+        got = subprocess.run(["kubectl", f"--kubeconfig={kubeconfig}", f"--cache-dir={tmp_path / 'cache'}",
+                              "get", "namespace", "live", "-o", "name"], capture_output=True, text=True, timeout=60)
+        assert got.stdout.strip() == "namespace/live", got.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+    assert code == 0
+    assert f"export KUBECONFIG={kubeconfig}" in proc.stderr.read()
+    assert not kubeconfig.exists()

@@ -248,3 +248,48 @@ class EmulatedCluster:
         from kubernetes import config
 
         return config.new_client_from_config(config_file=str(self.kubeconfig_path))
+
+
+async def serve_until_stopped(cluster: EmulatedCluster, kubeconfig_out: Path | None = None) -> None:
+    """Run `cluster` until SIGINT or SIGTERM, announcing how to reach it (for `make live`)."""
+    import signal
+    import sys
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with cluster:
+        kubeconfig = cluster.kubeconfig_path
+        if kubeconfig_out is not None:
+            kubeconfig_out.parent.mkdir(parents=True, exist_ok=True)
+            kubeconfig_out.write_text(kubeconfig.read_text())
+            kubeconfig = kubeconfig_out
+        print(f"emulated cluster at {cluster.url} (CRD server {cluster.crd_server.url}, logs in {cluster.work_dir})\n"
+              f"export KUBECONFIG={kubeconfig}", flush=True, file=sys.stderr)
+        await stop.wait()
+    if kubeconfig_out is not None:
+        kubeconfig_out.unlink(missing_ok=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m variant_autoscaler.emulation.cluster",
+        description="Start an emulated Kubernetes cluster (real CRD server on etcd, emulated core API and "
+                    "kubelet) on 127.0.0.1 with the CRDs from crds/, until Ctrl-C.")
+    parser.add_argument("--kubeconfig", type=Path, help="also write the kubeconfig here (removed on exit)")
+    parser.add_argument("--namespace", action="append", default=[], help="create this namespace (repeatable)")
+    parser.add_argument("--start-delay", type=float, default=0.5,
+                        help="seconds a pod takes to become Ready (model server cold start), default 0.5")
+    parser.add_argument("--keep-work-dir", action="store_true", help="keep etcd data and server logs on exit")
+    args = parser.parse_args(argv)
+    cluster = EmulatedCluster(namespaces=args.namespace, start_delay_s=args.start_delay,
+                              keep_work_dir=args.keep_work_dir)
+    asyncio.run(serve_until_stopped(cluster, args.kubeconfig))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

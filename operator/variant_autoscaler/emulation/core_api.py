@@ -1427,7 +1427,14 @@ class CoreApi:
         if rtype.kind in REVIEW_KINDS:
             if method != "POST" or api.name:
                 raise ApiError(405, "MethodNotAllowed", f"{method} is not supported on {rtype.qualified}")
-            return json_response(self._review(rtype, json.loads(raw or b"{}"), namespace), 201)
+            try:
+                review = json.loads(raw or b"{}")
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                review = {}  # kubectl auth can-i sends protobuf; the answer does not depend on it
+            return json_response(self._review(rtype, review, namespace), 201)
+        if raw and "protobuf" in request.headers.get("Content-Type", ""):
+            raise ApiError(415, "UnsupportedMediaType", "the emulated core API accepts JSON bodies only "
+                           "(application/json and the JSON patch types), not protobuf")
         if api.subresource:
             return self._subresource_request(request, rtype, api, raw, dry_run)
         if api.name is None:

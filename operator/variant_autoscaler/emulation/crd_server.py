@@ -30,13 +30,15 @@ CACHE_DIR_ENV = "VARIANT_AUTOSCALER_CACHE_DIR"
 PACKED_CRD_SERVER = Path("k8s") / "apiextensions-apiserver.gz"
 
 HOW_TO_GET_THE_CRD_SERVER = (
-    "The emulated cluster needs the real Kubernetes CRD API server, k8s.io/apiextensions-apiserver. "
-    "This repository expects it, gzipped, at ../shared/k8s/apiextensions-apiserver.gz (next to the "
-    f"repository) or at ${SHARED_DIR_ENV}/k8s/apiextensions-apiserver.gz; an unpacked binary can also "
-    f"be named with ${CRD_SERVER_BINARY_ENV}. To build one (Go >= 1.24, no network beyond Debian): "
-    "`apt-get install golang-k8s-apiextensions-apiserver-dev golang-go`, then in "
-    "$GOPATH/src/k8s.io/apiextensions-apiserver run `GO111MODULE=off CGO_ENABLED=0 go build .`; or "
-    "`go install k8s.io/apiextensions-apiserver@v0.36.4` where the Go module proxy is reachable."
+    "The emulated cluster needs the real Kubernetes CRD API server, k8s.io/apiextensions-apiserver "
+    "(0.36.x). This repository expects it gzipped at ../shared/k8s/apiextensions-apiserver.gz, next to "
+    f"the checkout (or at ${SHARED_DIR_ENV}/k8s/apiextensions-apiserver.gz); an unpacked binary can "
+    f"also be named with ${CRD_SERVER_BINARY_ENV}=/path/to/apiextensions-apiserver. To build one "
+    "without network access beyond Debian (sid): `apt-get install golang-k8s-apiextensions-apiserver-dev "
+    "golang-1.26-go`, then `cd /usr/share/gocode/src/k8s.io/apiextensions-apiserver && GO111MODULE=off "
+    "GOPATH=/usr/share/gocode GOPROXY=off CGO_ENABLED=0 /usr/lib/go-1.26/bin/go build -o "
+    "/tmp/apiextensions-apiserver .`; where the Go module proxy is reachable: `GOBIN=$PWD go install "
+    "k8s.io/apiextensions-apiserver@v0.36.4`."
 )
 HOW_TO_GET_ETCD = (
     "The emulated cluster needs etcd (3.4 or newer) on PATH: `apt-get install etcd-server` on "
@@ -115,6 +117,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _die_with_parent() -> None:
+    """Linux: let the kernel stop the child if the Python process dies without cleaning up, so a
+    killed test run leaves no etcd or CRD server behind. Elsewhere: a no-op."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
 class ChildProcess:
     """One server process with its output in a log file, stopped gently and then firmly."""
 
@@ -124,7 +139,8 @@ class ChildProcess:
         self.log_path = log_path
         self._log = open(log_path, "ab")
         self.process = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, start_new_session=True)
+                                        stdin=subprocess.DEVNULL, start_new_session=True,
+                                        preexec_fn=_die_with_parent)
 
     def exited(self) -> bool:
         return self.process.poll() is not None
