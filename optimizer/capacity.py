@@ -34,8 +34,9 @@ W = O - 1 decode steps per request, d(n) = decode step at batch n, p(m) = prefil
   TTFT is the prefill side's business. PD: both.
 * E2E at the percentile = TTFT percentile + W x ITL percentile (conservative).
 
-Measured against the simulator: within 6 % for PD and D on the test profiles and mixes; P replicas
-with long prompts near saturation are predicted up to ~5-10 % low (see tests/test_capacity.py).
+Measured against the simulator (tests/test_capacity.py: 3 replica types x 3 mixes for PD, long
+prompts for P and D): the model's max rate is within -3 % .. +6 % of the simulated one, mostly on
+the optimistic side by 1-5 %; ``service_level`` is the knob for headroom.
 """
 
 from __future__ import annotations
@@ -79,7 +80,11 @@ class CapacityEstimate(BaseModel):
     batch_at_max: float = Field(ge=0, description="Mean decode batch (role P: mean prefill batch) at max_rate_rps.")
     max_concurrency: int = Field(ge=0, description="Sequences that fit at once: min(max_batch, KV cache / request).")
     kv_capacity_tokens: float = Field(ge=0)
-    limiting: Limiting = Field(description="What stops a higher rate (or, at 0, what fails even unloaded).")
+    limiting: Limiting = Field(
+        description="What stops a higher rate: an SLO, or the slots (max_batch / kv_memory) when queueing for "
+        "them is what breaks it; 'none' when a prefill server saturates its compute first. At rate 0: what "
+        "fails even unloaded."
+    )
     reason: str | None = Field(default=None, description="Why the replica cannot serve this bucket at all.")
 
 
@@ -197,6 +202,12 @@ _DECODE_ROWS: dict[str, np.ndarray] = {}
 _PREFILL_ROWS: dict[tuple[str, float], np.ndarray] = {}
 
 
+def clear_capacity_cache() -> None:
+    """Forget solved cases and tabulated profiles (memory, or to time a cold start)."""
+    for cache in (_SOLVED, _ESTIMATES, _DECODE_ROWS, _PREFILL_ROWS):
+        cache.clear()
+
+
 def _solve_many(keys: list[tuple], profiles: dict[str, object]) -> list[_Solved]:
     todo = list(dict.fromkeys(k for k in keys if k not in _SOLVED))
     if todo:
@@ -230,8 +241,7 @@ class _Point(NamedTuple):
     lam: np.ndarray  # arrival rate
     x_max: np.ndarray  # saturation throughput
     batch: np.ndarray  # mean decode batch (P: mean prefill batch)
-    itl_q: np.ndarray  # ITL at the percentile (decode roles)
-    itl_stable: np.ndarray
+    itl_q: np.ndarray  # ITL at the percentile (decode roles; inf past the stable range)
     wait_p: np.ndarray  # probability of waiting for a slot
     tail_rate: np.ndarray  # rate of the exponential slot wait
     w_idle: np.ndarray  # chance a request finds the replica idle (TTFT = one prefill)
@@ -390,7 +400,7 @@ class _CapacityModel:
         shape = np.where(m1 > 0, m1**2 / var, 1.0)
         scale = np.where(m1 > 0, var / np.maximum(m1, 1e-300), 1.0)
         batch = np.where(self.decodes, n, m_pre)
-        return _Point(lam, x_max, batch, itl_q, stable, wait_p, tail_rate, w_idle, busy, shape, scale)
+        return _Point(lam, x_max, batch, itl_q, wait_p, tail_rate, w_idle, busy, shape, scale)
 
     def _prefill_batches(self, lam, d_step, slope_p):
         """Mean and variance of the prompts in a prefill batch: those that arrived during the last iteration.
@@ -518,29 +528,22 @@ class _CapacityModel:
         full_prefills = self.prefill_only & capped & (at_max.lam >= 0.9 * at_max.x_max)
         compute_bound = self.prefill_only & ~capped
 
-        out = []
-        for i in range(len(self.keys)):
-            k, kv = int(max(self.K[i], 0)), float(self.kv[i])
-            if i in dead:
-                name, why = dead[i]
-                out.append(_Solved(0.0, np.nan, np.nan, np.nan, 0.0, k, kv, name, why))
-                continue
-            f_ttft, f_itl, f_wait, f_e2e = (bool(a[i]) for a in fails_above)
-            if hit_ceiling[i]:
-                lim = "none" if compute_bound[i] else str(slot_label[i])
-            elif f_itl:
-                lim = "itl"
-            elif f_ttft:
-                lim = str(slot_label[i]) if (waits[i] or full_prefills[i]) else "ttft"
-            elif f_wait:
-                lim = str(slot_label[i])
-            elif f_e2e:
-                lim = "e2e"
-            else:
-                lim = "none"
-            out.append(_Solved(float(rate[i]), float(ttft_q[i]), float(itl_q[i]), float(e2e_q[i]),
-                               float(at.batch[i]), k, kv, lim, None))
-        return out
+        f_ttft, f_itl, f_wait, f_e2e = fails_above
+        slot = slot_label.astype(object)
+        limiting = np.select(
+            [hit_ceiling & compute_bound, hit_ceiling, f_itl, f_ttft & (waits | full_prefills), f_ttft, f_wait, f_e2e],
+            [np.array("none", dtype=object), slot, np.array("itl", dtype=object), slot,
+             np.array("ttft", dtype=object), slot, np.array("e2e", dtype=object)],
+            default=np.array("none", dtype=object),
+        ).tolist()
+        reasons: list[str | None] = [None] * len(self.keys)
+        for i, (name, why) in dead.items():
+            limiting[i], reasons[i] = name, why
+            rate[i], ttft_q[i], itl_q[i], e2e_q[i] = 0.0, np.nan, np.nan, np.nan
+        batch = np.where(np.isin(np.arange(len(self.keys)), list(dead)), 0.0, at.batch)
+        return [_Solved(*row) for row in zip(
+            rate.tolist(), ttft_q.tolist(), itl_q.tolist(), e2e_q.tolist(), batch.tolist(),
+            np.maximum(self.K, 0).astype(np.int64).tolist(), self.kv.tolist(), limiting, reasons, strict=True)]
 
 
 def _decode_row(pkey: str, profile, max_batch: int) -> np.ndarray:

@@ -298,3 +298,17 @@ def test_fluctuation_table_matches_direct_quadrature_and_poisson_limit():
     j, c, jn = fluctuation_factors(np.array([1e-9]), np.array([0.0]))
     assert j[0] == pytest.approx(0.0, abs=1e-6) and c[0] == pytest.approx(0.0, abs=1e-6)
     assert jn[0] == pytest.approx(1.0, abs=1e-6)  # no feedback: the batch is Poisson
+
+
+@pytest.mark.parametrize("role", [Role.BOTH, Role.DECODE])
+def test_e2e_target_binds_between_unloaded_and_loaded_latency(role):
+    variant, model, acc, slo = _replica("a100-13b", role)
+    bucket = _bucket(*MIXES["long-generation"])
+    free = replica_capacity(variant, model, acc, bucket, slo)
+    assert free.e2e_s is not None
+    unloaded = REPLICAS["a100-13b"][2].prefill_s(300) + 799 * REPLICAS["a100-13b"][2].decode_step_s(1, 300 + 400)
+    target = 0.5 * (unloaded + free.e2e_s)
+    assert target < free.e2e_s
+    bound = replica_capacity(variant, model, acc, bucket, slo.model_copy(update={"e2e_s": target}))
+    assert 0 < bound.max_rate_rps < free.max_rate_rps
+    assert bound.limiting == "e2e" and bound.e2e_s <= target * (1 + 1e-6)
