@@ -12,7 +12,7 @@ import uuid
 
 import aiohttp
 import pytest
-from variant_autoscaler.emulation.core_api import CoreApi, ObjectStore
+from variant_autoscaler.emulation.core_api import CoreApi, Fault, ObjectStore
 from variant_autoscaler.emulation.kubelet import (
     DELETION_COST_ANNOTATION,
     PORT_ANNOTATION,
@@ -421,6 +421,75 @@ def test_kubectl_tables_for_core_resources(emulated_cluster, kube_api, kube_name
     assert lines[1].split()[:4] == ["deployment.apps/shown", "2/2", "2", "2"]
     pod_rows = [line.split() for line in lines if line.startswith("pod/shown-")]
     assert len(pod_rows) == 2 and all(row[1:3] == ["1/1", "Running"] for row in pod_rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fault injection, for the clients' retry paths.
+
+
+def test_injected_faults_fail_the_matching_requests_then_disarm(emulated_cluster, kube_api, kube_namespace):
+    _, apps, custom = apis(kube_api)
+    apps.create_namespaced_deployment(kube_namespace, deployment("flaky"))
+    fault = emulated_cluster.core.add_fault(Fault(status=503, method="PATCH", path_pattern=r"/flaky/scale$",
+                                                  times=2, reason="ServiceUnavailable"))
+    try:
+        for _ in range(2):
+            code, error = api_error(apps.patch_namespaced_deployment_scale, "flaky", kube_namespace,
+                                    {"spec": {"replicas": 1}})
+            assert code == 503 and error["reason"] == "ServiceUnavailable"
+        assert apps.patch_namespaced_deployment_scale("flaky", kube_namespace, {"spec": {"replicas": 1}}).spec.replicas == 1
+        assert fault.hits == 2
+        emulated_cluster.core.add_fault(Fault(status=500, method="GET", path_pattern=f"/{PLURAL}$"))
+        code, _ = api_error(custom.list_namespaced_custom_object, GROUP, VERSION, kube_namespace, PLURAL)
+        assert code == 500
+        assert custom.list_namespaced_custom_object(GROUP, VERSION, kube_namespace, PLURAL)["items"] == []
+    finally:
+        emulated_cluster.core.clear_faults()
+    statuses = [r.status for r in emulated_cluster.core.requests if r.name == "flaky" and r.subresource == "scale"]
+    assert statuses[-3:] == [503, 503, 200]
+
+
+def test_a_stalled_request_is_retried_by_the_client_after_its_timeout(emulated_cluster, kube_api, kube_namespace):
+    core, _, _ = apis(kube_api)
+    fault = emulated_cluster.core.add_fault(Fault(status=0, method="GET", path_pattern=f"{kube_namespace}/configmaps$",
+                                                  delay_s=3))
+    try:
+        listed = core.list_namespaced_config_map(kube_namespace, _request_timeout=0.3)
+    finally:
+        emulated_cluster.core.clear_faults()
+    assert listed.items == [] and fault.hits == 1
+    gets = [r for r in emulated_cluster.core.requests if r.namespace == kube_namespace and r.resource == "configmaps"]
+    assert len(gets) >= 2
+
+
+def test_dropped_watches_end_local_and_proxied_streams(emulated_cluster, kube_api, kube_namespace):
+    import threading
+
+    from kubernetes import watch
+
+    core, _, custom = apis(kube_api)
+    ended = {}
+
+    def follow(name, list_fn, *args):
+        for _event in watch.Watch().stream(list_fn, *args, timeout_seconds=120):
+            pass
+        ended[name] = True
+
+    threads = [threading.Thread(target=follow, args=("core", core.list_namespaced_config_map, kube_namespace)),
+               threading.Thread(target=follow, args=("crd", custom.list_namespaced_custom_object, GROUP, VERSION,
+                                                     kube_namespace, PLURAL))]
+    for t in threads:
+        t.start()
+
+    def watching():
+        return {(r.resource, r.status) for r in emulated_cluster.core.requests
+                if r.namespace == kube_namespace and r.verb == "watch"} >= {("configmaps", 200), (PLURAL, 200)}
+
+    wait_until(watching, "both watches to be open")
+    assert emulated_cluster.call(emulated_cluster.core.drop_watches) >= 2
+    for t in threads:
+        t.join(timeout=30)
+    assert ended == {"core": True, "crd": True}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ code (`with EmulatedCluster() as c`), in which case it runs in an event loop on 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import shutil
 import subprocess
@@ -179,11 +180,17 @@ class EmulatedCluster:
             self._loop.close()
             self._loop = None
 
-    def call(self, fn: Callable[..., Awaitable[T]], *args: Any, timeout_s: float = 120) -> T:
-        """Run `await fn(*args)` in the cluster's loop from another thread (sync mode only)."""
+    def call(self, fn: Callable[..., Awaitable[T] | T], *args: Any, timeout_s: float = 120) -> T:
+        """Run `fn(*args)` in the cluster's loop, awaiting it if it is a coroutine function, from
+        another thread (sync mode only): the store, kubelet and core API belong to that loop."""
         if self._loop is None:
             raise RuntimeError("call() is for a cluster entered with `with`; in async code await directly")
-        return asyncio.run_coroutine_threadsafe(fn(*args), self._loop).result(timeout_s)
+
+        async def invoke() -> T:
+            result = fn(*args)
+            return await result if inspect.isawaitable(result) else result
+
+        return asyncio.run_coroutine_threadsafe(invoke(), self._loop).result(timeout_s)
 
     # -- CRDs
 

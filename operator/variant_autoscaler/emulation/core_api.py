@@ -1202,6 +1202,29 @@ _HOP_BY_HOP = {"host", "content-length", "transfer-encoding", "connection", "kee
 _CLOSE_WATCH = object()
 
 
+@dataclass
+class Fault:
+    """Make matching requests fail or stall, to test that clients retry and back off.
+
+    A request matches when its method equals `method` (any when None) and `path_pattern` is found
+    in its path (a regular expression). The first `times` matching requests wait `delay_s` and
+    then, unless `status` is 0 (a slow but working server), are answered with `status`.
+    """
+
+    status: int = 500
+    method: str | None = None
+    path_pattern: str = ""
+    times: int = 1
+    delay_s: float = 0.0
+    reason: str = "InternalError"
+    message: str = "fault injected by the test"
+    hits: int = 0
+
+    def matches(self, method: str, path: str) -> bool:
+        return (self.hits < self.times and (self.method is None or self.method == method)
+                and re.search(self.path_pattern, path) is not None)
+
+
 class CoreApi:
     """The emulated core API (aiohttp) on 127.0.0.1, optionally fronting the CRD server.
 
@@ -1221,6 +1244,8 @@ class CoreApi:
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         self._watch_queues: set[asyncio.Queue] = set()
+        self._proxied_watches: set[aiohttp.ClientResponse] = set()
+        self.faults: list[Fault] = []
         self.app = web.Application(client_max_size=64 << 20)
         self.app.router.add_route("*", "/{tail:.*}", self._handle)
 
@@ -1258,6 +1283,37 @@ class CoreApi:
     def clear_requests(self) -> None:
         self._requests.clear()
 
+    # -- fault injection
+
+    def add_fault(self, fault: Fault) -> Fault:
+        """Arm `fault`; it disarms itself after `fault.times` hits (see `Fault.hits`)."""
+        self.faults.append(fault)
+        return fault
+
+    def clear_faults(self) -> None:
+        self.faults.clear()
+
+    def drop_watches(self) -> int:
+        """End every open watch stream now, local and proxied, as an apiserver restart would.
+        Thread-safe to call from outside the loop only through the loop (EmulatedCluster.call)."""
+        dropped = len(self._watch_queues) + len(self._proxied_watches)
+        for queue in list(self._watch_queues):
+            queue.put_nowait(_CLOSE_WATCH)
+        for upstream in list(self._proxied_watches):
+            upstream.close()
+        return dropped
+
+    async def _injected_fault(self, request: web.Request) -> web.Response | None:
+        fault = next((f for f in list(self.faults) if f.matches(request.method, request.path)), None)
+        if fault is None:
+            return None
+        fault.hits += 1
+        if fault.delay_s:
+            await asyncio.sleep(fault.delay_s)
+        if not fault.status:
+            return None
+        return error_response(ApiError(fault.status, fault.reason, fault.message))
+
     # -- dispatch
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
@@ -1273,7 +1329,10 @@ class CoreApi:
             proxied=not self._served_here(request.path))
         self._requests.append(record)
         try:
-            if record.proxied:
+            injected = await self._injected_fault(request)
+            if injected is not None:
+                response = injected
+            elif record.proxied:
                 response = await self._proxy(request, raw, record)
             else:
                 response = await self._serve(request, api, query, raw, record)
@@ -1669,6 +1728,9 @@ class CoreApi:
         except (aiohttp.ClientError, OSError) as err:
             raise ApiError(503, "ServiceUnavailable", f"the CRD server did not answer: {err}") from None
         record.status = upstream.status
+        watching = request.query.get("watch") in ("true", "1")
+        if watching:
+            self._proxied_watches.add(upstream)
         try:
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             for key, value in upstream.headers.items():
@@ -1676,11 +1738,15 @@ class CoreApi:
                     response.headers.add(key, value)
             response.enable_chunked_encoding()
             await response.prepare(request)
-            async for chunk in upstream.content.iter_any():
-                await response.write(chunk)
+            try:
+                async for chunk in upstream.content.iter_any():
+                    await response.write(chunk)
+            except aiohttp.ClientError:
+                pass  # the upstream stream ended early (a dropped watch): end ours cleanly too
             await response.write_eof()
             return response
-        except (ConnectionResetError, aiohttp.ClientPayloadError):
+        except ConnectionResetError:
             return response
         finally:
+            self._proxied_watches.discard(upstream)
             upstream.release()
