@@ -130,6 +130,7 @@ class EmulatedCluster:
             await self.install_crds(crd_documents(self.crd_files))
             await self.kubelet.start()
             self.kubeconfig_path.write_text(kubeconfig_text(self.core.url, self.token))
+            self.core.clear_requests()  # the log then starts with the clients' own calls
             self._started = True
         except BaseException:
             await self.stop()

@@ -1252,7 +1252,7 @@ class CoreApi:
     # -- lifecycle
 
     async def start(self) -> None:
-        self._runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
+        self._runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None, shutdown_timeout=2.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
@@ -1263,8 +1263,7 @@ class CoreApi:
         self.upstream = url.rstrip("/") if url else None
 
     async def stop(self) -> None:
-        for queue in list(self._watch_queues):
-            queue.put_nowait(_CLOSE_WATCH)
+        self.drop_watches()
         if self._runner:
             await self._runner.cleanup()
         if self._session:
