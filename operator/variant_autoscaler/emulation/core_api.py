@@ -19,7 +19,13 @@ operator and the tests touch are held here, in memory, with the semantics client
 
 Every other request (the CRD groups, apiextensions.k8s.io, kopf.dev, /openapi) is proxied to the
 CRD server, watches chunk by chunk. Every request is recorded (`CoreApi.requests`) so tests can
-derive which API calls a component made, e.g. to check its RBAC rules.
+derive which API calls a component made, e.g. to check its RBAC rules, and `CoreApi.add_fault` /
+`drop_watches` make requests fail, stall or lose their watch streams, for clients' retry paths.
+
+Not emulated: protobuf bodies, server-side apply and OpenAPI schemas of the built-in types (kubectl
+create/apply/get/describe/scale/delete work; `kubectl explain` works for the custom resources),
+ReplicaSets, graceful pod termination, garbage collection beyond Deployment -> Pods, and the
+deletion of custom resources with their namespace.
 """
 
 from __future__ import annotations
