@@ -2,7 +2,8 @@
 Prometheus endpoints that are slow or answer garbage.
 
 Imported by test modules (`from conftest_metrics import ...`): only the top-level conftest may
-use `pytest_plugins`, and a fixture imported into a module is that module's fixture.
+use `pytest_plugins`. Fixture bodies here are plain functions that a module registers with
+`pytest.fixture(...)`, so the fixture belongs to that module (and linters see no shadowed import).
 """
 
 from __future__ import annotations
@@ -101,19 +102,22 @@ def metrics_stack(plans: list[PodPlan]) -> Iterator[MetricsStack]:
         yield MetricsStack(loop, prometheus, servers, {p.pod: p for p in plans}, loads, stop, time.monotonic())
     finally:
         loop.loop.call_soon_threadsafe(stop.set)
+        try:
+            loop.run(_stop_all(list(servers.values())), timeout_s=15)
+        except Exception:  # noqa: BLE001 - teardown goes on whatever the servers do
+            pass
         for fut in loads.values():
             try:
                 fut.result(timeout=15)
-            except Exception:  # noqa: BLE001 - teardown: servers may be gone already
-                pass
-        for server in servers.values():
-            try:
-                loop.run(server.stop(), timeout_s=10)
             except Exception:  # noqa: BLE001
                 pass
         if prometheus is not None:
             prometheus.stop()
         loop.close()
+
+
+async def _stop_all(servers: list[EmulatedModelServer]) -> None:
+    await asyncio.gather(*(s.stop() for s in servers), return_exceptions=True)
 
 
 async def _new_event() -> asyncio.Event:
@@ -203,9 +207,9 @@ class FakePrometheus:
         self.server.server_close()
 
 
-@pytest.fixture
-def fake_prometheus():
-    """Factory: fake_prometheus(mode, ...) -> FakePrometheus, all closed after the test."""
+def fake_prometheus_factory():
+    """Fixture body (register with `fake_prometheus = pytest.fixture(fake_prometheus_factory)`):
+    yields make(mode, ...) -> FakePrometheus; all are closed after the test."""
     made: list[FakePrometheus] = []
 
     def make(mode: str, **kw) -> FakePrometheus:
