@@ -272,7 +272,7 @@ def _perturb(model: GroupModel, groups: list[Group], rng: random.Random, steps: 
 
 
 def spectral_kl_grouping(model: GroupModel, *, seed: int = 0, time_limit_s: float = 10.0,
-                         restarts: int = 20) -> GroupingResult:
+                         restarts: int = 200) -> GroupingResult:
     """The HexGen-2-style method: spectral partition, KL refinement, roles, iterative moves.
 
     The move search stops in local optima (a role flip often pays only together with a swap),
