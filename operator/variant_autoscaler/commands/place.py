@@ -68,8 +68,11 @@ def run(args: argparse.Namespace) -> int:
         report["plan_fragment"] = plan_fragment(cluster, grouping)
     if args.mode in ("both", "layers"):
         throughput = NodeThroughputModel(cluster, model, times)
-        layers = place_layers(cluster, model, throughput, time_limit_s=args.time_limit,
-                              partial=args.partial_inference, use_milp=not args.no_milp)
+        try:
+            layers = place_layers(cluster, model, throughput, time_limit_s=args.time_limit,
+                                  partial=args.partial_inference, use_milp=not args.no_milp)
+        except ValueError as err:
+            raise InputError(args.cluster, "nodes", str(err)) from None
         print_layers(layers, cluster)
         report["layer_placement"] = layers.model_dump(mode="json")
     sweep = None
