@@ -58,6 +58,7 @@ Limiting = Literal["ttft", "itl", "e2e", "max_batch", "kv_memory", "none"]
 _SEARCH_STEPS = 22
 _QUANTILE_STEPS = 24
 _PREFILL_GRID = 64  # prefill batch sizes tabulated per case; linear beyond
+_MIN_TIME_S = 1e-9  # floor for profile times, so rates stay finite
 _SLOT_TAIL_SPEEDUP = 2.0  # heavy-traffic wait-tail rate factor 2 / (1 + C_s^2) for deterministic service
 _SLOT_LIMITED_WAIT_SHARE = 0.5  # TTFT misses are "slot" misses when slot waits make up this share
 _ROLE_CODE = {Role.BOTH: 0, Role.PREFILL: 1, Role.DECODE: 2}
@@ -214,7 +215,10 @@ def _solve_many(keys: list[tuple], profiles: dict[str, object]) -> list[_Solved]
         if len(_SOLVED) + len(todo) > _CACHE_LIMIT:
             _SOLVED.clear()
             _ESTIMATES.clear()
-        for k, s in zip(todo, _CapacityModel(todo, profiles).solve(), strict=True):
+        # Branches np.where discards may divide by zero or overflow; their results are never used.
+        with np.errstate(all="ignore"):
+            solved = _CapacityModel(todo, profiles).solve()
+        for k, s in zip(todo, solved, strict=True):
             _SOLVED[k] = s
     return [_SOLVED[k] for k in keys]
 
@@ -272,7 +276,7 @@ class _CapacityModel:
         self.is_pd = (self.role == _PD) & self.decodes
         self.is_d = self.role == _D
         self.prefills = ~self.is_d
-        self.W = np.maximum(self.O - 1.0, 0.5)
+        self.W = np.maximum(self.O - 1.0, 1.0)  # a D replica given one-token answers still runs a step
         per_request = np.where(self.prefill_only, self.I + 1.0, self.I + self.O)
         self.k_kv = np.floor(self.kv / per_request)
         self.K = np.minimum(self.mb, self.k_kv)
@@ -310,7 +314,7 @@ class _CapacityModel:
 
     def decode(self, n):
         """Decode step at (fractional) batch n, each case at its mean context."""
-        n = np.clip(n, 0.0, self.mb + 1.0)
+        n = np.clip(np.nan_to_num(n), 0.0, self.mb + 1.0)
         lo = np.minimum(np.floor(n).astype(np.int64), self._mb_i)
         a = self.decode_flat[self.decode_off + lo]
         b = self.decode_flat[self.decode_off + lo + 1]
@@ -318,13 +322,13 @@ class _CapacityModel:
 
     def decode_slope(self, n):
         """Added decode time per added sequence at batch n."""
-        lo = np.minimum(np.floor(np.clip(n, 0.0, self.mb)).astype(np.int64), self._mb_i)
+        lo = np.minimum(np.floor(np.clip(np.nan_to_num(n), 0.0, self.mb)).astype(np.int64), self._mb_i)
         return (self.decode_flat[self.decode_off + lo + 1] - self.decode_flat[self.decode_off + lo]
                 + self.kv_coef * self.ctx)
 
     def prefill(self, m):
         """Prefill of m prompts (fractional m interpolates; past the grid, linear extrapolation)."""
-        m = np.maximum(m, 0.0)
+        m = np.clip(np.nan_to_num(m), 0.0, 1e9)
         lo = np.minimum(np.floor(m).astype(np.int64), _PREFILL_GRID - 1)
         idx = (self._row0 if m.ndim == 1 else self._row0[:, None]) + lo
         a = self._prefill_flat[idx]
@@ -441,7 +445,7 @@ class _CapacityModel:
         room = np.where(finite, self.e2e_t - self.W * pt.itl_q, 0.0)
         ok_e2e = np.ones_like(ok_ttft)
         if (finite & self.is_pd).any():
-            ok_e2e = np.where(finite & self.is_pd, self.ttft_cdf(room, pt) >= self.q, ok_e2e)
+            ok_e2e = np.where(finite & self.is_pd, self.ttft_cdf(room - self.xfer, pt) >= self.q, ok_e2e)
         ok_e2e = np.where(finite & self.is_d, self.wait_cdf(room - self.p1 - self.xfer, pt) >= self.q, ok_e2e)
         return ok_ttft, ok_itl, ok_wait, ok_e2e
 
@@ -463,7 +467,7 @@ class _CapacityModel:
         """Cases no load can save, with the constraint and a reason for a human."""
         W = self.W
         itl0 = self.decode(1.0)
-        e2e0 = np.where(self.is_d, self.p1 + self.xfer, self.p1) + W * itl0
+        e2e0 = self.p1 + self.xfer + W * itl0
         checks = [
             ("kv_memory", self.k_kv < 1),
             ("ttft", self.prefills & (self.p1 + self.xfer > self.ttft_t)),
@@ -492,9 +496,9 @@ class _CapacityModel:
                 limiting[i] = (name, why)
         return limiting
 
-    def _u_for_rate(self, target):
-        """Search position whose rate is `target` (rates rise with u)."""
-        lo, hi = np.zeros_like(target), np.ones_like(target)
+    def _u_for_rate(self, target, ceiling):
+        """Search position in [0, ceiling] whose rate is `target` (rates rise with u there)."""
+        lo, hi = np.zeros_like(target), ceiling.copy()
         for _ in range(_SEARCH_STEPS):
             mid = 0.5 * (lo + hi)
             below = self.point(mid).lam <= target
@@ -514,9 +518,14 @@ class _CapacityModel:
         hit_ceiling = lo >= 1.0 - 1e-6
 
         rate = at_max.lam * self.level
-        at = at_max if np.all(self.level >= 1.0) else self.point(np.where(self.level < 1.0, self._u_for_rate(rate), lo))
+        at = at_max
+        if np.any(self.level < 1.0):
+            at = self.point(np.where(self.level < 1.0, self._u_for_rate(rate, lo), lo))
         ttft_q = np.where(self.prefills, self.ttft_quantile(at) + self.xfer, np.nan)
-        itl_q = np.where(self.decodes, at.itl_q, np.nan)
+        # D: the slot wait (its percentile) is spread over the request's tokens, as the simulator sees it.
+        wait_q = np.where(at.wait_p > 1.0 - self.q,
+                          np.log(at.wait_p / (1.0 - self.q)) / np.maximum(at.tail_rate, 1e-300), 0.0)
+        itl_q = np.where(self.decodes, at.itl_q + np.where(self.is_d, wait_q / self.W, 0.0), np.nan)
         e2e_q = np.where(self.is_pd, ttft_q + self.W * itl_q,
                          np.where(self.is_d, self.p1 + self.xfer + self.W * itl_q, np.nan))
         slot_label = np.where(self.k_kv < self.mb, "kv_memory", "max_batch")
@@ -537,6 +546,11 @@ class _CapacityModel:
             default=np.array("none", dtype=object),
         ).tolist()
         reasons: list[str | None] = [None] * len(self.keys)
+        for i in np.flatnonzero(lo <= 0.0):
+            if i not in dead:  # fine unloaded, yet the lightest load already breaks something
+                name = limiting[i] if limiting[i] in ("ttft", "itl", "e2e") else "ttft" if self.prefills[i] else "itl"
+                dead[i] = (name, f"the {name.upper()} target is met unloaded but not at any sustained rate "
+                                 f"(the profile leaves no stable operating point)")
         for i, (name, why) in dead.items():
             limiting[i], reasons[i] = name, why
             rate[i], ttft_q[i], itl_q[i], e2e_q[i] = 0.0, np.nan, np.nan, np.nan
@@ -553,7 +567,8 @@ def _decode_row(pkey: str, profile, max_batch: int) -> np.ndarray:
         if len(_DECODE_ROWS) > _CACHE_LIMIT // 10:
             _DECODE_ROWS.clear()
         n = np.arange(max(max_batch, 255) + 2, dtype=float)
-        row = np.atleast_1d(np.asarray(profile.decode_step_s(n, 0.0), dtype=float))
+        # A step never takes no time (a measured table may extrapolate to 0 at tiny batches).
+        row = np.maximum(np.atleast_1d(np.asarray(profile.decode_step_s(n, 0.0), dtype=float)), _MIN_TIME_S)
         _DECODE_ROWS[pkey] = row
     return row
 
@@ -565,7 +580,7 @@ def _prefill_rows(pkey: str, profile, input_tokens: np.ndarray) -> np.ndarray:
     missing = sorted({float(t) for t in input_tokens if (pkey, float(t)) not in _PREFILL_ROWS})
     if missing:
         tokens = np.asarray(missing)[:, None] * np.arange(_PREFILL_GRID + 1, dtype=float)[None, :]
-        values = np.asarray(profile.prefill_s(tokens), dtype=float).reshape(tokens.shape)
+        values = np.maximum(np.asarray(profile.prefill_s(tokens), dtype=float).reshape(tokens.shape), _MIN_TIME_S)
         values[:, 0] = 0.0
         for t, row in zip(missing, values, strict=True):
             _PREFILL_ROWS[(pkey, t)] = row

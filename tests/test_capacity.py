@@ -312,3 +312,53 @@ def test_e2e_target_binds_between_unloaded_and_loaded_latency(role):
     bound = replica_capacity(variant, model, acc, bucket, slo.model_copy(update={"e2e_s": target}))
     assert 0 < bound.max_rate_rps < free.max_rate_rps
     assert bound.limiting == "e2e" and bound.e2e_s <= target * (1 + 1e-6)
+
+
+def test_odd_profiles_and_shapes_give_consistent_answers():
+    """Random fleets, including measured tables that start at large batches and one-token answers:
+    every estimate is finite, 0 exactly when a reason is given, and its predictions meet the SLO."""
+    rng = np.random.default_rng(11)
+    acc = Accelerator(name="X", memory_gb=80, cost_per_hour=1.0)
+    models, variants, workloads, slos = [], [], [], []
+    for i in range(40):
+        model = ModelSpec(name=f"m{i}", weight_gb=float(rng.uniform(1, 60)),
+                          kv_bytes_per_token=float(rng.choice([2e4, 1.3e5, 8e5, 3e6])))
+        if i % 2:
+            xs = np.sort(rng.choice(np.arange(1, 512), 4, replace=False))
+            px = np.sort(rng.choice(np.arange(1, 20000), 3, replace=False))
+            profile = TabulatedProfile(
+                decode_points=[ProfilePoint(x=float(x), time_s=float(t)) for x, t in
+                               zip(xs, np.sort(rng.uniform(0.005, 0.3, 4)), strict=True)],
+                prefill_points=[ProfilePoint(x=float(x), time_s=float(t)) for x, t in
+                                zip(px, np.sort(rng.uniform(0.001, 3, 3)), strict=True)],
+                decode_per_kv_token_s=float(rng.uniform(0, 1e-7)))
+        else:
+            profile = ParametricProfile(
+                decode_base_s=float(rng.uniform(1e-3, 0.1)), decode_per_seq_s=float(rng.uniform(0, 1e-3)),
+                decode_per_kv_token_s=float(rng.uniform(0, 1e-6)), prefill_base_s=float(rng.uniform(0, 0.05)),
+                prefill_per_token_s=float(rng.uniform(1e-6, 1e-3)))
+        models.append(model)
+        for role in Role:
+            variants.append(Variant(name=f"v{i}-{role.value}", model=model.name, accelerator="X", role=role,
+                                    max_batch=int(rng.choice([1, 8, 64, 512])), profile=profile,
+                                    accelerators_per_replica=int(rng.choice([1, 2, 8]))))
+        workloads.append(Workload(model=model.name, arrival_rate_rps=1.0, buckets=[
+            LengthBucket(input_tokens=float(a), output_tokens=float(b), share=0.25)
+            for a, b in [(1, 1), (10, 1000), (500, 50), (30000, 4000)]]))
+        slos.append(SLO(model=model.name, ttft_s=float(rng.choice([0.05, 0.5, 5])), itl_s=float(rng.choice([0.01, 0.05, 0.5])),
+                        e2e_s=[None, 10.0, 300.0][i % 3], percentile=float(rng.choice([50, 90, 99, 99.9]))))
+    problem = Problem(accelerators=[acc], models=models, variants=variants, workloads=workloads, slos=slos,
+                      options=AllocationOptions(service_level=0.8))
+    table = capacity_table(problem)
+    assert len(table) == len(variants) * 4
+    servable = 0
+    for (vname, _), est in table.items():
+        slo = problem.slo(next(v.model for v in variants if v.name == vname))
+        assert math.isfinite(est.max_rate_rps) and est.max_rate_rps >= 0
+        assert (est.max_rate_rps == 0) == (est.reason is not None), est
+        if est.max_rate_rps > 0:
+            servable += 1
+            for value, target in ((est.ttft_s, slo.ttft_s), (est.itl_s, slo.itl_s), (est.e2e_s, slo.e2e_s)):
+                if value is not None and target is not None:
+                    assert value <= target * (1 + 1e-6), (est, slo)
+    assert servable > len(table) // 4
