@@ -31,7 +31,7 @@ NON_DEFAULT = {
     "operator": {
         "intervalSeconds": 15, "actuationMode": "metrics", "watchNamespaces": ["llm-a", "llm-b"],
         "scaleDownStabilizationSeconds": 600, "maxChangePerCycle": 2, "changePenaltyPerReplica": 0.5,
-        "discoverInventory": True, "logLevel": "debug",
+        "discoverInventory": True, "verbose": True,
         "defaultSLO": {"ttftSeconds": 0.4, "itlSeconds": 0.04, "percentile": 95},
         "models": [{"name": "meta-llama/Llama-3.1-8B-Instruct", "architecture": "Llama-3.1-8B"}],
         "extraSettings": {"default_max_batch": 64},
@@ -261,32 +261,46 @@ def test_monitoring_objects_follow_their_toggles(helm, tmp_path):
     assert dashboard["data"]["variant-autoscaler.json"] == (CHART / "files" / "dashboard.json").read_text().rstrip("\n")
 
 
-def test_watched_namespaces_get_roles_and_peering_there_and_nothing_cluster_wide(helm, tmp_path):
+def test_watched_namespaces_get_roles_there_and_only_discovery_cluster_wide(helm, tmp_path):
     docs = render(helm, tmp_path, NON_DEFAULT)
-    roles = find(docs, "Role")
-    assert sorted(r["metadata"]["namespace"] for r in roles) == ["llm-a", "llm-b"]
+    roles = {(r["metadata"]["namespace"], r["metadata"]["name"]) for r in find(docs, "Role")}
+    assert roles == {("llm-a", "va-variant-autoscaler"), ("llm-b", "va-variant-autoscaler"),
+                     ("platform", "va-variant-autoscaler-settings")}
     bindings = find(docs, "RoleBinding")
-    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["llm-a", "llm-b"]
+    assert {(b["metadata"]["namespace"], b["roleRef"]["name"]) for b in bindings} == roles
     for b in bindings:
         assert b["subjects"] == [{"kind": "ServiceAccount", "name": "va-variant-autoscaler", "namespace": "platform"}]
-    assert sorted(p["metadata"]["namespace"] for p in find(docs, "KopfPeering")) == ["llm-a", "llm-b"]
-    assert not find(docs, "ClusterKopfPeering")
-    for cluster_role in find(docs, "ClusterRole"):
-        resources = {res for rule in cluster_role["rules"] for res in rule["resources"]}
-        assert resources <= {"nodes"}, f"namespaced mode must not grant {resources} cluster-wide"
+    (settings_role,) = [r for r in find(docs, "Role") if r["metadata"]["namespace"] == "platform"]
+    assert settings_role["rules"] == [{"apiGroups": [""], "resources": ["configmaps"],
+                                       "resourceNames": ["va-variant-autoscaler-settings"], "verbs": ["get"]}]
+    (cluster_role,) = find(docs, "ClusterRole")
+    resources = {res for rule in cluster_role["rules"] for res in rule["resources"]}
+    assert resources == {"customresourcedefinitions", "namespaces", "nodes"}, (
+        f"namespaced mode grants {resources} cluster-wide")
+    assert all(set(rule["verbs"]) <= {"list", "watch"} for rule in cluster_role["rules"])
     (deployment,) = find(docs, "Deployment")
     args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
     assert [a for a in args if a.startswith("--namespace=")] == ["--namespace=llm-a", "--namespace=llm-b"]
 
 
-def test_all_namespaces_mode_uses_one_cluster_role_and_cluster_peering(helm, tmp_path):
+def test_all_namespaces_mode_uses_one_cluster_role(helm, tmp_path):
     docs = render(helm, tmp_path, {})
     assert not find(docs, "Role") and not find(docs, "RoleBinding")
     (role,) = find(docs, "ClusterRole")
     (binding,) = find(docs, "ClusterRoleBinding")
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
-    (peering,) = find(docs, "ClusterKopfPeering")
-    assert peering["metadata"]["name"] == "variant-autoscaler"
+    resources = {res for rule in role["rules"] for res in rule["resources"]}
+    assert "clusterkopfpeerings" in resources and "kopfpeerings" not in resources
+    assert "nodes" not in resources, "nodes only with operator.discoverInventory"
+    assert not find(docs, "ClusterKopfPeering") and not find(docs, "KopfPeering"), "the operator creates peering"
+
+
+def test_statefulset_targets_are_an_explicit_opt_in(helm, tmp_path):
+    def resources(values):
+        (role,) = find(render(helm, tmp_path, values), "ClusterRole")
+        return {res for rule in role["rules"] for res in rule["resources"]}
+    assert not {"statefulsets", "statefulsets/scale"} & resources({})
+    assert {"statefulsets", "statefulsets/scale"} <= resources({"rbac": {"statefulSets": True}})
 
 
 def test_rbac_can_be_left_to_the_cluster_admin(helm, tmp_path):

@@ -75,21 +75,12 @@ def _api_error_text(err) -> str:
         return str(err)
 
 
-def _dry_run_create(api, doc: dict, namespace: str | None = None) -> None:
-    """Create with dryRun=All: the server validates fully (schema, CEL, structural CRDs) and stores nothing,
-    so objects other tests may own (a peering object, the CRDs) are never touched."""
+def _dry_run_create(api, crd: dict) -> None:
+    """Create a CRD with dryRun=All: the server validates it in full (structural schema, CEL rules
+    compiled) and stores nothing, so the session cluster's CRDs are never touched."""
     from kubernetes import client
 
-    if doc["kind"] == "CustomResourceDefinition":
-        client.ApiextensionsV1Api(api).create_custom_resource_definition(doc, dry_run="All")
-        return
-    group, version = doc["apiVersion"].split("/")
-    plural = {"ClusterKopfPeering": "clusterkopfpeerings", "KopfPeering": "kopfpeerings"}[doc["kind"]]
-    custom = client.CustomObjectsApi(api)
-    if namespace:
-        custom.create_namespaced_custom_object(group, version, namespace, plural, doc, dry_run="All")
-    else:
-        custom.create_cluster_custom_object(group, version, plural, doc, dry_run="All")
+    client.ApiextensionsV1Api(api).create_custom_resource_definition(crd, dry_run="All")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -173,18 +164,6 @@ def test_sample_model_servers_run_on_the_emulated_cluster(emulated_cluster, kube
     assert ready == wanted
     assert {s.metadata.name for s in client.CoreV1Api(kube_api).list_namespaced_service(kube_namespace).items} == {
         d["metadata"]["name"] for d in of_kind(docs, "Service")}
-
-
-def test_peering_objects_of_chart_and_plain_manifests_are_accepted(helm, emulated_cluster, kube_api, kube_namespace):
-    cluster_mode = _generator().helm_template(helm, "--show-only", "templates/peering.yaml")
-    namespaced = _generator().helm_template(helm, "--show-only", "templates/peering.yaml",
-                                            "--set", f"operator.watchNamespaces={{{kube_namespace}}}")
-    plain = [d for d in load(DEPLOY / "manifests" / "operator.yaml") if d["kind"] == "ClusterKopfPeering"]
-    (cluster_peering,) = [d for d in yaml.safe_load_all(cluster_mode) if d]
-    (namespaced_peering,) = [d for d in yaml.safe_load_all(namespaced) if d]
-    assert plain and plain[0]["metadata"]["name"] == cluster_peering["metadata"]["name"]
-    _dry_run_create(kube_api, cluster_peering)
-    _dry_run_create(kube_api, namespaced_peering, kube_namespace)
 
 
 def test_a_broken_sample_would_be_caught(emulated_cluster, kube_api, kube_namespace):

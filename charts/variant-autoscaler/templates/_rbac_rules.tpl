@@ -1,27 +1,39 @@
 {{/*
-The API calls the operator makes, as RBAC rules: nothing more. tests/test_rbac.py runs the operator
-against the emulated cluster, derives (apiGroup, resource, verb) from the requests it really makes
-and compares them with these rules exactly, so a new API call without a rule, or a rule nothing
-uses, fails the test.
+The API calls the operator makes, as RBAC rules, and nothing more. tests/test_rbac.py runs the
+operator (kopf and the control loop) against the emulated cluster with the arguments this chart
+gives it, derives (apiGroup, resource, verb) from the requests it really makes, and compares them
+with these rules exactly: a new API call without a rule, or a rule nothing uses, fails the test.
 */}}
 
-{{/* Rules for namespaced resources: in the ClusterRole (all namespaces) or a Role per watched namespace. */}}
+{{/* Namespaced resources, in the ClusterRole (all namespaces) or in a Role per watched namespace. */}}
 {{- define "variant-autoscaler.rules.namespaced" -}}
+# kopf watches VariantAutoscalings; each cycle lists them and writes its decision to their status.
 - apiGroups: ["autoscaling.variant-autoscaler.io"]
   resources: ["variantautoscalings"]
-  verbs: ["get", "list", "watch", "patch"]
+  verbs: ["list", "watch"]
 - apiGroups: ["autoscaling.variant-autoscaler.io"]
   resources: ["variantautoscalings/status"]
   verbs: ["patch"]
+# Targets: replicas and pods are read by listing; replicas are written through the scale subresource.
 - apiGroups: ["apps"]
   resources: ["deployments"]
-  verbs: ["get"]
+  verbs: ["list"]
 - apiGroups: ["apps"]
   resources: ["deployments/scale"]
-  verbs: ["get", "patch"]
+  verbs: ["get", "update"]
+{{- if .Values.rbac.statefulSets }}
+- apiGroups: ["apps"]
+  resources: ["statefulsets"]
+  verbs: ["list"]
+- apiGroups: ["apps"]
+  resources: ["statefulsets/scale"]
+  verbs: ["get", "update"]
+{{- end }}
+# Pods: listed per target; annotated with controller.kubernetes.io/pod-deletion-cost before a scale-down.
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list", "patch"]
+# Profiles referenced by spec.profile.configMapRef (and the settings ConfigMap in all-namespaces mode).
 - apiGroups: [""]
   resources: ["configmaps"]
   verbs: ["get"]
@@ -30,22 +42,29 @@ uses, fails the test.
   verbs: ["create"]
 {{- end }}
 
-{{/* kopf peering when the operator watches all namespaces: one cluster-scoped peering object. */}}
-{{- define "variant-autoscaler.rules.clusterPeering" -}}
+{{/* kopf peering: kopf lists, watches and patches the peering object; the operator reads it before
+each cycle and creates it when missing. */}}
+{{- define "variant-autoscaler.rules.peering" -}}
 - apiGroups: ["kopf.dev"]
-  resources: ["clusterkopfpeerings"]
-  verbs: ["get", "list", "watch", "patch"]
+  resources: [{{ . | quote }}]
+  verbs: ["get", "list", "watch", "patch", "create"]
 {{- end }}
 
-{{/* kopf peering when the operator watches some namespaces: a KopfPeering in each of them. */}}
-{{- define "variant-autoscaler.rules.namespacedPeering" -}}
-- apiGroups: ["kopf.dev"]
-  resources: ["kopfpeerings"]
-  verbs: ["get", "list", "watch", "patch"]
+{{/* Cluster-scoped reads in every mode: kopf follows CRDs to discover its resources. */}}
+{{- define "variant-autoscaler.rules.cluster" -}}
+- apiGroups: ["apiextensions.k8s.io"]
+  resources: ["customresourcedefinitions"]
+  verbs: ["list", "watch"]
+{{- if .Values.operator.discoverInventory }}
+# Accelerator inventory from node labels and allocatable GPUs (operator.discoverInventory).
+- apiGroups: [""]
+  resources: ["nodes"]
+  verbs: ["list"]
+{{- end }}
 {{- end }}
 
-{{/* Cluster-scoped reads kopf needs to serve all namespaces (it follows namespaces coming and going). */}}
-{{- define "variant-autoscaler.rules.clusterWide" -}}
+{{/* kopf follows the watched namespaces coming and going when it serves a list of namespaces. */}}
+{{- define "variant-autoscaler.rules.namespaceList" -}}
 - apiGroups: [""]
   resources: ["namespaces"]
   verbs: ["list", "watch"]
