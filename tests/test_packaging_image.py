@@ -219,3 +219,13 @@ def test_every_copy_source_exists(copied):
                for src in rest.split()[:-1]}
     assert copied in sources
     assert (REPO / copied).exists()
+
+
+def test_kind_e2e_script_parses_and_uses_files_that_exist():
+    script = REPO / "scripts" / "kind-e2e.sh"
+    done = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    text = script.read_text()
+    for path in re.findall(r"\b((?:deploy|charts)/[\w./-]+)", text):
+        assert (REPO / path.rstrip(".")).exists(), path
+    assert "NOT run in CI" in text
