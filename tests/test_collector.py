@@ -335,16 +335,27 @@ def test_one_query_per_metric_whatever_the_number_of_variants(stack, warm, colle
     assert len(lots.variants) == 55
 
 
-def test_variant_label_mode_matches_pod_name_mode(stack, warm, collector):
+def test_bucket_grouping_by_pod_deployment_or_label_gives_the_same_answers(stack, warm, collector):
+    """Histograms summed per pod here, per Deployment in Prometheus, or per variant label in
+    Prometheus: the same sums, so the same quantiles and mixes (and the same pods and rates)."""
     at = time.time() - 1
+    by_deployment = [s for s in SELECTORS if s.deployment is not None]
     by_label = [VariantSelector(name=s.name, namespace=s.namespace, model=s.model,
                                 label_value=s.name.split("/")[1]) for s in SELECTORS]
-    with Collector(settings(stack.prometheus.url, variant_label="variant")) as c:
-        labelled = c.collect(by_label, at=at)
+    assert collector.bucket_grouping(SELECTORS) == "pod" and collector.bucket_grouping(by_deployment) == "deployment"
     named = collector.collect(SELECTORS, at=at)
-    for s in SELECTORS[:4]:
-        assert labelled.variants[s.name].arrival_rate_rps == pytest.approx(named.variants[s.name].arrival_rate_rps)
-        assert labelled.variants[s.name].pods == named.variants[s.name].pods
+    grouped = collector.collect(by_deployment, at=at)
+    with Collector(settings(stack.prometheus.url, variant_label="variant")) as c:
+        assert c.bucket_grouping(by_label) == "label"
+        labelled = c.collect(by_label, at=at)
+    assert "label_replace" in collector.instant_queries("deployment")["ttft_buckets"]
+    for other in (grouped, labelled):
+        for sel in by_deployment:
+            mine, theirs = named.variants[sel.name], other.variants[sel.name]
+            assert theirs.pods == mine.pods and theirs.arrival_rate_rps == pytest.approx(mine.arrival_rate_rps)
+            assert theirs.ttft.quantiles_s == pytest.approx(mine.ttft.quantiles_s, rel=1e-9)
+            assert theirs.itl.quantiles_s == pytest.approx(mine.itl.quantiles_s, rel=1e-9)
+            assert [b.share for b in theirs.length_mix] == pytest.approx([b.share for b in mine.length_mix])
 
 
 def test_online_fit_recovers_the_profile_from_iteration_metrics(stack, warm, collector):

@@ -13,9 +13,12 @@ How pods are matched to variants (configurable):
 * by a label the scrape config attaches (`CollectorSettings.variant_label`, e.g. `variant` copied
   from a pod label with relabelling): exact and cheaper, but needs that scrape config.
 
-Histograms are fetched as per-pod bucket rates and summed per variant and per model here, so
-quantiles and the length mix are computed on the aggregate with Prometheus's own
-`histogram_quantile` interpolation (see `histogram_estimates`).
+Histograms are fetched as bucket rates and summed per variant and per model here, so quantiles
+and the length mix are computed on the aggregate with Prometheus's own `histogram_quantile`
+interpolation (see `histogram_estimates`). Bucket series are most of a collection's bytes (~70 per
+pod), so when every selector names a Deployment (or a variant label) Prometheus sums them per
+Deployment first (`label_replace` derives it from the pod name with the same pattern the
+selectors use); only pod-regex selectors make them come per pod.
 
 Arrival rate = completion rate (`vllm:request_success_total`, all finish reasons) + growth of the
 backlog (waiting + running) over the window: vLLM has no arrival counter, and under overload
@@ -30,6 +33,7 @@ sample older than the threshold: the scrape stopped, the pod hangs, Prometheus l
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import math
 import re
@@ -45,13 +49,13 @@ from typing import Literal
 import requests
 import urllib3
 from prometheus_api_client import PrometheusApiClientException, PrometheusConnect
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, TypeAdapter, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from urllib3.util.retry import Retry
 
 from optimizer.workload import LengthBucket, Workload
 from variant_autoscaler.histogram_estimates import (
     TokenShare,
-    histogram_quantile,
+    histogram_quantiles,
     joint_length_mix,
     token_distribution,
 )
@@ -129,6 +133,11 @@ class CollectorSettings(_Strict):
 DEPLOYMENT_POD_SUFFIX = r"-[a-z0-9]{1,10}-[a-z0-9]{5}"
 
 
+@functools.lru_cache(maxsize=4096)
+def _compiled(regex: str) -> re.Pattern:
+    return re.compile(regex)
+
+
 class VariantSelector(_Strict):
     """Which series belong to one variant: its namespace, served model name and pods."""
 
@@ -154,8 +163,8 @@ class VariantSelector(_Strict):
     @property
     def pod_pattern(self) -> re.Pattern | None:
         if self.deployment is not None:
-            return re.compile(re.escape(self.deployment) + DEPLOYMENT_POD_SUFFIX)
-        return re.compile(self.pod_regex) if self.pod_regex is not None else None
+            return _compiled(re.escape(self.deployment) + DEPLOYMENT_POD_SUFFIX)
+        return _compiled(self.pod_regex) if self.pod_regex is not None else None
 
     def describe(self) -> str:
         how = (f"pods of Deployment {self.deployment!r}" if self.deployment else
@@ -230,28 +239,48 @@ class CollectionResult(_Strict):
     unmatched_pods: list[str] = Field(default_factory=list, description="namespace/pod with vLLM series, no variant.")
 
 
-class _Sample(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    metric: dict[str, str]
-    value: tuple[float, str]
+def _vector(raw) -> list[tuple[dict[str, str], float]]:
+    """Checked (labels, value) pairs of an instant vector. Hand-written rather than a pydantic
+    model: a cycle over 1,000 variants decodes ~250,000 bucket samples, and validating them as
+    models costs seconds where this single pass costs a fraction of one."""
+    if not isinstance(raw, list):
+        raise _Shape("result", f"expected a list of samples, got {type(raw).__name__}")
+    out = []
+    for i, sample in enumerate(raw):
+        try:
+            labels, value = sample["metric"], sample["value"]
+            if not isinstance(labels, dict) or not isinstance(value, list) or len(value) != 2:
+                raise TypeError
+            out.append((labels, float(value[1])))
+        except (KeyError, TypeError, ValueError, IndexError):
+            raise _Shape(f"result[{i}]", "expected {metric: {...}, value: [time, \"number\"]}, got "
+                                         f"{json.dumps(sample)[:120]}") from None
+    return out
 
 
-class _Series(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    metric: dict[str, str]
-    values: list[tuple[float, str]]
+def _matrix(raw) -> list[tuple[dict[str, str], list[tuple[float, float]]]]:
+    if not isinstance(raw, list):
+        raise _Shape("result", f"expected a list of series, got {type(raw).__name__}")
+    out = []
+    for i, series in enumerate(raw):
+        try:
+            labels, values = series["metric"], series["values"]
+            if not isinstance(labels, dict):
+                raise TypeError
+            out.append((labels, [(float(t), float(v)) for t, v in values]))
+        except (KeyError, TypeError, ValueError):
+            raise _Shape(f"result[{i}]", "expected {metric: {...}, values: [[time, \"number\"], ...]}, got "
+                                         f"{json.dumps(series)[:120]}") from None
+    return out
 
 
-_VECTOR = TypeAdapter(list[_Sample])
-_MATRIX = TypeAdapter(list[_Series])
+class _Shape(Exception):
+    def __init__(self, where: str, what: str):
+        super().__init__(f"{where}: {what}")
 
 
 class QueryFailure(Exception):
     """A query could not be answered; the message is the reason shown to a human."""
-
-
-def _number(text: str) -> float:
-    return float(text)  # Prometheus writes NaN, +Inf, -Inf, which float() reads
 
 
 class PrometheusQueries:
@@ -324,17 +353,15 @@ class PrometheusQueries:
             if span is None:
                 params = {"time": f"{at:.3f}"} if at is not None else None
                 raw = client.custom_query(promql, params=params)
-                return [(s.metric, _number(s.value[1])) for s in _VECTOR.validate_python(raw)]
+                return _vector(raw)
             start, end, step = span
             raw = client.custom_query_range(
                 promql, start_time=datetime.fromtimestamp(start, UTC),
                 end_time=datetime.fromtimestamp(end, UTC), step=f"{step:g}s")
-            return [(s.metric, [(t, _number(v)) for t, v in s.values]) for s in _MATRIX.validate_python(raw)]
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
+            return _matrix(raw)
+        except _Shape as exc:
             raise QueryFailure(f"Prometheus at {self.settings.url} answered query {name!r} with an unexpected "
-                               f"shape ({where or 'result'}: {first['msg']})") from None
+                               f"shape ({exc})") from None
         except Exception as exc:  # noqa: BLE001 - every failure becomes a reason, never an exception
             raise QueryFailure(self._describe(exc, name)) from None
 
@@ -391,19 +418,29 @@ class _PodData:
     prompt_count: float = 0.0
     gen_sum: float = 0.0
     gen_count: float = 0.0
-    prompt_buckets: dict[float, float] = field(default_factory=dict)
-    gen_buckets: dict[float, float] = field(default_factory=dict)
     waiting: float = 0.0
     running: float = 0.0
     kv: float | None = None
-    ttft_buckets: dict[float, float] = field(default_factory=dict)
     ttft_sum: float = 0.0
     ttft_count: float = 0.0
-    itl_buckets: dict[float, float] = field(default_factory=dict)
     itl_sum: float = 0.0
     itl_count: float = 0.0
     age_s: float | None = None
     kv_capacity_tokens: float | None = None
+
+
+@dataclass
+class _Buckets:
+    """Histogram bucket values of one bucket group (a pod, a Deployment or a variant label): le -> value."""
+
+    prompt_buckets: dict[float, float] = field(default_factory=dict)
+    gen_buckets: dict[float, float] = field(default_factory=dict)
+    ttft_buckets: dict[float, float] = field(default_factory=dict)
+    itl_buckets: dict[float, float] = field(default_factory=dict)
+
+
+BucketGrouping = Literal["pod", "deployment", "label"]
+DEPLOYMENT_LABEL = "va_deployment"
 
 
 def _finite(x: float) -> bool:
@@ -445,9 +482,41 @@ class Collector:
         """`expr(a) or expr(b)`: per series, the first of several names vLLM has used for one metric."""
         return " or ".join(expr(n) for n in names)
 
-    def instant_queries(self) -> dict[str, str]:
+    def bucket_grouping(self, selectors: list[VariantSelector]) -> BucketGrouping:
+        """How finely histogram buckets are fetched: bucket queries carry ~70 series per pod, most of a
+        collection's bytes, so they are summed per Deployment (or variant label) inside Prometheus
+        whenever every selector names one, and fetched per pod only when a pod regex needs them."""
+        if selectors and all(sel.label_value is not None for sel in selectors):
+            return "label"
+        if selectors and all(sel.deployment is not None for sel in selectors):
+            return "deployment"
+        return "pod"
+
+    def _bucket_query(self, grouping: BucketGrouping, expr: str) -> str:
+        s = self.settings
+        if grouping == "pod":
+            return f"sum by ({self.group_labels()}, le) ({expr})"
+        if grouping == "label":
+            return f"sum by ({s.namespace_label}, {s.model_label}, {s.variant_label}, le) ({expr})"
+        named = (f'label_replace({expr}, "{DEPLOYMENT_LABEL}", "$1", "{s.pod_label}", '
+                 f'"(.+){DEPLOYMENT_POD_SUFFIX}")')
+        return f"sum by ({s.namespace_label}, {s.model_label}, {DEPLOYMENT_LABEL}, le) ({named})"
+
+    def _bucket_key(self, grouping: BucketGrouping, labels: dict[str, str]) -> tuple:
+        s = self.settings
+        if grouping == "pod":
+            return self.series_key(labels)
+        which = s.variant_label if grouping == "label" else DEPLOYMENT_LABEL
+        return (grouping, labels.get(s.namespace_label, ""), labels.get(s.model_label, ""), labels.get(which, ""))
+
+    def instant_queries(self, bucket_grouping: BucketGrouping = "pod") -> dict[str, str]:
+        """The PromQL of one collection, by name; the same set whatever the number of variants."""
         s, m = self.settings, self.settings.metrics
         g, sel, w = self.group_labels(), self.series_selector(), f"{s.rate_window_s:g}s"
+
+        def buckets(expr: str) -> str:
+            return self._bucket_query(bucket_grouping, expr)
+
         info_group = ", ".join([s.namespace_label, s.pod_label] + ([s.variant_label] if s.variant_label else []))
         return {
             "completed": f"sum by ({g}) (rate({m.request_success}{sel}[{w}]))",
@@ -456,15 +525,15 @@ class Collector:
             "prompt_count": f"sum by ({g}) (rate({m.prompt_tokens}_count{sel}[{w}]))",
             "gen_sum": f"sum by ({g}) (rate({m.generation_tokens}_sum{sel}[{w}]))",
             "gen_count": f"sum by ({g}) (rate({m.generation_tokens}_count{sel}[{w}]))",
-            "prompt_buckets": f"sum by ({g}, le) (increase({m.prompt_tokens}_bucket{sel}[{w}]))",
-            "gen_buckets": f"sum by ({g}, le) (increase({m.generation_tokens}_bucket{sel}[{w}]))",
+            "prompt_buckets": buckets(f"increase({m.prompt_tokens}_bucket{sel}[{w}])"),
+            "gen_buckets": buckets(f"increase({m.generation_tokens}_bucket{sel}[{w}])"),
             "waiting": f"sum by ({g}) ({m.waiting}{sel})",
             "running": f"sum by ({g}) ({m.running}{sel})",
             "kv": f"max by ({g}) ({self.first_of(m.kv_cache_usage, lambda n: f'{n}{sel}')})",
-            "ttft_buckets": f"sum by ({g}, le) (rate({m.ttft}_bucket{sel}[{w}]))",
+            "ttft_buckets": buckets(f"rate({m.ttft}_bucket{sel}[{w}])"),
             "ttft_sum": f"sum by ({g}) (rate({m.ttft}_sum{sel}[{w}]))",
             "ttft_count": f"sum by ({g}) (rate({m.ttft}_count{sel}[{w}]))",
-            "itl_buckets": f"sum by ({g}, le) ({self.first_of(m.itl, lambda n: f'rate({n}_bucket{sel}[{w}])')})",
+            "itl_buckets": buckets(self.first_of(m.itl, lambda n: f"rate({n}_bucket{sel}[{w}])")),
             "itl_sum": f"sum by ({g}) ({self.first_of(m.itl, lambda n: f'rate({n}_sum{sel}[{w}])')})",
             "itl_count": f"sum by ({g}) ({self.first_of(m.itl, lambda n: f'rate({n}_count{sel}[{w}])')})",
             "age": f"time() - max by ({g}) (max_over_time(timestamp({m.running}{sel})"
@@ -491,17 +560,22 @@ class Collector:
         names = [sel.name for sel in selectors]
         if len(set(names)) != len(names):
             return result(available=False, reason=f"duplicate variant names in selectors: {sorted(names)}")
+        grouping = self.bucket_grouping(selectors)
         try:
-            raw = self.queries.run(self.instant_queries(), at=at)
+            raw = self.queries.run(self.instant_queries(grouping), at=at)
         except QueryFailure as exc:
             return result(available=False, reason=str(exc))
-        pods = self._pods(raw)
-        variants, claimed = {}, set()
+        pods, buckets = self._pods(raw, grouping)
+        by_namespace_model: dict[tuple[str, str], list[tuple]] = {}
+        for k in pods:
+            by_namespace_model.setdefault((k[0], k[2]), []).append(k)
+        variants, keys_of, claimed = {}, {}, set()
         for sel in selectors:
-            keys = [k for k in pods if self.matches(sel, k)]
-            claimed.update(keys)
-            variants[sel.name] = self._variant(sel, keys, pods)
-        models = self._models(selectors, variants, pods)
+            keys_of[sel.name] = [k for k in by_namespace_model.get((sel.namespace, sel.model), ()) if self.matches(sel, k)]
+            claimed.update(keys_of[sel.name])
+            variants[sel.name] = self._variant(sel, keys_of[sel.name], pods,
+                                               self._buckets_of(sel, grouping, keys_of[sel.name], buckets))
+        models = self._models(selectors, variants, keys_of, pods, grouping, buckets)
         unmatched = sorted({f"{k[0]}/{k[1]}" for k in pods if k not in claimed})
         return result(available=True, reason="collected", variants=variants, models=models, unmatched_pods=unmatched)
 
@@ -510,26 +584,39 @@ class Collector:
         return (labels.get(s.namespace_label, ""), labels.get(s.pod_label, ""), labels.get(s.model_label, ""),
                 labels.get(s.variant_label, "") if s.variant_label else "")
 
-    def _pods(self, raw: dict[str, list]) -> dict[tuple, _PodData]:
+    def _pods(self, raw: dict[str, list], grouping: BucketGrouping) -> tuple[dict[tuple, _PodData],
+                                                                              dict[tuple, _Buckets]]:
         pods: dict[tuple, _PodData] = {}
+        buckets: dict[tuple, _Buckets] = {}
         scalar = {"completed", "backlog_delta", "prompt_sum", "prompt_count", "gen_sum", "gen_count", "waiting",
                   "running", "kv", "ttft_sum", "ttft_count", "itl_sum", "itl_count"}
-        buckets = {"prompt_buckets", "gen_buckets", "ttft_buckets", "itl_buckets"}
+        bounds: dict[str, float] = {}
         for name, samples in raw.items():
             if name in ("age", "kv_capacity"):
                 continue
+            is_bucket = name.endswith("_buckets")
             for labels, value in samples:
-                if not _finite(value):
+                if value != value or value in (math.inf, -math.inf):
                     continue
-                d = pods.setdefault(self.series_key(labels), _PodData())
-                if name in scalar:
-                    setattr(d, name, value)
-                elif name in buckets:
-                    try:
-                        le = float(labels.get("le", ""))
-                    except ValueError:
-                        continue
-                    getattr(d, name)[le] = value
+                if is_bucket:
+                    text = labels.get("le", "")
+                    le = bounds.get(text)
+                    if le is None:
+                        try:
+                            le = bounds.setdefault(text, float(text))
+                        except ValueError:
+                            continue
+                    key = self._bucket_key(grouping, labels)
+                    group = buckets.get(key)
+                    if group is None:
+                        group = buckets[key] = _Buckets()
+                    getattr(group, name)[le] = value
+                elif name in scalar:
+                    key = self.series_key(labels)
+                    pod = pods.get(key)
+                    if pod is None:
+                        pod = pods[key] = _PodData()
+                    setattr(pod, name, value)
         for labels, value in raw["age"]:
             if _finite(value):
                 pods.setdefault(self.series_key(labels), _PodData()).age_s = value
@@ -543,7 +630,15 @@ class Collector:
             capacity[(k[0], k[1], k[3])] = tokens
         for k, d in pods.items():
             d.kv_capacity_tokens = capacity.get((k[0], k[1], k[3]))
-        return pods
+        return pods, buckets
+
+    def _buckets_of(self, sel: VariantSelector, grouping: BucketGrouping, keys: list[tuple],
+                    buckets: dict[tuple, _Buckets]) -> list[_Buckets]:
+        if grouping == "pod":
+            return [buckets[k] for k in keys if k in buckets]
+        which = sel.label_value if grouping == "label" else sel.deployment
+        group = buckets.get((grouping, sel.namespace, sel.model, which))
+        return [group] if group is not None else []
 
     def matches(self, sel: VariantSelector, key: tuple[str, str, str, str]) -> bool:
         namespace, pod, model, label = key
@@ -553,13 +648,14 @@ class Collector:
             return label == sel.label_value
         return sel.pod_pattern.fullmatch(pod) is not None
 
-    def _variant(self, sel: VariantSelector, keys: list[tuple], pods: dict[tuple, _PodData]) -> VariantObservation:
+    def _variant(self, sel: VariantSelector, keys: list[tuple], pods: dict[tuple, _PodData],
+                 bucket_sets: list[_Buckets]) -> VariantObservation:
         s = self.settings
         data = [pods[k] for k in keys]
         ages = {k[1]: pods[k].age_s for k in keys if pods[k].age_s is not None}
         newest = min(ages.values()) if ages else None
         stale_pods = sorted(p for p, a in ages.items() if a > s.staleness_threshold_s)
-        traffic = self._traffic(data)
+        traffic = self._traffic(data, bucket_sets)
         if not keys:
             status, reason = "missing", (f"no vLLM series for {sel.describe()} in the last "
                                          f"{s.staleness_lookback_s:g} s")
@@ -580,18 +676,23 @@ class Collector:
         )
 
     def _models(self, selectors: list[VariantSelector], variants: dict[str, VariantObservation],
-                pods: dict[tuple, _PodData]) -> dict[str, ModelObservation]:
+                keys_of: dict[str, list[tuple]], pods: dict[tuple, _PodData], grouping: BucketGrouping,
+                buckets: dict[tuple, _Buckets]) -> dict[str, ModelObservation]:
+        per_model: dict[str, list[VariantSelector]] = {}
+        for sel in selectors:
+            per_model.setdefault(sel.model, []).append(sel)
         out = {}
-        for model in sorted({sel.model for sel in selectors}):
-            mine = [sel for sel in selectors if sel.model == model]
-            ok = [sel for sel in mine if variants[sel.name].status == "ok"]
-            keys = {k for sel in ok for k in pods if self.matches(sel, k)}
-            excluded = {sel.name: variants[sel.name].reason for sel in mine if sel not in ok}
-            out[model] = ModelObservation(model=model, variants=[sel.name for sel in ok], excluded_variants=excluded,
-                                          **self._traffic([pods[k] for k in sorted(keys)]))
+        for model in sorted(per_model):
+            ok_sels = [sel for sel in per_model[model] if variants[sel.name].status == "ok"]
+            ok = [sel.name for sel in ok_sels]
+            keys = {k for name in ok for k in keys_of[name]}
+            groups = {id(b): b for sel in ok_sels for b in self._buckets_of(sel, grouping, keys_of[sel.name], buckets)}
+            excluded = {sel.name: variants[sel.name].reason for sel in per_model[model] if sel.name not in ok}
+            out[model] = ModelObservation(model=model, variants=ok, excluded_variants=excluded,
+                                          **self._traffic([pods[k] for k in sorted(keys)], list(groups.values())))
         return out
 
-    def _traffic(self, data: list[_PodData]) -> dict:
+    def _traffic(self, data: list[_PodData], bucket_sets: list[_Buckets]) -> dict:
         s = self.settings
         completed = [d.completed for d in data if d.completed is not None]
         completion = sum(completed) if completed else None
@@ -602,8 +703,8 @@ class Collector:
         g_sum, g_cnt = sum(d.gen_sum for d in data), sum(d.gen_count for d in data)
         mean_in = p_sum / p_cnt if p_cnt > 0 else None
         mean_out = g_sum / g_cnt if g_cnt > 0 else None
-        inputs = token_distribution(_summed(d.prompt_buckets for d in data), mean_in)
-        outputs = token_distribution(_summed(d.gen_buckets for d in data), mean_out)
+        inputs = token_distribution(_summed(b.prompt_buckets for b in bucket_sets), mean_in)
+        outputs = token_distribution(_summed(b.gen_buckets for b in bucket_sets), mean_out)
         kvs = [d.kv for d in data if d.kv is not None]
         return {
             "arrival_rate_rps": arrival, "completion_rate_rps": completion,
@@ -611,9 +712,9 @@ class Collector:
             "waiting": sum(d.waiting for d in data), "running": sum(d.running for d in data),
             "kv_cache_usage_mean": sum(kvs) / len(kvs) if kvs else None,
             "kv_cache_usage_max": max(kvs) if kvs else None,
-            "ttft": self._latency([d.ttft_buckets for d in data], sum(d.ttft_sum for d in data),
+            "ttft": self._latency([b.ttft_buckets for b in bucket_sets], sum(d.ttft_sum for d in data),
                                   sum(d.ttft_count for d in data)),
-            "itl": self._latency([d.itl_buckets for d in data], sum(d.itl_sum for d in data),
+            "itl": self._latency([b.itl_buckets for b in bucket_sets], sum(d.itl_sum for d in data),
                                  sum(d.itl_count for d in data)),
             "input_tokens": inputs, "output_tokens": outputs,
             "length_mix": joint_length_mix(inputs, outputs, min_share=s.mix_min_share,
@@ -621,11 +722,9 @@ class Collector:
         }
 
     def _latency(self, bucket_sets: list[dict[float, float]], total: float, count: float) -> LatencyObservation:
-        buckets = _summed(bucket_sets)
-        quantiles = {}
-        for q in self.settings.quantiles:
-            v = histogram_quantile(q, buckets)
-            quantiles[f"p{q * 100:g}"] = v if _finite(v) else None
+        qs = self.settings.quantiles
+        values = histogram_quantiles(list(qs), _summed(bucket_sets))
+        quantiles = {f"p{q * 100:g}": (v if _finite(v) else None) for q, v in zip(qs, values, strict=True)}
         return LatencyObservation(mean_s=total / count if count > 0 else None, quantiles_s=quantiles,
                                   observations_per_s=max(0.0, count))
 

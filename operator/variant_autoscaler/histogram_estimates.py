@@ -50,11 +50,20 @@ def _cleaned(buckets: list[tuple[float, float]]) -> list[tuple[float, float]]:
 
 def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float:
     """Prometheus's histogram_quantile on (upper bound, cumulative count) pairs; NaN when undefined."""
+    return histogram_quantiles([q], buckets)[0]
+
+
+def histogram_quantiles(qs: list[float], buckets: list[tuple[float, float]]) -> list[float]:
+    """Several quantiles of one histogram, cleaning the buckets once."""
+    b = _cleaned(buckets)
+    return [_quantile(q, b) for q in qs]
+
+
+def _quantile(q: float, b: list[tuple[float, float]]) -> float:
     if q < 0:
         return -math.inf
     if q > 1:
         return math.inf
-    b = _cleaned(buckets)
     if len(b) < 2 or not math.isinf(b[-1][0]) or b[-1][1] == 0:
         return math.nan
     rank = q * b[-1][1]
@@ -92,11 +101,13 @@ def token_distribution(buckets: list[tuple[float, float]], mean_tokens: float | 
     if total <= 0:
         return []
 
+    logs = [(math.log(lo), math.log(hi) - math.log(lo), c) for lo, hi, c in intervals]
+
     def points(frac: float) -> list[tuple[float, float]]:
-        return [(math.exp(math.log(lo) + frac * (math.log(hi) - math.log(lo))), c) for lo, hi, c in intervals]
+        return [(math.exp(start + frac * width), c) for start, width, c in logs]
 
     def mean_at(frac: float) -> float:
-        return sum(x * c for x, c in points(frac)) / total
+        return sum(math.exp(start + frac * width) * c for start, width, c in logs) / total
 
     frac = 0.5
     if mean_tokens is not None and mean_tokens > 0:
@@ -106,7 +117,7 @@ def token_distribution(buckets: list[tuple[float, float]], mean_tokens: float | 
         elif mean_tokens >= mean_at(1.0):
             frac = 1.0
         else:
-            for _ in range(60):
+            for _ in range(40):  # 2**-40: far below a token
                 frac = (lo_f + hi_f) / 2
                 if mean_at(frac) < mean_tokens:
                     lo_f = frac
@@ -128,8 +139,11 @@ def joint_length_mix(inputs: list[TokenShare], outputs: list[TokenShare], *, min
         return []
     kept = [c for c in cells if c[0] >= min_share][:max_buckets] or cells[:1]
     total = sum(c[0] for c in kept)
-    return [
-        LengthBucket(input_tokens=round(i, 1), output_tokens=round(o, 1), share=s / total,
-                     name=f"in{round(i)}xout{round(o)}")
-        for s, i, o in kept
-    ]
+    out, names = [], set()
+    for s, i, o in kept:
+        name = f"in{round(i)}xout{round(o)}"
+        if name in names:  # two log2 cells whose means round alike (either side of a power of two)
+            name = f"in{i:.1f}xout{o:.1f}#{len(out)}"
+        names.add(name)
+        out.append(LengthBucket(input_tokens=round(i, 1), output_tokens=round(o, 1), share=s / total, name=name))
+    return out
