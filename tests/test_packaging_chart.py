@@ -8,6 +8,7 @@ still be one the API server rejects (a string where an integer belongs, a misspe
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 import tomllib
@@ -334,3 +335,25 @@ def test_generated_files_are_up_to_date(helm):
     assert not stale, f"stale generated files (run `make manifests`): {stale}"
     assert (REPO / "deploy" / "grafana" / "variant-autoscaler-dashboard.json").read_bytes() == (
         CHART / "files" / "dashboard.json").read_bytes()
+
+
+def _leaf_keys(values: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in values.items():
+        path = f"{prefix}.{key}" if prefix else key
+        opaque = path in ("resources", "podSecurityContext", "securityContext", "dashboard.labels")
+        keys += _leaf_keys(value, path) if isinstance(value, dict) and value and not opaque else [path]
+    return keys
+
+
+def test_every_value_is_documented_in_the_chart_readme():
+    rows = [line for line in (CHART / "README.md").read_text().splitlines() if line.startswith("| `")]
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    undocumented = []
+    for path in _leaf_keys(values):
+        parent, _, last = path.rpartition(".")
+        if not any(f"`{path}`" in row or (parent and f"`{parent}." in row and f"`.{last}`" in row) for row in rows):
+            undocumented.append(path)
+    assert not undocumented, f"values missing from charts/variant-autoscaler/README.md: {undocumented}"
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert set(schema["properties"]) >= set(values), "every top-level value has a schema"
