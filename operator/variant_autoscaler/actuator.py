@@ -298,11 +298,12 @@ class KubeGateway:
         def list_pods(ns: str) -> list[JsonObj]:
             return self._json(f"list pods in {ns}", self.core.list_namespaced_pod, ns).get("items") or []
 
-        jobs = {key: self._in_thread(lambda k=key: list_kind(*k)) for key in wanted if key[1] in SCALABLE_KINDS}
+        kinds = [key for key in wanted if key[1] in SCALABLE_KINDS]
         namespaces = sorted({ns for ns, _ in wanted})
-        pod_jobs = {ns: self._in_thread(lambda n=ns: list_pods(n)) for ns in namespaces}
-        objects = dict(zip(jobs, await asyncio.gather(*jobs.values()), strict=True))
-        pods = dict(zip(pod_jobs, await asyncio.gather(*pod_jobs.values()), strict=True))
+        results = await asyncio.gather(*(self._in_thread(lambda k=k: list_kind(*k)) for k in kinds),
+                                       *(self._in_thread(lambda n=n: list_pods(n)) for n in namespaces))
+        objects = dict(zip(kinds, results[:len(kinds)], strict=True))
+        pods = dict(zip(namespaces, results[len(kinds):], strict=True))
         out: dict[TargetRef, TargetView | None] = {}
         for r in refs:
             items = objects.get((r.namespace, r.kind))

@@ -1,0 +1,967 @@
+"""One control cycle: collect -> build the problem -> decide -> plan the transition -> actuate -> report.
+
+Why one global cycle instead of a reconcile per resource: the variants of a model share its demand,
+and all models share the accelerators, so the decision is only right when made for everything at
+once. `Controller.cycle()` is a plain coroutine (no kopf), so tests and the benchmark drive it
+directly; the kopf handlers in `variant_autoscaler.operator` only feed it resources and call it.
+
+Order of a cycle and what each failure does:
+
+1. Parse every VariantAutoscaling. An invalid one gets `OptimizationReady=False` (reason from the
+   parser), an `InvalidSpec` Event when its problem changes, and is left out; the others go on.
+2. Read every target (one list per namespace). A missing one gets `TargetResolved=False` and a
+   `TargetNotFound` Event and is left out. If the API cannot be read at all, the cycle stops
+   before writing anything.
+3. Collect metrics (one PromQL query per metric for all variants). A model without usable metrics
+   (Prometheus down, slow, garbage, stale series) is *held*: its variants are pinned at their
+   current replicas in the problem, so they keep their accelerators, and the transition planner
+   never scales them down; `MetricsAvailable=False` names the reason.
+4. Build one `Problem` for all models jointly (profiles: inline, ConfigMap, llm-d WVA parameters,
+   online fit, datasheet roofline, in that order), then `capacity_table` and `allocate`.
+   Infeasible demand still gives a best-effort allocation; an `Infeasible` Event names the shortfall.
+5. Plan the step (`optimizer.transition`): stabilization, make-before-break, inventory, bounds.
+6. Direct mode writes the scale subresource (pod-deletion-cost first on scale-downs); metrics mode
+   only publishes. `ScaledUp` / `ScaledDown` Events.
+7. Status of every resource (conditions `TargetResolved`, `MetricsAvailable`, `OptimizationReady`,
+   `Actuated`), then the exporter's snapshot.
+
+Restarts are idempotent: the cycle reads where each target is now and steps from there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from optimizer.capacity import CapacityEstimate, capacity_table
+from optimizer.datasheet import DATASHEETS, datasheet_profile
+from optimizer.fleet import Accelerator, ModelSpec, Variant
+from optimizer.problem import AllocationOptions, Problem
+from optimizer.profile import PerformanceProfile
+from optimizer.transition import (
+    StabilizationHistory,
+    TransitionPlan,
+    TransitionPolicy,
+    VariantState,
+    plan_transition,
+)
+from optimizer.workload import SLO
+from variant_autoscaler.actuator import (
+    ApiCallFailed,
+    KubeGateway,
+    ObjectRef,
+    TargetRef,
+    TargetView,
+    deletion_costs,
+)
+from variant_autoscaler.collector import (
+    CollectionResult,
+    ModelObservation,
+    VariantObservation,
+    VariantSelector,
+)
+from variant_autoscaler.exporter import (
+    AcceleratorUse,
+    DecisionSnapshot,
+    Exporter,
+    ModelReading,
+    RoutingWeight,
+    VariantReading,
+)
+from variant_autoscaler.resources import (
+    InvalidResource,
+    ParsedVariant,
+    parse_variant,
+    profile_from_document,
+    wva_slo_class,
+)
+from variant_autoscaler.settings import (
+    GPU_PRODUCT_LABEL,
+    OperatorSettings,
+    SettingsStore,
+    SloSettings,
+    accelerator_for_product,
+    inventory_from_nodes,
+)
+
+log = logging.getLogger("variant_autoscaler.controller")
+
+CONDITIONS = ("TargetResolved", "MetricsAvailable", "OptimizationReady", "Actuated")
+PROFILE_REFIT_S = 300.0
+STATUS_REFRESH_S = 300.0
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Decision(_Frozen):
+    """What the controller needs from the optimizer, whatever its internal result type."""
+
+    replicas: dict[str, int]
+    routing: dict[tuple[str, str, str], float] = Field(default_factory=dict, description="(model, bucket, variant).")
+    cost_per_hour: float = 0.0
+    unmet_demand_rps: dict[str, float] = Field(default_factory=dict)
+    status: str = "optimal"
+    message: str = ""
+
+
+class VariantOutcome(_Frozen):
+    key: str
+    valid: bool
+    target_found: bool = False
+    metrics_available: bool = False
+    current_replicas: int | None = None
+    ready_replicas: int | None = None
+    desired_replicas: int | None = None
+    target_replicas: int | None = None
+    scaled: bool = False
+    conditions: dict[str, tuple[str, str, str]] = Field(default_factory=dict, description="type -> (status, reason, message)")
+    events: list[tuple[str, str]] = Field(default_factory=list, description="(reason, message) emitted this cycle.")
+
+
+class CycleReport(_Frozen):
+    started_at: float
+    duration_s: float
+    optimizer_s: float = 0.0
+    ok: bool
+    error: str | None = None
+    metrics_available: bool = False
+    metrics_reason: str = ""
+    optimizer_status: str | None = None
+    cost_per_hour: float | None = None
+    variants: dict[str, VariantOutcome] = Field(default_factory=dict)
+    plan: TransitionPlan | None = None
+
+
+@dataclass
+class ControllerDeps:
+    """What a cycle talks to. `collect` and `fit_profiles` are blocking (run in a thread)."""
+
+    gateway: KubeGateway
+    settings: SettingsStore
+    exporter: Exporter
+    collect: Callable[[list[VariantSelector]], CollectionResult]
+    pod_load: Callable[[list[str]], dict[tuple[str, str], float]] | None = None
+    fit_profiles: Callable[[list[VariantSelector]], Any] | None = None
+    clock: Callable[[], float] = time.time
+    settings_configmap: tuple[str, str] | None = None
+
+
+@dataclass
+class _Live:
+    """A parsed variant whose target exists, plus what this cycle learned about it."""
+
+    parsed: ParsedVariant
+    view: TargetView
+    accelerator: str | None = None
+    model: ModelSpec | None = None
+    profile: PerformanceProfile | None = None
+    profile_source: str = ""
+    slo: SloSettings | None = None
+    problem: str | None = None
+    problem_reason: str = ""
+    desired: int | None = None
+
+
+@dataclass
+class _Memory:
+    history: StabilizationHistory = field(default_factory=StabilizationHistory)
+    events: dict[tuple[str, str], str] = field(default_factory=dict)
+    fits: dict[str, tuple[float, PerformanceProfile]] = field(default_factory=dict)
+    last_status: dict[str, tuple[float, dict]] = field(default_factory=dict)
+    last_desired: dict[str, int] = field(default_factory=dict)
+    last_actuation: dict[str, str] = field(default_factory=dict)
+
+
+def _rfc3339(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _condition(previous: list[dict], kind: str, status: str, reason: str, message: str, generation: int,
+               now: str) -> dict:
+    old = next((c for c in previous or [] if c.get("type") == kind), None)
+    since = old.get("lastTransitionTime") if old and old.get("status") == status else now
+    return {"type": kind, "status": status, "reason": reason, "message": message[:2000],
+            "observedGeneration": generation, "lastTransitionTime": since or now}
+
+
+class Controller:
+    """The control loop's state between cycles (stabilization history, events sent, fitted profiles)."""
+
+    def __init__(self, deps: ControllerDeps):
+        self.deps = deps
+        self.memory = _Memory()
+        self._discovered: dict[str, int] = {}
+
+    # ------------------------------------------------------------------------------------------
+    async def cycle(self, resources: list[dict] | None = None) -> CycleReport:
+        """Run one cycle over `resources` (VariantAutoscaling dicts; None: list them from the API)."""
+        deps, started = self.deps, self.deps.clock()
+        t0 = time.monotonic()
+        await self._reload_settings()
+        settings = deps.settings.current
+        try:
+            if resources is None:
+                resources = await deps.gateway.list_variant_autoscalings(settings.watched_namespaces or None)
+            return await self._cycle(settings, resources, started, t0)
+        except ApiCallFailed as err:
+            deps.exporter.count_error("KubernetesApiUnavailable")
+            log.warning("cycle aborted, nothing written: %s", err)
+            report = CycleReport(started_at=started, duration_s=time.monotonic() - t0, ok=False, error=str(err))
+            deps.exporter.cycle_duration.observe(report.duration_s)
+            return report
+
+    async def _reload_settings(self) -> None:
+        where = self.deps.settings_configmap
+        if where is None:
+            return
+        namespace, name = where
+        try:
+            cm = await self.deps.gateway.read_configmap(namespace, name)
+        except ApiCallFailed as err:
+            log.warning("cannot read settings ConfigMap %s/%s, keeping the current settings: %s", namespace, name, err)
+            return
+        if cm is None:
+            return
+        error = self.deps.settings.update_from_configmap(cm)
+        if error:
+            self.deps.exporter.count_error("InvalidSettings")
+            log.error("invalid settings, keeping the last good ones: %s", error)
+
+    async def _cycle(self, settings: OperatorSettings, resources: list[dict], started: float,
+                     t0: float) -> CycleReport:
+        deps, memory = self.deps, self.memory
+        now_text = _rfc3339(started)
+        wanted_ns = set(settings.watched_namespaces)
+        outcomes: dict[str, VariantOutcome] = {}
+        statuses: dict[str, tuple[ObjectRef, dict]] = {}
+        events: list[tuple[ObjectRef, str, str, str, str]] = []  # ref, type, reason, message, dedupe key
+
+        # 1. parse
+        parsed: dict[str, ParsedVariant] = {}
+        for obj in resources:
+            meta = obj.get("metadata") or {}
+            ns, name = meta.get("namespace") or "default", meta.get("name") or "?"
+            if wanted_ns and ns not in wanted_ns:
+                continue
+            key = f"{ns}/{name}"
+            try:
+                parsed[key] = parse_variant(obj)
+            except InvalidResource as err:
+                ref = ObjectRef(namespace=ns, name=name, uid=meta.get("uid"),
+                                api_version=obj.get("apiVersion") or ObjectRef.model_fields["api_version"].default)
+                self._invalid(key, ref, obj, err.condition_reason, f"{err}", int(meta.get("generation") or 0),
+                              now_text, statuses, events, outcomes)
+        by_target: dict[TargetRef, list[str]] = {}
+        for key, p in sorted(parsed.items()):
+            by_target.setdefault(p.target, []).append(key)
+        for target, keys in by_target.items():
+            for key in keys[1:]:
+                p = parsed.pop(key)
+                self._invalid(key, p.ref, {"status": p.status}, "TargetConflict",
+                              f"spec.scaleTargetRef: {target.kind} {target.name} is already scaled by {keys[0]}",
+                              p.generation, now_text, statuses, events, outcomes)
+
+        # 2. targets
+        views = await deps.gateway.read_targets([p.target for p in parsed.values()])
+        live: dict[str, _Live] = {}
+        for key, p in parsed.items():
+            view = views.get(p.target)
+            if view is None:
+                conds = {
+                    "TargetResolved": ("False", "TargetNotFound",
+                                       f"{p.target.kind} {p.target.namespace}/{p.target.name} does not exist; create it "
+                                       "or fix spec.scaleTargetRef"),
+                    "MetricsAvailable": ("Unknown", "TargetNotFound", "no target to collect metrics for"),
+                    "OptimizationReady": ("False", "TargetNotFound", "left out of the optimization until the target exists"),
+                    "Actuated": ("False", "TargetNotFound", "nothing to scale"),
+                }
+                self._finish(key, p, conds, now_text, statuses, events, outcomes, extra={},
+                             event=("Warning", "TargetNotFound", conds["TargetResolved"][2]))
+                continue
+            live[key] = _Live(parsed=p, view=view)
+
+        # 3. metrics and the ConfigMap-backed parts of specs
+        await self._resolve_references(live, settings, now_text, statuses, events, outcomes)
+        selectors = [VariantSelector(name=k, namespace=v.parsed.ref.namespace, model=v.parsed.model_id,
+                                     deployment=v.parsed.target.name) for k, v in live.items()]
+        if selectors:
+            collection = await asyncio.to_thread(deps.collect, selectors)
+        else:
+            collection = CollectionResult(available=True, reason="no variants", evaluated_at=None, window_s=0,
+                                          queries=0, duration_s=0)
+        if not collection.available:
+            deps.exporter.count_error("MetricsUnavailable")
+        model_ok = self._models_with_metrics(live, collection)
+
+        # 4. the problem, jointly
+        if settings.discover_inventory:
+            nodes = await deps.gateway.list_nodes()
+            self._discovered = inventory_from_nodes(nodes or [], settings.accelerators)
+        await self._complete_variants(live, settings, collection)
+        problem, in_problem, held_models = self._build_problem(live, settings, collection, model_ok)
+        decision: Decision | None = None
+        capacity: dict[tuple[str, str], CapacityEstimate] = {}
+        optimizer_s = 0.0
+        error = None
+        if problem is not None:
+            t_opt = time.monotonic()
+            try:
+                decision, capacity = await asyncio.to_thread(decide, problem)
+            except Exception as exc:  # noqa: BLE001 - an optimizer bug must not kill the loop
+                log.exception("optimizer failed")
+                deps.exporter.count_error("OptimizerFailed")
+                error = f"optimizer failed: {exc}"
+            optimizer_s = time.monotonic() - t_opt
+            deps.exporter.optimizer_duration.observe(optimizer_s)
+        if decision is not None and decision.status == "infeasible":
+            deps.exporter.count_error("Infeasible")
+
+        # 5. plan
+        inventory = {a.name: a.available for a in (problem.accelerators if problem else [])}
+        states = []
+        for key, v in live.items():
+            if v.accelerator is None:
+                continue  # unknown accelerator: neither counted nor scaled
+            cur = v.view.spec_replicas
+            has_metrics = (key in in_problem and decision is not None and model_ok.get(v.parsed.model_id, (False, ""))[0]
+                           and v.parsed.model_id not in held_models)
+            if has_metrics:
+                desired = decision.replicas.get(key, cur)
+            else:
+                desired = memory.last_desired.get(key, cur)
+            v.desired = desired if key in in_problem else None
+            states.append(VariantState(
+                name=key, group=f"{v.parsed.model_id}/{v.parsed.role_name}", accelerator=v.accelerator,
+                accelerators_per_replica=v.parsed.accelerator_count, current_replicas=cur,
+                ready_replicas=v.view.ready_replicas, pods=v.view.pod_count, desired_replicas=desired,
+                min_replicas=v.parsed.min_replicas, max_replicas=v.parsed.max_replicas, metrics_available=has_metrics))
+        for a in settings.accelerators:
+            inventory.setdefault(a.name, a.available if a.available is not None else self._discovered.get(a.name))
+        policy = TransitionPolicy(scale_up_window_s=settings.scale_up_window_s,
+                                  scale_down_window_s=settings.scale_down_window_s,
+                                  max_change_per_cycle=settings.max_change_per_cycle)
+        plan = plan_transition(states, inventory, policy, memory.history, started)
+        memory.history = plan.history
+        for st in states:
+            if st.metrics_available:
+                memory.last_desired[st.name] = st.desired_replicas
+
+        # 6. actuate
+        actuation: dict[str, tuple[bool, str, str]] = {}
+        scaled: set[str] = set()
+        if settings.actuation_mode == "direct":
+            await self._actuate(plan, live, actuation, scaled, events)
+        # 7. report
+        load = self._loads(live, capacity, decision, collection, problem)
+        for key, v in live.items():
+            self._report_live(key, v, settings, collection, model_ok, decision, plan, load, actuation, scaled,
+                              in_problem, now_text, statuses, events, outcomes)
+        await self._write(statuses, events, started)
+        for _ref, _kind, reason, message, (key, _topic, _text) in events:
+            if key in outcomes:
+                o = outcomes[key]
+                outcomes[key] = o.model_copy(update={"events": [*o.events, (reason, message)]})
+        snapshot = self._snapshot(live, plan, decision, collection, model_ok, load, problem, settings)
+        deps.exporter.publish(snapshot, success=error is None, at=started)
+        duration = time.monotonic() - t0
+        deps.exporter.cycle_duration.observe(duration)
+        return CycleReport(started_at=started, duration_s=duration, optimizer_s=optimizer_s, ok=error is None,
+                           error=error, metrics_available=collection.available, metrics_reason=collection.reason,
+                           optimizer_status=decision.status if decision else None,
+                           cost_per_hour=decision.cost_per_hour if decision else None, variants=outcomes, plan=plan)
+
+    # ------------------------------------------------------------------------------------------
+    # Parsing helpers.
+
+    def _invalid(self, key, ref, obj, reason, message, generation, now_text, statuses, events, outcomes) -> None:
+        status = obj.get("status") or {}
+        conds = {
+            "TargetResolved": ("Unknown", reason, "the resource is invalid"),
+            "MetricsAvailable": ("Unknown", reason, "the resource is invalid"),
+            "OptimizationReady": ("False", reason, f"invalid VariantAutoscaling, left out of the optimization: {message}"),
+            "Actuated": ("False", reason, "nothing is scaled for an invalid resource"),
+        }
+        previous = status.get("conditions") or []
+        body = {"observedGeneration": generation,
+                "conditions": [_condition(previous, c, *conds[c], generation, now_text) for c in CONDITIONS]}
+        statuses[key] = (ref, body)
+        self._event(events, key, ref, "Warning", "InvalidSpec" if reason == "InvalidSpec" else reason, message,
+                    dedupe="spec")
+        outcomes[key] = VariantOutcome(key=key, valid=False, conditions=conds)
+
+    def _event(self, events, key: str, ref: ObjectRef, kind: str, reason: str, message: str, *, dedupe: str) -> None:
+        """Queue an Event unless the same one was sent last time for this resource and topic."""
+        if self.memory.events.get((key, dedupe)) == f"{reason}:{message}":
+            return
+        events.append((ref, kind, reason, message, (key, dedupe, f"{reason}:{message}")))
+
+    def _finish(self, key, p: ParsedVariant, conds, now_text, statuses, events, outcomes, *, extra: dict,
+                event: tuple[str, str, str] | None) -> None:
+        previous = p.status.get("conditions") or []
+        body = {"observedGeneration": p.generation, **extra,
+                "conditions": [_condition(previous, c, *conds[c], p.generation, now_text) for c in CONDITIONS]}
+        statuses[key] = (p.ref, body)
+        if event is not None:
+            self._event(events, key, p.ref, event[0], event[1], event[2], dedupe="state")
+        else:
+            self.memory.events.pop((key, "state"), None)
+        outcomes[key] = VariantOutcome(key=key, valid=True, target_found="TargetResolved" in conds
+                                       and conds["TargetResolved"][0] == "True", conditions=conds)
+
+    async def _resolve_references(self, live: dict[str, _Live], settings, now_text, statuses, events,
+                                  outcomes) -> None:
+        """Profiles and SLO classes kept in ConfigMaps: read each ConfigMap once per cycle."""
+        wanted = {(v.parsed.ref.namespace, r.name) for v in live.values()
+                  for r in (v.parsed.profile_ref, v.parsed.slo_class_ref) if r is not None}
+        maps: dict[tuple[str, str], dict | None] = {}
+        for ns, name in sorted(wanted):
+            try:
+                maps[(ns, name)] = await self.deps.gateway.read_configmap(ns, name)
+            except ApiCallFailed as err:
+                maps[(ns, name)] = {"error": str(err)}
+        for key, v in list(live.items()):
+            p = v.parsed
+            try:
+                if p.profile_ref is not None:
+                    text = self._configmap_text(maps, p.ref.namespace, p.profile_ref.name, p.profile_ref.key,
+                                                "spec.profile.configMapRef")
+                    try:
+                        doc = yaml.safe_load(text)
+                    except yaml.YAMLError as exc:
+                        raise InvalidResource("spec.profile.configMapRef",
+                                              f"ConfigMap {p.profile_ref.name} key {p.profile_ref.key} is not valid "
+                                              f"YAML: {' '.join(str(exc).split())}") from None
+                    v.profile = profile_from_document(
+                        doc, f"ConfigMap {p.profile_ref.name} key {p.profile_ref.key}")
+                    v.profile_source = f"ConfigMap {p.profile_ref.name}"
+                if p.slo is None and p.slo_class_ref is not None:
+                    text = self._configmap_text(maps, p.ref.namespace, p.slo_class_ref.name, p.slo_class_ref.key,
+                                                "spec.sloClassRef")
+                    v.slo = wva_slo_class(text, p.model_id, f"spec.sloClassRef ({p.slo_class_ref.name}/"
+                                                            f"{p.slo_class_ref.key})")
+            except InvalidResource as err:
+                del live[key]
+                self._invalid(key, p.ref, {"status": p.status}, err.condition_reason, str(err), p.generation,
+                              now_text, statuses, events, outcomes)
+
+    @staticmethod
+    def _configmap_text(maps, namespace, name, key, where) -> str:
+        cm = maps.get((namespace, name))
+        if cm is None:
+            raise InvalidResource(where, f"ConfigMap {namespace}/{name} does not exist",
+                                  condition_reason="ConfigMapNotFound")
+        if "error" in cm:
+            raise InvalidResource(where, f"ConfigMap {namespace}/{name} cannot be read: {cm['error']}",
+                                  condition_reason="ConfigMapUnreadable")
+        text = (cm.get("data") or {}).get(key)
+        if text is None:
+            raise InvalidResource(where, f"ConfigMap {namespace}/{name} has no key {key!r}",
+                                  condition_reason="ConfigMapKeyMissing")
+        return text
+
+    # ------------------------------------------------------------------------------------------
+    # Metrics.
+
+    @staticmethod
+    def _models_with_metrics(live: dict[str, _Live], collection: CollectionResult) -> dict[str, tuple[bool, str]]:
+        """Per model: usable (True, why) or held (False, why a person can act on)."""
+        out: dict[str, tuple[bool, str]] = {}
+        for model in sorted({v.parsed.model_id for v in live.values()}):
+            if not collection.available:
+                out[model] = (False, f"Prometheus: {collection.reason}")
+                continue
+            obs = collection.models.get(model)
+            if obs is None or not obs.variants or obs.arrival_rate_rps is None:
+                mine = [k for k, v in live.items() if v.parsed.model_id == model and v.view.spec_replicas > 0]
+                reasons = [collection.variants[k].reason for k in mine if k in collection.variants]
+                why = "; ".join(dict.fromkeys(reasons)) or f"no replica of {model} is running, so no metrics report its demand"
+                out[model] = (False, why)
+            else:
+                out[model] = (True, f"{len(obs.variants)} variant(s) reporting")
+        return out
+
+    # ------------------------------------------------------------------------------------------
+    # Problem building.
+
+    async def _complete_variants(self, live: dict[str, _Live], settings: OperatorSettings,
+                                 collection: CollectionResult) -> None:
+        """Accelerator, model facts and profile of every live variant; `problem` says what is missing."""
+        names = [a.name for a in settings.accelerators]
+        need_fit = []
+        now = self.deps.clock()
+        for key, v in live.items():
+            p = v.parsed
+            v.accelerator = p.accelerator or (accelerator_for_product(v.view.node_product, settings.accelerators)
+                                              if v.view.node_product else None)
+            if v.accelerator is None and len(names) == 1:
+                v.accelerator = names[0]
+            if v.accelerator is None:
+                v.problem, v.problem_reason = "AcceleratorUnknown", (
+                    "spec.accelerator is not set and neither the target's node selector "
+                    f"({GPU_PRODUCT_LABEL}) nor the settings (one accelerator type) decide it")
+                continue
+            if settings.accelerator(v.accelerator) is None and v.accelerator not in DATASHEETS:
+                v.problem, v.problem_reason = "AcceleratorUnknown", (
+                    f"accelerator {v.accelerator!r} is neither in the operator settings nor a known datasheet type "
+                    f"({sorted(DATASHEETS)}); add it to the settings' accelerators")
+                continue
+            v.model = settings.model_spec(p.model_id)
+            if v.model is None:
+                v.problem, v.problem_reason = "ModelUnknown", (
+                    f"model {p.model_id!r} has no weights/KV facts: add it to the settings' models (architecture, "
+                    "or weight_gb and kv_bytes_per_token)")
+                continue
+            if v.slo is None:
+                entry = settings.model(p.model_id)
+                v.slo = p.slo or (entry.slo if entry and entry.slo else None) or settings.default_slo
+            if p.profile is not None and v.profile is None:
+                v.profile, v.profile_source = p.profile, "spec"
+            if v.profile is None:
+                cached = self.memory.fits.get(key)
+                if cached and now - cached[0] < PROFILE_REFIT_S:
+                    v.profile, v.profile_source = cached[1], "online fit"
+                elif settings.online_profile_fit and self.deps.fit_profiles is not None and \
+                        key in collection.variants and collection.variants[key].available:
+                    need_fit.append(key)
+        if need_fit:
+            selectors = [VariantSelector(name=k, namespace=live[k].parsed.ref.namespace, model=live[k].parsed.model_id,
+                                         deployment=live[k].parsed.target.name) for k in need_fit]
+            try:
+                result = await asyncio.to_thread(self.deps.fit_profiles, selectors)
+                for k, fit in (getattr(result, "fits", None) or {}).items():
+                    if fit.available and fit.profile is not None:
+                        self.memory.fits[k] = (now, fit.profile)
+                        live[k].profile, live[k].profile_source = fit.profile, "online fit"
+            except Exception:  # noqa: BLE001 - a failed fit falls back to the datasheet
+                log.exception("online profile fit failed")
+        for v in live.values():
+            if v.problem or v.profile is not None:
+                continue
+            facts = settings.model_facts(v.parsed.model_id)
+            sheet = DATASHEETS.get(v.accelerator or "")
+            if facts is not None and sheet is not None:
+                v.profile = datasheet_profile(facts, sheet, v.parsed.accelerator_count)
+                v.profile_source = "datasheet"
+            else:
+                v.problem, v.problem_reason = "NoProfile", (
+                    "no performance profile: set spec.profile, or let the operator fit one online (needs live "
+                    "traffic), or use a known architecture on a datasheet accelerator")
+
+    def _accelerators(self, live: dict[str, _Live], settings: OperatorSettings,
+                      discovered: dict[str, int]) -> dict[str, Accelerator]:
+        out: dict[str, Accelerator] = {}
+        for v in live.values():
+            name = v.accelerator
+            if name is None or name in out or v.problem:
+                continue
+            entry = settings.accelerator(name)
+            if entry is not None:
+                out[name] = entry.to_accelerator(available=discovered.get(name) if settings.discover_inventory else None)
+            else:
+                sheet = DATASHEETS[name]
+                price = (v.parsed.variant_cost or 10.0) / max(1, v.parsed.accelerator_count)
+                out[name] = sheet.accelerator(cost_per_hour=price, available=None)
+        return out
+
+    def _build_problem(self, live: dict[str, _Live], settings: OperatorSettings, collection: CollectionResult,
+                       model_ok: dict[str, tuple[bool, str]]) -> tuple[Problem | None, set[str], set[str]]:
+        """The joint problem; returns it, the variant keys in it and the models held at current replicas."""
+        accs = self._accelerators(live, settings, self._discovered)
+        held: set[str] = set()
+        models: dict[str, ModelSpec] = {}
+        slos: dict[str, SLO] = {}
+        for v in live.values():
+            if v.problem:
+                continue
+            m = v.parsed.model_id
+            models.setdefault(m, v.model)
+            if v.slo is not None:
+                s = v.slo.for_model(m)
+                old = slos.get(m)
+                if old is None:
+                    slos[m] = s
+                else:  # the strictest wins
+                    slos[m] = SLO(model=m, ttft_s=min(old.ttft_s, s.ttft_s), itl_s=min(old.itl_s, s.itl_s),
+                                  e2e_s=min(x for x in (old.e2e_s, s.e2e_s) if x is not None)
+                                  if (old.e2e_s or s.e2e_s) else None,
+                                  percentile=max(old.percentile, s.percentile))
+        for m in models:
+            if not model_ok.get(m, (False, ""))[0] or m not in slos:
+                held.add(m)
+        for v in live.values():
+            if not v.problem and v.parsed.model_id not in slos:
+                v.problem, v.problem_reason = "NoSLO", (
+                    f"model {v.parsed.model_id!r} has no SLO: set spec.slo, spec.sloClassRef, or the settings' "
+                    "models[].slo or default_slo")
+        variants: list[Variant] = []
+        keys: list[str] = []
+        for key, v in live.items():
+            if v.problem:
+                continue
+            p = v.parsed
+            cur = v.view.spec_replicas
+            lo, hi = p.min_replicas, p.max_replicas
+            if p.model_id in held:
+                lo = hi = max(cur, p.min_replicas) if p.max_replicas is None else min(max(cur, p.min_replicas),
+                                                                                        p.max_replicas)
+            try:
+                variants.append(Variant(
+                    name=key, model=p.model_id, accelerator=v.accelerator,
+                    accelerators_per_replica=p.accelerator_count, max_batch=p.max_batch or settings.default_max_batch,
+                    role=p.role, min_replicas=lo, max_replicas=hi, current_replicas=cur, profile=v.profile))
+                keys.append(key)
+            except ValidationError as err:
+                v.problem, v.problem_reason = "InvalidVariant", str(err.errors()[0]["msg"])
+        workloads = []
+        for m in sorted(models):
+            if m in held:
+                continue
+            obs = collection.models.get(m)
+            entry = settings.model(m)
+            mix = (entry.length_mix if entry and entry.length_mix else None) or settings.default_length_mix
+            prios = [live[k].parsed.priority for k in keys if live[k].parsed.model_id == m and live[k].parsed.priority]
+            priority = max(prios) if prios else (entry.priority if entry else 1.0)
+            w = obs.to_workload(priority=priority, fallback_mix=mix) if obs is not None else None
+            if w is None:
+                held.add(m)
+                continue
+            workloads.append(w)
+        # a held model's variants are pinned; re-pin the ones whose workload vanished just above
+        variants = [self._pinned(var, live[var.name]) if var.model in held and var.min_replicas != var.max_replicas
+                    else var for var in variants]
+        if not variants:
+            return None, set(), held
+        options = AllocationOptions(change_penalty_per_replica=settings.change_penalty,
+                                    kv_transfer_gb_s=settings.kv_transfer_gb_s, service_level=settings.service_level,
+                                    time_limit_s=settings.optimizer_time_limit_s)
+        used_models = {var.model for var in variants}
+        for _ in range(len(variants) + 1):
+            try:
+                problem = Problem(accelerators=[a for n, a in accs.items() if any(x.accelerator == n for x in variants)],
+                                  models=[models[m] for m in sorted(used_models)], variants=variants,
+                                  workloads=[w for w in workloads if w.model in used_models],
+                                  slos=[slos[m] for m in sorted(used_models) if m in slos], options=options)
+                return problem, {v.name for v in variants}, held
+            except ValidationError as err:
+                bad = self._culprit(err, variants)
+                if bad is None:
+                    log.error("cannot build the problem: %s", err)
+                    return None, set(), held
+                v = live[variants[bad].name]
+                v.problem, v.problem_reason = "InvalidVariant", str(err.errors()[0]["msg"]).removeprefix("Value error, ")
+                variants.pop(bad)
+                used_models = {var.model for var in variants}
+                if not variants:
+                    return None, set(), held
+        return None, set(), held
+
+    @staticmethod
+    def _pinned(var: Variant, v: _Live) -> Variant:
+        cur = var.current_replicas
+        pin = max(cur, v.parsed.min_replicas)
+        if v.parsed.max_replicas is not None:
+            pin = min(pin, v.parsed.max_replicas)
+        return var.model_copy(update={"min_replicas": pin, "max_replicas": pin})
+
+    @staticmethod
+    def _culprit(err: ValidationError, variants: list[Variant]) -> int | None:
+        text = str(err)
+        m = re.search(r"variants\[(\d+)\]", text)
+        return int(m.group(1)) if m and int(m.group(1)) < len(variants) else None
+
+    # ------------------------------------------------------------------------------------------
+    # Actuation.
+
+    async def _actuate(self, plan: TransitionPlan, live: dict[str, _Live], actuation, scaled, events) -> None:
+        downs = [s for s in plan.steps if s.target_replicas < live[s.name].view.spec_replicas]
+        load: dict[tuple[str, str], float] = {}
+        if downs and self.deps.pod_load is not None:
+            namespaces = sorted({live[s.name].parsed.ref.namespace for s in downs})
+            try:
+                load = await asyncio.to_thread(self.deps.pod_load, namespaces)
+            except Exception as exc:  # noqa: BLE001 - without load readings the default order applies
+                log.warning("no per-pod load for deletion costs: %s", exc)
+
+        async def one(step) -> None:
+            v = live[step.name]
+            have = v.view.spec_replicas
+            if step.target_replicas == have:
+                actuation[step.name] = (True, "AtDesired" if step.target_replicas == v.desired else "Holding",
+                                        step.reason)
+                return
+            try:
+                if step.target_replicas < have:
+                    ns = v.parsed.ref.namespace
+                    costs = deletion_costs(list(v.view.pods), {pod: x for (n, pod), x in load.items() if n == ns})
+                    current = {p.name: p.deletion_cost for p in v.view.pods}
+                    await self.deps.gateway.set_deletion_costs(ns, costs, current)
+                result = await self.deps.gateway.scale(v.parsed.target, step.target_replicas)
+            except ApiCallFailed as err:
+                self.deps.exporter.count_error("ScaleFailed")
+                actuation[step.name] = (False, "ScaleFailed", str(err))
+                self._event(events, step.name, v.parsed.ref, "Warning", "ScaleFailed", str(err), dedupe="scale-error")
+                return
+            up = step.target_replicas > have
+            reason = "ScaledUp" if up else "ScaledDown"
+            message = (f"{v.parsed.target.kind} {v.parsed.target.name}: {result.before} -> {result.after} replicas; "
+                       f"{step.reason}" + (f" ({result.conflicts} conflict(s) resolved)" if result.conflicts else ""))
+            events.append((v.parsed.ref, "Normal", reason, message, (step.name, "scale", message)))
+            self.deps.exporter.count_scaling(v.parsed.ref.namespace, v.parsed.ref.name, "up" if up else "down")
+            actuation[step.name] = (True, reason, message)
+            scaled.add(step.name)
+            self.memory.last_actuation[step.name] = _rfc3339(self.deps.clock())
+
+        await asyncio.gather(*(one(s) for s in plan.steps))
+
+    # ------------------------------------------------------------------------------------------
+    # Loads, status, snapshot.
+
+    def _loads(self, live, capacity, decision, collection, problem) -> dict[str, dict]:
+        """Per variant: capacity per replica for the model's mix, demand routed to it, normalized load."""
+        out: dict[str, dict] = {}
+        if problem is None:
+            return out
+        rates = {w.model: w.bucket_rates_rps() for w in problem.workloads}
+        shares = {w.model: {b.label: b.share for b in w.buckets} for w in problem.workloads}
+        for var in problem.variants:
+            v = live[var.name]
+            m = var.model
+            if m not in rates:
+                continue
+            inv_cap = 0.0
+            feasible = True
+            for label, share in shares[m].items():
+                est = capacity.get((var.name, label))
+                if est is None or est.max_rate_rps <= 0:
+                    feasible = False
+                    break
+                inv_cap += share / est.max_rate_rps
+            per_replica = (1.0 / inv_cap) if feasible and inv_cap > 0 else 0.0
+            used = 0.0  # replicas' worth of capacity the routed demand needs
+            routed = 0.0
+            if decision is not None:
+                for label, rate in rates[m].items():
+                    w = decision.routing.get((m, label, var.name), 0.0)
+                    est = capacity.get((var.name, label))
+                    routed += rate * w
+                    if w > 0 and est is not None and est.max_rate_rps > 0:
+                        used += rate * w / est.max_rate_rps
+            ready = v.view.ready_replicas
+            out[var.name] = {"capacity": per_replica, "routed": routed, "used": used,
+                             "load": (used / ready) if ready > 0 else (None if used > 0 else 0.0)}
+        return out
+
+    def _report_live(self, key, v: _Live, settings, collection, model_ok, decision, plan, load, actuation, scaled,
+                     in_problem, now_text, statuses, events, outcomes) -> None:
+        p = v.parsed
+        ok_metrics, metrics_why = model_ok.get(p.model_id, (False, "no metrics"))
+        conds: dict[str, tuple[str, str, str]] = {
+            "TargetResolved": ("True", "TargetFound", f"{p.target.kind} {p.target.name} has "
+                                                      f"{v.view.spec_replicas} replicas, {v.view.ready_replicas} ready"),
+        }
+        obs: VariantObservation | None = collection.variants.get(key)
+        if ok_metrics:
+            conds["MetricsAvailable"] = ("True", "MetricsFound", metrics_why)
+        else:
+            reason = ("PrometheusError" if not collection.available else
+                      "MetricsStale" if obs is not None and obs.status == "stale" else "MetricsMissing")
+            conds["MetricsAvailable"] = ("False", reason, f"{metrics_why}; replicas are held, never scaled down "
+                                                          "without metrics")
+        event = None
+        step = next((s for s in plan.steps if s.name == key), None) if plan else None
+        if v.problem:
+            conds["OptimizationReady"] = ("False", v.problem, v.problem_reason)
+            event = ("Warning", v.problem, v.problem_reason)
+        elif key not in in_problem or decision is None:
+            conds["OptimizationReady"] = ("False", "OptimizerFailed", "the optimizer produced no decision this cycle")
+        elif not ok_metrics:
+            conds["OptimizationReady"] = ("False", "MetricsUnavailable",
+                                          f"held at {step.target_replicas if step else v.view.spec_replicas} replicas "
+                                          "until metrics return")
+            event = ("Warning", "MetricsUnavailable", metrics_why)
+        elif decision.status == "infeasible":
+            short = decision.unmet_demand_rps.get(p.model_id, 0.0)
+            msg = (f"best effort: {v.desired} replicas; the inventory cannot serve all demand at the SLO"
+                   + (f" ({p.model_id} short by {short:.2f} req/s)" if short > 0 else "") + f". {decision.message}")
+            conds["OptimizationReady"] = ("True", "BestEffort", msg.strip())
+            short_models = ", ".join(f"{m} {x:.2f} req/s" for m, x in sorted(decision.unmet_demand_rps.items())
+                                     if x > 0)
+            event = ("Warning", "Infeasible", f"demand exceeds what the inventory serves at the SLO; unmet: "
+                                              f"{short_models or 'none for this model'}; best-effort allocation applied")
+        else:
+            conds["OptimizationReady"] = ("True", "Optimized",
+                                          f"{v.desired} replicas of {v.accelerator} (profile from {v.profile_source})")
+        if settings.actuation_mode == "metrics":
+            conds["Actuated"] = ("True", "MetricsPublished", "desired replicas published for an HPA/KEDA "
+                                                             "(wva_desired_replicas)")
+        elif key in actuation:
+            ok, reason, msg = actuation[key]
+            conds["Actuated"] = ("True" if ok else "False", reason, msg)
+        else:
+            conds["Actuated"] = ("False", "NotActuated", "not part of this cycle's plan")
+        info = load.get(key, {})
+        arrival = None
+        mobs: ModelObservation | None = collection.models.get(p.model_id)
+        extra: dict[str, Any] = {
+            "currentReplicas": v.view.spec_replicas,
+            "readyReplicas": v.view.ready_replicas,
+        }
+        if v.desired is not None:
+            extra["desiredReplicas"] = v.desired
+        if mobs is not None and ok_metrics:
+            arrival = mobs.arrival_rate_rps
+            extra["observedLoad"] = {k: round(x, 6) for k, x in (("arrivalRateRps", arrival),
+                                                                  ("meanInputTokens", mobs.mean_input_tokens),
+                                                                  ("meanOutputTokens", mobs.mean_output_tokens))
+                                     if x is not None}
+        if info.get("capacity") is not None:
+            extra["capacityPerReplicaRps"] = round(info["capacity"], 6)
+        if info.get("load") is not None:
+            extra["normalizedLoad"] = round(info["load"], 6)
+        if decision is not None and ok_metrics and arrival:
+            extra["routingWeight"] = round(min(1.0, info.get("routed", 0.0) / arrival), 6) if arrival > 0 else 0.0
+        if decision is not None and key in in_problem:
+            extra["lastOptimizationTime"] = now_text
+            extra["desiredOptimizedAlloc"] = {"lastRunTime": now_text, "accelerator": v.accelerator or "",
+                                              "numReplicas": v.desired or 0}
+        extra["actuation"] = {"applied": conds["Actuated"][0] == "True", "mode": settings.actuation_mode}
+        if key in self.memory.last_actuation:
+            extra["actuation"]["lastActuationTime"] = self.memory.last_actuation[key]
+        self._finish(key, p, conds, now_text, statuses, events, outcomes, extra=extra, event=event)
+        o = outcomes[key]
+        outcomes[key] = o.model_copy(update={
+            "target_found": True, "metrics_available": ok_metrics, "current_replicas": v.view.spec_replicas,
+            "ready_replicas": v.view.ready_replicas, "desired_replicas": v.desired,
+            "target_replicas": step.target_replicas if step else None, "scaled": key in scaled})
+
+    async def _write(self, statuses: dict[str, tuple[ObjectRef, dict]], events, now: float) -> None:
+        """Status patches (skipped when nothing but timestamps changed recently) and queued Events."""
+        gw = self.deps.gateway
+
+        def material(body: dict) -> dict:
+            def strip(x):
+                if isinstance(x, dict):
+                    return {k: strip(v) for k, v in x.items() if k not in ("lastOptimizationTime", "lastRunTime")}
+                if isinstance(x, list):
+                    return [strip(i) for i in x]
+                return x
+            return strip(body)
+
+        async def status(key: str, ref: ObjectRef, body: dict) -> None:
+            last = self.memory.last_status.get(key)
+            if last is not None and last[1] == material(body) and now - last[0] < STATUS_REFRESH_S:
+                return
+            try:
+                if await gw.patch_status(ref, body):
+                    self.memory.last_status[key] = (now, material(body))
+            except ApiCallFailed as err:
+                self.deps.exporter.count_error("StatusWriteFailed")
+                log.warning("status of %s not written: %s", key, err)
+
+        async def event(ref, kind, reason, message, dedupe) -> None:
+            try:
+                await gw.emit_event(ref, kind, reason, message)
+                if dedupe[1] != "scale":
+                    self.memory.events[(dedupe[0], dedupe[1])] = dedupe[2]
+                log.info("%s %s/%s: %s", reason, ref.namespace, ref.name, message)
+            except ApiCallFailed as err:
+                log.warning("event %s for %s/%s not posted: %s", reason, ref.namespace, ref.name, err)
+
+        await asyncio.gather(*(status(k, r, b) for k, (r, b) in statuses.items()),
+                             *(event(*e) for e in events))
+        gone = set(self.memory.last_status) - set(statuses)
+        for key in gone:
+            self.memory.last_status.pop(key, None)
+
+    def _snapshot(self, live, plan, decision, collection, model_ok, load, problem, settings) -> DecisionSnapshot:
+        steps = {s.name: s for s in plan.steps} if plan else {}
+        variants = []
+        for key, v in live.items():
+            step = steps.get(key)
+            info = load.get(key, {})
+            variants.append(VariantReading(
+                namespace=v.parsed.ref.namespace, name=v.parsed.ref.name, model=v.parsed.model_id,
+                accelerator=v.accelerator or "", role=v.parsed.role_name, current_replicas=v.view.spec_replicas,
+                ready_replicas=v.view.ready_replicas,
+                desired_replicas=step.target_replicas if step else v.view.spec_replicas,
+                optimal_replicas=v.desired, normalized_load=info.get("load"),
+                capacity_per_replica_rps=info.get("capacity"),
+                metrics_available=model_ok.get(v.parsed.model_id, (False, ""))[0]))
+        models = []
+        for m in sorted({v.parsed.model_id for v in live.values()}):
+            obs = collection.models.get(m)
+            mine = [k for k, v in live.items() if v.parsed.model_id == m and k in load]
+            groups: dict[str, list[str]] = {}
+            for k in mine:
+                groups.setdefault(live[k].parsed.role_name, []).append(k)
+            mload = None
+            for ks in groups.values():
+                ready = sum(live[k].view.ready_replicas for k in ks)
+                used = sum(load[k]["used"] for k in ks)
+                if ready > 0:
+                    mload = max(mload or 0.0, used / ready)
+            slo = problem.slo(m) if problem is not None and any(s.model == m for s in problem.slos) else None
+            q = f"p{(slo.percentile if slo else 90.0):g}"
+            models.append(ModelReading(
+                model=m, arrival_rate_rps=obs.arrival_rate_rps if obs and model_ok.get(m, (False,))[0] else None,
+                normalized_load=mload, unmet_demand_rps=(decision.unmet_demand_rps.get(m, 0.0) if decision else 0.0),
+                slo_percentile=slo.percentile if slo else 90.0, slo_ttft_s=slo.ttft_s if slo else None,
+                slo_itl_s=slo.itl_s if slo else None,
+                observed_ttft_s=(obs.ttft.quantiles_s.get(q) if obs else None),
+                observed_itl_s=(obs.itl.quantiles_s.get(q) if obs else None)))
+        routing = []
+        if decision is not None:
+            for (m, b, var), w in sorted(decision.routing.items()):
+                if var in live and w > 0:
+                    routing.append(RoutingWeight(model=m, bucket=b, namespace=live[var].parsed.ref.namespace,
+                                                 variant=live[var].parsed.ref.name, weight=min(1.0, w)))
+        accelerators = []
+        if problem is not None:
+            for a in problem.accelerators:
+                in_use = sum(s.target_replicas * live[s.name].parsed.accelerator_count for s in plan.steps
+                             if live[s.name].accelerator == a.name)
+                accelerators.append(AcceleratorUse(accelerator=a.name, in_use=in_use, available=a.available))
+        return DecisionSnapshot(variants=variants, models=models, routing=routing, accelerators=accelerators,
+                                cost_per_hour=decision.cost_per_hour if decision else None)
+
+
+# ----------------------------------------------------------------------------------------------
+# The optimizer, behind one function.
+
+
+def decide(problem: Problem) -> tuple[Decision, dict[tuple[str, str], CapacityEstimate]]:
+    """capacity_table + allocate, mapped to a `Decision`. No demand anywhere: every variant at its minimum."""
+    if not problem.workloads:
+        replicas = {v.name: v.min_replicas for v in problem.variants}
+        cost = sum(problem.variant_cost_per_hour(v) * replicas[v.name] for v in problem.variants)
+        return Decision(replicas=replicas, cost_per_hour=cost, message="no demand to size for"), {}
+    from optimizer.allocation import allocate
+
+    capacity = capacity_table(problem)
+    result = allocate(problem, {k: e.max_rate_rps for k, e in capacity.items()})
+    return _decision_of(result, problem), capacity
+
+
+def _decision_of(result, problem: Problem) -> Decision:
+    """An `optimizer.allocation.Allocation` as the controller's `Decision` ("infeasible" = demand left unmet)."""
+    routing: dict[tuple[str, str, str], float] = {}
+    for r in result.routing:
+        key = (r.model, r.bucket, r.variant)
+        routing[key] = routing.get(key, 0.0) + float(r.weight)
+    unmet = {m: float(x) for m, x in result.unmet_demand_rps.items()}
+    status = "infeasible" if any(x > 1e-6 for x in unmet.values()) else str(result.status)
+    message = "; ".join([*result.binding_constraints, *result.notes])
+    return Decision(replicas={k: int(v) for k, v in result.replicas.items()}, routing=routing,
+                    cost_per_hour=float(result.cost_per_hour), unmet_demand_rps=unmet, status=status,
+                    message=message)

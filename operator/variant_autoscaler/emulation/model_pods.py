@@ -1,0 +1,155 @@
+"""Emulated model-server pods: every pod of an annotated Deployment runs an emulated vLLM server.
+
+Why: the operator's end-to-end behaviour (load rises -> it scales up -> the new pods take traffic ->
+load falls -> it scales down) only shows when pods the operator creates really serve requests and
+really export vLLM metrics that a real Prometheus scrapes. `ModelPods` installs itself as the
+emulated kubelet's start/stop hooks: a pod whose template carries `MODEL_SERVER_ANNOTATION` (a JSON
+`ModelServerConfig` without host/port) gets a server on the pod's port, and Prometheus's targets are
+kept equal to the running servers, labelled with `namespace` and `pod` as a Kubernetes service
+discovery would. `ModelGateway` stands in for the inference gateway: one URL that sends each request
+to the ready pod of its model with the fewest requests in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+
+from variant_autoscaler.emulation.kubelet import Kubelet, PodInfo, pod_is_ready
+from variant_autoscaler.emulation.model_server import EmulatedModelServer, ModelServerConfig
+from variant_autoscaler.emulation.prometheus import PrometheusServer, ScrapeTarget
+
+MODEL_SERVER_ANNOTATION = "emulation.variant-autoscaler.io/model-server"
+
+log = logging.getLogger(__name__)
+
+
+def model_server_annotation(config: dict) -> dict[str, str]:
+    """Pod-template annotations that make the emulated kubelet run this server config."""
+    ModelServerConfig.model_validate({**config, "port": 0})  # fail early, in the test, not in the kubelet
+    return {MODEL_SERVER_ANNOTATION: json.dumps(config, separators=(",", ":"))}
+
+
+@dataclass
+class _Running:
+    info: PodInfo
+    server: EmulatedModelServer
+    in_flight: int = 0
+
+
+@dataclass
+class ModelPods:
+    """Kubelet hooks running one emulated vLLM server per annotated pod, scraped by `prometheus`."""
+
+    kubelet: Kubelet
+    prometheus: PrometheusServer | None = None
+    running: dict[str, _Running] = field(default_factory=dict)
+
+    def install(self) -> ModelPods:
+        self.kubelet.on_pod_start = self.on_start
+        self.kubelet.on_pod_stop = self.on_stop
+        return self
+
+    def uninstall(self) -> None:
+        self.kubelet.on_pod_start = None
+        self.kubelet.on_pod_stop = None
+
+    async def on_start(self, info: PodInfo) -> None:
+        raw = info.annotations.get(MODEL_SERVER_ANNOTATION)
+        if raw is None:
+            return
+        config = ModelServerConfig.model_validate({**json.loads(raw), "host": "127.0.0.1", "port": info.port})
+        server = await EmulatedModelServer(config).start()
+        self.running[info.uid] = _Running(info=info, server=server)
+        await self._sync_targets()
+
+    async def on_stop(self, info: PodInfo) -> None:
+        run = self.running.pop(info.uid, None)
+        if run is None:
+            return
+        await self._sync_targets()
+        await run.server.stop()
+
+    async def stop_all(self) -> None:
+        runs = list(self.running.values())
+        self.running.clear()
+        await self._sync_targets()
+        await asyncio.gather(*(r.server.stop() for r in runs), return_exceptions=True)
+
+    async def _sync_targets(self) -> None:
+        if self.prometheus is None:
+            return
+        targets = [ScrapeTarget(address=f"127.0.0.1:{r.info.port}",
+                                labels={"namespace": r.info.namespace, "pod": r.info.name})
+                   for r in sorted(self.running.values(), key=lambda r: r.info.name)]
+        await asyncio.to_thread(self.prometheus.set_targets, targets)
+
+    def ready_pods(self, model: str) -> list[_Running]:
+        pods = self.kubelet.store.type("", "pods")
+        out = []
+        for r in self.running.values():
+            if r.server.config.model != model:
+                continue
+            pod = self.kubelet.store.find(pods, r.info.namespace, r.info.name)
+            if pod is not None and pod_is_ready(pod) and not pod["metadata"].get("deletionTimestamp"):
+                out.append(r)
+        return out
+
+
+@dataclass
+class ModelGateway:
+    """One URL for completions: least-outstanding-requests routing over the ready pods of the model."""
+
+    pods: ModelPods
+    host: str = "127.0.0.1"
+    port: int = 0
+    url: str = ""
+    routed: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._runner: web.AppRunner | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> ModelGateway:
+        app = web.Application()
+        app.router.add_post("/v1/completions", self._completions)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+        self.url = f"http://{self.host}:{self.port}"
+        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._session is not None:
+            await self._session.close()
+
+    async def _completions(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        try:
+            model = json.loads(body).get("model", "")
+        except ValueError:
+            return web.json_response({"error": {"message": "body is not JSON"}}, status=400)
+        candidates = self.pods.ready_pods(model)
+        if not candidates:
+            return web.json_response({"error": {"message": f"no ready replica serves {model!r}"}}, status=503)
+        pick = min(candidates, key=lambda r: (r.in_flight, r.info.name))
+        pick.in_flight += 1
+        self.routed[pick.info.name] = self.routed.get(pick.info.name, 0) + 1
+        try:
+            async with self._session.post(f"{pick.server.url}/v1/completions", data=body,
+                                          headers={"Content-Type": "application/json"}) as up:
+                return web.Response(status=up.status, body=await up.read(), content_type="application/json")
+        except aiohttp.ClientError as exc:
+            return web.json_response({"error": {"message": f"replica {pick.info.name} failed: {exc}"}}, status=502)
+        finally:
+            pick.in_flight -= 1

@@ -1,0 +1,405 @@
+"""The kopf operator: startup, an index over VariantAutoscalings, the global loop, health probes.
+
+Why the loop is not a per-object handler: one decision covers every variant of every model
+(`controller.Controller.cycle`), so one task runs it every `interval_s`, and a VariantAutoscaling
+spec change only wakes it early. The `@kopf.index` keeps (namespace, name) -> generation of every
+VariantAutoscaling; the cycle itself lists them from the API, so it always works on one consistent
+snapshot, also right after a watch stream dropped.
+
+Two replicas never actuate at once: kopf peering (a ClusterKopfPeering, or a KopfPeering per
+watched namespace, named `variant-autoscaler`) pauses every replica but the one with the highest
+priority, and the loop applies kopf's own rule to the same peering object before each cycle and
+again right before it writes: it runs only when no other live peer has a priority >= its own.
+Each replica picks a random priority unless one is given, so exactly one wins; a newcomer waits
+`PEERING_GRACE_S` before its first cycle so the old leader sees it first. Equal priorities pause
+everyone, as kopf does.
+
+Configuration comes from `RunOptions` (the `run` command's flags, or environment variables when
+kopf's own CLI or `kopf.testing.KopfRunner` starts this module).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import kopf
+from pydantic import BaseModel, ConfigDict, Field
+
+from variant_autoscaler.actuator import GROUP, PLURAL, VERSION, ApiCallFailed, KubeGateway, RetryPolicy
+from variant_autoscaler.controller import Controller, ControllerDeps, CycleReport
+from variant_autoscaler.exporter import Exporter, MetricsServer
+from variant_autoscaler.settings import (
+    OperatorSettings,
+    SettingsSource,
+    SettingsStore,
+    load_settings_file,
+)
+
+log = logging.getLogger("variant_autoscaler.operator")
+
+PEERING_NAME = "variant-autoscaler"
+PEERING_GROUP, PEERING_VERSION = "kopf.dev", "v1"
+PEERING_GRACE_S = 5.0
+MIN_CYCLE_GAP_S = 1.0
+ENV_PREFIX = "VARIANT_AUTOSCALER_"
+
+
+class RunOptions(BaseModel):
+    """How this operator process runs (flags of `variant-autoscaler run`, or VARIANT_AUTOSCALER_* env)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    settings_file: Path | None = None
+    settings_configmap: str | None = None
+    operator_namespace: str = "default"
+    namespaces: tuple[str, ...] = Field(default=(), description="Watched namespaces; empty: cluster-wide.")
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int = Field(default=8080, ge=0, lt=65536)
+    kubeconfig: Path | None = None
+    peering: str = PEERING_NAME
+    standalone: bool = False
+    priority: int | None = None
+    peering_grace_s: float = PEERING_GRACE_S
+    instance: str = Field(default_factory=lambda: f"{os.uname().nodename}-{os.getpid()}-{random.randrange(16**4):04x}")
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> RunOptions:
+        env = dict(os.environ if environ is None else environ)
+        src = SettingsSource.from_env(environ=env)
+
+        def get(name: str) -> str | None:
+            return env.get(ENV_PREFIX + name) or None
+
+        values: dict = {"settings_file": src.file, "settings_configmap": src.configmap,
+                        "operator_namespace": src.namespace}
+        if get("NAMESPACES"):
+            values["namespaces"] = tuple(n for n in get("NAMESPACES").split(",") if n)
+        if get("METRICS_PORT"):
+            values["metrics_port"] = int(get("METRICS_PORT"))
+        if get("METRICS_HOST"):
+            values["metrics_host"] = get("METRICS_HOST")
+        if get("KUBECONFIG") or env.get("KUBECONFIG"):
+            values["kubeconfig"] = Path(get("KUBECONFIG") or env["KUBECONFIG"])
+        if get("PEERING_GRACE_S"):
+            values["peering_grace_s"] = float(get("PEERING_GRACE_S"))
+        if get("INSTANCE"):
+            values["instance"] = get("INSTANCE")
+        return cls(**values)
+
+
+def initial_settings(options: RunOptions) -> OperatorSettings:
+    """Settings at startup: the file if given (errors are fatal here: there is no last good yet)."""
+    if options.settings_file is not None:
+        return load_settings_file(options.settings_file)
+    return OperatorSettings()
+
+
+def peer_is_active(status: dict | None, priority: int, now: datetime | None = None) -> bool:
+    """kopf's rule on one peering object: active iff the only live peer with priority >= ours is us.
+
+    A peer is identified by its priority here (kopf's identity is not exposed to handlers): each
+    replica picks a random one, and if two ever share it, both stay paused, as kopf does.
+    """
+    now = now or datetime.now(UTC)
+    live_at_or_above = 0
+    for info in (status or {}).values():
+        if not isinstance(info, dict):
+            continue
+        try:
+            seen = datetime.fromisoformat(str(info.get("lastseen")).replace("Z", "+00:00"))
+            lifetime = float(info.get("lifetime", 60))
+            prio = int(info.get("priority", 0))
+        except (TypeError, ValueError):
+            continue
+        if seen.tzinfo is None:
+            seen = seen.replace(tzinfo=UTC)
+        if (seen - now).total_seconds() + lifetime <= 0:
+            continue
+        if prio > priority:
+            return False
+        if prio == priority:
+            live_at_or_above += 1
+    return live_at_or_above == 1
+
+
+class Runtime:
+    """Everything one operator instance owns (kept in kopf's per-operator memo, never in globals)."""
+
+    def __init__(self, options: RunOptions, kopf_settings: kopf.OperatorSettings):
+        from kubernetes import client as kube_client
+
+        self.options = options
+        self.kopf_settings = kopf_settings
+        self.priority = kopf_settings.peering.priority
+        self.peering_name = kopf_settings.peering.name
+        api_client = kube_client.ApiClient(configuration=kube_configuration(options))
+        self.store = SettingsStore(initial_settings(options))
+        s = self.store.current
+        self.gateway = KubeGateway(api_client, user_agent=f"variant-autoscaler/{options.instance}",
+                                   retry=RetryPolicy(attempts=s.api_retries + 1, first_delay_s=s.api_backoff_s))
+        self.exporter = Exporter()
+        self.metrics = MetricsServer(self.exporter, host=options.metrics_host, port=options.metrics_port)
+        self.wake = asyncio.Event()
+        self.generations: dict[tuple[str, str], int] = {}
+        self.task: asyncio.Task | None = None
+        self.last_report: CycleReport | None = None
+        self.active = False
+        self.first_seen_self: float | None = None
+        self._collector = None
+        self._collector_key = None
+        configmap = None
+        if options.settings_file is None and options.settings_configmap:
+            configmap = (options.operator_namespace, options.settings_configmap)
+        self.controller = Controller(ControllerDeps(
+            gateway=self.gateway, settings=self.store, exporter=self.exporter, collect=self._collect,
+            pod_load=self._pod_load, fit_profiles=self._fit, settings_configmap=configmap))
+
+    # -- metrics side: the collector follows the settings in force
+
+    def collector(self):
+        from variant_autoscaler.collector import Collector, CollectorSettings
+
+        s = self.store.current
+        key = (s.prometheus, s.rate_window_s, s.staleness_threshold_s, s.variant_label, tuple(s.watched_namespaces))
+        if self._collector is None or key != self._collector_key:
+            if self._collector is not None:
+                self._collector.close()
+            self._collector = Collector(CollectorSettings(
+                prometheus=s.prometheus, rate_window_s=s.rate_window_s, staleness_threshold_s=s.staleness_threshold_s,
+                staleness_lookback_s=max(600.0, s.staleness_threshold_s), variant_label=s.variant_label))
+            self._collector_key = key
+        return self._collector
+
+    def _collect(self, selectors):
+        return self.collector().collect(selectors)
+
+    def _fit(self, selectors):
+        from variant_autoscaler.online_profile import OnlineProfileFitter
+
+        return OnlineProfileFitter(self.collector()).fit(selectors)
+
+    def _pod_load(self, namespaces: list[str]) -> dict[tuple[str, str], float]:
+        """Requests in flight per pod (running + waiting), one query for all pods."""
+        c = self.collector()
+        m, s = c.settings.metrics, c.settings
+        sel = c.series_selector()
+        query = (f"sum by ({s.namespace_label}, {s.pod_label}) ({m.running}{sel}) + "
+                 f"sum by ({s.namespace_label}, {s.pod_label}) ({m.waiting}{sel})")
+        raw = c.queries.run({"pod_load": query})
+        out = {}
+        for labels, value in raw["pod_load"]:
+            ns, pod = labels.get(s.namespace_label, ""), labels.get(s.pod_label, "")
+            if ns in namespaces and value == value:
+                out[(ns, pod)] = float(value)
+        return out
+
+    # -- leadership
+
+    async def is_active(self) -> bool:
+        if self.options.standalone or self.kopf_settings.peering.standalone:
+            return True
+        names = [] if self.kopf_settings.peering.clusterwide else list(self.options.namespaces)
+        bodies = []
+        try:
+            if not names:
+                bodies.append(await self.gateway.read_cluster_object(PEERING_GROUP, PEERING_VERSION,
+                                                                     "clusterkopfpeerings", self.peering_name))
+            else:
+                for ns in names:
+                    bodies.append(await self._read_namespaced_peering(ns))
+        except ApiCallFailed as err:
+            log.warning("cannot read the peering object, not acting this cycle: %s", err)
+            return False
+        if any(b is None for b in bodies):
+            return False
+        now = datetime.now(UTC)
+        if not all(peer_is_active(b.get("status"), self.priority, now) for b in bodies):
+            self.first_seen_self = None
+            return False
+        if self.first_seen_self is None:
+            self.first_seen_self = time.monotonic()
+        return time.monotonic() - self.first_seen_self >= self.options.peering_grace_s
+
+    async def _read_namespaced_peering(self, namespace: str) -> dict | None:
+        gw = self.gateway
+
+        def call():
+            try:
+                return gw._json(f"read kopfpeering {namespace}/{self.peering_name}",
+                                gw.custom.get_namespaced_custom_object, PEERING_GROUP, PEERING_VERSION, namespace,
+                                "kopfpeerings", self.peering_name)
+            except ApiCallFailed as err:
+                if err.status == 404:
+                    return None
+                raise
+        return await gw._in_thread(call)
+
+    async def ensure_peering(self) -> None:
+        if self.options.standalone or self.kopf_settings.peering.standalone:
+            return
+        body = {"apiVersion": f"{PEERING_GROUP}/{PEERING_VERSION}", "metadata": {"name": self.peering_name}}
+        try:
+            if self.kopf_settings.peering.clusterwide or not self.options.namespaces:
+                await self.gateway.ensure_cluster_object(PEERING_GROUP, PEERING_VERSION, "clusterkopfpeerings",
+                                                         {**body, "kind": "ClusterKopfPeering"})
+            else:
+                gw = self.gateway
+                for ns in self.options.namespaces:
+                    def create(ns=ns):
+                        try:
+                            gw._json(f"create kopfpeering {ns}/{self.peering_name}",
+                                     gw.custom.create_namespaced_custom_object, PEERING_GROUP, PEERING_VERSION, ns,
+                                     "kopfpeerings", {**body, "kind": "KopfPeering"})
+                        except ApiCallFailed as err:
+                            if err.status != 409:
+                                raise
+                    await gw._in_thread(create)
+        except ApiCallFailed as err:
+            log.warning("cannot create the peering object (%s); kopf pauses until it exists", err)
+
+    # -- the loop
+
+    async def loop(self) -> None:
+        """Run cycles while this replica is the active peer; bounded by the operator's lifetime."""
+        last_start = 0.0
+        while True:
+            interval = self.store.current.interval_s
+            active = await self.is_active()
+            if active != self.active:
+                log.info("this replica is %s", "the active peer: running the control loop" if active
+                         else "not the active peer: the loop is paused")
+            self.active = active
+            self.exporter.set_active(active)
+            if active:
+                last_start = time.monotonic()
+                try:
+                    self.last_report = await self.controller.cycle()
+                    r = self.last_report
+                    log.info("cycle: %d variants, ok=%s, metrics=%s, optimizer=%s, cost/h=%s, %.2f s",
+                             len(r.variants), r.ok, r.metrics_available, r.optimizer_status,
+                             f"{r.cost_per_hour:.2f}" if r.cost_per_hour is not None else "-", r.duration_s)
+                except Exception:  # noqa: BLE001 - one bad cycle must not end the loop
+                    log.exception("cycle failed")
+                    self.exporter.count_error("CycleFailed")
+            wait = interval if active else min(interval, max(1.0, self.options.peering_grace_s / 2))
+            self.wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), timeout=wait)
+            gap = MIN_CYCLE_GAP_S - (time.monotonic() - last_start)
+            if gap > 0:
+                await asyncio.sleep(gap)
+
+    def note_generation(self, namespace: str, name: str, generation: int | None) -> None:
+        key = (namespace, name)
+        if self.generations.get(key) != generation:
+            self.generations[key] = generation
+            self.wake.set()
+
+    async def start(self) -> None:
+        await self.metrics.start()
+        await self.ensure_peering()
+        log.info("metrics on %s/metrics; peering %r priority %d; instance %s", self.metrics.url,
+                 self.peering_name, self.priority, self.options.instance)
+        self.task = asyncio.create_task(self.loop(), name="variant-autoscaler loop")
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+        await self.metrics.stop()
+        if self._collector is not None:
+            self._collector.close()
+        self.gateway.close()
+
+
+def kube_configuration(options: RunOptions):
+    """The `kubernetes` client configuration: --kubeconfig, else in-cluster, else $KUBECONFIG/~/.kube/config.
+
+    Read explicitly every time (not from the client's import-time default), so several operators in
+    one process (tests) can each talk to their own endpoint.
+    """
+    from kubernetes import client as kube_client
+    from kubernetes import config as kube_config
+
+    cfg = kube_client.Configuration()
+    if options.kubeconfig is not None:
+        kube_config.load_kube_config(config_file=str(options.kubeconfig), client_configuration=cfg)
+        return cfg
+    try:
+        kube_config.load_incluster_config(client_configuration=cfg)
+    except kube_config.ConfigException:
+        path = os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
+        kube_config.load_kube_config(config_file=path, client_configuration=cfg)
+    return cfg
+
+
+def _runtime(memo) -> Runtime | None:
+    return getattr(memo, "runtime", None)
+
+
+@kopf.on.login()
+def login(memo: kopf.Memo, **_) -> kopf.ConnectionInfo:
+    """kopf talks to the same endpoint, with the same credentials, as the operator's own client."""
+    options = getattr(memo, "options", None) or RunOptions.from_env()
+    cfg = kube_configuration(options)
+    token = (cfg.api_key or {}).get("authorization") or (cfg.api_key or {}).get("BearerToken")
+    scheme, _, value = (token or "").partition(" ")
+    if token and not value:
+        scheme, value = "Bearer", token
+    return kopf.ConnectionInfo(
+        server=cfg.host, scheme=scheme or None, token=value or None, insecure=not cfg.verify_ssl,
+        ca_path=cfg.ssl_ca_cert, certificate_path=cfg.cert_file, private_key_path=cfg.key_file,
+        username=cfg.username or None, password=cfg.password or None, expiration=None)
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
+    options = getattr(memo, "options", None) or RunOptions.from_env()
+    if options.priority is not None:
+        settings.peering.priority = options.priority
+    elif settings.peering.priority == 0:
+        settings.peering.priority = random.randint(1, 2**30)
+    settings.posting.enabled = False  # our Events are written by the controller, one per change
+    settings.watching.reconnect_backoff = 1.0
+    settings.watching.server_timeout = 300
+    settings.networking.error_backoffs = [1, 2, 5, 10]
+    runtime = Runtime(options, settings)
+    memo.runtime = runtime
+    await runtime.start()
+
+
+@kopf.on.cleanup()
+async def cleanup(memo: kopf.Memo, **_) -> None:
+    runtime = _runtime(memo)
+    if runtime is not None:
+        await runtime.stop()
+
+
+@kopf.index(GROUP, VERSION, PLURAL)
+async def variant_generations(namespace, name, meta, memo: kopf.Memo, **_):
+    """(namespace, name) -> generation; a change wakes the loop early."""
+    runtime = _runtime(memo)
+    generation = meta.get("generation")
+    if runtime is not None:
+        runtime.note_generation(namespace, name, generation)
+    return {(namespace, name): generation}
+
+
+@kopf.on.probe(id="control_loop")
+def control_loop_probe(memo: kopf.Memo, **_) -> dict:
+    runtime = _runtime(memo)
+    if runtime is None:
+        return {"started": False}
+    report = runtime.last_report
+    return {"started": True, "active": runtime.active,
+            "last_cycle_ok": report.ok if report else None,
+            "last_cycle_at": report.started_at if report else None}
+

@@ -1,0 +1,374 @@
+"""The control cycle against the emulated cluster over HTTP (real CRD server, real `kubernetes` client).
+
+Each test drives `Controller.cycle()` directly, the way the kopf loop does, with observations that
+the collector would have returned (the real collector meets a real Prometheus in
+test_operator_e2e.py, and a down, slow or garbage one here). API failures come from a fault-injecting
+proxy between the client and the API server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from conftest_metrics import FakePrometheus
+from operator_harness import (
+    H100_PROFILE,
+    L4_PROFILE,
+    TINY_MODEL,
+    Demand,
+    Kube,
+    observations,
+    settings_dict,
+    variant,
+    wait_until,
+)
+from variant_autoscaler.actuator import DELETION_COST_ANNOTATION, KubeGateway, RetryPolicy
+from variant_autoscaler.collector import Collector, CollectorSettings, PrometheusSettings
+from variant_autoscaler.controller import Controller, ControllerDeps
+from variant_autoscaler.emulation.cluster import kubeconfig_text
+from variant_autoscaler.emulation.fault_proxy import FaultProxy, FaultRule
+from variant_autoscaler.emulation.prometheus import free_port
+from variant_autoscaler.exporter import Exporter
+from variant_autoscaler.settings import OperatorSettings, SettingsStore
+
+MODEL = TINY_MODEL["name"]
+
+
+def make_controller(api, namespace: str, settings: dict | None = None, collect=None, **deps) -> Controller:
+    """A controller watching only the test's namespace (the session cluster holds other tests' objects)."""
+    data = {**(settings or settings_dict()), "watched_namespaces": [namespace]}
+    store = SettingsStore(OperatorSettings.model_validate(data))
+    gateway = KubeGateway(api, retry=RetryPolicy(attempts=5, first_delay_s=0.05, max_delay_s=0.4))
+    return Controller(ControllerDeps(gateway=gateway, settings=store, exporter=Exporter(),
+                                     collect=collect or Demand().collect, **deps))
+
+
+def cycle(controller: Controller):
+    return asyncio.run(controller.cycle())
+
+
+@pytest.fixture
+def kube(kube_api, kube_namespace) -> Kube:
+    return Kube(kube_api, kube_namespace)
+
+
+@pytest.fixture
+def proxy(emulated_cluster, tmp_path):
+    """A fault proxy in front of the cluster, and an ApiClient that goes through it."""
+    fp = emulated_cluster.call(FaultProxy(upstream=emulated_cluster.url).start)
+    path = tmp_path / "proxy.kubeconfig"
+    path.write_text(kubeconfig_text(fp.url, emulated_cluster.token))
+    from kubernetes import config
+
+    api = config.new_client_from_config(config_file=str(path))
+    try:
+        yield fp, api
+    finally:
+        api.close()
+        emulated_cluster.call(fp.stop)
+
+
+# ----------------------------------------------------------------------------------------------
+# Decisions
+
+
+def test_load_rise_scales_up_the_cheapest_variant_then_down_after_stabilization(kube, kube_api):
+    kube.deploy("chat-l4", 1)
+    kube.deploy("chat-h100", 0)
+    kube.apply_variant(variant("chat-l4", "chat-l4", accelerator="L4", profile=L4_PROFILE, min_replicas=1))
+    kube.apply_variant(variant("chat-h100", "chat-h100", accelerator="H100", profile=H100_PROFILE, min_replicas=0))
+    demand = Demand({MODEL: 0.5})
+    ctrl = make_controller(kube_api, kube.ns, settings_dict(scale_down_window_s=3), collect=demand.collect)
+    first = cycle(ctrl)
+    assert first.ok and first.optimizer_status in ("optimal", "within_gap")
+    assert kube.replicas("chat-l4") == 1 and kube.replicas("chat-h100") == 0
+
+    demand.set(MODEL, 6.0)
+    up = cycle(ctrl)
+    l4, h100 = kube.replicas("chat-l4"), kube.replicas("chat-h100")
+    assert l4 >= 3 and h100 == 0, (l4, h100, up.variants)
+    assert kube.events("ScaledUp", "chat-l4")
+    status = kube.variant("chat-l4")["status"]
+    assert status["desiredReplicas"] == l4
+    assert status["capacityPerReplicaRps"] > 0
+    assert {c["type"]: c["status"] for c in status["conditions"]} == {
+        "TargetResolved": "True", "MetricsAvailable": "True", "OptimizationReady": "True", "Actuated": "True"}
+
+    kube.wait_ready("chat-l4", l4)
+    demand.set(MODEL, 0.5)
+    held = cycle(ctrl)
+    assert kube.replicas("chat-l4") == l4, "scaled down inside the stabilization window"
+    assert "stabilization" in held.plan.step(f"{kube.ns}/chat-l4").limited_by
+    wait_until(lambda: cycle(ctrl) and kube.replicas("chat-l4") == 1, timeout_s=20, interval_s=0.5,
+               what="scale-down after the window")
+    assert kube.events("ScaledDown", "chat-l4")
+
+
+def test_infeasible_demand_gets_a_best_effort_allocation_and_an_event_naming_the_shortfall(kube, kube_api):
+    kube.deploy("tight-l4", 1)
+    kube.apply_variant(variant("tight-l4", "tight-l4", accelerator="L4", profile=L4_PROFILE, max_replicas=2))
+    ctrl = make_controller(kube_api, kube.ns, collect=Demand({MODEL: 40.0}).collect)
+    report = cycle(ctrl)
+    assert report.optimizer_status == "infeasible"
+    assert kube.replicas("tight-l4") == 2
+    cond = kube.condition("tight-l4", "OptimizationReady")
+    assert cond["status"] == "True" and cond["reason"] == "BestEffort"
+    [event] = kube.events("Infeasible", "tight-l4")
+    assert MODEL in event.message and "req/s" in event.message
+
+
+def test_restart_mid_transition_resumes_from_the_cluster_state(kube, kube_api, emulated_cluster):
+    """Move a model off L4 (its pool shrank to 0) onto H100; a fresh controller finishes the move."""
+    emulated_cluster.kubelet.start_delay_s = 1.5
+    try:
+        kube.deploy("move-l4", 2)
+        kube.deploy("move-h100", 0)
+        kube.wait_ready("move-l4", 2)
+        kube.apply_variant(variant("move-l4", "move-l4", accelerator="L4", profile=L4_PROFILE, min_replicas=0))
+        kube.apply_variant(variant("move-h100", "move-h100", accelerator="H100", profile=H100_PROFILE,
+                                   min_replicas=0))
+        demand = Demand({MODEL: 4.0})
+        settings = settings_dict(accelerators=[{"name": "L4", "cost_per_hour": 1.0, "available": 0},
+                                               {"name": "H100", "cost_per_hour": 8.0, "available": 4}])
+        cycle(make_controller(kube_api, kube.ns, settings, collect=demand.collect))
+        h100 = kube.replicas("move-h100")
+        assert h100 >= 1 and kube.replicas("move-l4") == 2  # new first, old kept until ready
+        # "restart": a new controller with no memory; the new replicas are still starting
+        restarted = make_controller(kube_api, kube.ns, settings, collect=demand.collect)
+        cycle(restarted)
+        assert kube.replicas("move-h100") == h100 and kube.replicas("move-l4") == 2
+        kube.wait_ready("move-h100", h100)
+        cycle(restarted)
+        assert kube.replicas("move-l4") == 0 and kube.replicas("move-h100") == h100
+        assert len(kube.events("ScaledUp", "move-h100")) == 1
+    finally:
+        emulated_cluster.kubelet.start_delay_s = 0.2
+
+
+def test_metrics_mode_only_publishes(kube, kube_api):
+    kube.deploy("pub-l4", 1)
+    kube.apply_variant(variant("pub-l4", "pub-l4", accelerator="L4", profile=L4_PROFILE))
+    ctrl = make_controller(kube_api, kube.ns, settings_dict(actuation_mode="metrics"), collect=Demand({MODEL: 6.0}).collect)
+    report = cycle(ctrl)
+    assert kube.replicas("pub-l4") == 1
+    desired = report.variants[f"{kube.ns}/pub-l4"].desired_replicas
+    assert desired >= 3
+    text = ctrl.deps.exporter.render().decode()
+    assert f'wva_desired_replicas{{accelerator_type="L4",namespace="{kube.ns}",variant_name="pub-l4"}} {desired}.0' \
+        in text
+    assert kube.condition("pub-l4", "Actuated")["reason"] == "MetricsPublished"
+
+
+# ----------------------------------------------------------------------------------------------
+# Reliability
+
+
+@pytest.mark.parametrize("failure", ["down", "slow", "garbage"])
+def test_prometheus_failures_hold_replicas_and_say_why(kube, kube_api, failure):
+    kube.deploy("hold-l4", 3)
+    kube.apply_variant(variant("hold-l4", "hold-l4", accelerator="L4", profile=L4_PROFILE, min_replicas=1))
+    fake = None
+    if failure == "down":
+        url = f"http://127.0.0.1:{free_port()}"
+    else:
+        fake = FakePrometheus("slow" if failure == "slow" else "html", delay_s=3)
+        url = fake.url
+    try:
+        collector = Collector(CollectorSettings(prometheus=PrometheusSettings(url=url, timeout_s=0.5),
+                                                rate_window_s=10, staleness_threshold_s=10))
+        ctrl = make_controller(kube_api, kube.ns, collect=collector.collect)
+        report = cycle(ctrl)
+        collector.close()
+    finally:
+        if fake is not None:
+            fake.close()
+    assert not report.metrics_available
+    assert kube.replicas("hold-l4") == 3
+    cond = kube.condition("hold-l4", "MetricsAvailable")
+    assert cond["status"] == "False" and cond["reason"] == "PrometheusError"
+    words = {"down": "refused", "slow": "within", "garbage": "Prometheus"}[failure]
+    assert words in cond["message"]
+    assert kube.events("MetricsUnavailable", "hold-l4")
+    assert 'variant_autoscaler_cycle_errors_total{reason="MetricsUnavailable"} 1.0' in \
+        ctrl.deps.exporter.render().decode()
+
+
+def test_a_model_without_series_is_held_while_others_are_optimized(kube, kube_api):
+    kube.deploy("quiet-l4", 2)
+    kube.deploy("busy-l4", 1)
+    kube.apply_variant(variant("quiet-l4", "quiet-l4", model="other/model-1b", profile=L4_PROFILE))
+    kube.apply_variant(variant("busy-l4", "busy-l4", profile=L4_PROFILE))
+    settings = settings_dict(models=[TINY_MODEL, {**TINY_MODEL, "name": "other/model-1b"}])
+    ctrl = make_controller(kube_api, kube.ns, settings, collect=Demand({MODEL: 6.0}).collect)
+    cycle(ctrl)
+    assert kube.replicas("quiet-l4") == 2
+    assert kube.condition("quiet-l4", "MetricsAvailable")["reason"] == "MetricsMissing"
+    assert kube.replicas("busy-l4") >= 3
+
+
+def test_invalid_resources_get_a_condition_and_an_event_and_others_are_unaffected(kube, kube_api):
+    kube.deploy("good-l4", 1)
+    kube.deploy("bad-cm", 1)
+    kube.deploy("bad-acc", 1)
+    kube.core.create_namespaced_config_map(kube.ns, {"metadata": {"name": "broken-profile"},
+                                                     "data": {"profile.yaml": "parametric: {decodeBaseSeconds: -1}"}})
+    kube.apply_variant(variant("good-l4", "good-l4", profile=L4_PROFILE))
+    broken = variant("bad-cm", "bad-cm")
+    broken["spec"]["profile"] = {"configMapRef": {"name": "broken-profile"}}
+    kube.apply_variant(broken)
+    kube.apply_variant(variant("bad-acc", "bad-acc", accelerator="TPU-v9", profile=L4_PROFILE))
+    ctrl = make_controller(kube_api, kube.ns, collect=Demand({MODEL: 6.0}).collect)
+    report = cycle(ctrl)
+    bad = kube.condition("bad-cm", "OptimizationReady")
+    assert bad["status"] == "False" and "decodeBaseSeconds" in bad["message"] or "decode_base_s" in bad["message"]
+    assert kube.events("InvalidSpec", "bad-cm")
+    acc = kube.condition("bad-acc", "OptimizationReady")
+    assert acc["status"] == "False" and acc["reason"] == "AcceleratorUnknown" and "TPU-v9" in acc["message"]
+    assert kube.events("AcceleratorUnknown", "bad-acc")
+    assert kube.replicas("good-l4") >= 3
+    assert kube.condition("good-l4", "OptimizationReady")["status"] == "True"
+    # the same problems do not repeat their Events every cycle
+    cycle(ctrl)
+    assert len(kube.events("InvalidSpec", "bad-cm")) == 1
+    assert not report.variants[f"{kube.ns}/bad-cm"].valid
+
+
+def test_missing_target_sets_target_resolved_false(kube, kube_api):
+    kube.apply_variant(variant("orphan", "no-such-deployment", profile=L4_PROFILE))
+    cycle(make_controller(kube_api, kube.ns, collect=Demand({MODEL: 1.0}).collect))
+    cond = kube.condition("orphan", "TargetResolved")
+    assert cond["status"] == "False" and cond["reason"] == "TargetNotFound"
+    assert "no-such-deployment" in cond["message"]
+    assert kube.events("TargetNotFound", "orphan")
+
+
+def test_wva_manifest_with_only_the_api_version_changed_is_reconciled(kube, kube_api):
+    """The llm-d WVA README example (plus its older modelProfile block), apiVersion changed only."""
+    manifest = f"""
+apiVersion: autoscaling.variant-autoscaler.io/v1alpha1
+kind: VariantAutoscaling
+metadata:
+  name: llama-8b-autoscaler
+  namespace: {kube.ns}
+spec:
+  scaleTargetRef:
+    kind: Deployment
+    name: llama-8b
+  modelID: "meta/llama-3.1-8b"
+  variantCost: "10.0"
+  modelProfile:
+    accelerators:
+      - acc: "A100-80G"
+        accCount: 1
+        perfParms:
+          decodeParms: {{alpha: "20.58", beta: "0.41"}}
+          prefillParms: {{gamma: "5.2", delta: "0.1"}}
+        maxBatchSize: 256
+"""
+    import yaml
+
+    kube.deploy("llama-8b", 1)
+    kube.apply_variant(yaml.safe_load(manifest))
+    settings = settings_dict(models=[], accelerators=[{"name": "A100-80G", "cost_per_hour": 2.5}],
+                             default_slo={"ttft_s": 2.0, "itl_s": 0.1})
+    report = cycle(make_controller(kube_api, kube.ns, settings, collect=Demand({"meta/llama-3.1-8b": 100.0}).collect))
+    out = report.variants[f"{kube.ns}/llama-8b-autoscaler"]
+    assert out.valid and out.metrics_available
+    conds = {c["type"]: (c["status"], c["reason"]) for c in kube.variant("llama-8b-autoscaler")["status"]["conditions"]}
+    assert conds["TargetResolved"] == ("True", "TargetFound")
+    assert conds["OptimizationReady"] == ("True", "Optimized")
+    assert kube.replicas("llama-8b") == out.desired_replicas >= 2
+
+
+def test_scale_down_sets_pod_deletion_cost_so_the_least_loaded_pods_go(kube, kube_api, emulated_cluster):
+    kube.deploy("drain-l4", 3)
+    kube.wait_ready("drain-l4", 3)
+    pods = sorted(p.metadata.name for p in kube.core.list_namespaced_pod(kube.ns, label_selector="app=drain-l4").items)
+    busy = {pods[0]: 9.0, pods[1]: 0.0, pods[2]: 4.0}
+    kube.apply_variant(variant("drain-l4", "drain-l4", profile=L4_PROFILE, max_replicas=1))
+    ns = kube.ns
+    ctrl = make_controller(kube_api, kube.ns, collect=Demand({MODEL: 0.5}).collect,
+                           pod_load=lambda namespaces: {(ns, p): x for p, x in busy.items()})
+    cycle(ctrl)
+    assert kube.replicas("drain-l4") == 1
+    wait_until(lambda: len(kube.core.list_namespaced_pod(kube.ns, label_selector="app=drain-l4").items) == 1,
+               timeout_s=10, what="the surplus pods to go")
+    [left] = kube.core.list_namespaced_pod(kube.ns, label_selector="app=drain-l4").items
+    assert left.metadata.name == pods[0]
+    assert left.metadata.annotations[DELETION_COST_ANNOTATION] == "9000"
+
+
+def test_api_conflicts_are_resolved_by_re_reading(kube, proxy):
+    fp, api = proxy
+    kube.deploy("conflict-l4", 1)
+    kube.apply_variant(variant("conflict-l4", "conflict-l4", profile=L4_PROFILE, min_replicas=2))
+    rule = fp.add(FaultRule(method="PUT", path=r"/deployments/conflict-l4/scale$", status=409, times=2))
+    ctrl = make_controller(api, kube.ns, collect=Demand({}).collect)  # no metrics: only the minimum moves it
+    cycle(ctrl)
+    assert rule.hits == 2
+    assert kube.replicas("conflict-l4") == 2
+    reads = [r for r in fp.log if r.method == "GET" and r.path.endswith("/deployments/conflict-l4/scale")]
+    assert len(reads) == 3  # one read before each write attempt
+    [event] = kube.events("ScaledUp", "conflict-l4")
+    assert "2 conflict(s) resolved" in event.message
+
+
+def test_5xx_and_dropped_connections_are_retried_with_backoff(kube, proxy):
+    fp, api = proxy
+    kube.deploy("flaky-l4", 1)
+    kube.apply_variant(variant("flaky-l4", "flaky-l4", profile=L4_PROFILE, min_replicas=2))
+    fp.add(FaultRule(method="GET", path=r"/namespaces/[^/]+/deployments$", status=503, times=2))
+    fp.add(FaultRule(method="PATCH", path=r"/variantautoscalings/flaky-l4/status$", status=0, times=1))
+    fp.add(FaultRule(method="PUT", path=r"/deployments/flaky-l4/scale$", status=500, times=1))
+    report = cycle(make_controller(api, kube.ns, collect=Demand({}).collect))
+    assert report.ok, report.error
+    assert kube.replicas("flaky-l4") == 2
+    assert kube.condition("flaky-l4", "TargetResolved")["status"] == "True"
+    statuses = [r.status for r in fp.log if r.path.endswith("/deployments") and r.method == "GET"]
+    assert statuses[:3] == [503, 503, 200]
+
+
+def test_a_persistently_failing_api_aborts_the_cycle_before_any_write(kube, proxy):
+    fp, api = proxy
+    kube.deploy("down-l4", 1)
+    kube.apply_variant(variant("down-l4", "down-l4", profile=L4_PROFILE, min_replicas=2))
+    fp.add(FaultRule(method="GET", path=r"/deployments$", status=503, times=100))
+    ctrl = make_controller(api, kube.ns, collect=Demand({}).collect)
+    report = cycle(ctrl)
+    assert not report.ok and "503" in report.error
+    assert kube.replicas("down-l4") == 1
+    assert not [r for r in fp.log if r.method in ("PUT", "PATCH", "POST")]
+    assert 'reason="KubernetesApiUnavailable"' in ctrl.deps.exporter.render().decode()
+
+
+def test_settings_configmap_updates_apply_and_invalid_ones_keep_the_last_good(kube, kube_api):
+    kube.deploy("cfg-l4", 1)
+    kube.apply_variant(variant("cfg-l4", "cfg-l4", profile=L4_PROFILE))
+    cm = {"metadata": {"name": "va-settings"}, "data": {"settings.yaml": json.dumps(settings_dict())}}
+    kube.core.create_namespaced_config_map(kube.ns, cm)
+    ctrl = make_controller(kube_api, kube.ns, collect=Demand({MODEL: 1.0}).collect)
+    ctrl.deps.settings_configmap = (kube.ns, "va-settings")
+    cycle(ctrl)
+    assert ctrl.deps.settings.current.interval_s == 2
+    bad = {"data": {"settings.yaml": "interval_s: -5\n"}}
+    kube.core.patch_namespaced_config_map("va-settings", kube.ns, bad)
+    report = cycle(ctrl)
+    assert report.ok and ctrl.deps.settings.current.interval_s == 2
+    assert "interval_s" in ctrl.deps.settings.last_error
+    assert 'reason="InvalidSettings"' in ctrl.deps.exporter.render().decode()
+    kube.core.patch_namespaced_config_map("va-settings", kube.ns,
+                                          {"data": {"settings.yaml": json.dumps(settings_dict(interval_s=7))}})
+    cycle(ctrl)
+    assert ctrl.deps.settings.current.interval_s == 7
+
+
+def test_observations_helper_matches_the_collector_contract():
+    """The pre-collected observations used above are valid collector results for the optimizer."""
+    from variant_autoscaler.collector import VariantSelector
+
+    sel = [VariantSelector(name="ns/a", namespace="ns", model=MODEL, deployment="a")]
+    got = observations({MODEL: 3.0}, sel)
+    w = got.models[MODEL].to_workload()
+    assert w.arrival_rate_rps == 3.0 and w.buckets[0].input_tokens == 100

@@ -1,0 +1,101 @@
+"""Two operator replicas (two kopf.testing.KopfRunner instances in one process) never actuate at once.
+
+Both run this package's kopf module against the emulated cluster with kopf peering; the one with
+the higher priority scales the target, the other stays paused; when the active one stops, the other
+takes over. Who wrote what is read from the API server's request log (each replica has its own
+User-Agent).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import yaml
+from kopf.testing import KopfRunner
+from operator_harness import L4_PROFILE, Kube, settings_dict, variant, wait_until
+from variant_autoscaler.emulation.prometheus import free_port
+
+PEERING = "va-peering-test"
+
+
+def _scale_writers(cluster, namespace: str, deployment: str) -> list[str]:
+    return [r.user_agent for r in cluster.core.requests
+            if r.method == "PUT" and r.path == f"/apis/apps/v1/namespaces/{namespace}/deployments/{deployment}/scale"]
+
+
+def test_only_the_highest_priority_replica_actuates_and_the_other_takes_over(
+        emulated_cluster, kube_api, kube_namespace, tmp_path):
+    kube = Kube(kube_api, kube_namespace)
+    kube.deploy("peer-l4", 1)
+    kube.apply_variant(variant("peer-l4", "peer-l4", profile=L4_PROFILE, min_replicas=2))
+    settings = settings_dict(interval_s=1, watched_namespaces=[kube_namespace],
+                             prometheus={"url": f"http://127.0.0.1:{free_port()}", "timeout_s": 0.5})
+    path = tmp_path / "settings.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    env = {"VARIANT_AUTOSCALER_SETTINGS_FILE": str(path), "VARIANT_AUTOSCALER_METRICS_PORT": "0",
+           "VARIANT_AUTOSCALER_METRICS_HOST": "127.0.0.1", "VARIANT_AUTOSCALER_PEERING_GRACE_S": "1",
+           "VARIANT_AUTOSCALER_KUBECONFIG": str(emulated_cluster.kubeconfig_path)}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    args = ["run", "-A", "--verbose", "-m", "variant_autoscaler.operator", "--peering", PEERING]
+    high = KopfRunner([*args, "--priority", "20"], timeout=60)
+    low = KopfRunner([*args, "--priority", "10"], timeout=60)
+    try:
+        high.__enter__()
+        wait_until(lambda: 20 in _priorities(kube), timeout_s=20, what="the first replica in the peering")
+        low.__enter__()
+        wait_until(lambda: kube.replicas("peer-l4") == 2, timeout_s=40, what="the active replica to scale")
+        wait_until(lambda: _priorities(kube) == [10, 20], timeout_s=20, what="both replicas in the peering")
+        first = set(_scale_writers(emulated_cluster, kube_namespace, "peer-l4"))
+        assert len(first) == 1, first
+        _set_min(kube, 3)
+        wait_until(lambda: kube.replicas("peer-l4") == 3, timeout_s=30, what="the active replica again")
+        assert set(_scale_writers(emulated_cluster, kube_namespace, "peer-l4")) == first
+        high.__exit__(None, None, None)
+        _set_min(kube, 4)
+        wait_until(lambda: kube.replicas("peer-l4") == 4, timeout_s=40, what="the other replica to take over")
+        writers = _scale_writers(emulated_cluster, kube_namespace, "peer-l4")
+        assert writers[-1] not in first and len(set(writers)) == 2
+        low.__exit__(None, None, None)
+    finally:
+        for runner in (high, low):
+            if runner._thread.is_alive():
+                runner.__exit__(None, None, None)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    assert high.exception is None and low.exception is None
+
+
+def _priorities(kube: Kube) -> list[int]:
+    try:
+        peers = kube.custom.get_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", PEERING)
+    except Exception:  # noqa: BLE001 - not created yet
+        return []
+    return sorted(p["priority"] for p in (peers.get("status") or {}).values())
+
+
+def _set_min(kube: Kube, replicas: int) -> None:
+    body = kube.variant("peer-l4")
+    body["spec"]["minReplicas"] = replicas
+    kube.custom.replace_namespaced_custom_object("autoscaling.variant-autoscaler.io", "v1alpha1", kube.ns,
+                                                 "variantautoscalings", "peer-l4", body)
+
+
+@pytest.mark.parametrize("status, mine, active", [
+    ({}, 5, False),
+    ({"a": {"priority": 5, "lifetime": 60, "lastseen": "2999-01-01T00:00:00+00:00"}}, 5, True),
+    ({"a": {"priority": 5, "lifetime": 60, "lastseen": "2999-01-01T00:00:00+00:00"},
+      "b": {"priority": 9, "lifetime": 60, "lastseen": "2999-01-01T00:00:00+00:00"}}, 5, False),
+    ({"a": {"priority": 5, "lifetime": 60, "lastseen": "2999-01-01T00:00:00+00:00"},
+      "b": {"priority": 9, "lifetime": 60, "lastseen": "2000-01-01T00:00:00+00:00"}}, 5, True),
+    ({"a": {"priority": 5, "lifetime": 60, "lastseen": "2999-01-01T00:00:00+00:00"},
+      "b": {"priority": 5, "lifetime": 60, "lastseen": "2999-01-01T00:00:00+00:00"}}, 5, False),
+])
+def test_the_peering_rule_is_kopfs(status, mine, active):
+    from variant_autoscaler.operator import peer_is_active
+
+    assert peer_is_active(status, mine) is active
