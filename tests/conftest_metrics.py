@@ -22,7 +22,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from variant_autoscaler.emulation.load import LoadReport, LoadSpec, generate_load
+from variant_autoscaler.emulation.load import LoadSpec, generate_load
 from variant_autoscaler.emulation.model_server import EmulatedModelServer, ModelServerConfig
 from variant_autoscaler.emulation.prometheus import PrometheusNotInstalled, PrometheusServer, ScrapeTarget
 
@@ -122,10 +122,6 @@ async def _stop_all(servers: list[EmulatedModelServer]) -> None:
 
 async def _new_event() -> asyncio.Event:
     return asyncio.Event()
-
-
-def load_report(stack: MetricsStack, pod: str) -> LoadReport:
-    return stack.loads[pod].result(timeout=30)
 
 
 def wait_until(predicate: Callable[[], object], *, timeout_s: float, what: str, interval_s: float = 0.5):

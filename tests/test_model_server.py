@@ -223,6 +223,19 @@ def test_load_generator_counts_match_what_servers_saw():
     assert {t.sent for t in report.targets} == {12, 13}
 
 
+def test_load_generator_streaming_reads_tokens_from_the_stream():
+    async def scenario():
+        async with EmulatedModelServer(config()) as server:
+            spec = LoadSpec(targets=[server.url], model="m", phases=[{"duration_s": 5, "rate_rps": 50}],
+                            mix=[{"prompt_tokens": 30, "max_tokens": 7}], arrivals="uniform", max_requests=4,
+                            stream=True)
+            return await generate_load(spec), server.metrics_text()
+
+    report, text = asyncio.run(scenario())
+    assert report.ok == 4 and report.targets[0].completion_tokens_ok == 28 == value(
+        text, "vllm:request_generation_tokens_sum")
+
+
 def test_load_generator_stops_at_its_time_bound_and_on_request():
     async def scenario():
         async with EmulatedModelServer(config()) as server:

@@ -3,7 +3,7 @@
 One PromQL query per metric, for all variants at once: every query aggregates
 `by (namespace, pod, model_name)` (plus an optional variant label), and the results are split into
 variants here. The number of queries, and the work Prometheus does per query, is independent of
-how many VariantAutoscalings exist; a cluster with 1,000 variants costs the same ~18 queries.
+how many VariantAutoscalings exist; a cluster with 1,000 variants costs the same 19 queries.
 
 How pods are matched to variants (configurable):
 * by pod name (default): a variant's pods are those in its namespace whose `pod` label matches a

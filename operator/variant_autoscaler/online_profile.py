@@ -25,6 +25,7 @@ Two sources, tried in order, each with one range query per metric for all varian
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from typing import Literal
 
@@ -57,13 +58,13 @@ class ProfileFitResult(BaseModel):
     fits: dict[str, ProfileFit] = Field(default_factory=dict)
 
 
-def _points(series: list, key_of, value_filter=lambda v: v >= 0) -> dict[tuple, dict[float, float]]:
-    """{key: {timestamp: value}} from a range-query result."""
+def _points(series: list, key_of) -> dict[tuple, dict[float, float]]:
+    """{key: {timestamp: value}} from a range-query result; negative changes (counter resets) and NaN dropped."""
     out: dict[tuple, dict[float, float]] = defaultdict(dict)
     for labels, values in series:
         k = key_of(labels)
         for t, v in values:
-            if value_filter(v):
+            if v >= 0:
                 out[k][round(t, 3)] = out[k].get(round(t, 3), 0.0) + v
     return out
 
@@ -120,8 +121,7 @@ class OnlineProfileFitter:
 
     def fit(self, selectors: list[VariantSelector], *, lookback_s: float = 600.0, step_s: float | None = None,
             end: float | None = None, use_iteration_metrics: bool = True) -> ProfileFitResult:
-        import time
-
+        """Fit every selector from the last `lookback_s` seconds, sampled every `step_s` (default: half the window)."""
         end = end if end is not None else time.time()
         step = step_s or max(1.0, self.window_s / 2)
         span = (end - lookback_s, end, step)

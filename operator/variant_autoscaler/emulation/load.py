@@ -12,6 +12,7 @@ emulated second.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
 from typing import Literal
@@ -126,9 +127,26 @@ def _arrival_offsets(spec: LoadSpec, rng: random.Random):
         phase_start = end
 
 
+async def _read_stream(resp, cls: LengthClass) -> tuple[int, int]:
+    """(prompt, completion) tokens of an SSE completion stream: from its usage chunk when the server
+    sends one, else one token per chunk with text (what the emulator and vLLM send)."""
+    chunks, usage = 0, None
+    async for line in resp.content:
+        if not line.startswith(b"data: {"):
+            continue
+        event = json.loads(line[6:])
+        if event.get("usage"):
+            usage = event["usage"]
+        if any(c.get("text") for c in event.get("choices", ())):
+            chunks += 1
+    if usage:
+        return usage["prompt_tokens"], usage["completion_tokens"]
+    return cls.prompt_tokens, chunks
+
+
 async def _one(session, spec: LoadSpec, url: str, cls: LengthClass, tally: _Tally) -> None:
     body = {"model": spec.model, "prompt_token_count": cls.prompt_tokens, "max_tokens": cls.max_tokens,
-            "stream": spec.stream}
+            "stream": spec.stream} | ({"stream_options": {"include_usage": True}} if spec.stream else {})
     try:
         async with session.post(f"{url}/v1/completions", json=body,
                                 timeout=aiohttp.ClientTimeout(total=spec.request_timeout_s)) as resp:
@@ -136,11 +154,7 @@ async def _one(session, spec: LoadSpec, url: str, cls: LengthClass, tally: _Tall
                 tally.fail(url, f"HTTP {resp.status}")
                 return
             if spec.stream:
-                completion = 0
-                async for line in resp.content:
-                    if line.startswith(b"data: {") and b'"text": " t"' in line:
-                        completion += 1
-                prompt = cls.prompt_tokens
+                prompt, completion = await _read_stream(resp, cls)
             else:
                 usage = (await resp.json())["usage"]
                 prompt, completion = usage["prompt_tokens"], usage["completion_tokens"]
