@@ -33,6 +33,11 @@ bench: venv
 lint: venv
 	$(VENV)/bin/ruff check optimizer operator tests benchmarks
 
+.PHONY: live
+## live: emulated cluster + Prometheus + emulated model servers + the operator + a load ramp, 5 min (Ctrl-C stops)
+live: venv system-deps
+	$(PY) -m variant_autoscaler.emulation.live --duration $(or $(DURATION),300)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .benchmarks reports
 

@@ -152,3 +152,15 @@ def _scenario(kube, options, gateway, metrics_url, l4_key, kube_namespace, load,
 
 async def _event() -> asyncio.Event:
     return asyncio.Event()
+
+
+def test_live_demo_objects_parse_and_its_ramp_fits_the_duration():
+    from variant_autoscaler.emulation.live import _objects, ramp
+    from variant_autoscaler.resources import parse_variant
+
+    deployments, variants = _objects()
+    parsed = [parse_variant({**v, "metadata": {**v["metadata"], "namespace": "demo"}}) for v in variants]
+    assert {p.target.name for p in parsed} == {d["metadata"]["name"] for d in deployments}
+    phases = ramp(300)
+    assert sum(p["duration_s"] for p in phases) == pytest.approx(300)
+    assert max(p["rate_rps"] for p in phases) > 4 * min(p["rate_rps"] for p in phases)

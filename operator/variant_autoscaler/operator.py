@@ -305,8 +305,10 @@ class Runtime:
     async def start(self) -> None:
         await self.metrics.start()
         await self.ensure_peering()
-        log.info("metrics on %s/metrics; peering %r priority %d; instance %s", self.metrics.url,
-                 self.peering_name, self.priority, self.options.instance)
+        standalone = self.options.standalone or self.kopf_settings.peering.standalone
+        log.info("metrics on %s/metrics; %s; instance %s", self.metrics.url,
+                 "standalone (no peering)" if standalone else f"peering {self.peering_name!r} priority {self.priority}",
+                 self.options.instance)
         self.task = asyncio.create_task(self.loop(), name="variant-autoscaler loop")
 
     async def stop(self) -> None:
