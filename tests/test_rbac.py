@@ -111,7 +111,7 @@ class World:
         client.CoreV1Api(self.api).create_namespace({"metadata": {"name": name}})
         return name
 
-    def deploy_variant(self, namespace: str, name: str, model: str, replicas: int, *, profile: dict) -> None:
+    def deploy(self, namespace: str, name: str, model: str, replicas: int) -> None:
         from kubernetes import client
         from variant_autoscaler.emulation.model_pods import model_server_annotation
 
@@ -121,6 +121,10 @@ class World:
             "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": name}},
                      "template": {"metadata": {"labels": {"app": name}, "annotations": annotations},
                                   "spec": {"containers": [{"name": "vllm", "image": "vllm/vllm-openai"}]}}}})
+
+    def autoscale(self, namespace: str, name: str, model: str, *, profile: dict) -> None:
+        from kubernetes import client
+
         client.CustomObjectsApi(self.api).create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, {
             "apiVersion": f"{GROUP}/{VERSION}", "kind": "VariantAutoscaling", "metadata": {"name": name},
             "spec": {"scaleTargetRef": {"name": name}, "modelID": model, "accelerator": "L4", "minReplicas": 1,
@@ -137,8 +141,12 @@ class World:
         spec = LoadSpec(targets=[self.gateway.url], model=model, phases=[RatePhase(duration_s=duration_s,
                                                                                     rate_rps=rate_rps)],
                         mix=[LengthClass(prompt_tokens=100, max_tokens=40)], max_duration_s=duration_s + 5,
-                        drain_timeout_s=2)
+                        drain_timeout_s=1, request_timeout_s=5, max_in_flight=64)
         return asyncio.run_coroutine_threadsafe(generate_load(spec), self.cluster._loop)
+
+    def settings_read(self) -> bool:
+        """The operator has read its settings ConfigMap once (its first cycle)."""
+        return any(c.resource == "configmaps" and c.namespace == RELEASE_NAMESPACE for c in self.operator_calls())
 
     def operator_calls(self) -> list[Call]:
         return [Call(group=r.group or "", resource=r.resource + (f"/{r.subresource}" if r.subresource else ""),
@@ -266,14 +274,19 @@ def test_cluster_role_equals_the_calls_of_a_scaling_operator(world, helm, tmp_pa
     client.CoreV1Api(world.api).create_namespaced_config_map(ns, {
         "metadata": {"name": "idle-profile"},
         "data": {"profile.yaml": yaml.safe_dump({"parametric": SLOW_PROFILE})}})
-    world.deploy_variant(ns, "idle", MODEL_IDLE, 3, profile={"configMapRef": {"name": "idle-profile"}})
-    world.deploy_variant(ns, "busy", MODEL_BUSY, 1, profile={"parametric": SLOW_PROFILE})
+    world.deploy(ns, "idle", MODEL_IDLE, 3)
+    world.deploy(ns, "busy", MODEL_BUSY, 1)
     docs = render(helm, tmp_path, chart_values(world))
     world.cluster.core.clear_requests()
-    load = world.load(MODEL_BUSY, rate_rps=8.0, duration_s=45)
+    load = world.load(MODEL_BUSY, rate_rps=8.0, duration_s=30)
     try:
         with ChartOperator(world, docs):
-            wait_until(lambda: world.replicas(ns, "busy") > 1 and world.replicas(ns, "idle") < 3, 45,
+            # Variants appear once the operator runs on the chart's settings (its first cycle reads
+            # them): a new VariantAutoscaling wakes the loop, as it would on a live cluster.
+            wait_until(world.settings_read, 30, "the operator reads its settings ConfigMap")
+            world.autoscale(ns, "idle", MODEL_IDLE, profile={"configMapRef": {"name": "idle-profile"}})
+            world.autoscale(ns, "busy", MODEL_BUSY, profile={"parametric": SLOW_PROFILE})
+            wait_until(lambda: world.replicas(ns, "busy") > 1 and world.replicas(ns, "idle") < 3, 30,
                        "the operator scales the busy variant up and the idle one down")
             time.sleep(2)  # one more cycle: status and Events of the moves
     finally:
@@ -291,10 +304,12 @@ def test_cluster_role_equals_the_calls_of_a_scaling_operator(world, helm, tmp_pa
 
 def test_watched_namespaces_mode_is_authorized_and_uses_its_own_rules(world, helm, tmp_path):
     ns = world.namespace()
-    world.deploy_variant(ns, "busy", MODEL_BUSY, 1, profile={"parametric": SLOW_PROFILE})
+    world.deploy(ns, "busy", MODEL_BUSY, 1)
     docs = render(helm, tmp_path, chart_values(world, operator={"watchNamespaces": [ns]}))
     world.cluster.core.clear_requests()
     with ChartOperator(world, docs):
+        wait_until(world.settings_read, 30, "the operator reads its settings ConfigMap")
+        world.autoscale(ns, "busy", MODEL_BUSY, profile={"parametric": SLOW_PROFILE})
         wait_until(lambda: any(c.resource == "variantautoscalings/status" for c in world.operator_calls()), 30,
                    "a cycle writes the variant's status")
     calls = world.operator_calls()
