@@ -337,7 +337,7 @@ class ClusterSimulator:
             self._remove(rep, t)
 
     def _apply(self, decision: Decision, t: float, warm: bool) -> None:
-        self.router.set_guidance(decision.routing)
+        self.router.set_guidance(decision.routing, decision.desired_replicas)
         for name, desired in sorted(decision.desired_replicas.items()):
             v = self.variants.get(name)
             if v is None:

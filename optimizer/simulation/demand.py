@@ -7,7 +7,10 @@ the two and is where an autoscaler decides how much of the future it plans for:
 * **rate**: the highest arrival rate over windows of `rate_windows_s` within the last
   `rate_horizon_s` (InferLine's envelope at the time scales a replica's cold start cares about),
   plus the recent trend extrapolated over `lead_time_s`, because capacity requested now serves
-  only after a cold start and traffic that is rising keeps rising meanwhile;
+  only after a cold start and traffic that is rising keeps rising meanwhile; and a planned rate
+  is held for `lead_time_s`, so replicas requested for a rise are not cancelled while they are
+  still starting when the trend term fades (cancelling them wastes their cold start and leaves
+  the rise uncovered);
 * **mix**: buckets by prompt length (the router sees the prompt, not the future output), each
   with its share of the arrivals of the last `mix_horizon_s` seconds, its mean prompt, and the
   mean output length of the finished requests of that bucket (an exponential average, starting
@@ -62,6 +65,7 @@ class DemandEstimator:
         self._tokens = [0] * n
         self._output = [float(prior_output_tokens)] * n
         self._recent: deque[float] = deque()  # arrival times of the last 2 trend windows
+        self._planned: deque[tuple[float, float]] = deque()  # (time, planned rate) of the last lead time
 
     def bucket_of(self, input_tokens: int) -> int:
         return bisect.bisect_right(self._edges, input_tokens)
@@ -93,7 +97,7 @@ class DemandEstimator:
             self._output[b] += weight * (total / count - self._output[b])
 
     def rate_rps(self, now: float) -> float:
-        """Planned arrival rate: the recent envelope, raised by a rising trend over the lead time."""
+        """Planned arrival rate: the recent envelope, raised by a rising trend, held for the lead time."""
         if self.envelope.count == 0:
             return 0.0
         envelope = self.envelope.max_rate(now)
@@ -102,7 +106,12 @@ class DemandEstimator:
         older = split
         newer = len(self._recent) - split
         slope = (newer - older) / (w * w)
-        return max(envelope, newer / w + max(0.0, slope) * self.lead_time_s)
+        rate = max(envelope, newer / w + max(0.0, slope) * self.lead_time_s)
+        while self._planned and self._planned[0][0] <= now - self.lead_time_s:
+            self._planned.popleft()
+        held = max((r for _, r in self._planned), default=0.0)
+        self._planned.append((now, rate))
+        return max(rate, held)
 
     def workload(self, now: float) -> Workload:
         total = sum(self._count)

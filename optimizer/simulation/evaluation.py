@@ -91,11 +91,11 @@ def plan_runs(prep: Prepared) -> list[RunPlan]:
         elif isinstance(spec, SaturationSpec):
             plans.append(RunPlan(spec.name or "wva-saturation", spec))
         elif isinstance(spec, OursSpec):
-            label = spec.name or ("ours" if spec.change_penalty > 0 else "ours-no-penalty")
+            label = spec.name or ("ours-no-penalty" if spec.change_penalty == 0 else "ours")
             plans.append(RunPlan(label, spec, service_level=spec.service_level))
     pareto = prep.scenario.pareto
     if pareto is not None:
-        base = next((p.spec for p in plans if isinstance(p.spec, OursSpec) and p.spec.change_penalty > 0),
+        base = next((p.spec for p in plans if isinstance(p.spec, OursSpec) and p.spec.change_penalty != 0),
                     OursSpec())
         for level in pareto.service_levels:
             same = next((p for p in plans if p.spec is base and p.service_level == level), None)
@@ -137,10 +137,19 @@ def build_policy(prep: Prepared, plan: RunPlan):
         from optimizer.simulation.policies.engine import EnginePolicy
 
         lead = spec.lead_time_s if spec.lead_time_s is not None else max(prep.cold_start_s.values())
+        penalty = spec.change_penalty
+        if penalty is None:
+            # A change costs about one cold start of a replica and pays only if its saving lasts well
+            # beyond that; on the quality benchmark a tenth of the mean price churned and a half held
+            # capacity too long.
+            prices = [prep.problem.variant_cost_per_hour(v) for v in prep.problem.variants]
+            penalty = 0.25 * sum(prices) / len(prices)
         return EnginePolicy(prep.problem, service_level=plan.service_level or spec.service_level,
-                            change_penalty=spec.change_penalty, interval_s=spec.interval_s,
-                            scale_down_delay_s=spec.scale_down_delay_s, lead_time_s=lead,
-                            input_edges=tuple(prep.scenario.input_edges), name=plan.label)
+                            change_penalty=penalty, interval_s=spec.interval_s,
+                            scale_down_delay_s=spec.scale_down_delay_s,
+                            scale_down_window_s=spec.scale_down_window_s, lead_time_s=lead,
+                            input_edges=tuple(prep.scenario.input_edges),
+                            rate_windows_s=tuple(spec.rate_windows_s), name=plan.label)
     raise TypeError(f"unknown policy spec {type(spec).__name__}")
 
 

@@ -55,7 +55,7 @@ class RoundRobinRouter:
     def victims(self, replicas: Sequence[RoutableReplica], count: int) -> list[RoutableReplica]:
         return _idle_first(replicas, count, key=lambda r: -r.created_s)
 
-    def set_guidance(self, routing: list[RouteGuidance]) -> None:
+    def set_guidance(self, routing: list[RouteGuidance], planned_replicas: dict[str, int] | None = None) -> None:
         """Round-robin ignores optimizer guidance."""
 
 
@@ -94,7 +94,7 @@ class LeastOutstandingRouter:
     def victims(self, replicas: Sequence[RoutableReplica], count: int) -> list[RoutableReplica]:
         return _idle_first(replicas, count, key=lambda r: (r.outstanding, -r.created_s))
 
-    def set_guidance(self, routing: list[RouteGuidance]) -> None:
+    def set_guidance(self, routing: list[RouteGuidance], planned_replicas: dict[str, int] | None = None) -> None:
         """Least-outstanding ignores optimizer guidance."""
 
 
@@ -103,9 +103,11 @@ class WeightedRouter:
 
     The optimizer decides what share of each prompt-length bucket each variant should serve (cheap
     accelerators for short prompts, fast ones for long ones); this router realises those shares
-    with smooth weighted round-robin (deterministic, no long runs on one variant). Variants with
-    no live replica are skipped and the rest renormalised; with no guidance for a request it falls
-    back to least-outstanding over the whole pool.
+    with smooth weighted round-robin (deterministic, no long runs on one variant). The shares were
+    planned for the replicas the optimizer asked for; while some of them are still starting, a
+    variant's weight is scaled by live / planned replicas and the rest renormalised, so the one
+    replica that is up does not take the load meant for six. With no guidance for a request it
+    falls back to least-outstanding over the whole pool.
     """
 
     name = "weighted"
@@ -114,8 +116,10 @@ class WeightedRouter:
         self._inner = LeastOutstandingRouter()
         self._rules: dict[str, list[RouteGuidance]] = {}
         self._credit: dict[tuple[str, int], dict[str, float]] = {}
+        self._planned: dict[str, int] = {}
 
-    def set_guidance(self, routing: list[RouteGuidance]) -> None:
+    def set_guidance(self, routing: list[RouteGuidance], planned_replicas: dict[str, int] | None = None) -> None:
+        self._planned = dict(planned_replicas or {})
         rules: dict[str, list[RouteGuidance]] = {}
         for rule in routing:
             key = f"{rule.model}/{'decode' if rule.stage == 'D' else 'entry'}"
@@ -142,9 +146,13 @@ class WeightedRouter:
                     by_variant.setdefault(r.variant, []).append(r)
             if by_variant:
                 credit = self._credit.setdefault((pool_key, bucket), {})
-                total = sum(weights[v] for v in by_variant)
+                live = {}
+                for v, reps in by_variant.items():
+                    planned = self._planned.get(v, 0)
+                    live[v] = weights[v] * (min(1.0, len(reps) / planned) if planned > 0 else 1.0)
+                total = sum(live.values())
                 for v in by_variant:
-                    credit[v] = credit.get(v, 0.0) + weights[v]
+                    credit[v] = credit.get(v, 0.0) + live[v]
                 chosen = max(sorted(by_variant), key=lambda v: credit[v])
                 credit[chosen] -= total
                 return self._inner.pick(f"{pool_key}/{chosen}", by_variant[chosen], input_tokens)

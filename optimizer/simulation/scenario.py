@@ -99,11 +99,16 @@ class OursSpec(_Strict):
 
     kind: Literal["ours"] = "ours"
     name: str | None = None
-    service_level: float = Field(default=0.85, gt=0, le=1)
-    change_penalty: float = Field(default=0.5, ge=0, description="$/h per replica added or removed.")
-    interval_s: float = Field(default=30.0, gt=0)
-    scale_down_delay_s: float = Field(default=120.0, ge=0)
+    service_level: float = Field(default=0.9, gt=0, le=1)
+    change_penalty: float | None = Field(
+        default=None, ge=0,
+        description="$/h per replica added or removed; None: a quarter of the model's mean replica price per hour.")
+    interval_s: float = Field(default=15.0, gt=0)
+    scale_down_delay_s: float = Field(default=180.0, ge=0, description="Demand must stay lower this long.")
+    scale_down_window_s: float = Field(default=0.0, ge=0, description="HPA-style per-variant stabilization.")
     lead_time_s: float | None = Field(default=None, ge=0, description="None: the slowest variant's cold start.")
+    rate_windows_s: list[float] = Field(default_factory=lambda: [60.0], min_length=1,
+                                        description="Windows of the arrival-rate envelope the plan covers.")
     router: RouterName = "weighted"
 
 

@@ -1,7 +1,7 @@
 """Replay a trace on a simulated heterogeneous cluster under several autoscaling policies and compare them.
 
 With no SCENARIO the bundled default runs (examples/scenarios/default.yaml: the example fleet's
-Llama-3.1-8B variants under 30 minutes of bursty chat traffic). Prints the comparison table and
+Llama-3.1-70B variants under 30 minutes of chat traffic that rises and falls). Prints the comparison table and
 writes a report folder: summary.json, table.txt and PNG plots (arrival rate, replicas over time
 per variant for each policy, latency percentiles, the latency-cost Pareto front).
 """
@@ -28,6 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
+    from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
@@ -63,17 +64,17 @@ def run(args: argparse.Namespace) -> int:
     for col in TABLE_COLUMNS:
         table.add_column(col, justify="left" if col == "policy" else "right")
     for row in table_rows(comparison):
-        table.add_row(*row)
+        table.add_row(*(escape(cell) for cell in row))
     console.print(table)
     best = best_homogeneous_hpa(comparison)
     ours = next((o for o in comparison.outcomes if o.plan.label == "ours"), None)
     if best is not None and ours is not None and best.metrics.cost > 0:
         saving = 1 - ours.metrics.cost / best.metrics.cost
-        console.print(f"ours vs best homogeneous HPA ({best.plan.label}): {100 * saving:+.1f} % cost saving, "
+        console.print(f"ours vs best homogeneous HPA ({escape(best.plan.label)}): {100 * saving:+.1f} % cost saving, "
                       f"SLO attainment {100 * ours.metrics.slo_attainment:.2f} % vs "
                       f"{100 * best.metrics.slo_attainment:.2f} %")
     if comparison.hypervolume:
-        hv = ", ".join(f"{k} {v:.3f}" for k, v in comparison.hypervolume.items())
+        hv = escape(", ".join(f"{k} {v:.3f}" for k, v in comparison.hypervolume.items()))
         console.print(f"normalized hypervolume (P90 {scenario.pareto.latency.upper()} vs cost): {hv}")
 
     folder = Path(args.output) if args.output else Path("reports") / f"simulate-{datetime.now():%Y%m%d-%H%M%S}"

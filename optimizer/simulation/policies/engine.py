@@ -9,19 +9,28 @@ still when a change would save little). `optimizer.capacity.capacity_table` give
 bucket) its capacity and `optimizer.allocation.allocate` the cheapest replicas and the routing
 shares, which go to the weighted router as guidance.
 
-Scale-down waits `scale_down_delay_s`: a variant keeps the highest count the engine wanted over
-that time, because a replica removed now and needed again in a minute costs a cold start and
-the requests that arrive meanwhile.
+The allocation is an end state; the way there goes through `optimizer.transition.plan_transition`,
+the same planner the operator uses, so the simulated policy is the deployed one: scale-ups at
+once within inventory, and make-before-break across the variants of a model (a variant the
+allocation drops keeps serving until its replacements are ready), so swapping one accelerator
+type for another never leaves a gap of a cold start.
+
+Scale-down waits `scale_down_delay_s` on the demand side: the planned rate is the busiest
+stretch of the last `scale_down_delay_s` seconds, so capacity follows a rise at the next interval
+but a fall only once it has lasted, because a replica removed now and needed again in a minute
+costs a cold start and the requests that arrive meanwhile. `scale_down_window_s` adds the HPA's
+per-variant stabilization on top (off by default: holding each variant at its recent maximum
+keeps both sides of every swap between near-equal alternatives, which cost more than it saved).
 """
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable, Mapping
 
 from optimizer.problem import Problem
 from optimizer.simulation.demand import DEFAULT_INPUT_EDGES, DemandEstimator
-from optimizer.simulation.policy import Decision, Observation, RouteGuidance
+from optimizer.simulation.policy import Decision, Observation, ReplicaState, RouteGuidance
+from optimizer.transition import StabilizationHistory, TransitionPolicy, VariantState, plan_transition
 
 MIN_PLANNED_RATE_RPS = 0.05
 """Demand floor: keeps one replica of a model that saw no traffic recently (no scale to zero)."""
@@ -42,8 +51,10 @@ class EnginePolicy:
         change_penalty: float = 0.5,
         interval_s: float = 30.0,
         scale_down_delay_s: float = 120.0,
+        scale_down_window_s: float = 0.0,
         lead_time_s: float = 60.0,
         input_edges: tuple[int, ...] = DEFAULT_INPUT_EDGES,
+        rate_windows_s: tuple[float, ...] = (30.0, 60.0),
         allocator: Callable | None = None,
         name: str = "ours",
     ):
@@ -57,13 +68,18 @@ class EnginePolicy:
         self.name = name
         self.allocator = allocator or _default_allocator
         models = [s.model for s in problem.slos]
-        self.estimators = {m: DemandEstimator(m, input_edges=input_edges, lead_time_s=lead_time_s) for m in models}
+        self.estimators = {
+            m: DemandEstimator(m, input_edges=input_edges, lead_time_s=lead_time_s, rate_windows_s=rate_windows_s,
+                               rate_horizon_s=max(scale_down_delay_s, 2 * interval_s))
+            for m in models
+        }
         self._ranges = {
             label: bounds
             for est in self.estimators.values()
             for label, bounds in zip(est.labels, est.bounds, strict=True)
         }
-        self._history: deque[tuple[float, dict[str, int]]] = deque()
+        self.transition = TransitionPolicy(scale_up_window_s=0.0, scale_down_window_s=scale_down_window_s)
+        self._stabilization = StabilizationHistory()
         self.last_problem: Problem | None = None
         self.last_allocation = None
 
@@ -90,21 +106,38 @@ class EnginePolicy:
         capacity = {key: est.max_rate_rps for key, est in capacity_table(problem).items()}
         allocation = self.allocator(problem, capacity)
         self.last_problem, self.last_allocation = problem, allocation
-        wanted = {v.name: int(allocation.replicas.get(v.name, 0)) for v in problem.variants}
-
-        now = observation.time_s
-        self._history.append((now, wanted))
-        while self._history and self._history[0][0] < now - self.scale_down_delay_s:
-            self._history.popleft()
-        desired = {v: max(h.get(v, 0) for _, h in self._history) for v in wanted}
+        desired = self._step(observation, problem, allocation)
         rate = sum(w.arrival_rate_rps for w in problem.workloads)
         return Decision(desired_replicas=desired, routing=self._guidance(allocation),
                         note=f"planned {rate:.2f} req/s, ${allocation.cost_per_hour:.2f}/h")
 
+    def _step(self, observation: Observation, problem: Problem, allocation) -> dict[str, int]:
+        """This interval's replicas on the way to the allocation (make-before-break, inventory)."""
+        states = []
+        for v in problem.variants:
+            live = observation.replicas_of(v.name, ReplicaState.STARTING, ReplicaState.READY)
+            draining = observation.replicas_of(v.name, ReplicaState.DRAINING)
+            ready = sum(1 for r in live if r.state is ReplicaState.READY)
+            states.append(VariantState(
+                name=v.name, group=v.model, accelerator=v.accelerator,
+                accelerators_per_replica=v.accelerators_per_replica, current_replicas=len(live),
+                ready_replicas=ready, pods=len(live) + len(draining),
+                desired_replicas=int(allocation.replicas.get(v.name, 0)),
+                min_replicas=v.min_replicas, max_replicas=v.max_replicas))
+        inventory = {a.name: a.available for a in problem.accelerators}
+        plan = plan_transition(states, inventory, self.transition, self._stabilization, observation.time_s)
+        self._stabilization = plan.history
+        return {step.name: step.target_replicas for step in plan.steps}
+
     def _guidance(self, allocation) -> list[RouteGuidance]:
+        """Routing weights per (model, bucket, stage) as prompt-length rules for the weighted router."""
+        grouped: dict[tuple[str, str, str], dict[str, float]] = {}
+        for route in allocation.routing:
+            if route.weight > 0:
+                grouped.setdefault((route.model, route.bucket, route.stage), {})[route.variant] = route.weight
         rules = []
-        for route in allocation.routes():
-            lo, hi = self._ranges.get(route.bucket, (0, None))
-            rules.append(RouteGuidance(model=route.model, min_input_tokens=lo, max_input_tokens=hi,
-                                       stage=route.stage, weights=route.weights))
+        for (model, bucket, stage), weights in grouped.items():
+            lo, hi = self._ranges.get(bucket, (0, None))
+            rules.append(RouteGuidance(model=model, min_input_tokens=lo, max_input_tokens=hi, stage=stage,
+                                       weights=weights))
         return rules

@@ -1,0 +1,106 @@
+"""Does ours beat the baselines? Issue 3's quality goals on the Azure conv hour and a bursty hour.
+
+Goal: ours reaches >= 99 % SLO attainment at >= 30 % lower cost than the best homogeneous HPA-like
+baseline, at lower cost than the WVA-style and InferLine-style policies at equal or better
+attainment, and with fewer replica changes than HPA-like.
+
+Setup: Llama-3.1-70B on the example fleet (examples/fleet.yaml: H100 x4 and A100 x4 / x8 replicas,
+an H100 prefill + A100 decode pair; AWS on-demand prices; 8 H100 and 32 A100 in inventory), SLO
+TTFT 2.5 s, ITL 100 ms at p99 (so that 99 % attainment is what the planner aims at). The baselines
+are tuned honestly: every PD variant gets HPA runs at several target fractions and the best
+homogeneous HPA is the cheapest run reaching 99 %; ours runs at several service levels (its
+latency-cost front). Each run is scored after a 5-minute warm-up.
+
+    .venv/bin/python -m pytest -q benchmarks/bench_sim_quality.py -s        # or run this file
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from optimizer.simulation.evaluation import Comparison, best_homogeneous_hpa, compare
+from optimizer.simulation.generators import BurstyArrivals, GeneratedTrace
+from optimizer.simulation.report import format_table
+from optimizer.simulation.scenario import FileTrace, Scenario, prepare
+
+ROOT = Path(__file__).resolve().parents[1]
+AZURE = ROOT.parent / "shared" / "data" / "traces" / "azure2023_conv.csv"
+MODEL = "Llama-3.1-70B"
+FLEET = str(ROOT / "examples" / "fleet.yaml")
+SLO = {"model": MODEL, "ttft_s": 2.5, "itl_s": 0.1, "percentile": 99}
+HPA_FRACTIONS = (0.4, 0.6, 0.8)
+SERVICE_LEVELS = [0.7, 0.8, 0.9, 1.0]
+
+
+def scenario(name: str, trace) -> Scenario:
+    policies = [{"kind": "static-peak"}]
+    policies += [{"kind": "hpa", "target_fraction": f, "name": f"hpa{int(100 * f)}"} for f in HPA_FRACTIONS]
+    policies += [{"kind": "inferline"}, {"kind": "wva"}, {"kind": "ours"},
+                 {"kind": "ours", "change_penalty": 0, "name": "ours-no-penalty"}]
+    return Scenario(name=name, fleet=FLEET, model=MODEL, slo=SLO, trace=trace,
+                    cluster={"warmup_s": 300}, policies=policies,
+                    pareto={"service_levels": SERVICE_LEVELS, "latency": "e2e"})
+
+
+def bursty_trace() -> GeneratedTrace:
+    return GeneratedTrace(duration_s=3600, seed=7,
+                          arrivals=BurstyArrivals(base_rps=3.0, burst_rps=7.0, mean_calm_s=300, mean_burst_s=120))
+
+
+def verdict(c: Comparison) -> list[str]:
+    by = {o.plan.label: o.metrics for o in c.outcomes}
+    ours = by["ours"]
+    lines = [f"ours: ${ours.cost:.2f}, SLO {100 * ours.slo_attainment:.2f} %, {ours.replica_changes} replica changes"]
+    best = best_homogeneous_hpa(c)
+    if best is not None:
+        b = best.metrics
+        lines.append(f"best homogeneous HPA: {best.plan.label} ${b.cost:.2f}, SLO {100 * b.slo_attainment:.2f} %, "
+                     f"{b.replica_changes} changes -> ours saves {100 * (1 - ours.cost / b.cost):.1f} %")
+    for label, m in by.items():
+        if label.startswith(("inferline", "wva")):
+            lines.append(f"{label}: ${m.cost:.2f}, SLO {100 * m.slo_attainment:.2f} % -> ours "
+                         f"{'cheaper' if ours.cost < m.cost else 'dearer'} by {100 * abs(1 - ours.cost / m.cost):.1f} %, "
+                         f"attainment {'>=' if ours.slo_attainment >= m.slo_attainment else '<'}")
+    ours_at = [o for o in c.outcomes if o.plan.pareto and o.metrics.slo_attainment >= 0.99]
+    if ours_at:
+        cheapest = min(ours_at, key=lambda o: o.metrics.cost)
+        lines.append(f"cheapest ours at >= 99 %: {cheapest.plan.label} (service level {cheapest.plan.service_level:g}) "
+                     f"${cheapest.metrics.cost:.2f}")
+    lines.append("hypervolume: " + ", ".join(f"{k} {v:.3f}" for k, v in c.hypervolume.items()))
+    return lines
+
+
+def run(name: str, trace) -> Comparison:
+    t0 = time.perf_counter()
+    prep = prepare(scenario(name, trace), ROOT)
+    comparison = compare(prep)
+    print(f"\n== {name}: {len(prep.trace)} requests, peak {prep.peak_rps:.2f} req/s over 60 s, "
+          f"per-replica capacity {', '.join(f'{k} {v:.2f}' for k, v in prep.mix_capacity_rps.items())} "
+          f"({time.perf_counter() - t0:.0f} s)")
+    print(format_table(comparison))
+    print("\n".join(verdict(comparison)))
+    return comparison
+
+
+def _check(c: Comparison) -> None:
+    for o in c.outcomes:
+        assert o.metrics.completed + o.metrics.dropped == o.metrics.requests
+
+
+def test_quality_azure_conv_hour():
+    if not AZURE.exists():
+        pytest.skip(f"../shared not present: {AZURE} is missing")
+    _check(run("Azure conv hour", FileTrace(path=str(AZURE))))
+
+
+def test_quality_bursty_hour():
+    _check(run("bursty synthetic hour", bursty_trace()))
+
+
+if __name__ == "__main__":
+    if AZURE.exists():
+        run("Azure conv hour", FileTrace(path=str(AZURE)))
+    run("bursty synthetic hour", bursty_trace())

@@ -1,0 +1,81 @@
+"""`variant-autoscaler simulate`: a small scenario end to end, the report it writes, and bad input."""
+
+import json
+from pathlib import Path
+
+import pytest
+from variant_autoscaler.cli import main
+
+from optimizer.simulation.evaluation import plan_runs
+from optimizer.simulation.scenario import load_scenario, prepare
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SMALL = """
+name: small
+fleet: {fleet}
+model: Llama-3.1-8B
+slo: {{model: Llama-3.1-8B, ttft_s: 1.5, itl_s: 0.1, percentile: 95}}
+trace:
+  source: generated
+  duration_s: 420
+  seed: 1
+  arrivals: {{kind: step, times_s: [0, 200], rates_rps: [2.0, 6.0]}}
+cluster: {{warmup_s: 60}}
+policies:
+  - kind: static-peak
+  - kind: hpa
+    variant: llama8b-a100
+  - kind: inferline
+  - kind: wva
+  - kind: ours
+pareto: {{service_levels: [0.8, 1.0], latency: e2e}}
+"""
+
+
+def test_simulate_writes_the_report(tmp_path, capsys):
+    scenario = tmp_path / "small.yaml"
+    scenario.write_text(SMALL.format(fleet=ROOT / "examples" / "fleet.yaml"))
+    out = tmp_path / "report"
+    assert main(["simulate", str(scenario), "-o", str(out), "-j", "1", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "report written to" in printed and "hpa[llama8b-a100]" in printed
+    for name in ("summary.json", "table.txt", "arrival_rate.png", "replicas.png", "latency.png", "pareto.png"):
+        assert (out / name).stat().st_size > 0, name
+    summary = json.loads((out / "summary.json").read_text())
+    labels = [r["label"] for r in summary["runs"]]
+    assert labels[:4] == ["static-peak[llama8b-a100]", "hpa[llama8b-a100]", "inferline[llama8b-a100]",
+                          "wva-saturation"]
+    assert {"ours", "ours@0.8", "ours@1"} <= set(labels)
+    for run in summary["runs"]:
+        assert run["completed"] + run["dropped"] == run["requests"] > 0
+        assert 0.0 <= run["slo_attainment"] <= 1.0
+        assert run["cost"] > 0
+    assert 0.0 <= summary["pareto"]["hypervolume"]["ours (front)"] <= 1.0
+    assert summary["pareto"]["front"]
+
+
+def test_bad_scenario_is_one_line_with_file_and_field(tmp_path, capsys):
+    scenario = tmp_path / "bad.yaml"
+    scenario.write_text(SMALL.format(fleet=ROOT / "examples" / "fleet.yaml").replace("kind: wva", "kind: magic"))
+    assert main(["simulate", str(scenario), "-o", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {scenario}: policies[3]") and len(err.splitlines()) == 1
+    scenario.write_text(SMALL.format(fleet=ROOT / "examples" / "fleet.yaml").replace("model: Llama-3.1-8B\n", "model: nope\n", 1))
+    assert main(["simulate", str(scenario), "-o", str(tmp_path / "r")]) == 2
+    assert "model: 'nope' is not a model of the fleet" in capsys.readouterr().err
+
+
+def test_bundled_default_scenario_is_valid():
+    scenario, base = load_scenario(ROOT / "examples" / "scenarios" / "default.yaml")
+    prep = prepare(scenario, base)
+    plans = plan_runs(prep)
+    assert len(prep.trace) > 1000
+    assert any(p.label == "ours" for p in plans) and any(p.label.startswith("hpa[") for p in plans)
+    assert prep.peak_rps > prep.mix.arrival_rate_rps
+
+
+@pytest.mark.parametrize("args", [["--jobs", "0"]])
+def test_bad_arguments(tmp_path, capsys, args):
+    assert main(["simulate", *args, "-o", str(tmp_path / "r")]) == 2
+    assert "--jobs" in capsys.readouterr().err
