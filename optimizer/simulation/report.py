@@ -174,23 +174,23 @@ def _plot_pareto(comparison: Comparison, plt):
     spec = comparison.prepared.scenario.pareto
     if spec is None:
         return None
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
     ours = [o for o in comparison.outcomes if o.plan.pareto]
     pts = sorted((o.metrics.cost, latency_of(o.metrics, spec.latency), o.plan.service_level) for o in ours)
     if pts:
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color="tab:blue", label="ours (service levels)")
         for c, lat, lvl in pts:
             ax.annotate(f"{lvl:g}", (c, lat), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    for o in comparison.outcomes:
-        if o.plan.pareto:
-            continue
+    markers = "sD^vP*Xh<>"
+    for k, o in enumerate(o for o in comparison.outcomes if not o.plan.pareto):
         lat = latency_of(o.metrics, spec.latency)
         if math.isfinite(lat):
-            ax.scatter([o.metrics.cost], [lat], marker="s", s=25)
-            ax.annotate(o.plan.label, (o.metrics.cost, lat), textcoords="offset points", xytext=(4, -8), fontsize=7)
+            ax.scatter([o.metrics.cost], [lat], marker=markers[k % len(markers)], s=30,
+                       label=f"{o.plan.label} ({100 * o.metrics.slo_attainment:.1f} % SLO)")
     hv = comparison.hypervolume.get("ours (front)")
+    ax.set_yscale("log")
     ax.set_xlabel("cost ($ over the scored period)")
-    ax.set_ylabel(f"P90 {spec.latency.upper()} (s)")
+    ax.set_ylabel(f"P90 {spec.latency.upper()} (s, log scale)")
     ax.set_title(f"Latency-cost front (normalized hypervolume of ours: {hv:.3f})" if hv is not None else "Latency-cost")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     return fig
