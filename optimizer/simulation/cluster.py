@@ -183,7 +183,7 @@ class ClusterSimulator:
         self._dropped: set[int] = set()
         self._requests: list[SimRequest | None] = [None] * len(trace)
         self._model_of = trace.model_of()
-        self._needs_load = not getattr(router, "name", "") == "round-robin"
+        self._needs_load = getattr(router, "reads_load", True)
         self._changes: list[tuple[float, int]] = []
         self._assignments: list[tuple[int, str, float]] = []
         self._marks: dict[str, float] = {}
@@ -232,14 +232,13 @@ class ClusterSimulator:
     def _pool_key(self, model: str, decode: bool) -> str:
         return f"{model}/{'decode' if decode else 'entry'}"
 
-    def _route(self, r: SimRequest, model: str, t: float, decode: bool, exclude: HostedReplica | None = None) -> bool:
+    def _route(self, r: SimRequest, model: str, t: float, decode: bool) -> bool:
         pool = (self._decode_pool if decode else self._entry_pool)[model]
         if self._needs_load:
             for rep in tuple(pool):  # advancing may remove a drained replica from the pool
                 if rep.lazy:
                     self._advance(rep, t)
-        candidates = pool if exclude is None else [p for p in pool if p is not exclude]
-        rep = self.router.pick(self._pool_key(model, decode), candidates, r.input_tokens)
+        rep = self.router.pick(self._pool_key(model, decode), pool, r.input_tokens)
         if rep is None:
             self._pending.setdefault(self._pool_key(model, decode), deque()).append((r, t))
             return False
@@ -250,13 +249,8 @@ class ClusterSimulator:
         if self.options.record_assignments:
             self._assignments.append((r.id, rep.id, t))
         rep.engine.admit(r, t)
-        if rep.lazy:
-            pending = rep.engine.advance(t)
-            if pending:
-                self._handle(rep, pending)
-        else:
-            self._handle(rep, rep.engine.advance(t))
-            self._schedule(rep)
+        self._advance(rep, t)  # collects what admission produced (a rejection, a one-token answer)
+        self._schedule(rep)
         return True
 
     def _reroute_rejected(self, rep: HostedReplica, r: SimRequest, t: float) -> None:
@@ -274,7 +268,7 @@ class ClusterSimulator:
         if self.options.record_assignments:
             self._assignments.append((r.id, target.id, t))
         target.engine.admit(r, t)
-        self._handle(target, target.engine.advance(t))
+        self._advance(target, t)
         self._schedule(target)
 
     # ----- lifecycle -----

@@ -38,6 +38,7 @@ class RoundRobinRouter:
     """Cycles over the live replicas of a pool; on scale-down removes idle ones, then the newest."""
 
     name = "round-robin"
+    reads_load = False
 
     def __init__(self):
         self._next: dict[str, int] = {}
@@ -68,6 +69,7 @@ class LeastOutstandingRouter:
     """
 
     name = "least-outstanding"
+    reads_load = True
 
     def __init__(self):
         self._next: dict[str, int] = {}
@@ -111,6 +113,7 @@ class WeightedRouter:
     """
 
     name = "weighted"
+    reads_load = True
 
     def __init__(self):
         self._inner = LeastOutstandingRouter()

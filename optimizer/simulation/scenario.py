@@ -18,6 +18,7 @@ from typing import Annotated, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from optimizer.capacity import capacity_table
 from optimizer.fleet import Role
 from optimizer.problem import InputError, Problem, format_validation_error, load_problem, read_document
 from optimizer.simulation.cluster import ClusterOptions
@@ -172,8 +173,6 @@ class Prepared:
 
 
 def prepare(scenario: Scenario, base_dir: Path, source: str = "scenario") -> Prepared:
-    from optimizer.capacity import capacity_table
-
     if isinstance(scenario.fleet, Problem):
         fleet = scenario.fleet
     else:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
+from optimizer.capacity import capacity_table
 from optimizer.problem import Problem
 from optimizer.simulation.demand import DEFAULT_INPUT_EDGES, DemandEstimator
 from optimizer.simulation.policy import Decision, Observation, ReplicaState, RouteGuidance
@@ -100,8 +101,6 @@ class EnginePolicy:
                        workloads=workloads, slos=self.base.slos, options=options)
 
     def decide(self, observation: Observation) -> Decision:
-        from optimizer.capacity import capacity_table
-
         problem = self._problem(observation)
         capacity = {key: est.max_rate_rps for key, est in capacity_table(problem).items()}
         allocation = self.allocator(problem, capacity)
