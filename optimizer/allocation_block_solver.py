@@ -1,0 +1,122 @@
+"""One model's block of the allocation MILP, priced and solved on its own (HiGHS via SciPy).
+
+Kept apart from the decomposition loop because it is what worker processes run: the decomposition
+solves dozens of these per pass, and on a multi-core machine it farms them out (`BlockPool`).
+Each solve is bounded by a node count, never by a clock, so its answer does not depend on load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import multiprocessing
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import Bounds, LinearConstraint, milp
+
+from optimizer.allocation_formulation import Formulation
+
+BLOCK_NODE_LIMIT = 2_000
+
+
+@dataclass
+class BlockResult:
+    index: int
+    x: np.ndarray
+    bound: float  # proven lower bound of the priced block problem
+
+
+def solve_block(form: Formulation, index: int, prices: np.ndarray, relative_gap: float) -> BlockResult:
+    block = form.blocks[index]
+    priced = form.priced_cost(block, prices)
+    with quiet_stdout():
+        res = milp(priced, integrality=block.integrality, bounds=Bounds(block.col_lb, block.col_ub),
+                   constraints=LinearConstraint(block.matrix, block.row_lb, block.row_ub),
+                   options={"mip_rel_gap": relative_gap, "node_limit": BLOCK_NODE_LIMIT})
+    if res.x is None:
+        raise RuntimeError(f"model {block.model}: per-model MILP found no solution ({res.message})")
+    x = np.asarray(res.x).copy()
+    x[block.col_n] = np.rint(x[block.col_n])
+    bound = getattr(res, "mip_dual_bound", None)
+    bound = float(res.fun) if bound is None or not np.isfinite(bound) else float(bound)
+    return BlockResult(index=index, x=x, bound=min(bound, float(priced @ x)))
+
+
+@contextlib.contextmanager
+def quiet_stdout() -> Iterator[None]:
+    """Silence C-level stdout: SciPy's bundled HiGHS prints debug lines there, and the CLI writes JSON."""
+    try:
+        fd = os.dup(1)
+    except OSError:
+        yield
+        return
+    libc = ctypes.CDLL(None)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        libc.fflush(None)
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        libc.fflush(None)
+        os.dup2(fd, 1)
+        os.close(fd)
+        os.close(devnull)
+
+
+_FORKED: tuple[Formulation, float] | None = None
+
+
+def _solve_forked(task: tuple[int, np.ndarray]) -> BlockResult:
+    form, gap = _FORKED
+    return solve_block(form, task[0], task[1], gap)
+
+
+class BlockPool:
+    """Solves blocks in forked worker processes when there are cores to spare, else in-process.
+
+    Forked workers inherit the formulation, so a task is only (block index, prices). Results come
+    back in submission order, so the caller's decisions do not depend on which worker was faster.
+    """
+
+    def __init__(self, form: Formulation, relative_gap: float, workers: int | None = None):
+        self.form, self.gap = form, relative_gap
+        self.workers = _usable_cpus() if workers is None else workers
+        self._pool = None
+
+    def solve(self, indices: list[int], prices: np.ndarray) -> Iterator[BlockResult]:
+        tasks = [(i, prices) for i in indices]
+        if self.workers <= 1 or len(tasks) <= 1 or not _can_fork():
+            for i, p in tasks:
+                yield solve_block(self.form, i, p, self.gap)
+            return
+        if self._pool is None:
+            global _FORKED
+            _FORKED = (self.form, self.gap)
+            self._pool = multiprocessing.get_context("fork").Pool(self.workers)
+        yield from self._pool.imap(_solve_forked, tasks, chunksize=1)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+            self._pool = None
+
+    def __enter__(self) -> BlockPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _can_fork() -> bool:
+    return "fork" in multiprocessing.get_all_start_methods()

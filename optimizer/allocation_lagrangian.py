@@ -1,0 +1,248 @@
+"""Lagrangian decomposition of the allocation MILP over the inventory and power rows.
+
+Why: with many models the inventory rows tie every model's integer choices together and a
+monolithic branch-and-bound stalls far from optimality, while each model on its own is a small
+MILP. Pricing the coupling rows at lambda >= 0 (per accelerator, and per watt) splits the problem:
+
+    L(lambda) = sum_m min_{block m} (cost_m + lambda . usage_m) - lambda . capacity   <=   optimum
+
+for every lambda >= 0, and stays a valid bound when a model's minimum is replaced by any proven
+lower bound of it (its LP value, or its MILP's dual bound). L is nondecreasing in each model's
+term as prices rise, because usage is never negative. The loop:
+
+1. The LP relaxation of the whole problem gives the starting prices (its coupling duals), every
+   model's LP value at them, and the exact optimum of every model whose LP replica counts are
+   already integral.
+2. Every other model gets a rounded column (optimizer.allocation_rounding) at once, then its own
+   MILP at those prices, largest (rounded - LP) first, in worker processes where cores allow.
+3. Primal side: a master MILP picks one known column per model so that the coupling rows hold, at
+   least true cost. A column that serves nothing exists for every model, so it is always feasible.
+4. While the gap (master - best bound) / master is above target, move the prices and re-solve the
+   models that can react: those whose column uses a row that got dearer, and those with a variant
+   on a row that got cheaper. Any other model keeps its column and its bound: its optimum cannot
+   move. If the models' current columns overuse some rows, only those rows get dearer (subgradient
+   step of Polyak length towards the master value): few models use them, so the step is cheap.
+   Otherwise the prices come from the duals of the master's LP relaxation (what inventory is worth
+   given the known columns), smoothed towards the prices of the best bound so far (Wentges).
+
+Deterministic: per-model searches stop on node counts, results are consumed in submission order,
+and the time limit only stops the loop between steps (reported as status "time_limit").
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+from scipy.optimize import Bounds, LinearConstraint, linprog, milp
+
+from optimizer.allocation_block_solver import BlockPool, quiet_stdout
+from optimizer.allocation_formulation import Formulation, ModelBlock, Solution
+from optimizer.allocation_monolithic import stacked
+from optimizer.allocation_rounding import round_block
+
+MAX_ROUNDS = 30
+SMOOTHING = 0.5  # next prices = SMOOTHING x best-bound prices + rest x master-LP duals (Wentges)
+MASTER_EVERY = 16  # per-model results between master solves while the first pass runs
+_INTEGRAL = 1e-6
+
+
+@dataclass
+class _Column:
+    x: np.ndarray
+    cost: float  # true objective of this block solution (no prices)
+    usage: np.ndarray  # per coupling row
+
+
+@dataclass
+class _BlockState:
+    columns: list[_Column]
+    current: int  # best known column at the prices of the last solve
+    bound: float  # proven lower bound of the priced block problem at those prices
+    exact: bool  # current column is optimal (within the per-model gap) at those prices
+
+
+def solve_lagrangian(form: Formulation, time_limit_s: float, relative_gap: float,
+                     workers: int | None = None) -> Solution:
+    deadline = time.perf_counter() + max(time_limit_s, 0.05)
+    usage = [form.coupling_usage(b) for b in form.blocks]
+    rhs = form.coupling_rhs
+    block_gap = max(relative_gap / 4, 1e-6)
+
+    prices, lp_x = _lp_relaxation(form)
+    states, pending = [], []
+    for i, block in enumerate(form.blocks):
+        priced = form.priced_cost(block, prices)
+        fallback = _column(_serve_nothing(form, block), block, usage[i])
+        x = lp_x[i]
+        n = x[block.col_n]
+        lp_value = float(priced @ x)
+        if np.all(np.abs(n - np.rint(n)) <= _INTEGRAL):
+            x = x.copy()
+            x[block.col_n] = np.rint(n)
+            states.append(_BlockState([fallback, _column(x, block, usage[i])], 1, lp_value, True))
+            continue
+        rounded = round_block(block, x, priced, form.variant_current[block.variants])
+        states.append(_BlockState([fallback, _column(rounded, block, usage[i])], 1, lp_value, False))
+        pending.append((float(priced @ rounded) - lp_value, i))
+    pending = [i for _, i in sorted(pending, key=lambda t: (-t[0], t[1]))]
+
+    rounds = 0
+    timed_out = False
+    with BlockPool(form, block_gap, workers) as pool:
+        best_bound = _bound(states, prices, rhs)
+        objective, chosen = _master(states, rhs)
+        for done, res in enumerate(pool.solve(pending, prices), start=1):
+            _record(states[res.index], res, form.blocks[res.index], usage[res.index])
+            if done % MASTER_EVERY == 0 or done == len(pending):
+                best_bound = max(best_bound, _bound(states, prices, rhs))
+                objective, chosen = _master(states, rhs)
+                if _gap(objective, best_bound) <= relative_gap:
+                    break
+            if time.perf_counter() > deadline:
+                timed_out = True
+                break
+        best_prices = prices
+        while not timed_out and rounds < MAX_ROUNDS and _gap(objective, best_bound) > relative_gap:
+            over = sum(st.columns[st.current].usage for st in states) - rhs
+            if np.any(over > 1e-9):
+                # cheap step: only overused rows get dearer, so only their users can change
+                g = np.maximum(over, 0.0)
+                step = max(objective - _bound(states, prices, rhs), 1e-9) / float(g @ g)
+                new_prices = prices + step * g
+            else:
+                duals = _master_duals(states, rhs)
+                new_prices = SMOOTHING * best_prices + (1 - SMOOTHING) * duals
+            if np.allclose(new_prices, prices, rtol=1e-9, atol=1e-9):
+                break
+            rounds += 1
+            raised, lowered = new_prices > prices, new_prices < prices
+            redo = [i for i, st in enumerate(states)
+                    if np.any(st.columns[st.current].usage[raised] > 0) or np.any(usage[i][lowered] > 0)
+                    or not st.exact]
+            prices = new_prices
+            for res in pool.solve(redo, prices):
+                _record(states[res.index], res, form.blocks[res.index], usage[res.index], replace_bound=True)
+                if time.perf_counter() > deadline:
+                    timed_out = True
+                    break
+            if timed_out:
+                break  # some models still hold bounds from the old prices: not a bound at the new ones
+            bound_now = _bound(states, prices, rhs)
+            if bound_now > best_bound:
+                best_bound, best_prices = bound_now, prices
+            objective, chosen = _master(states, rhs)
+            timed_out = time.perf_counter() > deadline
+
+    columns = [states[i].columns[chosen[i]].x for i in range(len(states))]
+    gap = _gap(objective, best_bound)
+    if gap <= 1e-6:
+        status = "optimal"
+    elif gap <= relative_gap + 1e-12:
+        status = "within_gap"
+    else:
+        status = "time_limit" if timed_out else "iteration_limit"
+    return Solution(columns=columns, objective=objective, lower_bound=min(best_bound, objective), status=status,
+                    method="decomposition", iterations=rounds)
+
+
+def _lp_relaxation(form: Formulation) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Coupling-row duals of the LP relaxation and its per-block solutions."""
+    matrix, row_lb, row_ub, offsets = stacked(form)
+    cost = np.concatenate([b.cost for b in form.blocks])
+    lb = np.concatenate([b.col_lb for b in form.blocks])
+    ub = np.concatenate([b.col_ub for b in form.blocks])
+    eq = row_lb == row_ub
+    le = ~eq & np.isfinite(row_ub)
+    ge = ~eq & np.isfinite(row_lb)
+    a_ub = sp.vstack([matrix[le], -matrix[ge]], format="csr")
+    b_ub = np.concatenate([row_ub[le], -row_lb[ge]])
+    with quiet_stdout():
+        res = linprog(cost, A_ub=a_ub, b_ub=b_ub, A_eq=matrix[eq], b_eq=row_ub[eq],
+                      bounds=np.column_stack([lb, ub]), method="highs")
+    if res.status != 0:
+        raise RuntimeError(f"the allocation LP relaxation failed: {res.message}")
+    n_coupling = len(form.coupling_rhs)
+    coupling_rows = np.arange(matrix.shape[0] - n_coupling, matrix.shape[0])
+    position = np.searchsorted(np.nonzero(le)[0], coupling_rows)
+    prices = np.maximum(-np.asarray(res.ineqlin.marginals)[position], 0.0)
+    x = np.asarray(res.x)
+    return prices, [x[offsets[i]:offsets[i + 1]] for i in range(len(form.blocks))]
+
+
+def _record(st: _BlockState, res, block: ModelBlock, usage: np.ndarray, replace_bound: bool = False) -> None:
+    n = res.x[block.col_n]
+    same = next((j for j, c in enumerate(st.columns) if np.array_equal(c.x[block.col_n], n)), None)
+    if same is None:
+        st.columns.append(_column(res.x, block, usage))
+        same = len(st.columns) - 1
+    # at unchanged prices, or when prices only rose, an older bound stays valid: keep the larger
+    st.current, st.bound, st.exact = same, res.bound if replace_bound else max(st.bound, res.bound), True
+
+
+def _column(x: np.ndarray, block: ModelBlock, usage: np.ndarray) -> _Column:
+    return _Column(x=x, cost=float(block.cost @ x), usage=usage @ x[block.col_n])
+
+
+def _serve_nothing(form: Formulation, block: ModelBlock) -> np.ndarray:
+    """Keep only the hard minimums and serve nothing: feasible for every block, and for all together."""
+    x = np.zeros(block.n_cols)
+    n = block.col_lb[block.col_n]
+    x[block.col_n] = n
+    cur = form.variant_current[block.variants]
+    if block.col_up.stop > block.col_up.start:
+        x[block.col_up] = np.maximum(n - cur, 0)
+        x[block.col_down] = np.maximum(cur - n, 0)
+    x[block.col_short] = block.short_min
+    x[block.col_u] = 1.0
+    return x
+
+
+def _bound(states: list[_BlockState], prices: np.ndarray, rhs: np.ndarray) -> float:
+    return float(sum(st.bound for st in states) - prices @ rhs)
+
+
+def _master(states: list[_BlockState], rhs: np.ndarray) -> tuple[float, list[int]]:
+    """Pick one column per block: least true cost with the coupling rows satisfied."""
+    sizes = [len(st.columns) for st in states]
+    offsets = np.cumsum([0] + sizes)
+    total = int(offsets[-1])
+    cost = np.concatenate([[c.cost for c in st.columns] for st in states])
+    usage = np.column_stack([c.usage for st in states for c in st.columns]) if len(rhs) else np.zeros((0, total))
+    pick = sp.csr_matrix((np.ones(total), (np.repeat(np.arange(len(states)), sizes), np.arange(total))),
+                         shape=(len(states), total))
+    matrix = sp.vstack([pick, sp.csr_matrix(usage)], format="csr")
+    lb = np.concatenate([np.ones(len(states)), np.full(len(rhs), -np.inf)])
+    ub = np.concatenate([np.ones(len(states)), rhs])
+    with quiet_stdout():
+        res = milp(cost, integrality=np.ones(total), bounds=Bounds(0, 1),
+                   constraints=LinearConstraint(matrix, lb, ub), options={"mip_rel_gap": 1e-9})
+    if res.x is None:
+        raise RuntimeError(f"the allocation master problem failed: {res.message}")
+    z = np.asarray(res.x)
+    chosen = [int(np.argmax(z[offsets[i]:offsets[i + 1]])) for i in range(len(states))]
+    return float(sum(states[i].columns[chosen[i]].cost for i in range(len(states)))), chosen
+
+
+def _master_duals(states: list[_BlockState], rhs: np.ndarray) -> np.ndarray:
+    """Coupling-row prices of the master's LP relaxation: what inventory is worth given the known columns."""
+    sizes = [len(st.columns) for st in states]
+    total = sum(sizes)
+    cost = np.concatenate([[c.cost for c in st.columns] for st in states])
+    usage = np.column_stack([c.usage for st in states for c in st.columns])
+    pick = sp.csr_matrix((np.ones(total), (np.repeat(np.arange(len(states)), sizes), np.arange(total))),
+                         shape=(len(states), total))
+    with quiet_stdout():
+        res = linprog(cost, A_ub=sp.csr_matrix(usage), b_ub=rhs, A_eq=pick, b_eq=np.ones(len(states)),
+                      bounds=(0, None), method="highs")
+    if res.status != 0:
+        raise RuntimeError(f"the allocation master LP failed: {res.message}")
+    return np.maximum(-np.asarray(res.ineqlin.marginals), 0.0)
+
+
+def _gap(objective: float, bound: float) -> float:
+    if objective <= 0:
+        return 0.0
+    return max(0.0, (objective - bound) / abs(objective))
