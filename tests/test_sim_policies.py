@@ -101,7 +101,7 @@ def test_demand_estimator_reads_rate_mix_and_output_lengths():
         end = tick * 15.0
         times = np.sort(rng.uniform(t, end, size=60)).tolist()
         ins = [3000 if k % 4 == 0 else 200 for k in range(60)]
-        done = CompletionSample(model="m", input_tokens=[200, 3000], output_tokens=[50, 400])
+        done = CompletionSample(model="m", input_tokens=[200, 3000] * 10, output_tokens=[50, 400] * 10)
         est.observe(obs(end, [], arrivals=[ArrivalSample(model="m", times_s=times, input_tokens=ins)],
                         completions=[done]))
         t = end
@@ -110,8 +110,10 @@ def test_demand_estimator_reads_rate_mix_and_output_lengths():
     shares = {b.label: b.share for b in w.buckets}
     assert shares == pytest.approx({"in0-1000": 0.75, "in1000+": 0.25})
     outputs = {b.label: b.output_tokens for b in w.buckets}
-    # Exponential average from the prior of 100 tokens, 20 observations at weight 0.2: within 2 %.
-    assert outputs["in0-1000"] == pytest.approx(50, rel=0.02) and outputs["in1000+"] == pytest.approx(400, rel=0.02)
+    # 200 completions per bucket in the horizon, blended with the prior of 100 tokens worth 5 requests:
+    # (5 x 100 + 200 x 50) / 205 = 51.2 and (5 x 100 + 200 x 400) / 205 = 392.7.
+    assert outputs["in0-1000"] == pytest.approx(51.2, abs=0.5)  # published rounded to whole tokens
+    assert outputs["in1000+"] == pytest.approx(392.7, abs=0.5)
     # Traffic doubles: the trend term plans above the envelope of what was seen.
     for tick in range(21, 25):
         end = tick * 15.0

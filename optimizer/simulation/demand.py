@@ -13,13 +13,22 @@ the two and is where an autoscaler decides how much of the future it plans for:
   the rise uncovered);
 * **mix**: buckets by prompt length (the router sees the prompt, not the future output), each
   with its share of the arrivals of the last `mix_horizon_s` seconds, its mean prompt, and the
-  mean output length of the finished requests of that bucket (an exponential average, starting
-  from `prior_output_tokens`).
+  mean output length of that bucket's requests finished in the same horizon (blended with
+  `prior_output_tokens` as if it were `PRIOR_WEIGHT` requests, so an empty bucket has a value and
+  a few long answers do not swing it: output lengths are heavy-tailed, and an average over one
+  interval moved by a quarter from one interval to the next).
+
+A bucket's published lengths move only when the estimate has drifted more than 5 % from them,
+shares are whole percent and the rate is rounded up to a 2 % grid: the capacity model caches
+solved cases and the policy caches allocations, and a forecast that moves by a fraction of a
+token each interval would miss both every time (the capacity model then costs 60 ms a cycle
+instead of nothing) for a precision no forecast has.
 """
 
 from __future__ import annotations
 
 import bisect
+import math
 from collections import deque
 
 from optimizer.simulation.envelope import TrafficEnvelope
@@ -27,6 +36,17 @@ from optimizer.simulation.policy import Observation
 from optimizer.workload import LengthBucket, Workload
 
 DEFAULT_INPUT_EDGES = (256, 1024, 2048, 4096)
+LENGTH_DEADBAND = 0.05
+PRIOR_WEIGHT = 5
+RATE_GRID = 1.02
+
+
+def on_grid(value: float, ratio: float, *, up: bool = False) -> float:
+    """`value` moved to the nearest (or next higher) power of `ratio`; 0 stays 0."""
+    if value <= 0:
+        return 0.0
+    steps = math.log(value) / math.log(ratio)
+    return ratio ** (math.ceil(steps - 1e-9) if up else round(steps))
 
 
 def bucket_label(lo: int, hi: int | None) -> str:
@@ -45,7 +65,6 @@ class DemandEstimator:
         lead_time_s: float = 60.0,
         mix_horizon_s: float = 600.0,
         prior_output_tokens: float = 256.0,
-        output_ema: float = 0.2,
     ):
         edges = tuple(sorted(set(int(e) for e in input_edges)))
         if any(e <= 0 for e in edges):
@@ -58,14 +77,17 @@ class DemandEstimator:
         self.trend_window_s = trend_window_s
         self.lead_time_s = lead_time_s
         self.mix_horizon_s = mix_horizon_s
-        self.output_ema = output_ema
+        self.prior_output_tokens = float(prior_output_tokens)
         n = len(self.bounds)
         self._mix: deque[tuple[float, int, int]] = deque()  # (time, bucket, prompt tokens)
         self._count = [0] * n
         self._tokens = [0] * n
-        self._output = [float(prior_output_tokens)] * n
+        self._done: deque[tuple[float, int, int]] = deque()  # (time, bucket, output tokens)
+        self._out_sum = [0] * n
+        self._out_n = [0] * n
         self._recent: deque[float] = deque()  # arrival times of the last 2 trend windows
         self._planned: deque[tuple[float, float]] = deque()  # (time, planned rate) of the last lead time
+        self._published: dict[int, tuple[float, float]] = {}  # bucket -> (input, output) last planned for
 
     def bucket_of(self, input_tokens: int) -> int:
         return bisect.bisect_right(self._edges, input_tokens)
@@ -87,14 +109,19 @@ class DemandEstimator:
         while self._recent and self._recent[0] <= now - 2 * self.trend_window_s:
             self._recent.popleft()
         done = observation.completions_of(self.model)
-        sums: dict[int, list[float]] = {}
         for n_in, n_out in zip(done.input_tokens, done.output_tokens, strict=True):
-            s = sums.setdefault(self.bucket_of(n_in), [0.0, 0])
-            s[0] += n_out
-            s[1] += 1
-        for b, (total, count) in sums.items():
-            weight = 1.0 - (1.0 - self.output_ema) ** count
-            self._output[b] += weight * (total / count - self._output[b])
+            b = self.bucket_of(n_in)
+            self._done.append((now, b, n_out))
+            self._out_sum[b] += n_out
+            self._out_n[b] += 1
+        while self._done and self._done[0][0] <= now - self.mix_horizon_s:
+            _, b, n_out = self._done.popleft()
+            self._out_sum[b] -= n_out
+            self._out_n[b] -= 1
+
+    def output_tokens(self, b: int) -> float:
+        """Mean output length of bucket b, blended with the prior."""
+        return (self.prior_output_tokens * PRIOR_WEIGHT + self._out_sum[b]) / (PRIOR_WEIGHT + self._out_n[b])
 
     def rate_rps(self, now: float) -> float:
         """Planned arrival rate: the recent envelope, raised by a rising trend, held for the lead time."""
@@ -111,19 +138,32 @@ class DemandEstimator:
             self._planned.popleft()
         held = max((r for _, r in self._planned), default=0.0)
         self._planned.append((now, rate))
-        return max(rate, held)
+        return on_grid(max(rate, held), RATE_GRID, up=True)
+
+    def _lengths(self, b: int, n_in: float, n_out: float) -> tuple[float, float]:
+        old = self._published.get(b)
+        if old is None or abs(n_in / old[0] - 1) > LENGTH_DEADBAND or abs(n_out / old[1] - 1) > LENGTH_DEADBAND:
+            self._published[b] = (round(n_in), round(n_out))
+        return self._published[b]
 
     def workload(self, now: float) -> Workload:
         total = sum(self._count)
-        buckets = []
+        cells = []
         for b, (lo, hi) in enumerate(self.bounds):
-            if total and self._count[b] == 0:
-                continue
             if total:
-                share = self._count[b] / total
-                mean_in = self._tokens[b] / self._count[b]
+                share = round(100 * self._count[b] / total)
+                mean_in = self._tokens[b] / max(1, self._count[b])
             else:
-                share, mean_in = 1.0 / len(self.bounds), (lo + (hi or 2 * lo)) / 2
-            buckets.append(LengthBucket(name=self.labels[b], input_tokens=max(1.0, mean_in),
-                                        output_tokens=max(1.0, self._output[b]), share=share))
+                share, mean_in = 1, (lo + (hi or 2 * lo)) / 2
+            if share > 0:
+                cells.append((b, share, mean_in))
+        if not cells:  # every bucket under half a percent: keep the busiest
+            b = max(range(len(self.bounds)), key=lambda i: self._count[i])
+            cells = [(b, 1, self._tokens[b] / max(1, self._count[b]))]
+        whole = sum(share for _, share, _ in cells)
+        buckets = []
+        for b, share, mean_in in cells:
+            n_in, n_out = self._lengths(b, max(1.0, mean_in), max(1.0, self.output_tokens(b)))
+            buckets.append(LengthBucket(name=self.labels[b], share=share / whole, input_tokens=n_in,
+                                        output_tokens=n_out))
         return Workload(model=self.model, arrival_rate_rps=self.rate_rps(now), buckets=buckets)

@@ -34,6 +34,8 @@ from optimizer.simulation.policy import Decision, Observation, ReplicaState, Rou
 from optimizer.transition import StabilizationHistory, TransitionPolicy, VariantState, plan_transition
 
 MIN_PLANNED_RATE_RPS = 0.05
+MEMO_SIZE = 256
+"""Allocations remembered by (demand, current replicas): a steady cluster asks the same question."""
 """Demand floor: keeps one replica of a model that saw no traffic recently (no scale to zero)."""
 
 
@@ -81,6 +83,7 @@ class EnginePolicy:
         }
         self.transition = TransitionPolicy(scale_up_window_s=0.0, scale_down_window_s=scale_down_window_s)
         self._stabilization = StabilizationHistory()
+        self._memo: dict[tuple, object] = {}
         self.last_problem: Problem | None = None
         self.last_allocation = None
 
@@ -102,8 +105,15 @@ class EnginePolicy:
 
     def decide(self, observation: Observation) -> Decision:
         problem = self._problem(observation)
-        capacity = {key: est.max_rate_rps for key, est in capacity_table(problem).items()}
-        allocation = self.allocator(problem, capacity)
+        key = (tuple(w.model_dump_json() for w in problem.workloads),
+               tuple(v.current_replicas for v in problem.variants))
+        allocation = self._memo.get(key)
+        if allocation is None:
+            capacity = {k: est.max_rate_rps for k, est in capacity_table(problem).items()}
+            allocation = self.allocator(problem, capacity)
+            if len(self._memo) >= MEMO_SIZE:
+                self._memo.pop(next(iter(self._memo)))
+            self._memo[key] = allocation
         self.last_problem, self.last_allocation = problem, allocation
         desired = self._step(observation, problem, allocation)
         rate = sum(w.arrival_rate_rps for w in problem.workloads)
