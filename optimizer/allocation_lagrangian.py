@@ -13,8 +13,11 @@ term as prices rise, because usage is never negative. The loop:
 1. The LP relaxation of the whole problem gives the starting prices (its coupling duals), every
    model's LP value at them, and the exact optimum of every model whose LP replica counts are
    already integral.
-2. Every other model gets a rounded column (optimizer.allocation_rounding) at once, then its own
-   MILP at those prices, largest (rounded - LP) first, in worker processes where cores allow.
+2. Every other model gets rounded columns at once (optimizer.allocation_rounding): one as cheap as
+   the rounding can make it, one rounded so that all models' columns fit the stock together. A
+   model whose rounding already meets its LP value is solved; the rest get their own MILP at those
+   prices, largest (rounded - LP) first, in worker processes where cores allow, stopping early once
+   the gap is reached.
 3. Primal side: a master MILP picks one known column per model so that the coupling rows hold, at
    least true cost. A column that serves nothing exists for every model, so it is always feasible.
 4. While the gap (master - best bound) / master is above target, move the prices and re-solve the
@@ -45,7 +48,8 @@ from optimizer.allocation_rounding import round_block
 
 MAX_ROUNDS = 30
 SMOOTHING = 0.5  # next prices = SMOOTHING x best-bound prices + rest x master-LP duals (Wentges)
-MASTER_EVERY = 16  # per-model results between master solves while the first pass runs
+MASTER_EVERY = 8  # per-model results between master solves while the first pass runs
+STALL_ROUNDS = 3  # stop after this many price rounds that improve neither bound nor master
 _INTEGRAL = 1e-6
 
 
@@ -73,6 +77,7 @@ def solve_lagrangian(form: Formulation, time_limit_s: float, relative_gap: float
 
     prices, lp_x = _lp_relaxation(form)
     states, pending = [], []
+    fractional = []
     for i, block in enumerate(form.blocks):
         priced = form.priced_cost(block, prices)
         fallback = _column(_serve_nothing(form, block), block, usage[i])
@@ -85,9 +90,14 @@ def solve_lagrangian(form: Formulation, time_limit_s: float, relative_gap: float
             states.append(_BlockState([fallback, _column(x, block, usage[i])], 1, lp_value, True))
             continue
         rounded = round_block(block, x, priced, form.variant_current[block.variants])
-        states.append(_BlockState([fallback, _column(rounded, block, usage[i])], 1, lp_value, False))
-        pending.append((float(priced @ rounded) - lp_value, i))
+        excess = float(priced @ rounded) - lp_value
+        proven = excess <= 1e-9 * max(1.0, abs(lp_value))  # the rounding already meets the LP bound
+        states.append(_BlockState([fallback, _column(rounded, block, usage[i])], 1, lp_value, proven))
+        fractional.append(i)
+        if not proven:
+            pending.append((excess, i))
     pending = [i for _, i in sorted(pending, key=lambda t: (-t[0], t[1]))]
+    _add_jointly_feasible_roundings(form, states, fractional, lp_x, prices, usage, rhs)
 
     rounds = 0
     timed_out = False
@@ -104,8 +114,9 @@ def solve_lagrangian(form: Formulation, time_limit_s: float, relative_gap: float
             if time.perf_counter() > deadline:
                 timed_out = True
                 break
-        best_prices = prices
-        while not timed_out and rounds < MAX_ROUNDS and _gap(objective, best_bound) > relative_gap:
+        best_prices, stalled = prices, 0
+        while (not timed_out and rounds < MAX_ROUNDS and stalled < STALL_ROUNDS
+               and _gap(objective, best_bound) > relative_gap):
             over = sum(st.columns[st.current].usage for st in states) - rhs
             if np.any(over > 1e-9):
                 # cheap step: only overused rows get dearer, so only their users can change
@@ -131,9 +142,12 @@ def solve_lagrangian(form: Formulation, time_limit_s: float, relative_gap: float
             if timed_out:
                 break  # some models still hold bounds from the old prices: not a bound at the new ones
             bound_now = _bound(states, prices, rhs)
+            before = (best_bound, objective)
             if bound_now > best_bound:
                 best_bound, best_prices = bound_now, prices
             objective, chosen = _master(states, rhs)
+            improved = best_bound > before[0] + 1e-9 * abs(before[0]) or objective < before[1] - 1e-9 * abs(before[1])
+            stalled = 0 if improved else stalled + 1
             timed_out = time.perf_counter() > deadline
 
     columns = [states[i].columns[chosen[i]].x for i in range(len(states))]
@@ -146,6 +160,30 @@ def solve_lagrangian(form: Formulation, time_limit_s: float, relative_gap: float
         status = "time_limit" if timed_out else "iteration_limit"
     return Solution(columns=columns, objective=objective, lower_bound=min(best_bound, objective), status=status,
                     method="decomposition", iterations=rounds)
+
+
+def _add_jointly_feasible_roundings(form, states, fractional, lp_x, prices, usage, rhs) -> None:
+    """One more column per fractional model, rounded so that all models' columns fit the stock together.
+
+    Rounding every LP count down keeps within the LP's usage, hence within stock; the demand this
+    drops is then covered model by model (higher unmet penalty first) from what stock is left. The
+    master can therefore always serve nearly all demand, even if the clock stops every MILP.
+    """
+    if not len(rhs):
+        return
+    floors = {i: np.maximum(np.floor(lp_x[i][form.blocks[i].col_n] + 1e-7), form.blocks[i].col_lb[form.blocks[i].col_n])
+              for i in fractional}
+    left = rhs - sum((st.columns[st.current].usage for i, st in enumerate(states) if st.exact), np.zeros(len(rhs)))
+    left = left - sum((usage[i] @ floors[i] for i in fractional), np.zeros(len(rhs)))
+    left = np.maximum(left, 0.0)
+    order = sorted(fractional, key=lambda i: (-form.blocks[i].unmet_penalty_per_rps * form.blocks[i].rates.sum(), i))
+    for i in order:
+        block = form.blocks[i]
+        budget = left + usage[i] @ floors[i]
+        x = round_block(block, lp_x[i], form.priced_cost(block, prices), form.variant_current[block.variants],
+                        usage[i], budget)
+        left = budget - usage[i] @ x[block.col_n]
+        states[i].columns.append(_column(x, block, usage[i]))
 
 
 def _lp_relaxation(form: Formulation) -> tuple[np.ndarray, list[np.ndarray]]:

@@ -1,14 +1,19 @@
 """Integer replica counts for one model from its LP relaxation, without another solver call.
 
-Why: a per-model MILP costs tens of milliseconds, and most models' LP solutions are a few cheap
-moves away from a good integer solution. Two candidates are built and the cheaper kept:
+Why: a per-model MILP costs tens of milliseconds, and when the clock runs out before every model
+has had one, the answer must still be a sensible allocation. Two candidates are built and the
+cheaper kept:
 
 * ceil: round every replica count up; the LP routing stays feasible.
 * floor + cover: round down, shrink the routing that no longer fits, then cover what is left with
-  spare capacity and, where that runs out, with the replica that covers the most of it per dollar.
+  spare capacity and then either with as few replicas of one variant as do it alone, or greedily
+  with the replica that covers the most of it per dollar, whichever is cheaper.
+* one variant (or one P and one D variant) alone carrying the whole model, which is what wins
+  when a model's demand sits just above a whole replica of its LP favourite.
 
-The result is always a feasible block solution (or None when the cover cannot finish within the
-variants' upper bounds), so it can serve as a primal column; it proves nothing about optimality.
+Given a budget of coupling rows (accelerators left per type, watts left), no replica is added that
+would overdraw it; demand that cannot be covered then stays unmet. The result is always a feasible
+block solution; it proves nothing about optimality.
 """
 
 from __future__ import annotations
@@ -18,30 +23,39 @@ import numpy as np
 from optimizer.allocation_formulation import STAGE_D, STAGE_P, ModelBlock
 
 _EPS = 1e-9
-_MAX_ADDED = 64
+_MAX_ADDED = 256
 
 
-def round_block(block: ModelBlock, x_lp: np.ndarray, priced: np.ndarray, current: np.ndarray) -> np.ndarray:
-    """The cheaper (at `priced` costs) of the ceil and floor-and-cover roundings of `x_lp`."""
+def round_block(block: ModelBlock, x_lp: np.ndarray, priced: np.ndarray, current: np.ndarray,
+                usage: np.ndarray | None = None, budget: np.ndarray | None = None) -> np.ndarray:
+    """The cheaper (at `priced` costs) of the ceil and floor-and-cover roundings of `x_lp`.
+
+    `usage` (coupling rows x variants) and `budget` (per coupling row) limit what may be added.
+    """
     n_lp = x_lp[block.col_n]
     lo, hi = block.col_lb[block.col_n], block.col_ub[block.col_n]
-    best = _complete(block, np.minimum(np.ceil(n_lp - 1e-7), hi), x_lp[block.col_y].copy(),
-                     x_lp[block.col_u].copy(), current)
-    covered = _floor_and_cover(block, x_lp, priced, lo, hi)
-    if covered is not None:
-        cand = _complete(block, covered[0], covered[1], covered[2], current)
-        if priced @ cand < priced @ best - _EPS:
-            best = cand
+    best = None
+    ceil = np.minimum(np.ceil(n_lp - 1e-7), hi)
+    if budget is None or np.all(usage @ ceil <= budget + 1e-9):
+        best = _complete(block, ceil, x_lp[block.col_y].copy(), x_lp[block.col_u].copy(), current)
+    floor = np.maximum(np.floor(n_lp + 1e-7), lo)
+    y = np.clip(x_lp[block.col_y], 0.0, None)
+    u = np.clip(x_lp[block.col_u], 0.0, 1.0)
+    starts = [(floor, y, u), (lo.copy(), np.zeros_like(y), u)]
+    for n0, y0, u0 in starts:
+        for greedy in (False, True):
+            n, y1, u1 = _floor_and_cover(block, n0.copy(), y0.copy(), u0.copy(), priced, hi, usage, budget, greedy)
+            cand = _complete(block, n, y1, u1, current)
+            if best is None or priced @ cand < priced @ best - _EPS:
+                best = cand
     return best
 
 
-def _floor_and_cover(block: ModelBlock, x_lp, priced, lo, hi):
+def _floor_and_cover(block: ModelBlock, n, y, u, priced, hi, usage, budget, greedy: bool):
+    """Shrink the routing to fit `n`, then add replicas until the demand `1 - u` is covered again."""
     work = block.flow_work
     fv, fb, fs = block.flow_variant, block.flow_bucket, block.flow_stage
     nv, nb = len(block.variants), len(block.rates)
-    n = np.maximum(np.floor(x_lp[block.col_n] + 1e-7), lo)
-    y = np.clip(x_lp[block.col_y], 0.0, None).copy()
-    u = np.clip(x_lp[block.col_u], 0.0, 1.0).copy()
     load = np.bincount(fv, weights=y * work, minlength=nv)
     shrink = np.where(load > n + _EPS, n / np.maximum(load, _EPS), 1.0)
     y *= shrink[fv]
@@ -50,35 +64,106 @@ def _floor_and_cover(block: ModelBlock, x_lp, priced, lo, hi):
     pre = fs != STAGE_D
     dec = fs != STAGE_P
     need_pre = np.maximum((1 - u) - np.bincount(fb[pre], weights=y[pre], minlength=nb), 0.0)
-    need_dec = np.maximum((1 - u) - np.bincount(fb[dec], weights=y[dec], minlength=nb), 0.0) if block.disaggregated \
-        else need_pre.copy()
-    unit_cost = priced[block.col_n]
-    for _ in range(_MAX_ADDED + 1):
+    need_dec = np.maximum((1 - u) - np.bincount(fb[dec], weights=y[dec], minlength=nb), 0.0) \
+        if block.disaggregated else need_pre.copy()
+    left = None if budget is None else budget - usage @ n
+    _route(block, work, y, spare, need_pre, need_dec)
+    if not greedy:
+        _cover_alone(block, work, y, spare, need_pre, need_dec, priced[block.col_n], n, hi, usage, left)
+    for _ in range(_MAX_ADDED):
         _route(block, work, y, spare, need_pre, need_dec)
         if need_pre.max(initial=0.0) <= 1e-7 and need_dec.max(initial=0.0) <= 1e-7:
-            return n, y, u
-        w = _best_addition(block, work, spare, need_pre, need_dec, unit_cost, n, hi)
+            break
+        allowed = n < hi
+        if left is not None:
+            allowed &= np.all(usage <= left[:, None] + 1e-9, axis=0)
+        w = _best_addition(block, work, spare, need_pre, need_dec, priced[block.col_n], allowed)
         if w is None:
-            return None
+            break
         n[w] += 1
         spare[w] += 1.0
-    return None
+        if left is not None:
+            left = left - usage[:, w]
+    # whatever is still uncovered is unmet; the side served more gives back its P- or D-only share
+    served = np.minimum(np.bincount(fb[pre], weights=y[pre], minlength=nb),
+                        np.bincount(fb[dec], weights=y[dec], minlength=nb) if block.disaggregated else np.inf)
+    served = np.minimum(served, 1.0)
+    for side, only in ((pre, STAGE_P), (dec, STAGE_D)):
+        excess = np.bincount(fb[side], weights=y[side], minlength=nb) - served
+        for f in np.nonzero(fs == only)[0]:
+            cut = min(y[f], max(excess[fb[f]], 0.0))
+            y[f] -= cut
+            excess[fb[f]] -= cut
+    return n, y, 1.0 - served
+
+
+def _cover_alone(block: ModelBlock, work, y, spare, need_pre, need_dec, unit_cost, n, hi, usage, left) -> None:
+    """Cover each stage's uncovered shares with replicas of the one variant that does it cheapest."""
+    fv, fb, fs = block.flow_variant, block.flow_bucket, block.flow_stage
+    stages = [(need_pre, STAGE_P), (need_dec, STAGE_D)] if block.disaggregated else [(need_pre, None)]
+    plans = []
+    for need, role in stages:
+        best = None
+        for v in np.unique(fv):
+            mine = fv == v
+            if role is not None and fs[mine][0] not in (role,):
+                continue
+            missing = need > 1e-7
+            served = np.zeros(len(need), dtype=bool)
+            served[fb[mine]] = True
+            if np.any(missing & ~served):
+                continue
+            extra = max(float(np.dot(need[fb[mine]], work[mine])) - spare[v], 0.0)
+            k = int(np.ceil(extra - 1e-9))
+            if n[v] + k > hi[v] or (left is not None and np.any(usage[:, v] * k > left + 1e-9)):
+                continue
+            if best is None or k * unit_cost[v] < best[0]:
+                best = (k * unit_cost[v], v, k)
+        plans.append(best)
+    if block.disaggregated:
+        # a PD variant may carry both stages at once
+        joint = None
+        both = np.minimum(need_pre, need_dec)
+        if np.allclose(need_pre, need_dec, atol=1e-7):
+            for v in np.unique(fv[fs == 0]):
+                mine = fv == v
+                served = np.zeros(len(both), dtype=bool)
+                served[fb[mine]] = True
+                if np.any((both > 1e-7) & ~served):
+                    continue
+                k = int(np.ceil(max(float(np.dot(both[fb[mine]], work[mine])) - spare[v], 0.0) - 1e-9))
+                if n[v] + k > hi[v] or (left is not None and np.any(usage[:, v] * k > left + 1e-9)):
+                    continue
+                if joint is None or k * unit_cost[v] < joint[0]:
+                    joint = (k * unit_cost[v], v, k)
+        split = None if None in plans else sum(p[0] for p in plans)
+        if joint is not None and (split is None or joint[0] <= split):
+            plans = [joint]
+    for plan in plans:
+        if plan is None:
+            continue
+        _, v, k = plan
+        if left is not None and np.any(usage[:, v] * k > left + 1e-9):
+            continue
+        n[v] += k
+        spare[v] += k
+        if left is not None:
+            left -= usage[:, v] * k
 
 
 def _route(block: ModelBlock, work, y, spare, need_pre, need_dec) -> None:
     """Pour the uncovered shares into spare capacity, most capacity-efficient flows first."""
     fv, fb, fs = block.flow_variant, block.flow_bucket, block.flow_stage
-    order = np.argsort(work, kind="stable")
-    for f in order:
+    for f in np.argsort(work, kind="stable"):
         v, b, stage = fv[f], fb[f], fs[f]
         if spare[v] <= _EPS:
             continue
         if stage == STAGE_P:
-            want = need_pre[b] if block.disaggregated else 0.0
+            want = need_pre[b]
         elif stage == STAGE_D:
             want = need_dec[b]
         else:
-            want = min(need_pre[b], need_dec[b]) if block.disaggregated else need_pre[b]
+            want = min(need_pre[b], need_dec[b])
         if want <= _EPS:
             continue
         take = min(want, spare[v] / work[f])
@@ -86,37 +171,34 @@ def _route(block: ModelBlock, work, y, spare, need_pre, need_dec) -> None:
         spare[v] -= take * work[f]
         if stage != STAGE_D:
             need_pre[b] -= take
-        if stage != STAGE_P or not block.disaggregated:
+        if stage != STAGE_P:
             need_dec[b] -= take
         if not block.disaggregated:
             need_dec[b] = need_pre[b]
 
 
-def _best_addition(block: ModelBlock, work, spare, need_pre, need_dec, unit_cost, n, hi):
-    """The variant whose next replica covers the most uncovered demand per dollar."""
+def _best_addition(block: ModelBlock, work, spare, need_pre, need_dec, unit_cost, allowed):
+    """The allowed variant whose next replica covers the most uncovered demand (rps) per dollar."""
     fv, fb, fs = block.flow_variant, block.flow_bucket, block.flow_stage
-    rates = block.rates
     best, best_ratio = None, np.inf
-    for v in np.nonzero(n < hi)[0]:
-        mine = fv == v
-        stage = fs[mine]
-        want = np.where(stage == STAGE_P, need_pre[fb[mine]],
-                        np.where(stage == STAGE_D, need_dec[fb[mine]], np.minimum(need_pre[fb[mine]], need_dec[fb[mine]])))
+    for v in np.nonzero(allowed)[0]:
+        mine = np.nonzero(fv == v)[0]
+        if len(mine) == 0:
+            continue
+        b, stage = fb[mine], fs[mine]
+        want = np.where(stage == STAGE_P, need_pre[b],
+                        np.where(stage == STAGE_D, need_dec[b], np.minimum(need_pre[b], need_dec[b])))
         if want.max(initial=0.0) <= _EPS:
             continue
-        # one replica, filled with the most efficient of its uncovered shares first
-        order = np.argsort(work[mine])
         room, covered = 1.0 + spare[v], 0.0
-        for k in order:
+        for k in np.argsort(work[mine]):
             if room <= _EPS:
                 break
-            take = min(want[k], room / work[mine][k])
-            covered += take * rates[fb[mine][k]]
-            room -= take * work[mine][k]
-        if covered <= _EPS:
-            continue
-        ratio = max(unit_cost[v], _EPS) / covered
-        if ratio < best_ratio:
+            take = min(want[k], room / work[mine[k]])
+            covered += take * block.rates[b[k]]
+            room -= take * work[mine[k]]
+        ratio = max(unit_cost[v], _EPS) / max(covered, _EPS)
+        if covered > _EPS and ratio < best_ratio:
             best, best_ratio = v, ratio
     return best
 
@@ -130,5 +212,5 @@ def _complete(block: ModelBlock, n, y, u, current) -> np.ndarray:
         x[block.col_down] = np.maximum(current - n, 0)
     x[block.col_short] = np.maximum(block.short_min - n[block.short_variants], 0)
     x[block.col_y] = y
-    x[block.col_u] = u
+    x[block.col_u] = np.maximum(u, block.col_lb[block.col_u])
     return x

@@ -1,0 +1,79 @@
+"""How fast the allocation proves a 1 % gap: 10 / 50 / 100 models x 10 accelerator types x 10 buckets.
+
+Inventory binds on purpose (the cheapest types hold 60 % of what demand wants, see
+allocation_instances.py), which is what makes the problem hard. Target: gap <= 1 % in <= 2 s.
+Wall time depends on the machine's load, so CPU seconds (this process + its solver workers) are
+printed too; on an idle 2-core machine the wall time is about parent CPU + workers' CPU / 2.
+
+    .venv/bin/python benchmarks/bench_allocation.py                  # table, time limit 2 s and 60 s
+    .venv/bin/python benchmarks/bench_allocation.py --seeds 3 --models 100 --time-limit 60
+    .venv/bin/python -m pytest -q benchmarks/bench_allocation.py -o python_files='bench_*.py' -s
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+
+import pytest
+from allocation_instances import make_instance
+
+from optimizer.allocation import allocate
+from optimizer.problem import AllocationOptions
+
+
+def measure(n_models: int, seed: int, time_limit_s: float, sizes_per_accelerator: int = 1) -> dict:
+    inst = make_instance(n_models, seed=seed, sizes_per_accelerator=sizes_per_accelerator)
+    opts = inst.problem.options.model_copy(update={"time_limit_s": time_limit_s, "relative_gap": 0.01})
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu, wall = time.process_time(), time.perf_counter()
+    a = allocate(inst.problem, inst.capacity, options=AllocationOptions.model_validate(opts.model_dump()))
+    wall = time.perf_counter() - wall
+    cpu = time.process_time() - cpu
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    workers = (after.ru_utime + after.ru_stime) - (children.ru_utime + children.ru_stime)
+    exhausted = [b.split()[2] for b in a.binding_constraints if b.startswith("inventory of")]
+    return {
+        "models": n_models, "variants": len(inst.problem.variants), "seed": seed, "limit_s": time_limit_s,
+        "method": a.method, "status": a.status, "wall_s": wall, "cpu_s": cpu, "worker_cpu_s": workers,
+        "objective": a.objective, "bound": a.lower_bound, "gap_pct": 100 * a.gap, "rounds": a.iterations,
+        "exhausted": ",".join(exhausted),
+    }
+
+
+def _line(r: dict) -> str:
+    return (f"{r['models']:>4} {r['variants']:>5} {r['seed']:>4} {r['limit_s']:>6g} {r['method']:>13} "
+            f"{r['status']:>11} {r['wall_s']:>7.2f} {r['cpu_s']:>6.2f} {r['worker_cpu_s']:>7.2f} "
+            f"{r['objective']:>10.2f} {r['bound']:>10.2f} {r['gap_pct']:>6.3f} {r['rounds']:>3}  {r['exhausted']}")
+
+
+HEADER = ("models  vars seed limit_s        method      status  wall_s  cpu_s workers  objective      bound "
+          " gap_%  rd  exhausted")
+
+
+@pytest.mark.parametrize("n_models", [10, 50, 100])
+def test_allocation_gap_and_time(n_models):
+    r = measure(n_models, seed=1, time_limit_s=2.0)
+    print("\n" + HEADER + "\n" + _line(r))
+    assert r["bound"] <= r["objective"] + 1e-9
+    assert r["exhausted"], "the benchmark must bind inventory"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", type=int, nargs="+", default=[10, 50, 100])
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--time-limit", type=float, nargs="+", default=[2.0, 60.0])
+    parser.add_argument("--sizes-per-accelerator", type=int, default=1,
+                        help="accelerators-per-replica options per accelerator type (2 doubles the variants)")
+    args = parser.parse_args()
+    print(HEADER)
+    for limit in args.time_limit:
+        for n in args.models:
+            for seed in range(1, args.seeds + 1):
+                print(_line(measure(n, seed, limit, args.sizes_per_accelerator)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
