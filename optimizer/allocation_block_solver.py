@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import multiprocessing
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -50,10 +51,10 @@ def quiet_stdout() -> Iterator[None]:
     """Silence C-level stdout: SciPy's bundled HiGHS prints debug lines there, and the CLI writes JSON."""
     try:
         fd = os.dup(1)
-    except OSError:
+        libc = ctypes.CDLL(None)
+    except (OSError, TypeError):
         yield
         return
-    libc = ctypes.CDLL(None)
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:
         libc.fflush(None)
@@ -119,4 +120,6 @@ def _usable_cpus() -> int:
 
 
 def _can_fork() -> bool:
-    return "fork" in multiprocessing.get_all_start_methods()
+    """Fork only a single-threaded process: a forked copy of a threaded one (the operator's event
+    loop, HTTP clients) can inherit a lock some other thread held and hang."""
+    return "fork" in multiprocessing.get_all_start_methods() and threading.active_count() == 1

@@ -124,10 +124,6 @@ class Formulation:
             rhs.append(self.power_cap_w)
         return np.array(rhs, dtype=float)
 
-    def coupling_names(self) -> list[str]:
-        names = [self.accelerator_names[a] for a in self.limited]
-        return names + (["power"] if self.power_cap_w is not None else [])
-
     def priced_cost(self, block: ModelBlock, prices: np.ndarray) -> np.ndarray:
         """The block's objective with each coupling row charged at `prices` per unit used."""
         cost = block.cost.copy()
