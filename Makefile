@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv demo test bench lint system-deps clean
+.PHONY: venv demo plan-demo test bench lint system-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,8 +14,13 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-## demo: the main job on the bundled example fleet (no cluster needed)
+## demo: the main job on an embedded default (no cluster needed): simulate the default scenario,
+## compare autoscaling policies, write the report folder
 demo: venv
+	$(VENV)/bin/variant-autoscaler simulate
+
+## plan-demo: plan the bundled example fleet
+plan-demo: venv
 	$(VENV)/bin/variant-autoscaler plan examples/fleet.yaml
 
 ## test: the whole suite (installs the venv and the Debian packages tests need)
