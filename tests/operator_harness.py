@@ -1,9 +1,9 @@
 """Test machinery for the operator: objects on the emulated cluster, observations, an operator thread.
 
-Imported by the operator test modules (`from operator_harness import ...`). Observations built here
-are what the collector would have returned (the same pydantic models), fed to the controller the way
-the benchmark feeds pre-collected observations; the collector itself is tested against the real
-Prometheus in test_collector.py and end to end in test_operator_e2e.py.
+Imported by the operator test modules (`from operator_harness import ...`). `observations`/`Demand`
+(from variant_autoscaler.emulation.observations) are what the collector would have returned, fed to
+the controller the way the benchmark feeds pre-collected observations; the collector itself meets
+the real Prometheus in test_collector.py and end to end in test_operator_e2e.py.
 """
 
 from __future__ import annotations
@@ -15,15 +15,9 @@ from collections.abc import Callable
 
 import pytest
 from kubernetes import client
-from variant_autoscaler.collector import (
-    CollectionResult,
-    LatencyObservation,
-    ModelObservation,
-    VariantObservation,
-    VariantSelector,
-)
+from variant_autoscaler.emulation.observations import Demand, observations
 
-from optimizer.workload import LengthBucket
+__all__ = ["Demand", "observations"]
 
 GROUP, VERSION, PLURAL = "autoscaling.variant-autoscaler.io", "v1alpha1", "variantautoscalings"
 TINY_MODEL = {"name": "tiny/chat-1b", "weight_gb": 2.0, "kv_bytes_per_token": 131072.0}
@@ -130,56 +124,6 @@ def wait_until(predicate: Callable[[], object], *, timeout_s: float, what: str, 
             return last
         time.sleep(interval_s)
     pytest.fail(f"timed out after {timeout_s:g} s waiting for {what} (last: {last!r})")
-
-
-def _latency() -> LatencyObservation:
-    return LatencyObservation(mean_s=None, quantiles_s={"p50": None, "p90": None, "p99": None},
-                              observations_per_s=0.0)
-
-
-def _traffic(rate: float | None, input_tokens: float, output_tokens: float) -> dict:
-    mix = [LengthBucket(input_tokens=input_tokens, output_tokens=output_tokens, share=1.0)]
-    return {"arrival_rate_rps": rate, "completion_rate_rps": rate, "mean_input_tokens": input_tokens,
-            "mean_output_tokens": output_tokens, "waiting": 0.0, "running": 0.0, "kv_cache_usage_mean": None,
-            "kv_cache_usage_max": None, "ttft": _latency(), "itl": _latency(), "input_tokens": [],
-            "output_tokens": [], "length_mix": mix if rate is not None else []}
-
-
-def observations(demand: dict[str, float], selectors: list[VariantSelector], *, input_tokens: float = 100,
-                 output_tokens: float = 40, missing: tuple[str, ...] = ()) -> CollectionResult:
-    """What the collector returns when each model in `demand` receives that many requests/s."""
-    variants = {}
-    for sel in selectors:
-        ok = sel.model in demand and sel.model not in missing
-        variants[sel.name] = VariantObservation(
-            name=sel.name, namespace=sel.namespace, model=sel.model, status="ok" if ok else "missing",
-            reason="metrics fresh" if ok else f"no vLLM series for {sel.describe()}", pods=[], stale_pods=[],
-            newest_sample_age_s=1.0 if ok else None, kv_capacity_tokens=None,
-            **_traffic(demand.get(sel.model, 0.0) if ok else None, input_tokens, output_tokens))
-    models = {}
-    for model in sorted({s.model for s in selectors}):
-        mine = [s.name for s in selectors if s.model == model]
-        ok = model in demand and model not in missing
-        models[model] = ModelObservation(
-            model=model, variants=mine if ok else [], excluded_variants={} if ok else dict.fromkeys(mine, "missing"),
-            **_traffic(demand.get(model) if ok else None, input_tokens, output_tokens))
-    return CollectionResult(available=True, reason="collected", evaluated_at=None, window_s=10.0, queries=19,
-                            duration_s=0.01, variants=variants, models=models)
-
-
-class Demand:
-    """A settable demand per model; `collect` is what the controller calls each cycle."""
-
-    def __init__(self, demand: dict[str, float] | None = None):
-        self.demand = dict(demand or {})
-        self.calls = 0
-
-    def set(self, model: str, rate: float) -> None:
-        self.demand[model] = rate
-
-    def collect(self, selectors: list[VariantSelector]) -> CollectionResult:
-        self.calls += 1
-        return observations(self.demand, selectors)
 
 
 class OperatorThread:

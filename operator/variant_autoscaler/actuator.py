@@ -255,13 +255,10 @@ class KubeGateway:
             body = await self._in_thread(lambda: self._json(
                 "list VariantAutoscalings", self.custom.list_cluster_custom_object, GROUP, VERSION, PLURAL))
             return body.get("items") or []
-        out: list[JsonObj] = []
-        for ns in namespaces:
-            body = await self._in_thread(lambda ns=ns: self._json(
-                f"list VariantAutoscalings in {ns}", self.custom.list_namespaced_custom_object, GROUP, VERSION,
-                ns, PLURAL))
-            out.extend(body.get("items") or [])
-        return out
+        bodies = await asyncio.gather(*(self._in_thread(lambda ns=ns: self._json(
+            f"list VariantAutoscalings in {ns}", self.custom.list_namespaced_custom_object, GROUP, VERSION,
+            ns, PLURAL)) for ns in namespaces))
+        return [item for body in bodies for item in body.get("items") or []]
 
     async def read_configmap(self, namespace: str, name: str) -> JsonObj | None:
         def call():

@@ -96,6 +96,8 @@ from variant_autoscaler.settings import (
 log = logging.getLogger("variant_autoscaler.controller")
 
 CONDITIONS = ("TargetResolved", "MetricsAvailable", "OptimizationReady", "Actuated")
+EVENT_REPEAT_S = 600.0
+VOLATILE_EVENTS = frozenset({"Infeasible", "MetricsUnavailable"})
 PROFILE_REFIT_S = 300.0
 STATUS_REFRESH_S = 300.0
 
@@ -113,6 +115,8 @@ class Decision(_Frozen):
     unmet_demand_rps: dict[str, float] = Field(default_factory=dict)
     status: str = "optimal"
     message: str = ""
+    capacity_s: float = 0.0
+    solver_s: float = 0.0
 
 
 class VariantOutcome(_Frozen):
@@ -133,6 +137,7 @@ class CycleReport(_Frozen):
     started_at: float
     duration_s: float
     optimizer_s: float = 0.0
+    phases_s: dict[str, float] = Field(default_factory=dict, description="Seconds per step of the cycle.")
     ok: bool
     error: str | None = None
     metrics_available: bool = False
@@ -176,7 +181,7 @@ class _Live:
 @dataclass
 class _Memory:
     history: StabilizationHistory = field(default_factory=StabilizationHistory)
-    events: dict[tuple[str, str], str] = field(default_factory=dict)
+    events: dict[tuple[str, str], tuple[str, str, float]] = field(default_factory=dict)
     fits: dict[str, tuple[float, PerformanceProfile]] = field(default_factory=dict)
     last_status: dict[str, tuple[float, dict]] = field(default_factory=dict)
     last_desired: dict[str, int] = field(default_factory=dict)
@@ -202,6 +207,9 @@ class Controller:
         self.deps = deps
         self.memory = _Memory()
         self._discovered: dict[str, int] = {}
+        self._live_keys: dict[str, str] = {}
+        self._phases: dict[str, float] = {}
+        self._mark = 0.0
 
     # ------------------------------------------------------------------------------------------
     async def cycle(self, resources: list[dict] | None = None) -> CycleReport:
@@ -211,8 +219,10 @@ class Controller:
         await self._reload_settings()
         settings = deps.settings.current
         try:
+            self._phases = {}
             if resources is None:
                 resources = await deps.gateway.list_variant_autoscalings(settings.watched_namespaces or None)
+            self._phase("list", t0)
             return await self._cycle(settings, resources, started, t0)
         except ApiCallFailed as err:
             deps.exporter.count_error("KubernetesApiUnavailable")
@@ -220,6 +230,13 @@ class Controller:
             report = CycleReport(started_at=started, duration_s=time.monotonic() - t0, ok=False, error=str(err))
             deps.exporter.cycle_duration.observe(report.duration_s)
             return report
+
+    def _phase(self, name: str, since: float) -> float:
+        """Record the time since the previous mark (or `since`) under `name`; returns now."""
+        now = time.monotonic()
+        self._phases[name] = now - max(since, self._mark)
+        self._mark = now
+        return now
 
     async def _reload_settings(self) -> None:
         where = self.deps.settings_configmap
@@ -272,6 +289,7 @@ class Controller:
                               f"spec.scaleTargetRef: {target.kind} {target.name} is already scaled by {keys[0]}",
                               p.generation, now_text, statuses, events, outcomes)
 
+        self._phase("parse", t0)
         # 2. targets
         views = await deps.gateway.read_targets([p.target for p in parsed.values()])
         live: dict[str, _Live] = {}
@@ -291,6 +309,7 @@ class Controller:
                 continue
             live[key] = _Live(parsed=p, view=view)
 
+        self._phase("targets", t0)
         # 3. metrics and the ConfigMap-backed parts of specs
         await self._resolve_references(live, settings, now_text, statuses, events, outcomes)
         selectors = [VariantSelector(name=k, namespace=v.parsed.ref.namespace, model=v.parsed.model_id,
@@ -304,6 +323,7 @@ class Controller:
             deps.exporter.count_error("MetricsUnavailable")
         model_ok = self._models_with_metrics(live, collection)
 
+        self._phase("collect", t0)
         # 4. the problem, jointly
         if settings.discover_inventory:
             nodes = await deps.gateway.list_nodes()
@@ -327,6 +347,10 @@ class Controller:
         if decision is not None and decision.status == "infeasible":
             deps.exporter.count_error("Infeasible")
 
+        self._phase("decide", t0)
+        if decision is not None:
+            self._phases["decide.capacity"] = decision.capacity_s
+            self._phases["decide.solver"] = decision.solver_s
         # 5. plan
         inventory = {a.name: a.available for a in (problem.accelerators if problem else [])}
         states = []
@@ -357,17 +381,22 @@ class Controller:
             if st.metrics_available:
                 memory.last_desired[st.name] = st.desired_replicas
 
+        self._phase("plan", t0)
         # 6. actuate
         actuation: dict[str, tuple[bool, str, str]] = {}
         scaled: set[str] = set()
         if settings.actuation_mode == "direct":
             await self._actuate(plan, live, actuation, scaled, events)
+        self._phase("actuate", t0)
         # 7. report
+        self._live_keys = {k: v.parsed.model_id for k, v in live.items()}
         load = self._loads(live, capacity, decision, collection, problem)
         for key, v in live.items():
             self._report_live(key, v, settings, collection, model_ok, decision, plan, load, actuation, scaled,
                               in_problem, now_text, statuses, events, outcomes)
+        self._phase("report", t0)
         await self._write(statuses, events, started)
+        self._phase("write", t0)
         for _ref, _kind, reason, message, (key, _topic, _text) in events:
             if key in outcomes:
                 o = outcomes[key]
@@ -376,7 +405,9 @@ class Controller:
         deps.exporter.publish(snapshot, success=error is None, at=started)
         duration = time.monotonic() - t0
         deps.exporter.cycle_duration.observe(duration)
+        self._phase("export", t0)
         return CycleReport(started_at=started, duration_s=duration, optimizer_s=optimizer_s, ok=error is None,
+                           phases_s=dict(self._phases),
                            error=error, metrics_available=collection.available, metrics_reason=collection.reason,
                            optimizer_status=decision.status if decision else None,
                            cost_per_hour=decision.cost_per_hour if decision else None, variants=outcomes, plan=plan)
@@ -401,10 +432,16 @@ class Controller:
         outcomes[key] = VariantOutcome(key=key, valid=False, conditions=conds)
 
     def _event(self, events, key: str, ref: ObjectRef, kind: str, reason: str, message: str, *, dedupe: str) -> None:
-        """Queue an Event unless the same one was sent last time for this resource and topic."""
-        if self.memory.events.get((key, dedupe)) == f"{reason}:{message}":
-            return
-        events.append((ref, kind, reason, message, (key, dedupe, f"{reason}:{message}")))
+        """Queue an Event unless this resource already got it: the same reason and message last time,
+        or, for reasons whose numbers move every cycle (VOLATILE_EVENTS), the same reason within
+        EVENT_REPEAT_S."""
+        last = self.memory.events.get((key, dedupe))
+        if last is not None:
+            same_reason, same_text = last[0] == reason, last[1] == message
+            recent = self.deps.clock() - last[2] < EVENT_REPEAT_S
+            if same_reason and (same_text or (reason in VOLATILE_EVENTS and recent)):
+                return
+        events.append((ref, kind, reason, message, (key, dedupe, (reason, message))))
 
     def _finish(self, key, p: ParsedVariant, conds, now_text, statuses, events, outcomes, *, extra: dict,
                 event: tuple[str, str, str] | None) -> None:
@@ -716,7 +753,7 @@ class Controller:
             reason = "ScaledUp" if up else "ScaledDown"
             message = (f"{v.parsed.target.kind} {v.parsed.target.name}: {result.before} -> {result.after} replicas; "
                        f"{step.reason}" + (f" ({result.conflicts} conflict(s) resolved)" if result.conflicts else ""))
-            events.append((v.parsed.ref, "Normal", reason, message, (step.name, "scale", message)))
+            events.append((v.parsed.ref, "Normal", reason, message, (step.name, "scale", (reason, message))))
             self.deps.exporter.count_scaling(v.parsed.ref.namespace, v.parsed.ref.name, "up" if up else "down")
             actuation[step.name] = (True, reason, message)
             scaled.add(step.name)
@@ -790,15 +827,17 @@ class Controller:
                                           f"held at {step.target_replicas if step else v.view.spec_replicas} replicas "
                                           "until metrics return")
             event = ("Warning", "MetricsUnavailable", metrics_why)
-        elif decision.status == "infeasible":
-            short = decision.unmet_demand_rps.get(p.model_id, 0.0)
-            msg = (f"best effort: {v.desired} replicas; the inventory cannot serve all demand at the SLO"
-                   + (f" ({p.model_id} short by {short:.2f} req/s)" if short > 0 else "") + f". {decision.message}")
-            conds["OptimizationReady"] = ("True", "BestEffort", msg.strip())
-            short_models = ", ".join(f"{m} {x:.2f} req/s" for m, x in sorted(decision.unmet_demand_rps.items())
-                                     if x > 0)
-            event = ("Warning", "Infeasible", f"demand exceeds what the inventory serves at the SLO; unmet: "
-                                              f"{short_models or 'none for this model'}; best-effort allocation applied")
+        elif decision.unmet_demand_rps.get(p.model_id, 0.0) > 1e-6:
+            short = decision.unmet_demand_rps[p.model_id]
+            demand = collection.models[p.model_id].arrival_rate_rps if p.model_id in collection.models else None
+            of = f" of {demand:.2f}" if demand else ""
+            msg = (f"best effort: {v.desired} replicas; {p.model_id} is short by {short:.2f}{of} req/s at the SLO "
+                   f"within the inventory" + (f" ({decision.message})" if decision.message else ""))
+            conds["OptimizationReady"] = ("True", "BestEffort", msg)
+            if key == min(k for k, x in self._live_keys.items() if x == p.model_id):
+                event = ("Warning", "Infeasible", f"{p.model_id}: {short:.2f}{of} req/s cannot be served at the SLO "
+                                                  f"with the accelerators available; best-effort allocation applied"
+                                                  + (f"; limits: {decision.message}" if decision.message else ""))
         else:
             conds["OptimizationReady"] = ("True", "Optimized",
                                           f"{v.desired} replicas of {v.accelerator} (profile from {v.profile_source})")
@@ -850,13 +889,11 @@ class Controller:
         gw = self.deps.gateway
 
         def material(body: dict) -> dict:
-            def strip(x):
-                if isinstance(x, dict):
-                    return {k: strip(v) for k, v in x.items() if k not in ("lastOptimizationTime", "lastRunTime")}
-                if isinstance(x, list):
-                    return [strip(i) for i in x]
-                return x
-            return strip(body)
+            out = {k: v for k, v in body.items() if k != "lastOptimizationTime"}
+            if "desiredOptimizedAlloc" in out:
+                out["desiredOptimizedAlloc"] = {k: v for k, v in out["desiredOptimizedAlloc"].items()
+                                                if k != "lastRunTime"}
+            return out
 
         async def status(key: str, ref: ObjectRef, body: dict) -> None:
             last = self.memory.last_status.get(key)
@@ -873,7 +910,7 @@ class Controller:
             try:
                 await gw.emit_event(ref, kind, reason, message)
                 if dedupe[1] != "scale":
-                    self.memory.events[(dedupe[0], dedupe[1])] = dedupe[2]
+                    self.memory.events[(dedupe[0], dedupe[1])] = (*dedupe[2], self.deps.clock())
                 log.info("%s %s/%s: %s", reason, ref.namespace, ref.name, message)
             except ApiCallFailed as err:
                 log.warning("event %s for %s/%s not posted: %s", reason, ref.namespace, ref.name, err)
@@ -948,9 +985,12 @@ def decide(problem: Problem) -> tuple[Decision, dict[tuple[str, str], CapacityEs
         return Decision(replicas=replicas, cost_per_hour=cost, message="no demand to size for"), {}
     from optimizer.allocation import allocate
 
+    t0 = time.perf_counter()
     capacity = capacity_table(problem)
+    t1 = time.perf_counter()
     result = allocate(problem, {k: e.max_rate_rps for k, e in capacity.items()})
-    return _decision_of(result, problem), capacity
+    decision = _decision_of(result, problem)
+    return decision.model_copy(update={"capacity_s": t1 - t0, "solver_s": time.perf_counter() - t1}), capacity
 
 
 def _decision_of(result, problem: Problem) -> Decision:

@@ -1,9 +1,11 @@
-"""Two operator replicas (two kopf.testing.KopfRunner instances in one process) never actuate at once.
+"""The operator as kopf runs it: peering between two replicas, and watch streams that drop.
 
-Both run this package's kopf module against the emulated cluster with kopf peering; the one with
-the higher priority scales the target, the other stays paused; when the active one stops, the other
-takes over. Who wrote what is read from the API server's request log (each replica has its own
-User-Agent).
+Two replicas (two kopf.testing.KopfRunner instances in one process) run this package's kopf module
+against the emulated cluster with kopf peering; the one with the higher priority scales the target,
+the other stays paused; when the active one stops, the other takes over. Who wrote what is read
+from the API server's request log (each replica has its own User-Agent). Then one operator runs
+behind a fault-injecting proxy that cuts its watch streams and answers 503 to the reconnects: it
+must come back on its own and still react to a change within seconds.
 """
 
 from __future__ import annotations
@@ -13,8 +15,11 @@ import os
 import pytest
 import yaml
 from kopf.testing import KopfRunner
-from operator_harness import L4_PROFILE, Kube, settings_dict, variant, wait_until
+from operator_harness import L4_PROFILE, Kube, OperatorThread, settings_dict, variant, wait_until
+from variant_autoscaler.emulation.cluster import kubeconfig_text
+from variant_autoscaler.emulation.fault_proxy import FaultProxy, FaultRule
 from variant_autoscaler.emulation.prometheus import free_port
+from variant_autoscaler.operator import RunOptions
 
 PEERING = "va-peering-test"
 
@@ -78,11 +83,11 @@ def _priorities(kube: Kube) -> list[int]:
     return sorted(p["priority"] for p in (peers.get("status") or {}).values())
 
 
-def _set_min(kube: Kube, replicas: int) -> None:
-    body = kube.variant("peer-l4")
+def _set_min(kube: Kube, replicas: int, name: str = "peer-l4") -> None:
+    body = kube.variant(name)
     body["spec"]["minReplicas"] = replicas
     kube.custom.replace_namespaced_custom_object("autoscaling.variant-autoscaler.io", "v1alpha1", kube.ns,
-                                                 "variantautoscalings", "peer-l4", body)
+                                                 "variantautoscalings", name, body)
 
 
 @pytest.mark.parametrize("status, mine, active", [
@@ -99,3 +104,34 @@ def test_the_peering_rule_is_kopfs(status, mine, active):
     from variant_autoscaler.operator import peer_is_active
 
     assert peer_is_active(status, mine) is active
+
+
+def test_dropped_watches_and_5xx_on_reconnect_are_retried(emulated_cluster, kube_api, kube_namespace, tmp_path):
+    kube = Kube(kube_api, kube_namespace)
+    kube.deploy("watch-l4", 1)
+    kube.apply_variant(variant("watch-l4", "watch-l4", profile=L4_PROFILE, min_replicas=1))
+    proxy = emulated_cluster.call(FaultProxy(upstream=emulated_cluster.url).start)
+    kubeconfig = tmp_path / "proxy.kubeconfig"
+    kubeconfig.write_text(kubeconfig_text(proxy.url, emulated_cluster.token))
+    path = tmp_path / "settings.yaml"
+    path.write_text(yaml.safe_dump(settings_dict(interval_s=600, watched_namespaces=[kube_namespace],
+                                                 prometheus={"url": f"http://127.0.0.1:{free_port()}",
+                                                             "timeout_s": 0.5})))
+    options = RunOptions(settings_file=path, kubeconfig=kubeconfig, metrics_host="127.0.0.1", metrics_port=0,
+                         standalone=True, namespaces=(kube_namespace,), instance="watch-test")
+    va_watch = rf"/namespaces/{kube_namespace}/variantautoscalings$"
+    try:
+        with OperatorThread(options):
+            wait_until(lambda: kube.condition("watch-l4", "TargetResolved"), timeout_s=20, what="a first cycle")
+            rule = proxy.add(FaultRule(method="GET", path=va_watch, watch=True, status=503, times=3))
+            dropped = emulated_cluster.call(proxy.drop_watches)
+            assert dropped >= 1
+            _set_min(kube, 2, "watch-l4")
+            # the loop sleeps 600 s between cycles: only the re-established watch can wake it
+            wait_until(lambda: kube.replicas("watch-l4") == 2, timeout_s=40, what="the change seen through a new watch")
+            assert rule.hits == 3
+            watches = [r.status for r in proxy.log if r.injected is not None or
+                       ("watch=true" in r.query and r.path.endswith("/variantautoscalings"))]
+            assert watches.count(503) == 3 and 200 in watches[watches.index(503):]
+    finally:
+        emulated_cluster.call(proxy.stop)
