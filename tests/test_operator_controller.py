@@ -90,6 +90,10 @@ def test_load_rise_scales_up_the_cheapest_variant_then_down_after_stabilization(
     l4, h100 = kube.replicas("chat-l4"), kube.replicas("chat-h100")
     assert l4 >= 3 and h100 == 0, (l4, h100, up.variants)
     assert kube.events("ScaledUp", "chat-l4")
+    scraped = ctrl.deps.exporter.render().decode()
+    # L4 alone ($1/h per ~2.3 req/s) is the cheapest single type; the decision costs no more than it
+    assert 'variant_autoscaler_homogeneous_cost_per_hour{accelerator="L4"} 3.0' in scraped
+    assert f"variant_autoscaler_cost_per_hour {float(l4):.1f}" in scraped
     status = kube.variant("chat-l4")["status"]
     assert status["desiredReplicas"] == l4
     assert status["capacityPerReplicaRps"] > 0
@@ -193,6 +197,10 @@ def test_prometheus_failures_hold_replicas_and_say_why(kube, kube_api, failure):
     assert kube.events("MetricsUnavailable", "hold-l4")
     assert 'variant_autoscaler_cycle_errors_total{reason="MetricsUnavailable"} 1.0' in \
         ctrl.deps.exporter.render().decode()
+    # the control case: with metrics showing the same low demand, the same controller scales down
+    ctrl.deps.collect = Demand({MODEL: 0.5}).collect
+    cycle(ctrl)
+    assert kube.replicas("hold-l4") == 1
 
 
 def test_a_model_without_series_is_held_while_others_are_optimized(kube, kube_api):
@@ -346,7 +354,8 @@ def test_a_persistently_failing_api_aborts_the_cycle_before_any_write(kube, prox
 def test_settings_configmap_updates_apply_and_invalid_ones_keep_the_last_good(kube, kube_api):
     kube.deploy("cfg-l4", 1)
     kube.apply_variant(variant("cfg-l4", "cfg-l4", profile=L4_PROFILE))
-    cm = {"metadata": {"name": "va-settings"}, "data": {"settings.yaml": json.dumps(settings_dict())}}
+    mine = {"watched_namespaces": [kube.ns]}
+    cm = {"metadata": {"name": "va-settings"}, "data": {"settings.yaml": json.dumps(settings_dict(**mine))}}
     kube.core.create_namespaced_config_map(kube.ns, cm)
     ctrl = make_controller(kube_api, kube.ns, collect=Demand({MODEL: 1.0}).collect)
     ctrl.deps.settings_configmap = (kube.ns, "va-settings")
@@ -359,7 +368,7 @@ def test_settings_configmap_updates_apply_and_invalid_ones_keep_the_last_good(ku
     assert "interval_s" in ctrl.deps.settings.last_error
     assert 'reason="InvalidSettings"' in ctrl.deps.exporter.render().decode()
     kube.core.patch_namespaced_config_map("va-settings", kube.ns,
-                                          {"data": {"settings.yaml": json.dumps(settings_dict(interval_s=7))}})
+                                          {"data": {"settings.yaml": json.dumps(settings_dict(interval_s=7, **mine))}})
     cycle(ctrl)
     assert ctrl.deps.settings.current.interval_s == 7
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import time
 from collections.abc import Callable
@@ -401,7 +402,7 @@ class Controller:
             if key in outcomes:
                 o = outcomes[key]
                 outcomes[key] = o.model_copy(update={"events": [*o.events, (reason, message)]})
-        snapshot = self._snapshot(live, plan, decision, collection, model_ok, load, problem, settings)
+        snapshot = self._snapshot(live, plan, decision, collection, model_ok, load, problem, capacity)
         deps.exporter.publish(snapshot, success=error is None, at=started)
         duration = time.monotonic() - t0
         deps.exporter.cycle_duration.observe(duration)
@@ -921,7 +922,7 @@ class Controller:
         for key in gone:
             self.memory.last_status.pop(key, None)
 
-    def _snapshot(self, live, plan, decision, collection, model_ok, load, problem, settings) -> DecisionSnapshot:
+    def _snapshot(self, live, plan, decision, collection, model_ok, load, problem, capacity) -> DecisionSnapshot:
         steps = {s.name: s for s in plan.steps} if plan else {}
         variants = []
         for key, v in live.items():
@@ -969,8 +970,44 @@ class Controller:
                 in_use = sum(s.target_replicas * live[s.name].parsed.accelerator_count for s in plan.steps
                              if live[s.name].accelerator == a.name)
                 accelerators.append(AcceleratorUse(accelerator=a.name, in_use=in_use, available=a.available))
+        baseline = homogeneous_baseline(problem, capacity) if problem is not None and decision is not None else None
         return DecisionSnapshot(variants=variants, models=models, routing=routing, accelerators=accelerators,
-                                cost_per_hour=decision.cost_per_hour if decision else None)
+                                cost_per_hour=decision.cost_per_hour if decision else None,
+                                homogeneous_cost_per_hour=baseline[0] if baseline else None,
+                                homogeneous_accelerator=baseline[1] if baseline else None)
+
+
+def homogeneous_baseline(problem: Problem, capacity: dict[tuple[str, str], CapacityEstimate]
+                         ) -> tuple[float, str] | None:
+    """(cost per hour, accelerator) of the cheapest way to serve all the demand with aggregated variants
+    of ONE accelerator type, inventory ignored: the baseline a mixed fleet is compared with.
+
+    Per model, the cheapest of its variants on that type, with ceil(sum over buckets of rate / capacity)
+    replicas; a type that cannot serve some model at its SLO is no baseline.
+    """
+    if not problem.workloads:
+        return None
+    best: tuple[float, str] | None = None
+    for acc in problem.accelerators:
+        total = 0.0
+        for w in problem.workloads:
+            rates = w.bucket_rates_rps()
+            costs = []
+            for v in problem.variants:
+                if v.model != w.model or v.accelerator != acc.name or v.role.value != "PD":
+                    continue
+                caps = [capacity.get((v.name, label)) for label in rates]
+                if any(c is None or c.max_rate_rps <= 0 for c in caps):
+                    continue
+                replicas = math.ceil(sum(r / c.max_rate_rps for r, c in zip(rates.values(), caps, strict=True)) - 1e-9)
+                costs.append(max(replicas, v.min_replicas) * problem.variant_cost_per_hour(v))
+            if not costs:
+                break
+            total += min(costs)
+        else:
+            if best is None or total < best[0]:
+                best = (total, acc.name)
+    return best
 
 
 # ----------------------------------------------------------------------------------------------
