@@ -139,6 +139,7 @@ def test_restart_mid_transition_resumes_from_the_cluster_state(kube, kube_api, e
         cycle(make_controller(kube_api, kube.ns, settings, collect=demand.collect))
         h100 = kube.replicas("move-h100")
         assert h100 >= 1 and kube.replicas("move-l4") == 2  # new first, old kept until ready
+        assert kube.condition("move-l4", "Actuated")["reason"] == "WaitingForReplacement"
         # "restart": a new controller with no memory; the new replicas are still starting
         restarted = make_controller(kube_api, kube.ns, settings, collect=demand.collect)
         cycle(restarted)

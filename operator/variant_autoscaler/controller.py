@@ -735,8 +735,7 @@ class Controller:
             v = live[step.name]
             have = v.view.spec_replicas
             if step.target_replicas == have:
-                actuation[step.name] = (True, "AtDesired" if step.target_replicas == v.desired else "Holding",
-                                        step.reason)
+                actuation[step.name] = (True, _holding_reason(step, v.desired), step.reason)
                 return
             try:
                 if step.target_replicas < have:
@@ -975,6 +974,16 @@ class Controller:
                                 cost_per_hour=decision.cost_per_hour if decision else None,
                                 homogeneous_cost_per_hour=baseline[0] if baseline else None,
                                 homogeneous_accelerator=baseline[1] if baseline else None)
+
+
+def _holding_reason(step, desired: int | None) -> str:
+    """Why a target that is not moved this cycle stays where it is, as a condition reason."""
+    for limit, reason in (("metrics_unavailable", "HeldWithoutMetrics"), ("waiting_for_ready", "WaitingForReplacement"),
+                          ("rolling_swap", "RollingSwap"), ("stabilization", "Stabilizing"),
+                          ("inventory", "InventoryExhausted"), ("max_change", "MaxChangePerCycle")):
+        if limit in step.limited_by:
+            return reason
+    return "AtDesired" if desired is None or step.target_replicas == desired else "Holding"
 
 
 def homogeneous_baseline(problem: Problem, capacity: dict[tuple[str, str], CapacityEstimate]
