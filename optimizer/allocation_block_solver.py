@@ -88,16 +88,15 @@ class BlockPool:
         self._pool = None
 
     def solve(self, indices: list[int], prices: np.ndarray) -> Iterator[BlockResult]:
+        """Results in the order of `indices`; with workers, every task is handed out before this returns."""
         tasks = [(i, prices) for i in indices]
-        if self.workers <= 1 or len(tasks) <= 1 or not _can_fork():
-            for i, p in tasks:
-                yield solve_block(self.form, i, p, self.gap)
-            return
-        if self._pool is None:
+        if self._pool is None and self.workers > 1 and len(tasks) > 1 and _can_fork():
             global _FORKED
             _FORKED = (self.form, self.gap)
             self._pool = multiprocessing.get_context("fork").Pool(self.workers)
-        yield from self._pool.imap(_solve_forked, tasks, chunksize=1)
+        if self._pool is None or len(tasks) <= 1:
+            return (solve_block(self.form, i, p, self.gap) for i, p in tasks)
+        return self._pool.imap(_solve_forked, tasks, chunksize=1)
 
     def close(self) -> None:
         if self._pool is not None:

@@ -13,11 +13,11 @@ term as prices rise, because usage is never negative. The loop:
 1. The LP relaxation of the whole problem gives the starting prices (its coupling duals), every
    model's LP value at them, and the exact optimum of every model whose LP replica counts are
    already integral.
-2. Every other model gets rounded columns at once (optimizer.allocation_rounding): one as cheap as
-   the rounding can make it, one rounded so that all models' columns fit the stock together. A
-   model whose rounding already meets its LP value is solved; the rest get their own MILP at those
-   prices, largest (rounded - LP) first, in worker processes where cores allow, stopping early once
-   the gap is reached.
+2. Every other model gets its own MILP at those prices, largest possible rounding loss first, in
+   worker processes where cores allow, stopping early once the gap is reached. Meanwhile each gets
+   rounded columns (optimizer.allocation_rounding): one as cheap as the rounding can make it, one
+   rounded so that all models' columns fit the stock together, so a clock-stopped run still serves
+   the demand.
 3. Primal side: a master MILP picks one known column per model so that the coupling rows hold, at
    least true cost. A column that serves nothing exists for every model, so it is always feasible.
 4. While the gap (master - best bound) / master is above target, move the prices and re-solve the
@@ -76,35 +76,36 @@ def solve_lagrangian(form: Formulation, time_limit_s: float, relative_gap: float
     block_gap = max(relative_gap / 4, 1e-6)
 
     prices, lp_x = _lp_relaxation(form)
-    states, pending = [], []
-    fractional = []
+    states, pending, fractional = [], [], []
     for i, block in enumerate(form.blocks):
-        priced = form.priced_cost(block, prices)
         fallback = _column(_serve_nothing(form, block), block, usage[i])
         x = lp_x[i]
         n = x[block.col_n]
+        priced = form.priced_cost(block, prices)
         lp_value = float(priced @ x)
         if np.all(np.abs(n - np.rint(n)) <= _INTEGRAL):
             x = x.copy()
             x[block.col_n] = np.rint(n)
             states.append(_BlockState([fallback, _column(x, block, usage[i])], 1, lp_value, True))
             continue
-        rounded = round_block(block, x, priced, form.variant_current[block.variants])
-        excess = float(priced @ rounded) - lp_value
-        proven = excess <= 1e-9 * max(1.0, abs(lp_value))  # the rounding already meets the LP bound
-        states.append(_BlockState([fallback, _column(rounded, block, usage[i])], 1, lp_value, proven))
+        states.append(_BlockState([fallback], 0, lp_value, False))
         fractional.append(i)
-        if not proven:
-            pending.append((excess, i))
+        # rounding every count up is feasible, so this bounds what the model's MILP can gain
+        pending.append((float(priced[block.col_n] @ (np.ceil(n - 1e-7) - n)), i))
     pending = [i for _, i in sorted(pending, key=lambda t: (-t[0], t[1]))]
-    _add_jointly_feasible_roundings(form, states, fractional, lp_x, prices, usage, rhs)
-
     rounds = 0
     timed_out = False
     with BlockPool(form, block_gap, workers) as pool:
+        results = pool.solve(pending, prices)  # workers start on these while the roundings are built
+        for i in fractional:
+            block = form.blocks[i]
+            rounded = round_block(block, lp_x[i], form.priced_cost(block, prices), form.variant_current[block.variants])
+            states[i].columns.append(_column(rounded, block, usage[i]))
+            states[i].current = len(states[i].columns) - 1
+        _add_jointly_feasible_roundings(form, states, fractional, lp_x, prices, usage, rhs)
         best_bound = _bound(states, prices, rhs)
         objective, chosen = _master(states, rhs)
-        for done, res in enumerate(pool.solve(pending, prices), start=1):
+        for done, res in enumerate(results, start=1):
             _record(states[res.index], res, form.blocks[res.index], usage[res.index])
             if done % MASTER_EVERY == 0 or done == len(pending):
                 best_bound = max(best_bound, _bound(states, prices, rhs))
