@@ -50,7 +50,15 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from optimizer.allocation_formulation import STAGE_NAMES, Formulation, ModelBlock, Solution, build_formulation
+from optimizer.allocation_formulation import (
+    STAGE_NAMES,
+    Formulation,
+    ModelBlock,
+    Solution,
+    build_formulation,
+    gap_status,
+    proven_gap,
+)
 from optimizer.allocation_lagrangian import solve_lagrangian
 from optimizer.allocation_monolithic import solve_monolithic
 from optimizer.problem import AllocationOptions, Problem
@@ -131,7 +139,7 @@ def allocate(
         solution = solve_monolithic(form, opts.time_limit_s, opts.relative_gap)
     else:
         solution = solve_lagrangian(form, _left(start, opts), opts.relative_gap)
-        if auto and _gap(solution.objective, solution.lower_bound) > opts.relative_gap \
+        if auto and proven_gap(solution.objective, solution.lower_bound) > opts.relative_gap \
                 and integers <= MONOLITHIC_FALLBACK_INTEGERS and _left(start, opts) > 0.1:
             solution = _better(solution, solve_monolithic(form, _left(start, opts), opts.relative_gap),
                                opts.relative_gap)
@@ -146,8 +154,7 @@ def _better(a: Solution, b: Solution, relative_gap: float) -> Solution:
     """The cheaper answer, with the tighter of the two proven bounds (both are valid)."""
     best = a if a.objective <= b.objective else b
     bound = min(max(a.lower_bound, b.lower_bound), best.objective)
-    gap = _gap(best.objective, bound)
-    status = "optimal" if gap <= 1e-6 else "within_gap" if gap <= relative_gap + 1e-12 else best.status
+    status = gap_status(proven_gap(best.objective, bound), relative_gap, best.status)
     return Solution(columns=best.columns, objective=best.objective, lower_bound=bound, status=status,
                     method=best.method, iterations=a.iterations + b.iterations)
 
@@ -178,7 +185,7 @@ def _report(form: Formulation, sol: Solution, elapsed: float) -> Allocation:
         for j, gi in enumerate(block.variants):
             if n[j] > 0:
                 load[form.variants[gi].name] = float(work[j] / n[j])
-    gap = _gap(sol.objective, sol.lower_bound)
+    gap = proven_gap(sol.objective, sol.lower_bound)
     return Allocation(
         replicas=replicas, routing=routing, cost_per_hour=cost, change_cost_per_hour=change,
         objective=sol.objective, lower_bound=sol.lower_bound, gap=gap, unmet_demand_rps=unmet,
@@ -237,10 +244,4 @@ def _binding(form: Formulation, n: np.ndarray, work: np.ndarray, unmet: dict[str
             w = form.problem.workload(model)
             out.append(f"model {model}: {rps:.4g} of {w.arrival_rate_rps:.4g} rps unmet")
     return out
-
-
-def _gap(objective: float, bound: float) -> float:
-    if objective <= 0:
-        return 0.0
-    return max(0.0, (objective - bound) / abs(objective))
 

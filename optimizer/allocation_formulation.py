@@ -85,6 +85,20 @@ class Solution:
     iterations: int = 0
 
 
+def proven_gap(objective: float, bound: float) -> float:
+    """(objective - bound) / objective, the gap every solver reports; 0 for a free allocation."""
+    if objective <= 0:
+        return 0.0
+    return max(0.0, (objective - bound) / abs(objective))
+
+
+def gap_status(gap: float, target: float, stopped_by: str) -> str:
+    """"optimal", "within_gap", or what stopped the search ("time_limit" / "iteration_limit")."""
+    if gap <= 1e-6:
+        return "optimal"
+    return "within_gap" if gap <= target + 1e-12 else stopped_by
+
+
 @dataclass
 class Formulation:
     """The whole allocation problem as numbers, plus what had to be decided about the input."""

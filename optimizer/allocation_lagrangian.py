@@ -42,7 +42,7 @@ import scipy.sparse as sp
 from scipy.optimize import Bounds, LinearConstraint, linprog, milp
 
 from optimizer.allocation_block_solver import BlockPool, quiet_stdout
-from optimizer.allocation_formulation import Formulation, ModelBlock, Solution
+from optimizer.allocation_formulation import Formulation, ModelBlock, Solution, gap_status, proven_gap
 from optimizer.allocation_monolithic import stacked
 from optimizer.allocation_rounding import round_block
 
@@ -110,14 +110,14 @@ def solve_lagrangian(form: Formulation, time_limit_s: float, relative_gap: float
             if done % MASTER_EVERY == 0 or done == len(pending):
                 best_bound = max(best_bound, _bound(states, prices, rhs))
                 objective, chosen = _master(states, rhs)
-                if _gap(objective, best_bound) <= relative_gap:
+                if proven_gap(objective, best_bound) <= relative_gap:
                     break
             if time.perf_counter() > deadline:
                 timed_out = True
                 break
         best_prices, stalled = prices, 0
         while (not timed_out and rounds < MAX_ROUNDS and stalled < STALL_ROUNDS
-               and _gap(objective, best_bound) > relative_gap):
+               and proven_gap(objective, best_bound) > relative_gap):
             over = sum(st.columns[st.current].usage for st in states) - rhs
             if np.any(over > 1e-9):
                 # cheap step: only overused rows get dearer, so only their users can change
@@ -152,13 +152,8 @@ def solve_lagrangian(form: Formulation, time_limit_s: float, relative_gap: float
             timed_out = time.perf_counter() > deadline
 
     columns = [states[i].columns[chosen[i]].x for i in range(len(states))]
-    gap = _gap(objective, best_bound)
-    if gap <= 1e-6:
-        status = "optimal"
-    elif gap <= relative_gap + 1e-12:
-        status = "within_gap"
-    else:
-        status = "time_limit" if timed_out else "iteration_limit"
+    status = gap_status(proven_gap(objective, best_bound), relative_gap,
+                        "time_limit" if timed_out else "iteration_limit")
     return Solution(columns=columns, objective=objective, lower_bound=min(best_bound, objective), status=status,
                     method="decomposition", iterations=rounds)
 
@@ -280,8 +275,3 @@ def _master_duals(states: list[_BlockState], rhs: np.ndarray) -> np.ndarray:
         raise RuntimeError(f"the allocation master LP failed: {res.message}")
     return np.maximum(-np.asarray(res.ineqlin.marginals), 0.0)
 
-
-def _gap(objective: float, bound: float) -> float:
-    if objective <= 0:
-        return 0.0
-    return max(0.0, (objective - bound) / abs(objective))

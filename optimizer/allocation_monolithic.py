@@ -14,7 +14,7 @@ import scipy.sparse as sp
 from scipy.optimize import Bounds, LinearConstraint, milp
 
 from optimizer.allocation_block_solver import quiet_stdout
-from optimizer.allocation_formulation import Formulation, Solution
+from optimizer.allocation_formulation import Formulation, Solution, gap_status, proven_gap
 
 NODE_LIMIT = 200_000
 
@@ -56,18 +56,8 @@ def solve_monolithic(form: Formulation, time_limit_s: float, relative_gap: float
     columns = [x[offsets[i]:offsets[i + 1]] for i in range(len(form.blocks))]
     bound = float(getattr(res, "mip_dual_bound", res.fun))
     objective = float(res.fun)
-    gap = _gap(objective, bound)
-    if gap <= 1e-6:
-        status = "optimal"
-    elif gap <= relative_gap + 1e-12:
-        status = "within_gap"
-    else:
-        status = "time_limit" if "time" in str(res.message).lower() else "iteration_limit"
+    stopped_by = "time_limit" if "time" in str(res.message).lower() else "iteration_limit"
+    status = gap_status(proven_gap(objective, bound), relative_gap, stopped_by)
     return Solution(columns=columns, objective=objective, lower_bound=min(bound, objective), status=status,
                     method="monolithic")
 
-
-def _gap(objective: float, bound: float) -> float:
-    if objective <= 0:
-        return 0.0 if bound >= objective - 1e-9 else float("inf")
-    return max(0.0, (objective - bound) / abs(objective))
