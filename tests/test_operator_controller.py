@@ -228,6 +228,10 @@ def test_invalid_resources_get_a_condition_and_an_event_and_others_are_unaffecte
     broken["spec"]["profile"] = {"configMapRef": {"name": "broken-profile"}}
     kube.apply_variant(broken)
     kube.apply_variant(variant("bad-acc", "bad-acc", accelerator="TPU-v9", profile=L4_PROFILE))
+    lws = variant("bad-kind", "some-lws", profile=L4_PROFILE)
+    lws["spec"]["scaleTargetRef"] = {"apiVersion": "leaderworkerset.x-k8s.io/v1", "kind": "LeaderWorkerSet",
+                                     "name": "some-lws"}
+    kube.apply_variant(lws)
     ctrl = make_controller(kube_api, kube.ns, collect=Demand({MODEL: 6.0}).collect)
     report = cycle(ctrl)
     bad = kube.condition("bad-cm", "OptimizationReady")
@@ -236,6 +240,7 @@ def test_invalid_resources_get_a_condition_and_an_event_and_others_are_unaffecte
     acc = kube.condition("bad-acc", "OptimizationReady")
     assert acc["status"] == "False" and acc["reason"] == "AcceleratorUnknown" and "TPU-v9" in acc["message"]
     assert kube.events("AcceleratorUnknown", "bad-acc")
+    assert kube.condition("bad-kind", "OptimizationReady")["reason"] == "UnsupportedTargetKind"
     assert kube.replicas("good-l4") >= 3
     assert kube.condition("good-l4", "OptimizationReady")["status"] == "True"
     # the same problems do not repeat their Events every cycle

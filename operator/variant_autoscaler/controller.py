@@ -57,6 +57,7 @@ from optimizer.transition import (
 )
 from optimizer.workload import SLO
 from variant_autoscaler.actuator import (
+    SCALABLE_KINDS,
     ApiCallFailed,
     KubeGateway,
     ObjectRef,
@@ -280,6 +281,13 @@ class Controller:
                                 api_version=obj.get("apiVersion") or ObjectRef.model_fields["api_version"].default)
                 self._invalid(key, ref, obj, err.condition_reason, f"{err}", int(meta.get("generation") or 0),
                               now_text, statuses, events, outcomes)
+        for key, p in list(parsed.items()):
+            if p.target.kind not in SCALABLE_KINDS:
+                del parsed[key]
+                self._invalid(key, p.ref, {"status": p.status}, "UnsupportedTargetKind",
+                              f"spec.scaleTargetRef.kind: {p.target.kind} cannot be scaled by this operator "
+                              f"(supported: {', '.join(sorted(SCALABLE_KINDS))})", p.generation, now_text, statuses,
+                              events, outcomes)
         by_target: dict[TargetRef, list[str]] = {}
         for key, p in sorted(parsed.items()):
             by_target.setdefault(p.target, []).append(key)
@@ -996,15 +1004,18 @@ def homogeneous_baseline(problem: Problem, capacity: dict[tuple[str, str], Capac
     """
     if not problem.workloads:
         return None
+    by_pair: dict[tuple[str, str], list[Variant]] = {}
+    for v in problem.variants:
+        if v.role.value == "PD":
+            by_pair.setdefault((v.model, v.accelerator), []).append(v)
+    rates_of = {w.model: w.bucket_rates_rps() for w in problem.workloads}
     best: tuple[float, str] | None = None
     for acc in problem.accelerators:
         total = 0.0
         for w in problem.workloads:
-            rates = w.bucket_rates_rps()
+            rates = rates_of[w.model]
             costs = []
-            for v in problem.variants:
-                if v.model != w.model or v.accelerator != acc.name or v.role.value != "PD":
-                    continue
+            for v in by_pair.get((w.model, acc.name), ()):
                 caps = [capacity.get((v.name, label)) for label in rates]
                 if any(c is None or c.max_rate_rps <= 0 for c in caps):
                     continue
