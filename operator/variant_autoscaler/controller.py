@@ -209,7 +209,8 @@ class Controller:
         self.deps = deps
         self.memory = _Memory()
         self._discovered: dict[str, int] = {}
-        self._live_keys: dict[str, str] = {}
+        self._model_owner: dict[str, str] = {}
+        self._steps: dict = {}
         self._phases: dict[str, float] = {}
         self._mark = 0.0
 
@@ -398,7 +399,10 @@ class Controller:
             await self._actuate(plan, live, actuation, scaled, events)
         self._phase("actuate", t0)
         # 7. report
-        self._live_keys = {k: v.parsed.model_id for k, v in live.items()}
+        self._steps = {s.name: s for s in plan.steps}
+        self._model_owner = {}
+        for k in sorted(live, reverse=True):
+            self._model_owner[live[k].parsed.model_id] = k  # the first key of each model: gets model Events
         load = self._loads(live, capacity, decision, collection, problem)
         for key, v in live.items():
             self._report_live(key, v, settings, collection, model_ok, decision, plan, load, actuation, scaled,
@@ -824,7 +828,7 @@ class Controller:
             conds["MetricsAvailable"] = ("False", reason, f"{metrics_why}; replicas are held, never scaled down "
                                                           "without metrics")
         event = None
-        step = next((s for s in plan.steps if s.name == key), None) if plan else None
+        step = self._steps.get(key)
         if v.problem:
             conds["OptimizationReady"] = ("False", v.problem, v.problem_reason)
             event = ("Warning", v.problem, v.problem_reason)
@@ -842,7 +846,7 @@ class Controller:
             msg = (f"best effort: {v.desired} replicas; {p.model_id} is short by {short:.2f}{of} req/s at the SLO "
                    f"within the inventory" + (f" ({decision.message})" if decision.message else ""))
             conds["OptimizationReady"] = ("True", "BestEffort", msg)
-            if key == min(k for k, x in self._live_keys.items() if x == p.model_id):
+            if key == self._model_owner.get(p.model_id):
                 event = ("Warning", "Infeasible", f"{p.model_id}: {short:.2f}{of} req/s cannot be served at the SLO "
                                                   f"with the accelerators available; best-effort allocation applied"
                                                   + (f"; limits: {decision.message}" if decision.message else ""))
