@@ -373,7 +373,9 @@ class Controller:
             if has_metrics:
                 desired = decision.replicas.get(key, cur)
             else:
-                desired = memory.last_desired.get(key, cur)
+                # keep the last decision: this operator's, else the one in status (a restart)
+                last = v.parsed.status.get("desiredReplicas")
+                desired = memory.last_desired.get(key, last if isinstance(last, int) else cur)
             v.desired = desired if key in in_problem else None
             states.append(VariantState(
                 name=key, group=f"{v.parsed.model_id}/{v.parsed.role_name}", accelerator=v.accelerator,
