@@ -1,8 +1,10 @@
-"""One model's block of the allocation MILP, priced and solved on its own (HiGHS via SciPy).
+"""One model's block of the allocation MILP, priced and solved on its own (HiGHS via OR-Tools).
 
 Kept apart from the decomposition loop because it is what worker processes run: the decomposition
 solves dozens of these per pass, and on a multi-core machine it farms them out (`BlockPool`).
-Each solve is bounded by a node count, never by a clock, so its answer does not depend on load.
+Each block's OR-Tools model is built once per process and later solves only change the priced
+objective coefficients of its replica columns. Each solve is bounded by a node count, never by a
+clock, so its answer does not depend on load.
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import Bounds, LinearConstraint, milp
 
 from optimizer.allocation_formulation import Formulation
+from optimizer.allocation_ortools import SparseProgram
 
 BLOCK_NODE_LIMIT = 2_000
 
@@ -30,25 +32,41 @@ class BlockResult:
     bound: float  # proven lower bound of the priced block problem
 
 
-def solve_block(form: Formulation, index: int, prices: np.ndarray, relative_gap: float) -> BlockResult:
+class BlockModels:
+    """Every block's OR-Tools model, built on first use and then only re-priced."""
+
+    def __init__(self, form: Formulation):
+        self.form = form
+        self._models: dict[int, SparseProgram] = {}
+
+    def get(self, index: int) -> SparseProgram:
+        model = self._models.get(index)
+        if model is None:
+            b = self.form.blocks[index]
+            model = SparseProgram(b.cost, b.col_lb, b.col_ub, b.integrality, b.matrix, b.row_lb, b.row_ub)
+            self._models[index] = model
+        return model
+
+
+def solve_block(models: BlockModels, index: int, prices: np.ndarray, relative_gap: float) -> BlockResult:
+    form = models.form
     block = form.blocks[index]
     priced = form.priced_cost(block, prices)
+    model = models.get(index)
+    columns = np.arange(block.col_n.start, block.col_n.stop)
+    model.set_cost(columns, priced[block.col_n])
     with quiet_stdout():
-        res = milp(priced, integrality=block.integrality, bounds=Bounds(block.col_lb, block.col_ub),
-                   constraints=LinearConstraint(block.matrix, block.row_lb, block.row_ub),
-                   options={"mip_rel_gap": relative_gap, "node_limit": BLOCK_NODE_LIMIT})
+        res = model.solve_milp(relative_gap, node_limit=BLOCK_NODE_LIMIT)
     if res.x is None:
         raise RuntimeError(f"model {block.model}: per-model MILP found no solution ({res.message})")
-    x = np.asarray(res.x).copy()
+    x = res.x.copy()
     x[block.col_n] = np.rint(x[block.col_n])
-    bound = getattr(res, "mip_dual_bound", None)
-    bound = float(res.fun) if bound is None or not np.isfinite(bound) else float(bound)
-    return BlockResult(index=index, x=x, bound=min(bound, float(priced @ x)))
+    return BlockResult(index=index, x=x, bound=min(res.bound, float(priced @ x)))
 
 
 @contextlib.contextmanager
 def quiet_stdout() -> Iterator[None]:
-    """Silence C-level stdout: SciPy's bundled HiGHS prints debug lines there, and the CLI writes JSON."""
+    """Silence C-level stdout: HiGHS prints some debug lines there whatever its options, and the CLI writes JSON."""
     try:
         fd = os.dup(1)
         libc = ctypes.CDLL(None)
@@ -67,12 +85,12 @@ def quiet_stdout() -> Iterator[None]:
         os.close(devnull)
 
 
-_FORKED: tuple[Formulation, float] | None = None
+_FORKED: tuple[BlockModels, float] | None = None
 
 
 def _solve_forked(task: tuple[int, np.ndarray]) -> BlockResult:
-    form, gap = _FORKED
-    return solve_block(form, task[0], task[1], gap)
+    models, gap = _FORKED
+    return solve_block(models, task[0], task[1], gap)
 
 
 class BlockPool:
@@ -84,6 +102,7 @@ class BlockPool:
 
     def __init__(self, form: Formulation, relative_gap: float, workers: int | None = None):
         self.form, self.gap = form, relative_gap
+        self.models = BlockModels(form)
         self.workers = _usable_cpus() if workers is None else workers
         self._pool = None
 
@@ -92,10 +111,10 @@ class BlockPool:
         tasks = [(i, prices) for i in indices]
         if self._pool is None and self.workers > 1 and len(tasks) > 1 and _can_fork():
             global _FORKED
-            _FORKED = (self.form, self.gap)
+            _FORKED = (self.models, self.gap)
             self._pool = multiprocessing.get_context("fork").Pool(self.workers)
         if self._pool is None or len(tasks) <= 1:
-            return (solve_block(self.form, i, p, self.gap) for i, p in tasks)
+            return (solve_block(self.models, i, p, self.gap) for i, p in tasks)
         return self._pool.imap(_solve_forked, tasks, chunksize=1)
 
     def close(self) -> None:

@@ -28,6 +28,10 @@ term as prices rise, because usage is never negative. The loop:
    Otherwise the prices come from the duals of the master's LP relaxation (what inventory is worth
    given the known columns), smoothed towards the prices of the best bound so far (Wentges).
 
+Solvers (OR-Tools, see optimizer.allocation_ortools): the LP relaxation and the master's LP, whose
+duals are prices, go to GLOP; the per-model MILPs and the master MILP to HiGHS. Each model's MILP is
+built once and re-solved with only its replica costs re-priced.
+
 Deterministic: per-model searches stop on node counts, results are consumed in submission order,
 and the time limit only stops the loop between steps (reported as status "time_limit").
 """
@@ -39,11 +43,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
-from scipy.optimize import Bounds, LinearConstraint, linprog, milp
 
 from optimizer.allocation_block_solver import BlockPool, quiet_stdout
 from optimizer.allocation_formulation import Formulation, ModelBlock, Solution, gap_status, proven_gap
 from optimizer.allocation_monolithic import stacked
+from optimizer.allocation_ortools import SparseProgram
 from optimizer.allocation_rounding import round_block
 
 MAX_ROUNDS = 30
@@ -188,22 +192,13 @@ def _lp_relaxation(form: Formulation) -> tuple[np.ndarray, list[np.ndarray]]:
     cost = np.concatenate([b.cost for b in form.blocks])
     lb = np.concatenate([b.col_lb for b in form.blocks])
     ub = np.concatenate([b.col_ub for b in form.blocks])
-    eq = row_lb == row_ub
-    le = ~eq & np.isfinite(row_ub)
-    ge = ~eq & np.isfinite(row_lb)
-    a_ub = sp.vstack([matrix[le], -matrix[ge]], format="csr")
-    b_ub = np.concatenate([row_ub[le], -row_lb[ge]])
     with quiet_stdout():
-        res = linprog(cost, A_ub=a_ub, b_ub=b_ub, A_eq=matrix[eq], b_eq=row_ub[eq],
-                      bounds=np.column_stack([lb, ub]), method="highs")
-    if res.status != 0:
+        res = SparseProgram(cost, lb, ub, None, matrix, row_lb, row_ub).solve_lp_with_duals()
+    if res.x is None:
         raise RuntimeError(f"the allocation LP relaxation failed: {res.message}")
     n_coupling = len(form.coupling_rhs)
-    coupling_rows = np.arange(matrix.shape[0] - n_coupling, matrix.shape[0])
-    position = np.searchsorted(np.nonzero(le)[0], coupling_rows)
-    prices = np.maximum(-np.asarray(res.ineqlin.marginals)[position], 0.0)
-    x = np.asarray(res.x)
-    return prices, [x[offsets[i]:offsets[i + 1]] for i in range(len(form.blocks))]
+    prices = np.maximum(-res.duals[matrix.shape[0] - n_coupling:], 0.0)
+    return prices, [res.x[offsets[i]:offsets[i + 1]] for i in range(len(form.blocks))]
 
 
 def _record(st: _BlockState, res, block: ModelBlock, usage: np.ndarray, replace_bound: bool = False) -> None:
@@ -238,8 +233,8 @@ def _bound(states: list[_BlockState], prices: np.ndarray, rhs: np.ndarray) -> fl
     return float(sum(st.bound for st in states) - prices @ rhs)
 
 
-def _master(states: list[_BlockState], rhs: np.ndarray) -> tuple[float, list[int]]:
-    """Pick one column per block: least true cost with the coupling rows satisfied."""
+def _master_program(states: list[_BlockState], rhs: np.ndarray, integer: bool) -> tuple[SparseProgram, np.ndarray]:
+    """Pick rows (one column per block, == 1) above the coupling rows (<= stock), and column offsets."""
     sizes = [len(st.columns) for st in states]
     offsets = np.cumsum([0] + sizes)
     total = int(offsets[-1])
@@ -250,28 +245,27 @@ def _master(states: list[_BlockState], rhs: np.ndarray) -> tuple[float, list[int
     matrix = sp.vstack([pick, sp.csr_matrix(usage)], format="csr")
     lb = np.concatenate([np.ones(len(states)), np.full(len(rhs), -np.inf)])
     ub = np.concatenate([np.ones(len(states)), rhs])
+    upper = np.ones(total) if integer else np.full(total, np.inf)  # the LP as before: z >= 0, picks == 1
+    program = SparseProgram(cost, np.zeros(total), upper, np.ones(total) if integer else None, matrix, lb, ub)
+    return program, offsets
+
+
+def _master(states: list[_BlockState], rhs: np.ndarray) -> tuple[float, list[int]]:
+    """Pick one column per block: least true cost with the coupling rows satisfied."""
+    program, offsets = _master_program(states, rhs, integer=True)
     with quiet_stdout():
-        res = milp(cost, integrality=np.ones(total), bounds=Bounds(0, 1),
-                   constraints=LinearConstraint(matrix, lb, ub), options={"mip_rel_gap": 1e-9})
+        res = program.solve_milp(1e-9)
     if res.x is None:
         raise RuntimeError(f"the allocation master problem failed: {res.message}")
-    z = np.asarray(res.x)
-    chosen = [int(np.argmax(z[offsets[i]:offsets[i + 1]])) for i in range(len(states))]
+    chosen = [int(np.argmax(res.x[offsets[i]:offsets[i + 1]])) for i in range(len(states))]
     return float(sum(states[i].columns[chosen[i]].cost for i in range(len(states)))), chosen
 
 
 def _master_duals(states: list[_BlockState], rhs: np.ndarray) -> np.ndarray:
     """Coupling-row prices of the master's LP relaxation: what inventory is worth given the known columns."""
-    sizes = [len(st.columns) for st in states]
-    total = sum(sizes)
-    cost = np.concatenate([[c.cost for c in st.columns] for st in states])
-    usage = np.column_stack([c.usage for st in states for c in st.columns])
-    pick = sp.csr_matrix((np.ones(total), (np.repeat(np.arange(len(states)), sizes), np.arange(total))),
-                         shape=(len(states), total))
+    program, _ = _master_program(states, rhs, integer=False)
     with quiet_stdout():
-        res = linprog(cost, A_ub=sp.csr_matrix(usage), b_ub=rhs, A_eq=pick, b_eq=np.ones(len(states)),
-                      bounds=(0, None), method="highs")
-    if res.status != 0:
+        res = program.solve_lp_with_duals()
+    if res.x is None:
         raise RuntimeError(f"the allocation master LP failed: {res.message}")
-    return np.maximum(-np.asarray(res.ineqlin.marginals), 0.0)
-
+    return np.maximum(-res.duals[len(states):], 0.0)

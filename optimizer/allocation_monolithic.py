@@ -1,8 +1,9 @@
 """The whole allocation as one MILP: every model's block side by side plus the coupling rows.
 
-Right for small fleets, where one HiGHS branch-and-bound proves optimality faster than any
-decomposition can set itself up; with many models the inventory rows tie the blocks together and
-the monolithic search stalls (see optimizer.allocation_lagrangian).
+Right for small fleets, where one HiGHS branch-and-bound (through OR-Tools, see
+optimizer.allocation_ortools) proves optimality faster than any decomposition can set itself up;
+with many models the inventory rows tie the blocks together and the monolithic search stalls (see
+optimizer.allocation_lagrangian).
 """
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ import time
 
 import numpy as np
 import scipy.sparse as sp
-from scipy.optimize import Bounds, LinearConstraint, milp
 
 from optimizer.allocation_block_solver import quiet_stdout
 from optimizer.allocation_formulation import Formulation, Solution, gap_status, proven_gap
+from optimizer.allocation_ortools import SparseProgram
 
 NODE_LIMIT = 200_000
 
@@ -38,26 +39,22 @@ def _coupling_block(form: Formulation, block) -> sp.csr_matrix:
 
 
 def solve_monolithic(form: Formulation, time_limit_s: float, relative_gap: float) -> Solution:
-    """One MILP; the answer carries HiGHS's own proven bound."""
+    """One MILP; the answer carries HiGHS's own proven bound (its best bound when stopped early)."""
     start = time.perf_counter()
     matrix, row_lb, row_ub, offsets = stacked(form)
     cost = np.concatenate([b.cost for b in form.blocks])
     lb = np.concatenate([b.col_lb for b in form.blocks])
     ub = np.concatenate([b.col_ub for b in form.blocks])
     integrality = np.concatenate([b.integrality for b in form.blocks])
+    model = SparseProgram(cost, lb, ub, integrality, matrix, row_lb, row_ub)
     remaining = max(time_limit_s - (time.perf_counter() - start), 0.05)
     with quiet_stdout():
-        res = milp(cost, integrality=integrality, bounds=Bounds(lb, ub),
-                   constraints=LinearConstraint(matrix, row_lb, row_ub),
-                   options={"time_limit": remaining, "mip_rel_gap": relative_gap, "node_limit": NODE_LIMIT})
+        res = model.solve_milp(relative_gap, time_limit_s=remaining, node_limit=NODE_LIMIT)
     if res.x is None:
         raise RuntimeError(f"the allocation MILP found no solution: {res.message}")
-    x = np.asarray(res.x)
-    columns = [x[offsets[i]:offsets[i + 1]] for i in range(len(form.blocks))]
-    bound = float(getattr(res, "mip_dual_bound", res.fun))
-    objective = float(res.fun)
-    stopped_by = "time_limit" if "time" in str(res.message).lower() else "iteration_limit"
-    status = gap_status(proven_gap(objective, bound), relative_gap, stopped_by)
-    return Solution(columns=columns, objective=objective, lower_bound=min(bound, objective), status=status,
-                    method="monolithic")
-
+    columns = [res.x[offsets[i]:offsets[i + 1]] for i in range(len(form.blocks))]
+    out_of_time = time.perf_counter() - start >= time_limit_s * 0.99
+    stopped_by = "time_limit" if out_of_time else "iteration_limit"
+    status = gap_status(proven_gap(res.objective, res.bound), relative_gap, stopped_by)
+    return Solution(columns=columns, objective=res.objective, lower_bound=min(res.bound, res.objective),
+                    status=status, method="monolithic")

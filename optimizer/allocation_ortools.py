@@ -1,0 +1,95 @@
+"""Sparse MILPs and LPs of the allocation, solved with OR-Tools (HiGHS for MILPs, GLOP for dual prices).
+
+Why this shape: every solve in the allocation starts from a SciPy sparse matrix with row and column
+bounds. OR-Tools' model-builder helper loads such data in one C++ call
+(`fill_model_from_sparse_data`), so building a model never costs Python time per nonzero, and a
+model built once can be re-solved after changing only objective coefficients (the Lagrangian
+prices). Backends, chosen by benchmark on the allocation instances:
+
+* MILPs: HiGHS (bundled with OR-Tools). SCIP was ~10x slower on the per-model problems, and CP-SAT
+  rounds the continuous routing shares to its integer scaling, so its optimum was off by 2 %.
+* LPs whose duals are needed: GLOP. OR-Tools' HiGHS wrapper reports row activities where the duals
+  should be, so its duals cannot price inventory.
+
+Every solve is single-threaded with HiGHS's fixed default seed and its console output off: results do
+not depend on the machine's load, and the CLI's JSON on stdout stays clean.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+from ortools.linear_solver.python import model_builder_helper as mbh
+
+_OPTIMAL = mbh.SolveStatus.OPTIMAL
+_FEASIBLE = mbh.SolveStatus.FEASIBLE
+
+
+@dataclass
+class Answer:
+    """What one solve returned. `x` is None when no feasible point was found."""
+
+    x: np.ndarray | None
+    objective: float
+    bound: float  # proven lower bound (the MILP's best bound; the objective for an LP)
+    optimal: bool  # solved to the requested gap, not stopped by a limit
+    duals: np.ndarray | None  # per row, LPs only (GLOP sign: <= rows of a minimisation are <= 0)
+    message: str
+
+
+class SparseProgram:
+    """One MILP or LP in OR-Tools, built once from sparse arrays; its objective may change between solves."""
+
+    def __init__(self, cost: np.ndarray, col_lb: np.ndarray, col_ub: np.ndarray, integrality: np.ndarray | None,
+                 matrix: sp.spmatrix, row_lb: np.ndarray, row_ub: np.ndarray):
+        self._model = mbh.ModelBuilderHelper()
+        self._model.fill_model_from_sparse_data(
+            np.asarray(col_lb, dtype=float), np.asarray(col_ub, dtype=float), np.asarray(cost, dtype=float),
+            np.asarray(row_lb, dtype=float), np.asarray(row_ub, dtype=float), sp.csr_matrix(matrix, dtype=float))
+        self.integer = False
+        if integrality is not None:
+            for j in np.nonzero(integrality)[0]:
+                self._model.set_var_integrality(int(j), True)
+                self.integer = True
+        self.n_cols = len(cost)
+
+    def set_cost(self, columns: np.ndarray, values: np.ndarray) -> None:
+        """Change the objective coefficients of `columns` only; everything else stays as built."""
+        self._model.set_objective_coefficients([int(j) for j in columns], [float(v) for v in values])
+
+    def solve_milp(self, relative_gap: float, *, time_limit_s: float | None = None,
+                   node_limit: int | None = None) -> Answer:
+        """HiGHS branch-and-bound to `relative_gap`, stopped by a node count and/or a clock."""
+        params = ["output_flag = false", "threads = 1", f"mip_rel_gap = {max(relative_gap, 0.0)!r}"]
+        if node_limit is not None:
+            params.append(f"mip_max_nodes = {int(node_limit)}")
+        solver = mbh.ModelSolverHelper("highs")
+        solver.enable_output(False)
+        solver.set_solver_specific_parameters("\n".join(params))
+        if time_limit_s is not None:
+            solver.set_time_limit_in_seconds(max(float(time_limit_s), 0.01))
+        solver.solve(self._model)
+        status = solver.status()
+        if status not in (_OPTIMAL, _FEASIBLE) or not solver.has_solution():
+            return Answer(None, math.inf, -math.inf, False, None, solver.status_string() or str(status))
+        objective = float(solver.objective_value())
+        bound = float(solver.best_objective_bound()) if self.integer else objective
+        if not math.isfinite(bound):
+            bound = -math.inf
+        return Answer(np.asarray(solver.variable_values(), dtype=float), objective, min(bound, objective),
+                      status == _OPTIMAL, None, str(status))
+
+    def solve_lp_with_duals(self) -> Answer:
+        """GLOP to optimality; the row duals come back with the solution."""
+        solver = mbh.ModelSolverHelper("glop")
+        solver.enable_output(False)
+        solver.solve(self._model)
+        status = solver.status()
+        if status != _OPTIMAL:
+            return Answer(None, math.inf, -math.inf, False, None, solver.status_string() or str(status))
+        objective = float(solver.objective_value())
+        return Answer(np.asarray(solver.variable_values(), dtype=float), objective, objective, True,
+                      np.asarray(solver.dual_values(), dtype=float), str(status))
