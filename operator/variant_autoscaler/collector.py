@@ -469,7 +469,8 @@ class Collector:
         s = self.settings
         matchers = [m for m in (s.series_matchers.strip(), extra) if m]
         if s.namespaces:
-            matchers.append(f'{s.namespace_label}=~"{"|".join(re.escape(n) for n in s.namespaces)}"')
+            # a PromQL string literal needs its regex backslashes doubled ("t\\-1", not "t\-1")
+            matchers.append(f'{s.namespace_label}=~"{"|".join(re.escape(n).replace(chr(92), chr(92) * 2) for n in s.namespaces)}"')
         return "{" + ",".join(matchers) + "}" if matchers else ""
 
     def group_labels(self) -> str:
