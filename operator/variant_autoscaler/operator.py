@@ -178,7 +178,8 @@ class Runtime:
                 self._collector.close()
             self._collector = Collector(CollectorSettings(
                 prometheus=s.prometheus, rate_window_s=s.rate_window_s, staleness_threshold_s=s.staleness_threshold_s,
-                staleness_lookback_s=max(600.0, s.staleness_threshold_s), variant_label=s.variant_label))
+                staleness_lookback_s=max(600.0, s.staleness_threshold_s), variant_label=s.variant_label,
+                namespaces=tuple(s.watched_namespaces)))
             self._collector_key = key
         return self._collector
 
