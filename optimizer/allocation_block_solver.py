@@ -56,7 +56,7 @@ def solve_block(models: BlockModels, index: int, prices: np.ndarray, relative_ga
     columns = np.arange(block.col_n.start, block.col_n.stop)
     model.set_cost(columns, priced[block.col_n])
     with quiet_stdout():
-        res = model.solve_milp(relative_gap, node_limit=BLOCK_NODE_LIMIT)
+        res = model.solve_milp(relative_gap, node_limit=BLOCK_NODE_LIMIT, small=True)
     if res.x is None:
         raise RuntimeError(f"model {block.model}: per-model MILP found no solution ({res.message})")
     x = res.x.copy()
