@@ -32,7 +32,8 @@ dearest replica-hours, still far below unmet demand), and a note says so. Genuin
 (capacities for unknown variants, negative capacities, a power cap with accelerators of unknown
 power) raises ValueError.
 
-Solving: small problems go to one HiGHS MILP (optimizer.allocation_monolithic); larger ones to a
+Solving (OR-Tools: HiGHS for every MILP, GLOP for the LPs whose duals price inventory; see
+optimizer.allocation_ortools): small problems go to one MILP (optimizer.allocation_monolithic); larger ones to a
 Lagrangian decomposition over the inventory rows (optimizer.allocation_lagrangian). With only a
 few models the Lagrangian dual can stay a few % below the optimum (the per-model problems are
 integer, so the dual has a duality gap); then, for mid-sized problems, the time left goes to the
