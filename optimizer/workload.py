@@ -18,6 +18,10 @@ class LengthBucket(_Strict):
     output_tokens: float = Field(gt=0, description="Mean generated tokens of requests in this bucket.")
     share: float = Field(gt=0, le=1, description="Fraction of the model's requests in this bucket.")
     name: str | None = Field(default=None, description="Label; defaults to '<in>x<out>'.")
+    input_tokens_cv: float = Field(
+        default=0.0, ge=0, description="Spread of prompt lengths within the bucket (sd / mean); 0 = all alike.")
+    output_tokens_cv: float = Field(
+        default=0.0, ge=0, description="Spread of output lengths within the bucket (sd / mean); 0 = all alike.")
 
     @property
     def label(self) -> str:
