@@ -100,13 +100,17 @@ class OursSpec(_Strict):
 
     kind: Literal["ours"] = "ours"
     name: str | None = None
-    service_level: float = Field(default=0.9, gt=0, le=1)
+    service_level: float = Field(
+        default=0.9, gt=0, le=1,
+        description="Share of each replica's SLO capacity planned. The capacity model accounts for the spread "
+                    "of request lengths, so 1.0 needs no headroom for it (the quality benchmark runs 1.0).")
     change_penalty: float | None = Field(
         default=None, ge=0,
         description="$/h per replica added or removed; None: a quarter of the model's mean replica price per hour.")
     interval_s: float = Field(default=15.0, gt=0)
     scale_down_delay_s: float = Field(default=180.0, ge=0, description="Demand must stay lower this long.")
-    scale_down_window_s: float = Field(default=0.0, ge=0, description="HPA-style per-variant stabilization.")
+    scale_down_window_s: float = Field(default=300.0, ge=0,
+                                       description="HPA-style per-variant stabilization (the HPA's default).")
     lead_time_s: float | None = Field(default=None, ge=0, description="None: the slowest variant's cold start.")
     rate_windows_s: list[float] = Field(default_factory=lambda: [60.0], min_length=1,
                                         description="Windows of the arrival-rate envelope the plan covers.")

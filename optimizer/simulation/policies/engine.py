@@ -19,24 +19,46 @@ Scale-down waits `scale_down_delay_s` on the demand side: the planned rate is th
 stretch of the last `scale_down_delay_s` seconds, so capacity follows a rise at the next interval
 but a fall only once it has lasted, because a replica removed now and needed again in a minute
 costs a cold start and the requests that arrive meanwhile. `scale_down_window_s` adds the HPA's
-per-variant stabilization on top (off by default: holding each variant at its recent maximum
-keeps both sides of every swap between near-equal alternatives, which cost more than it saved).
+per-variant stabilization on top: a variant falls only to its highest recommendation of the
+window, so a mix that wobbles by a replica, or flips between two near-equal alternatives, does
+not churn (letting a variant the allocation drops leave at once halved the cost of a swap but
+doubled the replica changes on the quality benchmark: the allocation came back to it minutes later).
+
+The capacity model is told how spread the request lengths are within each prompt-length bucket
+(the coefficients of variation of prompt and output lengths, from every request seen so far,
+rounded to 0.1 so that cached solutions stay valid): at p99 the short answers and the long
+prompts of a bucket are what break the SLO, not its mean request.
+
+Two guards keep a transition from losing capacity the planner did not count on. A scale-down is
+held while the replicas that would stay ready serve less than the planned rate (or than the
+target fleet serves, when inventory caps it). And when a swap frees accelerators by stepping the
+old variant down (the planner's rolling swap, e.g. an H100 PD replica making room for an H100
+prefill replica), the gap it leaves is bridged first by replicas of the cheapest variant that
+still has accelerators free, which the allocation removes once the swap is done.
 """
 
 from __future__ import annotations
 
+import bisect
+import math
+from collections import deque
 from collections.abc import Callable, Mapping
 
 from optimizer.capacity import capacity_table
+from optimizer.fleet import Role
 from optimizer.problem import Problem
 from optimizer.simulation.demand import DEFAULT_INPUT_EDGES, DemandEstimator
 from optimizer.simulation.policy import Decision, Observation, ReplicaState, RouteGuidance
 from optimizer.transition import StabilizationHistory, TransitionPolicy, VariantState, plan_transition
 
 MIN_PLANNED_RATE_RPS = 0.05
+"""Demand floor: keeps one replica of a model that saw no traffic recently (no scale to zero)."""
 MEMO_SIZE = 256
 """Allocations remembered by (demand, current replicas): a steady cluster asks the same question."""
-"""Demand floor: keeps one replica of a model that saw no traffic recently (no scale to zero)."""
+SPREAD_GRID = 0.1
+"""Length spreads are published on this grid, so the capacity model's cached cases stay valid."""
+SPREAD_MIN_SAMPLES = 20
+"""Below this many requests a bucket's spread is not estimated (0: its mean request)."""
 
 
 def _default_allocator(problem: Problem, capacity: Mapping[tuple[str, str], float]):
@@ -81,9 +103,13 @@ class EnginePolicy:
             for est in self.estimators.values()
             for label, bounds in zip(est.labels, est.bounds, strict=True)
         }
-        self.transition = TransitionPolicy(scale_up_window_s=0.0, scale_down_window_s=scale_down_window_s)
+        self.scale_down_window_s = scale_down_window_s
+        self._recommended: deque[tuple[float, dict[str, int]]] = deque()
+        self.transition = TransitionPolicy(scale_up_window_s=0.0, scale_down_window_s=0.0)
         self._stabilization = StabilizationHistory()
         self._memo: dict[tuple, object] = {}
+        self._spread: dict[tuple[str, str], list[float]] = {}
+        self._edges = sorted({int(e) for e in input_edges})
         self.last_problem: Problem | None = None
         self.last_allocation = None
 
@@ -92,10 +118,11 @@ class EnginePolicy:
         workloads = []
         for est in self.estimators.values():
             est.observe(observation)
+            self._observe_spread(est, observation)
             w = est.workload(now)
             if w.arrival_rate_rps < MIN_PLANNED_RATE_RPS:
                 w = w.model_copy(update={"arrival_rate_rps": MIN_PLANNED_RATE_RPS})
-            workloads.append(w)
+            workloads.append(w.model_copy(update={"buckets": [self._with_spread(est.model, b) for b in w.buckets]}))
         variants = [v.model_copy(update={"current_replicas": observation.replica_count(v.name)})
                     for v in self.base.variants]
         options = self.base.options.model_copy(update={
@@ -103,40 +130,209 @@ class EnginePolicy:
         return Problem(accelerators=self.base.accelerators, models=self.base.models, variants=variants,
                        workloads=workloads, slos=self.base.slos, options=options)
 
+    def _observe_spread(self, est: DemandEstimator, observation: Observation) -> None:
+        """Running count, sum and sum of squares of prompt lengths (arrivals, slots 0-2) and output
+        lengths (completions, slots 3-5) per bucket."""
+        def add(label: str, slot: int, n: int) -> None:
+            stats = self._spread.setdefault((est.model, label), [0.0] * 6)
+            stats[slot] += 1
+            stats[slot + 1] += n
+            stats[slot + 2] += float(n) * n
+
+        def label_of(input_tokens: int) -> str:
+            return est.labels[bisect.bisect_right(self._edges, input_tokens)]
+
+        for n_in in observation.arrivals_of(est.model).input_tokens:
+            add(label_of(n_in), 0, n_in)
+        done = observation.completions_of(est.model)
+        for n_in, n_out in zip(done.input_tokens, done.output_tokens, strict=True):
+            add(label_of(n_in), 3, n_out)
+
+    def _with_spread(self, model: str, bucket):
+        stats = self._spread.get((model, bucket.label))
+        if stats is None:
+            return bucket
+
+        def cv(n: float, total: float, squares: float) -> float:
+            if n < SPREAD_MIN_SAMPLES or total <= 0:
+                return 0.0
+            mean = total / n
+            value = math.sqrt(max(squares / n - mean * mean, 0.0)) / mean
+            return round(value / SPREAD_GRID) * SPREAD_GRID
+
+        return bucket.model_copy(update={"input_tokens_cv": cv(*stats[:3]), "output_tokens_cv": cv(*stats[3:])})
+
     def decide(self, observation: Observation) -> Decision:
         problem = self._problem(observation)
         key = (tuple(w.model_dump_json() for w in problem.workloads),
                tuple(v.current_replicas for v in problem.variants))
         allocation = self._memo.get(key)
+        capacity = {k: est.max_rate_rps for k, est in capacity_table(problem).items()}
         if allocation is None:
-            capacity = {k: est.max_rate_rps for k, est in capacity_table(problem).items()}
             allocation = self.allocator(problem, capacity)
             if len(self._memo) >= MEMO_SIZE:
                 self._memo.pop(next(iter(self._memo)))
             self._memo[key] = allocation
         self.last_problem, self.last_allocation = problem, allocation
-        desired = self._step(observation, problem, allocation)
+        desired = self._step(observation, problem, allocation, capacity)
         rate = sum(w.arrival_rate_rps for w in problem.workloads)
-        return Decision(desired_replicas=desired, routing=self._guidance(allocation),
+        # The routing shares were planned for the allocation's fleet; until that fleet is ready (a
+        # swap under way, a scale-down held, a bridge up) they would starve the replicas serving now,
+        # so meanwhile each bucket is shared by what is ready, in proportion to its capacity.
+        ready = {v.name: len(observation.replicas_of(v.name, ReplicaState.READY)) for v in problem.variants}
+        settled = all(ready[v.name] >= int(allocation.replicas.get(v.name, 0)) for v in problem.variants)
+        routing = self._guidance(allocation) if settled or not any(ready.values()) \
+            else self._ready_guidance(problem, ready, capacity)
+        return Decision(desired_replicas=desired, routing=routing,
                         note=f"planned {rate:.2f} req/s, ${allocation.cost_per_hour:.2f}/h")
 
-    def _step(self, observation: Observation, problem: Problem, allocation) -> dict[str, int]:
+    def _step(self, observation: Observation, problem: Problem, allocation,
+              capacity: Mapping[tuple[str, str], float]) -> dict[str, int]:
         """This interval's replicas on the way to the allocation (make-before-break, inventory)."""
-        states = []
+        now = observation.time_s
+        wanted = self._stabilized({v.name: int(allocation.replicas.get(v.name, 0)) for v in problem.variants},
+                                  {v.name: v.current_replicas for v in problem.variants}, now)
+        states, ready = [], {}
         for v in problem.variants:
             live = observation.replicas_of(v.name, ReplicaState.STARTING, ReplicaState.READY)
             draining = observation.replicas_of(v.name, ReplicaState.DRAINING)
-            ready = sum(1 for r in live if r.state is ReplicaState.READY)
+            ready[v.name] = sum(1 for r in live if r.state is ReplicaState.READY)
             states.append(VariantState(
                 name=v.name, group=v.model, accelerator=v.accelerator,
                 accelerators_per_replica=v.accelerators_per_replica, current_replicas=len(live),
-                ready_replicas=ready, pods=len(live) + len(draining),
-                desired_replicas=int(allocation.replicas.get(v.name, 0)),
-                min_replicas=v.min_replicas, max_replicas=v.max_replicas))
+                ready_replicas=ready[v.name], pods=len(live) + len(draining),
+                desired_replicas=wanted[v.name], min_replicas=v.min_replicas, max_replicas=v.max_replicas))
         inventory = {a.name: a.available for a in problem.accelerators}
-        plan = plan_transition(states, inventory, self.transition, self._stabilization, observation.time_s)
+        plan = plan_transition(states, inventory, self.transition, self._stabilization, now)
         self._stabilization = plan.history
-        return {step.name: step.target_replicas for step in plan.steps}
+        targets = self._paired({step.name: step.target_replicas for step in plan.steps}, problem, states)
+        return self._keep_ready_capacity(problem, plan, states, ready, targets, allocation, capacity, inventory)
+
+    @staticmethod
+    def _paired(targets: dict[str, int], problem: Problem, states) -> dict[str, int]:
+        """No new decode replicas while no prefill replica is planned, nor the reverse: one half of a
+        disaggregated pair serves nothing (it happens when inventory blocks the other half)."""
+        current = {s.name: s.current_replicas for s in states}
+        for model in {v.model for v in problem.variants}:
+            halves = {role: [v.name for v in problem.variants if v.model == model and v.role is role]
+                      for role in (Role.PREFILL, Role.DECODE)}
+            for role, other in ((Role.PREFILL, Role.DECODE), (Role.DECODE, Role.PREFILL)):
+                if halves[role] and not any(targets[n] for n in halves[other]):
+                    for n in halves[role]:
+                        targets[n] = min(targets[n], current[n])
+        return targets
+
+    def _stabilized(self, wanted: dict[str, int], current: Mapping[str, int], now: float) -> dict[str, int]:
+        """HPA-style scale-down window for the variants the allocation keeps (see the module doc)."""
+        if self.scale_down_window_s <= 0:
+            return wanted
+        self._recommended.append((now, dict(wanted)))
+        while self._recommended and self._recommended[0][0] < now - self.scale_down_window_s:
+            self._recommended.popleft()
+        out = {}
+        for name, n in wanted.items():
+            now_running = current.get(name, 0)
+            if n >= now_running:
+                out[name] = n
+            else:
+                out[name] = min(now_running, max(rec.get(name, 0) for _, rec in self._recommended))
+        return out
+
+    def _per_replica_rate(self, problem: Problem, capacity: Mapping[tuple[str, str], float]) -> dict[str, float]:
+        """Requests/s one replica of each variant serves for its model's current length mix."""
+        rates = {}
+        for v in problem.variants:
+            w = problem.workload(v.model)
+            load = sum(b.share / capacity[(v.name, b.label)] for b in w.buckets
+                       if capacity.get((v.name, b.label), 0.0) > 0) if w else 0.0
+            rates[v.name] = 1.0 / load if load > 0 else 0.0
+        return rates
+
+    @staticmethod
+    def _serves(problem: Problem, counts: Mapping[str, int], per_replica: Mapping[str, float]) -> float:
+        """Requests/s a fleet serves: PD replicas add up, prefill and decode only as pairs."""
+        pd = prefill = decode = 0.0
+        for v in problem.variants:
+            rate = counts.get(v.name, 0) * per_replica[v.name]
+            if v.role is Role.BOTH:
+                pd += rate
+            elif v.role is Role.PREFILL:
+                prefill += rate
+            else:
+                decode += rate
+        return pd + min(prefill, decode)
+
+    def _keep_ready_capacity(self, problem, plan, states, ready, targets, allocation, capacity, inventory):
+        """Hold scale-downs that would leave the ready fleet short; bridge a rolling swap first."""
+        current = {s.name: s.current_replicas for s in states}
+        shrinking = [n for n, t in targets.items() if t < current[n]]
+        if not shrinking:
+            return targets
+        per_replica = self._per_replica_rate(problem, capacity)
+        need = min(sum(w.arrival_rate_rps for w in problem.workloads),
+                   self._serves(problem, {k: int(n) for k, n in allocation.replicas.items()}, per_replica))
+        after = self._serves(problem, {n: min(t, ready[n]) for n, t in targets.items()}, per_replica)
+        if after >= need:
+            return targets
+        held = dict(targets)
+        for n in shrinking:
+            held[n] = current[n]
+        swapping = [n for n in shrinking if "rolling_swap" in plan.step(n).limited_by]
+        if swapping:
+            # What the swap leaves once every replica already starting is ready: bridge only that.
+            coming = self._serves(problem, {n: min(t, current[n]) for n, t in targets.items()}, per_replica)
+            if coming < need:
+                self._bridge(problem, states, held, need - coming, per_replica, inventory)
+        return held
+
+    def _bridge(self, problem, states, targets, gap, per_replica, inventory) -> None:
+        """Add replicas of the cheapest PD variant with free accelerators to cover `gap` req/s."""
+        used: dict[str, int] = {}
+        for s in states:
+            used[s.accelerator] = used.get(s.accelerator, 0) + max(targets[s.name], s.pods or 0) * s.accelerators_per_replica
+        options = []
+        for v in problem.variants:
+            if v.role is not Role.BOTH or per_replica[v.name] <= 0:
+                continue
+            n = math.ceil(gap / per_replica[v.name] - 1e-9)
+            limit = inventory.get(v.accelerator)
+            if limit is not None and used.get(v.accelerator, 0) + n * v.accelerators_per_replica > limit:
+                continue
+            if v.max_replicas is not None and targets[v.name] + n > v.max_replicas:
+                continue
+            options.append((n * problem.variant_cost_per_hour(v), v.name, n))
+        if options:
+            _, name, n = min(options)
+            targets[name] += n
+
+    def _ready_guidance(self, problem: Problem, ready: Mapping[str, int],
+                        capacity: Mapping[tuple[str, str], float]) -> list[RouteGuidance]:
+        """Per bucket, weights proportional to the ready replicas' capacity (prefill and decode halves
+        only as far as the other half keeps up)."""
+        rules = []
+        for w in problem.workloads:
+            variants = [v for v in problem.variants if v.model == w.model and ready[v.name] > 0]
+            for b in w.buckets:
+                cap = {v.name: ready[v.name] * capacity.get((v.name, b.label), 0.0) for v in variants}
+                by_role = {role: sum(cap[v.name] for v in variants if v.role is role) for role in Role}
+                pair = min(by_role[Role.PREFILL], by_role[Role.DECODE])
+                entry, decode = {}, {}
+                for v in variants:
+                    if cap[v.name] <= 0:
+                        continue
+                    if v.role is Role.BOTH:
+                        entry[v.name] = cap[v.name]
+                    elif pair > 0 and v.role is Role.PREFILL:
+                        entry[v.name] = cap[v.name] * pair / by_role[Role.PREFILL]
+                    elif pair > 0:
+                        decode[v.name] = cap[v.name]
+                lo, hi = self._ranges.get(b.label, (0, None))
+                for stage, weights in (("PD", entry), ("D", decode)):
+                    if weights:
+                        total = sum(weights.values())
+                        rules.append(RouteGuidance(model=w.model, min_input_tokens=lo, max_input_tokens=hi, stage=stage,
+                                                   weights={k: x / total for k, x in weights.items()}))
+        return rules
 
     def _guidance(self, allocation) -> list[RouteGuidance]:
         """Routing weights per (model, bucket, stage) as prompt-length rules for the weighted router."""
