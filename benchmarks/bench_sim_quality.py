@@ -12,6 +12,15 @@ homogeneous HPA is the cheapest run reaching 99 %; ours runs at several service 
 latency-cost front). Each run is scored after a 5-minute warm-up.
 
     .venv/bin/python -m pytest -q benchmarks/bench_sim_quality.py -s        # or run this file
+
+Measured (2-core box shared with other jobs; costs are simulated so they do not depend on it):
+Azure hour, ours $132.41 / 99.24 % / 7 changes vs best HPA (A100x4 @0.8) $129.45 / 99.46 % / 8;
+bursty hour, ours $153.72 / 99.12 % / 12 vs $138.29 / 99.23 % / 9. The goal is NOT met for 70B on
+this fleet: ours is 2 % and 11 % dearer. The cheapest way to serve 70B here is H100 prefill + A100
+decode, and with 8 H100 at most two prefill replicas exist; past that the A100x4 PD replica the
+HPA scales is already the cost-efficient choice, so ours can only match it, and ours plans every
+interval for the p99 SLO at its planned rate where the HPA rides out 2-minute bursts on a share
+of misses that still leaves it above 99 % for the hour.
 """
 
 from __future__ import annotations
@@ -32,14 +41,20 @@ MODEL = "Llama-3.1-70B"
 FLEET = str(ROOT / "examples" / "fleet.yaml")
 SLO = {"model": MODEL, "ttft_s": 2.5, "itl_s": 0.1, "percentile": 99}
 HPA_FRACTIONS = (0.4, 0.6, 0.8)
-SERVICE_LEVELS = [0.7, 0.8, 0.9, 1.0]
+SERVICE_LEVELS = [0.8, 0.9, 1.0]
+OURS = {"service_level": 1.0, "lead_time_s": 60.0, "rate_windows_s": [120.0]}
+"""Ours as tuned on these two traces (like the HPA's target sweep): plan at the full p99 capacity
+(the capacity model accounts for the spread of lengths), extrapolate the trend over 60 s rather
+than a whole 110 s cold start (bursts end before capacity ordered for their extrapolation arrives)
+and take the envelope over 120 s windows. `ours-defaults` is the spec's defaults at level 1.0."""
 
 
 def scenario(name: str, trace) -> Scenario:
     policies = [{"kind": "static-peak"}]
     policies += [{"kind": "hpa", "target_fraction": f, "name": f"hpa{int(100 * f)}"} for f in HPA_FRACTIONS]
-    policies += [{"kind": "inferline"}, {"kind": "wva"}, {"kind": "ours"},
-                 {"kind": "ours", "change_penalty": 0, "name": "ours-no-penalty"}]
+    policies += [{"kind": "inferline"}, {"kind": "wva"}, {"kind": "ours", **OURS},
+                 {"kind": "ours", **OURS, "change_penalty": 0, "name": "ours-no-penalty"},
+                 {"kind": "ours", "service_level": 1.0, "name": "ours-defaults"}]
     return Scenario(name=name, fleet=FLEET, model=MODEL, slo=SLO, trace=trace,
                     cluster={"warmup_s": 300}, policies=policies,
                     pareto={"service_levels": SERVICE_LEVELS, "latency": "e2e"})
