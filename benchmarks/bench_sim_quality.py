@@ -49,20 +49,33 @@ than a whole 110 s cold start (bursts end before capacity ordered for their extr
 and take the envelope over 120 s windows. `ours-defaults` is the spec's defaults at level 1.0."""
 
 
-def scenario(name: str, trace) -> Scenario:
+SMALL_MODEL = "Llama-3.1-8B"
+SMALL_SLO = {"model": SMALL_MODEL, "ttft_s": 1.5, "itl_s": 0.1, "percentile": 99}
+SMALL_SPEEDUP = 4.0
+"""Second scenario: Llama-3.1-8B on the example fleet's H100 / A100 / L4 / T4x2 PD variants and its
+A100 prefill + L4 decode pair, where cheap accelerators can serve short prompts; the same two
+traces at 4x the rate (an 8B replica serves several times what a 70B one does). Caveat: the Azure
+hour replayed at 4x lasts 15 minutes, 10 of them scored. Measured: bursty 4x, ours $33.43 / 98.55 %
+vs best HPA (H100 @0.4) $41.71 / 100 % and static A100 peak $32.86 / 100 %; ours@0.9 $40.38 / 99.86 %.
+Azure 4x: ours at level 1.0 reaches only 89 % (ours@0.8: $9.10 / 99.87 % vs HPA $8.12 / 99.51 %):
+for 8B the capacity model is still optimistic at p99, not yet understood."""
+
+
+def scenario(name: str, trace, model: str = MODEL, slo: dict = SLO) -> Scenario:
     policies = [{"kind": "static-peak"}]
     policies += [{"kind": "hpa", "target_fraction": f, "name": f"hpa{int(100 * f)}"} for f in HPA_FRACTIONS]
     policies += [{"kind": "inferline"}, {"kind": "wva"}, {"kind": "ours", **OURS},
                  {"kind": "ours", **OURS, "change_penalty": 0, "name": "ours-no-penalty"},
                  {"kind": "ours", "service_level": 1.0, "name": "ours-defaults"}]
-    return Scenario(name=name, fleet=FLEET, model=MODEL, slo=SLO, trace=trace,
+    return Scenario(name=name, fleet=FLEET, model=model, slo=slo, trace=trace,
                     cluster={"warmup_s": 300}, policies=policies,
                     pareto={"service_levels": SERVICE_LEVELS, "latency": "e2e"})
 
 
-def bursty_trace() -> GeneratedTrace:
+def bursty_trace(scale: float = 1.0) -> GeneratedTrace:
     return GeneratedTrace(duration_s=3600, seed=7,
-                          arrivals=BurstyArrivals(base_rps=3.0, burst_rps=7.0, mean_calm_s=300, mean_burst_s=120))
+                          arrivals=BurstyArrivals(base_rps=3.0 * scale, burst_rps=7.0 * scale, mean_calm_s=300,
+                                                  mean_burst_s=120))
 
 
 def verdict(c: Comparison) -> list[str]:
@@ -88,9 +101,9 @@ def verdict(c: Comparison) -> list[str]:
     return lines
 
 
-def run(name: str, trace) -> Comparison:
+def run(name: str, trace, model: str = MODEL, slo: dict = SLO) -> Comparison:
     t0 = time.perf_counter()
-    prep = prepare(scenario(name, trace), ROOT)
+    prep = prepare(scenario(name, trace, model, slo), ROOT)
     comparison = compare(prep)
     print(f"\n== {name}: {len(prep.trace)} requests, peak {prep.peak_rps:.2f} req/s over 60 s, "
           f"per-replica capacity {', '.join(f'{k} {v:.2f}' for k, v in prep.mix_capacity_rps.items())} "
@@ -115,7 +128,23 @@ def test_quality_bursty_hour():
     _check(run("bursty synthetic hour", bursty_trace()))
 
 
+def test_quality_8b_azure_conv_hour_4x():
+    if not AZURE.exists():
+        pytest.skip(f"../shared not present: {AZURE} is missing")
+    _check(run("8B, Azure conv hour at 4x", FileTrace(path=str(AZURE), speedup=SMALL_SPEEDUP), SMALL_MODEL, SMALL_SLO))
+
+
+def test_quality_8b_bursty_hour_4x():
+    _check(run("8B, bursty hour at 4x", bursty_trace(SMALL_SPEEDUP), SMALL_MODEL, SMALL_SLO))
+
+
 if __name__ == "__main__":
+    import sys
+
+    if "--8b-only" not in sys.argv:
+        if AZURE.exists():
+            run("Azure conv hour", FileTrace(path=str(AZURE)))
+        run("bursty synthetic hour", bursty_trace())
     if AZURE.exists():
-        run("Azure conv hour", FileTrace(path=str(AZURE)))
-    run("bursty synthetic hour", bursty_trace())
+        run("8B, Azure conv hour at 4x", FileTrace(path=str(AZURE), speedup=SMALL_SPEEDUP), SMALL_MODEL, SMALL_SLO)
+    run("8B, bursty hour at 4x", bursty_trace(SMALL_SPEEDUP), SMALL_MODEL, SMALL_SLO)
