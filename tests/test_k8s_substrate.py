@@ -540,6 +540,7 @@ KOPF_OPERATOR = textwrap.dedent('''
 
 
 def test_kopf_runs_its_lifecycle_with_peering(emulated_cluster, kube_api, kube_namespace, tmp_path):
+    import kopf
     from kopf.testing import KopfRunner
 
     _, _, custom = apis(kube_api)
@@ -550,8 +551,10 @@ def test_kopf_runs_its_lifecycle_with_peering(emulated_cluster, kube_api, kube_n
     operator_file.write_text(KOPF_OPERATOR)
     body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "VariantAutoscaling", "metadata": {"name": "kopfed"},
             "spec": {"scaleTargetRef": {"name": "d"}, "modelID": "meta/llama-3.1-8b"}}
+    # A fresh registry: only this file's handlers run, not those of other kopf modules the process
+    # imported (the project's operator registers into its own registry, but be explicit here too).
     with KopfRunner(["run", "--namespace", kube_namespace, "--peering", "smoke", "--verbose",
-                     str(operator_file)], timeout=60) as runner:
+                     str(operator_file)], timeout=60, registry=kopf.OperatorRegistry()) as runner:
         custom.create_namespaced_custom_object(GROUP, VERSION, kube_namespace, PLURAL, body)
         done = wait_until(lambda: (o := custom.get_namespaced_custom_object(
             GROUP, VERSION, kube_namespace, PLURAL, "kopfed")).get("status", {}).get("desiredReplicas") and o,

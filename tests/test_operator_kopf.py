@@ -19,7 +19,7 @@ from operator_harness import L4_PROFILE, Kube, OperatorThread, settings_dict, va
 from variant_autoscaler.emulation.cluster import kubeconfig_text
 from variant_autoscaler.emulation.fault_proxy import FaultProxy, FaultRule
 from variant_autoscaler.emulation.prometheus import free_port
-from variant_autoscaler.operator import RunOptions
+from variant_autoscaler.operator import RunOptions, registry
 
 PEERING = "va-peering-test"
 
@@ -44,8 +44,8 @@ def test_only_the_highest_priority_replica_actuates_and_the_other_takes_over(
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     args = ["run", "-A", "--verbose", "-m", "variant_autoscaler.operator", "--peering", PEERING]
-    high = KopfRunner([*args, "--priority", "20"], timeout=60)
-    low = KopfRunner([*args, "--priority", "10"], timeout=60)
+    high = KopfRunner([*args, "--priority", "20"], timeout=60, registry=registry)
+    low = KopfRunner([*args, "--priority", "10"], timeout=60, registry=registry)
     try:
         high.__enter__()
         wait_until(lambda: 20 in _priorities(kube), timeout_s=20, what="the first replica in the peering")

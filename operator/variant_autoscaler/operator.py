@@ -47,6 +47,10 @@ from variant_autoscaler.settings import (
 log = logging.getLogger("variant_autoscaler.operator")
 
 PEERING_NAME = "variant-autoscaler"
+
+# The handlers live in a registry of their own, not kopf's process-wide default, so that importing
+# this module (tests, benchmarks, `run`) never adds handlers to another kopf operator in the process.
+registry = kopf.OperatorRegistry()
 PEERING_GROUP, PEERING_VERSION = "kopf.dev", "v1"
 PEERING_GRACE_S = 5.0
 MIN_CYCLE_GAP_S = 1.0
@@ -364,7 +368,7 @@ def _runtime(memo) -> Runtime | None:
     return getattr(memo, "runtime", None)
 
 
-@kopf.on.login()
+@kopf.on.login(registry=registry)
 def login(memo: kopf.Memo, **_) -> kopf.ConnectionInfo:
     """kopf talks to the same endpoint, with the same credentials, as the operator's own client."""
     options = getattr(memo, "options", None) or RunOptions.from_env()
@@ -379,7 +383,7 @@ def login(memo: kopf.Memo, **_) -> kopf.ConnectionInfo:
         username=cfg.username or None, password=cfg.password or None, expiration=None)
 
 
-@kopf.on.startup()
+@kopf.on.startup(registry=registry)
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, variant_autoscalings: kopf.Index,
                   **_) -> None:
     options = getattr(memo, "options", None) or RunOptions.from_env()
@@ -397,14 +401,14 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, variant_auto
     await runtime.start()
 
 
-@kopf.on.cleanup()
+@kopf.on.cleanup(registry=registry)
 async def cleanup(memo: kopf.Memo, **_) -> None:
     runtime = _runtime(memo)
     if runtime is not None:
         await runtime.stop()
 
 
-@kopf.index(GROUP, VERSION, PLURAL)
+@kopf.index(GROUP, VERSION, PLURAL, registry=registry)
 async def variant_autoscalings(namespace, name, body, meta, memo: kopf.Memo, **_):
     """(namespace, name) -> the resource as last seen: the cycle's global view; a spec change wakes it."""
     runtime = _runtime(memo)
@@ -413,7 +417,7 @@ async def variant_autoscalings(namespace, name, body, meta, memo: kopf.Memo, **_
     return {(namespace, name): copy.deepcopy(dict(body))}
 
 
-@kopf.on.probe(id="control_loop")
+@kopf.on.probe(id="control_loop", registry=registry)
 def control_loop_probe(memo: kopf.Memo, **_) -> dict:
     runtime = _runtime(memo)
     if runtime is None:

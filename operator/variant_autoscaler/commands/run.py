@@ -54,10 +54,11 @@ async def run_operator(options, *, stop_flag: threading.Event | asyncio.Event | 
     """Run kopf with this package's handlers until `stop_flag` is set (or the process is signalled)."""
     import kopf
 
-    import variant_autoscaler.operator  # noqa: F401 - registers the handlers
+    from variant_autoscaler.operator import registry
 
     memo = kopf.Memo(options=options)
     await kopf.operator(
+        registry=registry,
         clusterwide=not options.namespaces, namespaces=list(options.namespaces), standalone=options.standalone or None,
         peering_name=None if options.standalone else options.peering, priority=options.priority, memo=memo,
         stop_flag=stop_flag, ready_flag=ready_flag, liveness_endpoint=liveness)
