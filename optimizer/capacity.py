@@ -127,9 +127,13 @@ def capacity_table(problem: Problem) -> dict[tuple[str, str], CapacityEstimate]:
 
     P and D variants pay a KV transfer of input_tokens x kv_bytes_per_token / kv_transfer_gb_s
     (P in TTFT, D in E2E). Models without a workload have no buckets, so no entries.
+
+    The table holds each replica's full capacity at SLO (service level 1): the allocation applies
+    ``problem.options.service_level`` itself (load <= service_level x replicas), so applying it here
+    too would plan for its square, and the capacity the operator reports must be the replica's own.
     """
     opts = problem.options
-    _check_levels(0.0, opts.service_level)
+    full = 1.0
     accs = {a.name: a for a in problem.accelerators}
     models = {m.name: m for m in problem.models}
     slos = {s.model: s for s in problem.slos}
@@ -140,8 +144,8 @@ def capacity_table(problem: Problem) -> dict[tuple[str, str], CapacityEstimate]:
         rows = []
         for b in w.buckets:
             transfer = b.input_tokens * model.kv_bytes_per_token / (opts.kv_transfer_gb_s * 1e9)
-            rows.append((b.label, _suffix(b, slo, 0.0, opts.service_level),
-                         _suffix(b, slo, transfer, opts.service_level)))
+            rows.append((b.label, _suffix(b, slo, 0.0, full),
+                         _suffix(b, slo, transfer, full)))
         suffixes[w.model] = rows
     profiles: dict[str, object] = {}
     names: list[tuple[str, str]] = []

@@ -273,11 +273,19 @@ def test_capacity_table_covers_variants_with_demand_and_matches_single_calls():
         CapacityEstimate.model_validate(est.model_dump())  # what model_construct built is valid
 
 
-def test_capacity_table_applies_service_level():
+def test_service_level_is_applied_once_by_the_allocation_not_by_the_table():
+    from optimizer.allocation import allocate
+
     full = capacity_table(_problem())
     half = capacity_table(_problem(service_level=0.5))
-    for key, est in full.items():
-        assert half[key].max_rate_rps == pytest.approx(0.5 * est.max_rate_rps, rel=1e-9)
+    assert {k: e.max_rate_rps for k, e in half.items()} == {k: e.max_rate_rps for k, e in full.items()}
+    plans = {}
+    for level in (1.0, 0.5):
+        problem = _problem(service_level=level)
+        rates = {k: e.max_rate_rps for k, e in capacity_table(problem).items()}
+        plans[level] = allocate(problem, rates)
+        assert all(load <= level + 1e-6 for load in plans[level].normalized_load.values())
+    assert plans[0.5].cost_per_hour >= plans[1.0].cost_per_hour
 
 
 def test_capacity_estimate_rejects_bad_values():
