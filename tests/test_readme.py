@@ -4,7 +4,6 @@ import re
 from pathlib import Path
 
 import yaml
-
 from variant_autoscaler.cli import build_parser
 from variant_autoscaler.exporter import METRIC_NAMES
 
