@@ -61,7 +61,7 @@ from optimizer.allocation_formulation import (
     proven_gap,
 )
 from optimizer.allocation_lagrangian import solve_lagrangian
-from optimizer.allocation_monolithic import solve_monolithic
+from optimizer.allocation_monolithic import NoMilpSolution, solve_monolithic
 from optimizer.problem import AllocationOptions, Problem
 
 # Up to this many integer columns one MILP proves optimality quickly; beyond, decompose.
@@ -137,13 +137,20 @@ def allocate(
     if not form.blocks:
         solution = Solution(columns=[], objective=0.0, lower_bound=0.0, status="optimal", method="monolithic")
     elif method == "monolithic":
-        solution = solve_monolithic(form, opts.time_limit_s, opts.relative_gap)
+        try:
+            solution = solve_monolithic(form, opts.time_limit_s, opts.relative_gap)
+        except NoMilpSolution:
+            # Never fail a solvable input: the decomposition always ends with a feasible answer.
+            solution = solve_lagrangian(form, _left(start, opts), opts.relative_gap)
     else:
         solution = solve_lagrangian(form, _left(start, opts), opts.relative_gap)
         if auto and proven_gap(solution.objective, solution.lower_bound) > opts.relative_gap \
                 and integers <= MONOLITHIC_FALLBACK_INTEGERS and _left(start, opts) > 0.1:
-            solution = _better(solution, solve_monolithic(form, _left(start, opts), opts.relative_gap),
-                               opts.relative_gap)
+            try:
+                solution = _better(solution, solve_monolithic(form, _left(start, opts), opts.relative_gap),
+                                   opts.relative_gap)
+            except NoMilpSolution:
+                pass  # keep the decomposition's answer and bound
     return _report(form, solution, time.perf_counter() - start)
 
 

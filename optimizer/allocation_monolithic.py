@@ -38,6 +38,10 @@ def _coupling_block(form: Formulation, block) -> sp.csr_matrix:
     return sp.csr_matrix(full)
 
 
+class NoMilpSolution(RuntimeError):
+    """HiGHS stopped (time or node limit) before it found any integer solution."""
+
+
 def solve_monolithic(form: Formulation, time_limit_s: float, relative_gap: float) -> Solution:
     """One MILP; the answer carries HiGHS's own proven bound (its best bound when stopped early)."""
     start = time.perf_counter()
@@ -51,7 +55,7 @@ def solve_monolithic(form: Formulation, time_limit_s: float, relative_gap: float
     with quiet_stdout():
         res = model.solve_milp(relative_gap, time_limit_s=remaining, node_limit=NODE_LIMIT)
     if res.x is None:
-        raise RuntimeError(f"the allocation MILP found no solution: {res.message}")
+        raise NoMilpSolution(f"the allocation MILP found no solution: {res.message}")
     columns = [res.x[offsets[i]:offsets[i + 1]] for i in range(len(form.blocks))]
     out_of_time = time.perf_counter() - start >= time_limit_s * 0.99
     stopped_by = "time_limit" if out_of_time else "iteration_limit"
