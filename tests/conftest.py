@@ -61,3 +61,15 @@ def kube_namespace(kube_api):
         yield name
     finally:
         core.delete_namespace(name)
+
+
+@pytest.fixture(scope="session")
+def helm():
+    """The real helm binary (bin/helm from `make system-deps`, or on PATH); skipped, saying how to get it."""
+    from chart_tools import generator
+
+    gen = generator()
+    try:
+        return gen.find_helm()
+    except gen.HelmMissing as err:
+        pytest.skip(str(err))

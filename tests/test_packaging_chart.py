@@ -7,16 +7,15 @@ still be one the API server rejects (a string where an integer belongs, a misspe
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
 import kubernetes_validate
 import pytest
 import yaml
+from chart_tools import generator as _generator
 
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "charts" / "variant-autoscaler"
@@ -56,23 +55,8 @@ SA_TOKEN = {"prometheus": {"bearerToken": {"useServiceAccountToken": True}},
 VALUE_SETS = {"default": {}, "non-default": NON_DEFAULT, "sa-token": SA_TOKEN}
 
 
-def _generator():
-    """deploy/generate.py, the one place that knows how to find helm and render the chart."""
-    if "deploy_generate" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("deploy_generate", REPO / "deploy" / "generate.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["deploy_generate"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["deploy_generate"]
 
 
-@pytest.fixture(scope="module")
-def helm() -> Path:
-    gen = _generator()
-    try:
-        return gen.find_helm()
-    except gen.HelmMissing as err:
-        pytest.skip(str(err))
 
 
 def _values_file(tmp_path: Path, values: dict) -> Path:

@@ -10,16 +10,15 @@ kubernetes-validate.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import kubernetes_validate
 import pytest
 import yaml
+from chart_tools import generator as _generator
 
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "charts" / "variant-autoscaler"
@@ -31,22 +30,8 @@ CUSTOM_GROUPS = ("monitoring.coreos.com/", "kopf.dev/", "autoscaling.variant-aut
 KUBERNETES_VERSION = "1.27"
 
 
-def _generator():
-    if "deploy_generate" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("deploy_generate", DEPLOY / "generate.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["deploy_generate"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["deploy_generate"]
 
 
-@pytest.fixture(scope="module")
-def helm() -> Path:
-    gen = _generator()
-    try:
-        return gen.find_helm()
-    except gen.HelmMissing as err:
-        pytest.skip(str(err))
 
 
 def load(path: Path) -> list[dict]:

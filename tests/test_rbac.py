@@ -14,8 +14,6 @@ all used.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import sys
 import threading
 import time
 import uuid
@@ -24,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from chart_tools import generator as _generator
 
 REPO = Path(__file__).resolve().parents[1]
 RELEASE, RELEASE_NAMESPACE = "va", "platform"
@@ -35,13 +34,6 @@ SERVER_PROFILE = {"kind": "parametric", "decode_base_s": 0.04, "decode_per_seq_s
 MODEL_IDLE, MODEL_BUSY = "tiny/idle-chat", "tiny/busy-chat"
 
 
-def _generator():
-    if "deploy_generate" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("deploy_generate", REPO / "deploy" / "generate.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["deploy_generate"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["deploy_generate"]
 
 
 @dataclass(frozen=True)
@@ -172,13 +164,6 @@ def world():
         w.close()
 
 
-@pytest.fixture(scope="module")
-def helm() -> Path:
-    gen = _generator()
-    try:
-        return gen.find_helm()
-    except gen.HelmMissing as err:
-        pytest.skip(str(err))
 
 
 def chart_values(world: World, **over) -> dict:
