@@ -194,6 +194,25 @@ def _address_in_use(child: ChildProcess) -> bool:
     return child.exited() and "address already in use" in child.log_tail(60).lower()
 
 
+async def start_on_free_ports(launch, *, attempts: int, timeout_s: float, expect: str) -> ChildProcess:
+    """Start `launch(attempt) -> (child, ready_url)` until it is ready; retry only on a port clash.
+
+    Free ports are picked before the child binds them, so another process can take one in between:
+    that (and only that) is worth another try with new ports.
+    """
+    for attempt in range(attempts):
+        child, ready_url = launch(attempt)
+        try:
+            await wait_until_ready(child, ready_url, timeout_s, expect=expect)
+            return child
+        except SubstrateStartError:
+            await child.stop()
+            if attempt + 1 < attempts and _address_in_use(child):
+                continue
+            raise
+    raise AssertionError("unreachable")
+
+
 class Etcd:
     """A single-member etcd on free 127.0.0.1 ports with its data in `work_dir` (tmpfs when possible)."""
 
@@ -204,7 +223,7 @@ class Etcd:
         self.child: ChildProcess | None = None
 
     async def start(self, timeout_s: float = 20.0, attempts: int = 3) -> None:
-        for attempt in range(attempts):
+        def launch(attempt: int):
             client_port, peer_port = free_port(), free_port()
             self.url = f"http://127.0.0.1:{client_port}"
             peer = f"http://127.0.0.1:{peer_port}"
@@ -216,15 +235,9 @@ class Etcd:
                 "--initial-cluster", f"default={peer}", "--log-level", "warn", "--logger", "zap",
                 "--snapshot-count", "100000", "--quota-backend-bytes", str(2 << 30),
             ], self.work_dir / "etcd.log")
-            try:
-                await wait_until_ready(self.child, f"{self.url}/health", timeout_s, expect="true")
-                return
-            except SubstrateStartError:
-                if attempt + 1 < attempts and _address_in_use(self.child):
-                    await self.child.stop()
-                    continue
-                await self.child.stop()
-                raise
+            return self.child, f"{self.url}/health"
+
+        await start_on_free_ports(launch, attempts=attempts, timeout_s=timeout_s, expect="true")
 
     async def stop(self) -> None:
         if self.child:
@@ -270,20 +283,14 @@ class CrdServer:
         ]
 
     async def start(self, timeout_s: float = 30.0, attempts: int = 3) -> None:
-        for _attempt in range(attempts):
+        def launch(_attempt: int):
             port = free_port()
             self.url = f"https://127.0.0.1:{port}"
             self.child = ChildProcess("apiextensions-apiserver", self.argv(port),
                                       self.work_dir / "crd-server.log")
-            try:
-                await wait_until_ready(self.child, f"{self.url}/readyz", timeout_s, expect="ok")
-                return
-            except SubstrateStartError:
-                if _attempt + 1 < attempts and _address_in_use(self.child):
-                    await self.child.stop()
-                    continue
-                await self.child.stop()
-                raise
+            return self.child, f"{self.url}/readyz"
+
+        await start_on_free_ports(launch, attempts=attempts, timeout_s=timeout_s, expect="ok")
 
     async def stop(self) -> None:
         if self.child:
