@@ -125,13 +125,26 @@ def format_validation_error(err: ValidationError) -> list[tuple[str, str]]:
     return out
 
 
+def read_text(path: str | Path) -> str:
+    """The file's text as UTF-8, or InputError naming the file: unreadable, or the first byte that is not UTF-8.
+
+    Every input reader goes through here, so a binary or Latin-1 file is one line, never a traceback.
+    """
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise InputError(str(p), "", f"cannot read file ({exc.strerror or exc})") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(str(p), "", f"not UTF-8 text (byte {exc.start})") from None
+
+
 def read_document(path: str | Path) -> dict:
     """Read a YAML or JSON mapping, or raise InputError naming the file."""
     p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as exc:
-        raise InputError(str(p), "", f"cannot read file ({exc.strerror or exc})") from None
+    text = read_text(p)
     try:
         data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
     except (yaml.YAMLError, json.JSONDecodeError) as exc:

@@ -26,7 +26,7 @@ from statistics import median
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from optimizer.problem import InputError
+from optimizer.problem import InputError, read_text
 from optimizer.profile import DecodeSample, PrefillSample, ProfilePoint, TabulatedProfile
 
 HELIX_PROMPT_FILE = "prompt_bs2time.csv"
@@ -116,11 +116,15 @@ class LayerTimes(BaseModel):
         )
 
 
-def _read_pairs(path: Path) -> list[Point]:
+def _read(path: Path) -> str:
     try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ProfileDataError(path, None, f"cannot read file ({exc.strerror or exc})") from None
+        return read_text(path)
+    except InputError as err:
+        raise ProfileDataError(path, None, err.reason) from None
+
+
+def _read_pairs(path: Path) -> list[Point]:
+    text = _read(path)
     points: list[Point] = []
     for lineno, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
@@ -197,10 +201,7 @@ SPLITWISE_COLUMNS = {
 def load_splitwise(path: str | Path) -> list[SplitwiseRow]:
     """Read Splitwise's perf_model.csv; any bad header or row raises ProfileDataError."""
     p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as exc:
-        raise ProfileDataError(p, None, f"cannot read file ({exc.strerror or exc})") from None
+    text = _read(p)
     reader = csv.reader(text.splitlines())
     header = next(reader, None)
     if header is None:
