@@ -11,6 +11,7 @@ must come back on its own and still react to a change within seconds.
 from __future__ import annotations
 
 import os
+import urllib.request
 
 import pytest
 import yaml
@@ -133,5 +134,45 @@ def test_dropped_watches_and_5xx_on_reconnect_are_retried(emulated_cluster, kube
             watches = [r.status for r in proxy.log if r.injected is not None or
                        ("watch=true" in r.query and r.path.endswith("/variantautoscalings"))]
             assert watches.count(503) == 3 and 200 in watches[watches.index(503):]
+    finally:
+        emulated_cluster.call(proxy.stop)
+
+
+def test_an_api_server_down_longer_than_the_backoffs_never_ends_the_operator(
+        emulated_cluster, kube_api, kube_namespace, tmp_path):
+    """Watch reconnects answered 503 many more times than there are backoffs: kopf used to give the
+    request up and the process exited (rc=1); now the last backoff repeats until the API answers."""
+    kube = Kube(kube_api, kube_namespace)
+    kube.deploy("outage-l4", 1)
+    kube.apply_variant(variant("outage-l4", "outage-l4", profile=L4_PROFILE, min_replicas=1))
+    proxy = emulated_cluster.call(FaultProxy(upstream=emulated_cluster.url).start)
+    kubeconfig = tmp_path / "proxy.kubeconfig"
+    kubeconfig.write_text(kubeconfig_text(proxy.url, emulated_cluster.token))
+    path = tmp_path / "settings.yaml"
+    path.write_text(yaml.safe_dump(settings_dict(interval_s=600, watched_namespaces=[kube_namespace],
+                                                 prometheus={"url": f"http://127.0.0.1:{free_port()}",
+                                                             "timeout_s": 0.5})))
+    port = free_port()
+    backoffs = (0.1, 0.2, 0.3)
+    options = RunOptions(settings_file=path, kubeconfig=kubeconfig, metrics_host="127.0.0.1", metrics_port=port,
+                         standalone=True, namespaces=(kube_namespace,), instance="outage-test",
+                         api_error_backoffs_s=backoffs)
+    va_watch = rf"/namespaces/{kube_namespace}/variantautoscalings$"
+    failures = 4 * (len(backoffs) + 1)
+    try:
+        with OperatorThread(options) as op:
+            wait_until(lambda: kube.condition("outage-l4", "TargetResolved"), timeout_s=20, what="a first cycle")
+            rule = proxy.add(FaultRule(method="GET", path=va_watch, watch=True, status=503, times=failures))
+            assert emulated_cluster.call(proxy.drop_watches) >= 1
+            _set_min(kube, 2, "outage-l4")
+            wait_until(lambda: kube.replicas("outage-l4") == 2, timeout_s=40,
+                       what="the change seen through the watch once the API answers again")
+            assert rule.hits == failures
+            assert op.error is None
+            metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+            [retried] = [line for line in metrics.splitlines()
+                         if line.startswith('variant_autoscaler_cycle_errors_total{reason="KubernetesApiRetried"}')]
+            assert float(retried.split()[-1]) >= failures
+        assert op.error is None
     finally:
         emulated_cluster.call(proxy.stop)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import itertools
 import logging
 import os
 import random
@@ -56,6 +57,26 @@ PEERING_GRACE_S = 5.0
 MIN_CYCLE_GAP_S = 1.0
 RELIST_EVERY = 20
 ENV_PREFIX = "VARIANT_AUTOSCALER_"
+API_ERROR_BACKOFFS_S = (1.0, 2.0, 5.0, 10.0)
+
+
+class RetryForever:
+    """kopf's `networking.error_backoffs` that never run out: the given sleeps, then the last one forever.
+
+    kopf gives a request up once its backoffs are exhausted, and a watch that gives up ends the
+    operator (rc=1); an API server restart can last longer than any finite list. kopf iterates this
+    once per request; every retry calls `on_retry(consecutive failures of that request)`.
+    """
+
+    def __init__(self, delays_s: tuple[float, ...], on_retry=None):
+        self.delays_s = tuple(delays_s)
+        self.on_retry = on_retry
+
+    def __iter__(self):
+        for failures, delay in enumerate(itertools.chain(self.delays_s, itertools.repeat(self.delays_s[-1]))):
+            if failures and self.on_retry is not None:
+                self.on_retry(failures)
+            yield delay
 
 
 class RunOptions(BaseModel):
@@ -74,6 +95,9 @@ class RunOptions(BaseModel):
     standalone: bool = False
     priority: int | None = None
     peering_grace_s: float = PEERING_GRACE_S
+    api_error_backoffs_s: tuple[float, ...] = Field(
+        default=API_ERROR_BACKOFFS_S, min_length=1,
+        description="kopf's sleeps between failed API requests; the last one repeats forever (never give up).")
     instance: str = Field(default_factory=lambda: f"{os.uname().nodename}-{os.getpid()}-{random.randrange(16**4):04x}")
 
     @classmethod
@@ -209,6 +233,14 @@ class Runtime:
             if ns in namespaces and value == value:
                 out[(ns, pod)] = float(value)
         return out
+
+    def note_api_retry(self, failures: int) -> None:
+        """One of kopf's requests (a watch, a peering write) failed again and will be retried."""
+        self.exporter.count_error("KubernetesApiRetried")
+        if failures == len(self.options.api_error_backoffs_s):
+            log.warning("the Kubernetes API failed %d times in a row for one request; retrying every %g s "
+                        "until it answers (the operator never gives up)", failures,
+                        self.options.api_error_backoffs_s[-1])
 
     # -- leadership
 
@@ -394,8 +426,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, variant_auto
     settings.posting.enabled = False  # our Events are written by the controller, one per change
     settings.watching.reconnect_backoff = 1.0
     settings.watching.server_timeout = 300
-    settings.networking.error_backoffs = [1, 2, 5, 10]
     runtime = Runtime(options, settings)
+    settings.networking.error_backoffs = RetryForever(options.api_error_backoffs_s, on_retry=runtime.note_api_retry)
     runtime.index = variant_autoscalings
     memo.runtime = runtime
     await runtime.start()
