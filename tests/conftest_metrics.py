@@ -15,6 +15,7 @@ import ssl
 import subprocess
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -141,12 +142,14 @@ class FakePrometheus:
 
     mode: "slow" (holds each request up to `delay_s`), "html" (200 with a web page),
     "bad-shape" (200, a vector whose sample value is not a pair), "no-data" (200, JSON without
-    `data`), "http-500" (Prometheus-style error body), "empty" (a valid, empty vector).
+    `data`), "http-500" (Prometheus-style error body), "empty" (a valid, empty vector), "samples"
+    (a vector of `samples(query)` -> [(labels, value)]: wrong numbers in a well-formed answer).
     Records each request's headers in `.requests`.
     """
 
-    def __init__(self, mode: str, delay_s: float = 3.0, tls: tuple[Path, Path] | None = None):
-        self.mode, self.delay_s = mode, delay_s
+    def __init__(self, mode: str, delay_s: float = 3.0, tls: tuple[Path, Path] | None = None,
+                 samples: Callable[[str], list[tuple[dict, float]]] | None = None):
+        self.mode, self.delay_s, self.samples = mode, delay_s, samples
         self.requests: list[dict[str, str]] = []
         self.release = threading.Event()
         fake = self
@@ -157,7 +160,10 @@ class FakePrometheus:
 
             def do_GET(self):
                 fake.requests.append(dict(self.headers))
-                status, body, ctype = fake.answer()
+                form = urllib.parse.urlsplit(self.path).query
+                if self.command == "POST":
+                    form = self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode()
+                status, body, ctype = fake.answer(urllib.parse.parse_qs(form).get("query", [""])[0])
                 if fake.mode == "slow":
                     fake.release.wait(fake.delay_s)
                 try:
@@ -184,8 +190,11 @@ class FakePrometheus:
                                         daemon=True)
         self._thread.start()
 
-    def answer(self) -> tuple[int, bytes, str]:
+    def answer(self, query: str = "") -> tuple[int, bytes, str]:
         vector = {"status": "success", "data": {"resultType": "vector", "result": []}}
+        if self.mode == "samples":
+            vector["data"]["result"] = [{"metric": labels, "value": [time.time(), str(value)]}
+                                        for labels, value in self.samples(query)]
         if self.mode == "html":
             return 200, b"<html><body>Grafana login</body></html>", "text/html"
         if self.mode == "bad-shape":

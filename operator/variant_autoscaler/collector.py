@@ -27,7 +27,8 @@ completions alone would understate demand exactly when it matters.
 Failures never raise: Prometheus down, slow, answering an error or garbage all give a
 `CollectionResult(available=False, reason=...)`, so the operator can keep its last decision and
 set `MetricsAvailable=False` with that reason. Per variant, `status` is `ok`, `stale` (newest
-sample older than the threshold: the scrape stopped, the pod hangs, Prometheus lags) or `missing`.
+sample older than the threshold: the scrape stopped, the pod hangs, Prometheus lags), `invalid`
+(impossible values such as a negative rate or gauge: wrong data is not zero demand) or `missing`.
 """
 
 from __future__ import annotations
@@ -200,7 +201,7 @@ class VariantObservation(TrafficObservation):
     name: str
     namespace: str
     model: str
-    status: Literal["ok", "stale", "missing"]
+    status: Literal["ok", "stale", "missing", "invalid"]
     reason: str
     pods: list[str] = Field(description="Pods with series in the staleness lookback.")
     stale_pods: list[str] = Field(description="Pods whose newest sample is older than the threshold.")
@@ -427,6 +428,7 @@ class _PodData:
     itl_count: float = 0.0
     age_s: float | None = None
     kv_capacity_tokens: float | None = None
+    invalid: list[str] = field(default_factory=list)  # impossible values seen, 'query = value'
 
 
 @dataclass
@@ -437,10 +439,12 @@ class _Buckets:
     gen_buckets: dict[float, float] = field(default_factory=dict)
     ttft_buckets: dict[float, float] = field(default_factory=dict)
     itl_buckets: dict[float, float] = field(default_factory=dict)
+    invalid: list[str] = field(default_factory=list)
 
 
 BucketGrouping = Literal["pod", "deployment", "label"]
 DEPLOYMENT_LABEL = "va_deployment"
+SIGNED_QUERIES = frozenset({"backlog_delta"})  # the only query whose value may be negative: a shrinking backlog
 
 
 def _finite(x: float) -> bool:
@@ -599,6 +603,16 @@ class Collector:
             for labels, value in samples:
                 if value != value or value in (math.inf, -math.inf):
                     continue
+                if value < 0 and name not in SIGNED_QUERIES:
+                    # counters' rates, gauges of counts and fractions are never negative: the data is
+                    # wrong (a broken exporter or recording rule), not zero demand
+                    where = self._bucket_key(grouping, labels) if is_bucket else self.series_key(labels)
+                    target = buckets if is_bucket else pods
+                    data = target.get(where)
+                    if data is None:
+                        data = target[where] = _Buckets() if is_bucket else _PodData()
+                    data.invalid.append(f"{name} = {value:g}")
+                    continue
                 if is_bucket:
                     text = labels.get("le", "")
                     le = bounds.get(text)
@@ -657,9 +671,15 @@ class Collector:
         newest = min(ages.values()) if ages else None
         stale_pods = sorted(p for p, a in ages.items() if a > s.staleness_threshold_s)
         traffic = self._traffic(data, bucket_sets)
+        invalid = [f"{x} (pod {k[1]})" for k in keys for x in pods[k].invalid]
+        invalid += [x for b in bucket_sets for x in b.invalid]
         if not keys:
             status, reason = "missing", (f"no vLLM series for {sel.describe()} in the last "
                                          f"{s.staleness_lookback_s:g} s")
+        elif invalid:
+            status, reason = "invalid", (f"Prometheus answered impossible (negative) values for {sel.describe()}: "
+                                         f"{'; '.join(invalid[:5])}" + (f" and {len(invalid) - 5} more"
+                                                                        if len(invalid) > 5 else ""))
         elif newest is not None and newest > s.staleness_threshold_s:
             status, reason = "stale", (f"newest sample is {newest:.1f} s old (threshold "
                                        f"{s.staleness_threshold_s:g} s) for {sel.describe()}")

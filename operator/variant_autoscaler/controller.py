@@ -331,6 +331,8 @@ class Controller:
                                           queries=0, duration_s=0)
         if not collection.available:
             deps.exporter.count_error("MetricsUnavailable")
+        if any(obs.status == "invalid" for obs in collection.variants.values()):
+            deps.exporter.count_error("MetricsInvalid")
         model_ok = self._models_with_metrics(live, collection)
 
         self._phase("collect", t0)
@@ -826,7 +828,8 @@ class Controller:
             conds["MetricsAvailable"] = ("True", "MetricsFound", metrics_why)
         else:
             reason = ("PrometheusError" if not collection.available else
-                      "MetricsStale" if obs is not None and obs.status == "stale" else "MetricsMissing")
+                      {"stale": "MetricsStale", "invalid": "MetricsInvalid"}.get(obs.status if obs else "",
+                                                                               "MetricsMissing"))
             conds["MetricsAvailable"] = ("False", reason, f"{metrics_why}; replicas are held, never scaled down "
                                                           "without metrics")
         event = None
