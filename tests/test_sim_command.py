@@ -71,8 +71,21 @@ def test_bundled_default_scenario_is_valid():
     prep = prepare(scenario, base)
     plans = plan_runs(prep)
     assert len(prep.trace) > 1000
-    assert any(p.label == "ours" for p in plans) and any(p.label.startswith("hpa[") for p in plans)
+    assert scenario.multi_model and len(prep.models) == 3
+    assert any(p.label == "ours" for p in plans)
+    assert {p.model for p in plans if p.role == "tuning"} == set(prep.models)
+    for m in prep.per_model:
+        assert m.peak_rps > m.mix.arrival_rate_rps
+    inventory = {a.name: a.available for a in prep.problem.accelerators}
+    assert inventory["H100"] == 8
+
+
+def test_single_model_example_scenario_is_valid():
+    scenario, base = load_scenario(ROOT / "examples" / "scenarios" / "llama70b-chat-wave.yaml")
+    prep = prepare(scenario, base)
+    assert not scenario.multi_model
     assert prep.peak_rps > prep.mix.arrival_rate_rps
+    assert any(p.label.startswith("hpa[") and p.role == "run" for p in plan_runs(prep))
 
 
 @pytest.mark.parametrize("args", [["--jobs", "0"]])

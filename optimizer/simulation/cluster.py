@@ -10,8 +10,11 @@ batching) and adds what a cluster has and one replica does not:
   `ColdStart.seconds(...)` (container start plus loading the weights);
 * **draining**: a replica the policy removes is marked, the router sends it nothing more, and it
   leaves (and stops being billed) when its last request finishes;
-* **inventory**: a scale-up never exceeds the accelerators the cluster has; what does not fit is
-  retried at the next decision;
+* **inventory**: a scale-up never exceeds the accelerators the cluster has; what does not fit stays
+  *pending* (as a pod the scheduler cannot place) and is retried at the next decision. Several
+  models share one inventory: at each decision removals free accelerators first, then pending
+  scale-ups are served first come, first served (the variant short for longest goes first), which
+  is how per-model autoscalers fight over the same GPUs in a real cluster;
 * **conservation**: every request either completes or is counted as dropped (no live replica of
   its model for `pending_timeout_s`, or too long for every replica's KV cache).
 
@@ -133,8 +136,11 @@ class RunResult:
     timeline_s: list[float] = field(default_factory=list)
     timeline: dict[str, list[tuple[int, int, int]]] = field(default_factory=dict)
     """Per variant, at each tick: (ready, starting, draining) replicas."""
-    changes: list[tuple[float, int]] = field(default_factory=list)
-    """(time, replicas added or removed) of every scaling action after the initial warm fleet."""
+    changes: list[tuple[float, int, str]] = field(default_factory=list)
+    """(time, replicas added or removed, variant) of every scaling action after the initial warm fleet."""
+    pending_timeline: dict[str, list[int]] = field(default_factory=dict)
+    """Per variant, at each tick: replicas asked for that did not fit the free inventory (pending pods)."""
+    variant_models: dict[str, str] = field(default_factory=dict)
     decisions: list[tuple[float, dict[str, int], str]] = field(default_factory=list)
     assignments: list[tuple[int, str, float]] = field(default_factory=list)
     draining_marks: dict[str, float] = field(default_factory=dict)
@@ -184,7 +190,10 @@ class ClusterSimulator:
         self._requests: list[SimRequest | None] = [None] * len(trace)
         self._model_of = trace.model_of()
         self._needs_load = getattr(router, "reads_load", True)
-        self._changes: list[tuple[float, int]] = []
+        self._changes: list[tuple[float, int, str]] = []
+        self._short_since: dict[str, float] = {}
+        self._short_now: dict[str, int] = {}
+        self._pending_timeline: dict[str, list[int]] = {}
         self._assignments: list[tuple[int, str, float]] = []
         self._marks: dict[str, float] = {}
 
@@ -332,6 +341,7 @@ class ClusterSimulator:
 
     def _apply(self, decision: Decision, t: float, warm: bool) -> None:
         self.router.set_guidance(decision.routing, decision.desired_replicas)
+        wanted: dict[str, int] = {}
         for name, desired in sorted(decision.desired_replicas.items()):
             v = self.variants.get(name)
             if v is None:
@@ -340,31 +350,50 @@ class ClusterSimulator:
                 continue
             if v.max_replicas is not None:
                 desired = min(desired, v.max_replicas)
-            desired = max(desired, v.min_replicas)
+            wanted[name] = max(desired, v.min_replicas)
+        growing = []
+        for name, desired in wanted.items():
             live = [r for r in self.replicas[name] if r.removed_s is None and not r.draining]
             if desired > len(live):
-                limit = self._inventory.get(v.accelerator)
-                add = desired - len(live)
-                if limit is not None:
-                    free = limit - self._used_accelerators(v.accelerator)
-                    add = min(add, max(0, free // v.accelerators_per_replica))
-                for _ in range(add):
-                    self._create(v, t, warm)
-                if add and not warm:
-                    self._changes.append((t, add))
-            elif desired < len(live):
-                drop = len(live) - desired
-                starting = sorted((r for r in live if r.ready_s is None), key=lambda r: -r.created_s)
-                for rep in starting[:drop]:
-                    self._remove(rep, t)
-                drop -= min(drop, len(starting))
-                ready = [r for r in live if r.ready_s is not None]
-                for lazy_rep in ready:
-                    if lazy_rep.lazy:
-                        self._advance(lazy_rep, t)
-                for rep in self.router.victims(ready, drop):
-                    self._mark_draining(rep, t)
-                self._changes.append((t, len(live) - desired))
+                growing.append((name, desired - len(live)))
+            else:
+                self._short_since.pop(name, None)
+                self._short_now.pop(name, None)
+                if desired < len(live):
+                    self._shrink(name, live, len(live) - desired, t)
+        growing.sort(key=lambda item: (self._short_since.get(item[0], t), item[0]))
+        for name, need in growing:
+            v = self.variants[name]
+            add = need
+            limit = self._inventory.get(v.accelerator)
+            if limit is not None:
+                free = limit - self._used_accelerators(v.accelerator)
+                add = min(add, max(0, free // v.accelerators_per_replica))
+            for _ in range(add):
+                self._create(v, t, warm)
+            if add and not warm:
+                self._changes.append((t, add, name))
+            if add < need:
+                self._short_since.setdefault(name, t)
+                self._short_now[name] = need - add
+            else:
+                self._short_since.pop(name, None)
+                self._short_now.pop(name, None)
+
+    def _shrink(self, name: str, live: list[HostedReplica], drop: int, t: float) -> None:
+        """Remove `drop` replicas: those still starting first (newest first), then the router's victims."""
+        removed = drop
+        starting = sorted((r for r in live if r.ready_s is None), key=lambda r: -r.created_s)
+        for rep in starting[:drop]:
+            self._remove(rep, t)
+        drop -= min(drop, len(starting))
+        ready = [r for r in live if r.ready_s is not None]
+        for lazy_rep in ready:
+            if lazy_rep.lazy:
+                self._advance(lazy_rep, t)
+        for rep in self.router.victims(ready, drop):
+            self._mark_draining(rep, t)
+        self._changes.append((t, removed, name))
 
     # ----- observation -----
     def _observe(self, t: float, prev_t: float, arrivals_from: int, arrivals_to: int) -> Observation:
@@ -402,6 +431,8 @@ class ClusterSimulator:
 
     def _record_timeline(self, t: float, timeline_s: list[float], timeline: dict) -> None:
         timeline_s.append(t)
+        for name in self.replicas:
+            self._pending_timeline.setdefault(name, []).append(self._short_now.get(name, 0))
         for name, lst in self.replicas.items():
             ready = starting = draining = 0
             for r in lst:
@@ -539,7 +570,8 @@ class ClusterSimulator:
             input_tokens=self.trace.input_tokens, output_tokens=self.trace.output_tokens,
             model_index=self._model_of, dropped=dropped, ledger=self.ledger,
             start_s=min(warm, end_s), end_s=end_s, timeline_s=timeline_s, timeline=timeline,
-            changes=self._changes, decisions=decisions, assignments=self._assignments,
+            changes=self._changes, pending_timeline=self._pending_timeline,
+            variant_models={name: v.model for name, v in self.variants.items()}, decisions=decisions, assignments=self._assignments,
             draining_marks=dict(self._marks), wall_s=wall_s, scored=self.trace.arrival_s >= warm,
         )
 

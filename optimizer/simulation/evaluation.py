@@ -5,6 +5,12 @@ process pool (one process per core) and come back as `RunMetrics` plus the repli
 report plots. Ours also runs at each service level of the scenario's Pareto spec; those runs
 trace its latency-cost front, scored by normalized hypervolume against every other policy's
 single point on the same references.
+
+With several models the baselines are what users run today: one autoscaler per model, each
+unaware of the others. The HPA is tuned as fairly as ours is: each model runs alone on the whole
+fleet once per PD variant and target fraction (the *tuning* runs), each model keeps its cheapest
+run at the attainment target, and those per-model HPAs then run together on the shared inventory
+(the *combined* run), where they compete for the same accelerators first come, first served.
 """
 
 from __future__ import annotations
@@ -12,8 +18,9 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
+from typing import Literal
 
 from optimizer.fleet import Role
 from optimizer.simulation.cluster import ClusterSimulator
@@ -21,6 +28,7 @@ from optimizer.simulation.hypervolume import normalized_hypervolume, pareto_fron
 from optimizer.simulation.metrics import RunMetrics, summarize
 from optimizer.simulation.policies.hpa import HpaLikePolicy
 from optimizer.simulation.policies.inferline import InferLinePolicy
+from optimizer.simulation.policies.per_model import PerModelPolicies
 from optimizer.simulation.policies.saturation import SaturationPolicy
 from optimizer.simulation.policies.static_peak import StaticPeakPolicy
 from optimizer.simulation.routers import make_router
@@ -33,16 +41,28 @@ from optimizer.simulation.scenario import (
     StaticPeakSpec,
 )
 
+ATTAINMENT_TARGET = 0.99
+"""SLO attainment a run must reach for its cost to count (the issue's and the field's bar)."""
+
 
 @dataclass(frozen=True)
 class RunPlan:
-    """One run to do: a label, the spec, and the concrete choices filled in from the scenario."""
+    """One run to do: a label, the spec, and the concrete choices filled in from the scenario.
+
+    `role`: a `run` is reported; a `tuning` run replays one model alone (`model`) to pick that
+    model's HPA; a `combined` run puts the per-model picks (`choices`: model -> (variant, target
+    fraction)) together on the shared fleet.
+    """
 
     label: str
     spec: object
     variant: str | None = None
     service_level: float | None = None
     pareto: bool = False
+    role: Literal["run", "tuning", "combined"] = "run"
+    model: str | None = None
+    target_fraction: float | None = None
+    choices: tuple[tuple[str, str, float], ...] = ()
 
 
 @dataclass
@@ -57,39 +77,72 @@ class RunOutcome:
 class Comparison:
     prepared: Prepared
     outcomes: list[RunOutcome] = field(default_factory=list)
+    tuning: list[RunOutcome] = field(default_factory=list)
+    """Per-model HPA tuning runs (each model alone on the fleet), not part of the table."""
     front: list[tuple[float, float]] = field(default_factory=list)
     hypervolume: dict[str, float] = field(default_factory=dict)
     references: tuple[float, float] = (1.0, 1.0)
 
 
-def _pd_variants(prep: Prepared) -> list[str]:
-    return [v.name for v in prep.problem.variants if v.role is Role.BOTH and prep.mix_capacity_rps[v.name] > 0]
+def _pd_variants(prep: Prepared, model: str) -> list[str]:
+    return [v.name for v in prep.variants_of(model)
+            if v.role is Role.BOTH and prep.mix_capacity_rps[v.name] > 0]
 
 
-def _cheapest_for(prep: Prepared, rate: float) -> str:
-    costs = {v.name: prep.problem.variant_cost_per_hour(v) for v in prep.problem.variants}
-    options = _pd_variants(prep)
+def _cheapest_for(prep: Prepared, model: str, rate: float) -> str:
+    options = _pd_variants(prep, model)
     if not options:
-        raise ValueError(f"no PD variant of {prep.scenario.model} can meet its SLO for the trace's mix")
+        raise ValueError(f"no PD variant of {model} can meet its SLO for the trace's mix")
+    costs = {v.name: prep.problem.variant_cost_per_hour(v) for v in prep.variants_of(model)}
     return min(options, key=lambda v: (math.ceil(rate / prep.mix_capacity_rps[v]) * costs[v], v))
 
 
+def _fractions(spec: HpaSpec) -> list[float]:
+    return list(spec.target_fractions) if spec.target_fractions else [spec.target_fraction]
+
+
+def _hpa_label(spec: HpaSpec, variant: str, fraction: float, many: bool) -> str:
+    base = spec.name and f"{spec.name}[{variant}]" or f"hpa[{variant}]"
+    return f"{base}@{fraction:g}" if many else base
+
+
 def plan_runs(prep: Prepared) -> list[RunPlan]:
+    """The runs of phase one: every reported run and every tuning run (combined runs come later)."""
     plans: list[RunPlan] = []
+    multi = prep.scenario.multi_model
     for spec in prep.scenario.policies:
+        if multi and getattr(spec, "variant", None) is not None:
+            raise ValueError(f"{spec.kind}: `variant` names one model's variant; with several models each "
+                             "baseline picks every model's variant itself, so leave it out")
         if isinstance(spec, HpaSpec) and spec.variant is None:
-            for v in _pd_variants(prep):
-                plans.append(RunPlan(spec.name and f"{spec.name}[{v}]" or f"hpa[{v}]", spec, variant=v))
+            fractions = _fractions(spec)
+            for model in prep.models:
+                for v in _pd_variants(prep, model):
+                    for f in fractions:
+                        label = _hpa_label(spec, v, f, len(fractions) > 1)
+                        plans.append(RunPlan(label, spec, variant=v, target_fraction=f,
+                                             role="tuning" if multi else "run", model=model if multi else None))
         elif isinstance(spec, StaticPeakSpec):
-            v = spec.variant or _cheapest_for(prep, prep.peak_rps)
-            plans.append(RunPlan(spec.name or f"static-peak[{v}]", spec, variant=v))
+            if multi:
+                if spec.replicas is not None:
+                    raise ValueError("static-peak: `replicas` is per variant; leave it out with several models")
+                plans.append(RunPlan(spec.name or "static-peak (per model)", spec))
+            else:
+                model = prep.models[0]
+                v = spec.variant or _cheapest_for(prep, model, prep.peak_rps)
+                plans.append(RunPlan(spec.name or f"static-peak[{v}]", spec, variant=v))
         elif isinstance(spec, HpaSpec):
-            plans.append(RunPlan(spec.name or f"hpa[{spec.variant}]", spec, variant=spec.variant))
+            plans.append(RunPlan(spec.name or f"hpa[{spec.variant}]", spec, variant=spec.variant,
+                                 target_fraction=_fractions(spec)[0]))
         elif isinstance(spec, InferLineSpec):
-            v = spec.variant or _cheapest_for(prep, prep.mix.arrival_rate_rps * 20)
-            plans.append(RunPlan(spec.name or f"inferline[{v}]", spec, variant=v))
+            if multi:
+                plans.append(RunPlan(spec.name or "inferline (per model)", spec))
+            else:
+                model = prep.models[0]
+                v = spec.variant or _cheapest_for(prep, model, prep.mix.arrival_rate_rps * 20)
+                plans.append(RunPlan(spec.name or f"inferline[{v}]", spec, variant=v))
         elif isinstance(spec, SaturationSpec):
-            plans.append(RunPlan(spec.name or "wva-saturation", spec))
+            plans.append(RunPlan(spec.name or ("wva-saturation (per model)" if multi else "wva-saturation"), spec))
         elif isinstance(spec, OursSpec):
             label = spec.name or ("ours-no-penalty" if spec.change_penalty == 0 else "ours")
             plans.append(RunPlan(label, spec, service_level=spec.service_level))
@@ -103,36 +156,88 @@ def plan_runs(prep: Prepared) -> list[RunPlan]:
                 plans[plans.index(same)] = RunPlan(same.label, same.spec, service_level=level, pareto=True)
             else:
                 plans.append(RunPlan(f"ours@{level:g}", base, service_level=level, pareto=True))
-    labels = [p.label for p in plans]
+    labels = [p.label for p in plans if p.role != "tuning"] + [
+        f"{p.model}/{p.label}" for p in plans if p.role == "tuning"]
     dupes = sorted({x for x in labels if labels.count(x) > 1})
     if dupes:
         raise ValueError(f"two policies share the name(s) {dupes}: give them distinct `name`s")
     return plans
 
 
+def meets_target(metrics: RunMetrics, target: float = ATTAINMENT_TARGET) -> bool:
+    return metrics.slo_attainment >= target
+
+
+def pick_tuned(runs: list[RunOutcome], target: float = ATTAINMENT_TARGET) -> RunOutcome:
+    """The cheapest run at the attainment target, else the one with the highest attainment."""
+    good = [o for o in runs if meets_target(o.metrics, target)]
+    if good:
+        return min(good, key=lambda o: (o.metrics.cost, o.plan.label))
+    return max(runs, key=lambda o: (o.metrics.slo_attainment, -o.metrics.cost, o.plan.label))
+
+
+def combined_plan(spec: HpaSpec, tuning: list[RunOutcome]) -> RunPlan:
+    """Each model's best tuning run, put together on the shared fleet."""
+    choices = []
+    for model in dict.fromkeys(o.plan.model for o in tuning):
+        best = pick_tuned([o for o in tuning if o.plan.model == model])
+        choices.append((model, best.plan.variant, best.plan.target_fraction))
+    return RunPlan(spec.name and f"{spec.name} (per-model best)" or "hpa (per-model best)", spec,
+                   role="combined", choices=tuple(choices))
+
+
+def _hpa(prep: Prepared, spec: HpaSpec, variant: str, fraction: float, name: str) -> HpaLikePolicy:
+    target = spec.target
+    if target is None:
+        if spec.metric != "concurrency":
+            raise ValueError(f"{name}: metric {spec.metric} needs an explicit target")
+        target = max(1.0, fraction * prep.mix_concurrency[variant])
+    return HpaLikePolicy(variant, target, metric=spec.metric, interval_s=spec.interval_s,
+                         stabilization_s=spec.stabilization_s, name=name)
+
+
+def _inferline(prep: Prepared, spec: InferLineSpec, model: str, variant: str, name: str) -> InferLinePolicy:
+    mix = prep.model(model).mix
+    tokens = sum(b.share * (b.input_tokens + b.output_tokens) for b in mix.buckets)
+    return InferLinePolicy(variant, model, initial_throughput_tps=prep.mix_capacity_rps[variant] * tokens,
+                           base_window_s=spec.base_window_s, horizon_s=spec.horizon_s,
+                           interval_s=spec.interval_s, name=name)
+
+
+def _saturation(prep: Prepared, spec: SaturationSpec, model: str, name: str) -> SaturationPolicy:
+    costs = {v.name: prep.problem.variant_cost_per_hour(v) for v in prep.variants_of(model)
+             if v.role is Role.BOTH}
+    return SaturationPolicy(model, costs, interval_s=spec.interval_s, name=name)
+
+
 def build_policy(prep: Prepared, plan: RunPlan):
     spec = plan.spec
-    model = prep.scenario.model
+    multi = len(prep.models) > 1
     if isinstance(spec, StaticPeakSpec):
-        n = spec.replicas or max(1, math.ceil(prep.peak_rps / prep.mix_capacity_rps[plan.variant]))
-        return StaticPeakPolicy({plan.variant: n}, name=plan.label)
+        if plan.variant is not None:
+            n = spec.replicas or max(1, math.ceil(prep.peak_rps / prep.mix_capacity_rps[plan.variant]))
+            return StaticPeakPolicy({plan.variant: n}, name=plan.label)
+        fleet = {}
+        for m in prep.per_model:
+            v = _cheapest_for(prep, m.model, m.peak_rps)
+            fleet[v] = max(1, math.ceil(m.peak_rps / prep.mix_capacity_rps[v]))
+        return StaticPeakPolicy(fleet, name=plan.label)
     if isinstance(spec, HpaSpec):
-        target = spec.target
-        if target is None:
-            if spec.metric != "concurrency":
-                raise ValueError(f"{plan.label}: metric {spec.metric} needs an explicit target")
-            target = max(1.0, spec.target_fraction * prep.mix_concurrency[plan.variant])
-        return HpaLikePolicy(plan.variant, target, metric=spec.metric, interval_s=spec.interval_s,
-                             stabilization_s=spec.stabilization_s, name=plan.label)
+        if plan.role == "combined":
+            return PerModelPolicies([_hpa(prep, spec, v, f, f"{plan.label}/{m}") for m, v, f in plan.choices],
+                                    name=plan.label)
+        return _hpa(prep, spec, plan.variant, plan.target_fraction or spec.target_fraction, plan.label)
     if isinstance(spec, InferLineSpec):
-        tokens = sum(b.share * (b.input_tokens + b.output_tokens) for b in prep.mix.buckets)
-        return InferLinePolicy(plan.variant, model, initial_throughput_tps=prep.mix_capacity_rps[plan.variant] * tokens,
-                               base_window_s=spec.base_window_s, horizon_s=spec.horizon_s,
-                               interval_s=spec.interval_s, name=plan.label)
+        if not multi:
+            return _inferline(prep, spec, prep.models[0], plan.variant, plan.label)
+        return PerModelPolicies(
+            [_inferline(prep, spec, m.model, _cheapest_for(prep, m.model, m.mix.arrival_rate_rps * 20),
+                        f"{plan.label}/{m.model}") for m in prep.per_model], name=plan.label)
     if isinstance(spec, SaturationSpec):
-        costs = {v.name: prep.problem.variant_cost_per_hour(v) for v in prep.problem.variants
-                 if v.role is Role.BOTH}
-        return SaturationPolicy(model, costs, interval_s=spec.interval_s, name=plan.label)
+        if not multi:
+            return _saturation(prep, spec, prep.models[0], plan.label)
+        return PerModelPolicies([_saturation(prep, spec, m, f"{plan.label}/{m}") for m in prep.models],
+                                name=plan.label)
     if isinstance(spec, OursSpec):
         from optimizer.simulation.policies.engine import EnginePolicy
 
@@ -154,6 +259,8 @@ def build_policy(prep: Prepared, plan: RunPlan):
 
 
 def run_one(prep: Prepared, plan: RunPlan) -> RunOutcome:
+    if plan.model is not None:
+        prep = prep.alone(plan.model)
     policy = build_policy(prep, plan)
     router = make_router(plan.spec.router)
     result = ClusterSimulator(prep.problem, prep.trace, policy, router, prep.scenario.cluster).run()
@@ -176,29 +283,67 @@ def _run_in_worker(plan: RunPlan) -> RunOutcome:
 
 def compare(prep: Prepared, *, jobs: int | None = None,
             on_done: Callable[[RunOutcome], None] | None = None) -> Comparison:
-    """Run every planned policy; `on_done` is called as each finishes (for a progress bar)."""
+    """Run every planned policy; `on_done` is called as each finishes (for a progress bar).
+
+    A combined per-model HPA run starts as soon as the tuning runs of its spec are done.
+    """
     plans = plan_runs(prep)
+    specs_tuned = list({id(p.spec): p.spec for p in plans if p.role == "tuning"}.values())
+    waiting = {id(spec): [p for p in plans if p.role == "tuning" and p.spec is spec] for spec in specs_tuned}
+    done: dict[tuple, RunOutcome] = {}
+    combined: list[RunPlan] = []
+
+    def ready_combined() -> list[RunPlan]:
+        out = []
+        for spec in specs_tuned:
+            todo = waiting[id(spec)]
+            if todo and all(_key(p) in done for p in todo):
+                out.append(combined_plan(spec, [done[_key(p)] for p in todo]))
+                waiting[id(spec)] = []
+        combined.extend(out)
+        return out
+
+    def finish(out: RunOutcome) -> None:
+        done[_key(out.plan)] = out
+        if on_done:
+            on_done(out)
+
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(plans)))
-    outcomes: dict[str, RunOutcome] = {}
     if jobs == 1:
         for plan in plans:
-            out = run_one(prep, plan)
-            outcomes[plan.label] = out
-            if on_done:
-                on_done(out)
+            finish(run_one(prep, plan))
+            for extra in ready_combined():
+                finish(run_one(prep, extra))
     else:
         # The slowest runs first, so the pool does not end waiting on one long run.
         order = sorted(plans, key=lambda p: not isinstance(p.spec, OursSpec))
         with ProcessPoolExecutor(max_workers=jobs, initializer=_init_worker, initargs=(prep,)) as pool:
-            futures = {pool.submit(_run_in_worker, plan): plan for plan in order}
-            for fut in as_completed(futures):
-                out = fut.result()
-                outcomes[out.plan.label] = out
-                if on_done:
-                    on_done(out)
-    comparison = Comparison(prep, [outcomes[p.label] for p in plans])
+            pending = {pool.submit(_run_in_worker, plan) for plan in order}
+            for _ in range(len(plans) + len(specs_tuned) + 1):
+                if not pending:
+                    break
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    finish(fut.result())
+                for extra in ready_combined():
+                    pending.add(pool.submit(_run_in_worker, extra))
+    reported = [p for p in plans if p.role == "run"]
+    first_hpa = next((k for k, p in enumerate(reported) if isinstance(p.spec, HpaSpec)), 0)
+    ordered = reported[:first_hpa] + combined + reported[first_hpa:]
+    comparison = Comparison(prep, [done[_key(p)] for p in ordered],
+                            tuning=[done[_key(p)] for p in plans if p.role == "tuning"])
     score(comparison)
     return comparison
+
+
+def _key(plan: RunPlan) -> tuple:
+    return plan.role, plan.model, plan.label
+
+
+def expected_runs(prep: Prepared) -> int:
+    """How many runs `compare` does in all (tuning and combined included), for a progress bar."""
+    plans = plan_runs(prep)
+    return len(plans) + len({id(p.spec) for p in plans if p.role == "tuning"})
 
 
 def latency_of(metrics: RunMetrics, which: str) -> float:
@@ -224,12 +369,16 @@ def score(comparison: Comparison) -> None:
             comparison.hypervolume[o.plan.label] = normalized_hypervolume([(c, lat)], cost_ref, lat_ref)
 
 
-def best_homogeneous_hpa(comparison: Comparison, attainment: float = 0.99) -> RunOutcome | None:
-    """The cheapest HPA run that reaches `attainment`, else the one with the highest attainment."""
+def best_homogeneous_hpa(comparison: Comparison, attainment: float = ATTAINMENT_TARGET) -> RunOutcome | None:
+    """The HPA baseline ours is judged against.
+
+    One model: the cheapest HPA run that reaches `attainment`, else the one with the highest
+    attainment. Several models: the per-model HPAs tuned alone and run together (the combined run).
+    """
+    combined = [o for o in comparison.outcomes if o.plan.role == "combined"]
+    if combined:
+        return pick_tuned(combined, attainment)
     hpas = [o for o in comparison.outcomes if isinstance(o.plan.spec, HpaSpec)]
     if not hpas:
         return None
-    good = [o for o in hpas if o.metrics.slo_attainment >= attainment]
-    if good:
-        return min(good, key=lambda o: o.metrics.cost)
-    return max(hpas, key=lambda o: (o.metrics.slo_attainment, -o.metrics.cost))
+    return pick_tuned(hpas, attainment)

@@ -14,10 +14,14 @@ from pathlib import Path
 
 import numpy as np
 
-from optimizer.simulation.evaluation import Comparison, best_homogeneous_hpa, latency_of
+from optimizer.simulation.evaluation import Comparison, latency_of
+from optimizer.simulation.verdict import verdict
 
 TABLE_COLUMNS = ("policy", "cost $", "$/h", "SLO %", "TTFT p90", "ITL p90", "E2E p90", "E2E p99",
-                 "changes", "dropped", "peak repl")
+                 "changes", "dropped", "pending s", "peak repl")
+MODEL_COLUMNS = ("policy", "model", "cost $", "SLO %", "TTFT p99", "ITL p99", "changes", "dropped",
+                 "pending s", "GPU-h by type")
+TUNING_COLUMNS = ("model", "HPA run (model alone)", "cost $", "SLO %", "chosen")
 
 
 def table_rows(comparison: Comparison) -> list[tuple[str, ...]]:
@@ -27,43 +31,77 @@ def table_rows(comparison: Comparison) -> list[tuple[str, ...]]:
         rows.append((
             o.plan.label, f"{m.cost:.2f}", f"{m.cost_per_hour:.2f}", f"{100 * m.slo_attainment:.2f}",
             f"{m.ttft_s.p90:.3f}", f"{1000 * m.itl_s.p90:.1f}ms", f"{m.e2e_s.p90:.2f}", f"{m.e2e_s.p99:.2f}",
-            str(m.replica_changes), str(m.dropped), str(m.peak_replicas),
+            str(m.replica_changes), str(m.dropped), f"{m.pending_replica_s:.0f}", str(m.peak_replicas),
         ))
     return rows
 
 
-def format_table(comparison: Comparison) -> str:
-    rows = [TABLE_COLUMNS, *table_rows(comparison)]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(TABLE_COLUMNS))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+def model_rows(comparison: Comparison) -> list[tuple[str, ...]]:
+    """Per model of every multi-model run: what it cost, what it met, how long it waited for GPUs."""
+    rows = []
+    for o in comparison.outcomes:
+        for m in o.metrics.per_model:
+            gpus = " ".join(f"{k} {v:.1f}" for k, v in m.accelerator_hours.items() if v > 0)
+            rows.append((o.plan.label, m.model, f"{m.cost:.2f}", f"{100 * m.slo_attainment:.2f}",
+                         f"{m.ttft_s.p99:.3f}", f"{1000 * m.itl_s.p99:.1f}ms", str(m.replica_changes),
+                         str(m.dropped), f"{m.pending_replica_s:.0f}", gpus))
+    return rows
+
+
+def tuning_rows(comparison: Comparison) -> list[tuple[str, ...]]:
+    chosen = {(m, v, f) for o in comparison.outcomes for m, v, f in o.plan.choices}
+    return [(o.plan.model, o.plan.label, f"{o.metrics.cost:.2f}", f"{100 * o.metrics.slo_attainment:.2f}",
+             "*" if (o.plan.model, o.plan.variant, o.plan.target_fraction) in chosen else "")
+            for o in comparison.tuning]
+
+
+def _plain(columns: tuple[str, ...], body: list[tuple[str, ...]]) -> str:
+    rows = [columns, *body]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(columns))]
+    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
              for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
+def format_table(comparison: Comparison) -> str:
+    parts = [_plain(TABLE_COLUMNS, table_rows(comparison))]
+    if comparison.prepared.scenario.multi_model:
+        parts += ["", "per model:", _plain(MODEL_COLUMNS, model_rows(comparison))]
+    if comparison.tuning:
+        parts += ["", "HPA tuning (each model alone on the fleet; * = chosen):",
+                  _plain(TUNING_COLUMNS, tuning_rows(comparison))]
+    lines = verdict(comparison).lines
+    if lines:
+        parts += ["", *lines]
+    return "\n".join(parts)
+
+
 def summary(comparison: Comparison) -> dict:
     prep = comparison.prepared
-    best = best_homogeneous_hpa(comparison)
-    ours = next((o for o in comparison.outcomes if o.plan.label == "ours"), None)
-    verdict = None
-    if best is not None and ours is not None:
-        verdict = {
-            "best_homogeneous_hpa": best.plan.label,
-            "ours_cost_saving_vs_best_hpa": 1 - ours.metrics.cost / best.metrics.cost if best.metrics.cost else None,
-            "ours_attainment": ours.metrics.slo_attainment,
-            "best_hpa_attainment": best.metrics.slo_attainment,
-        }
+    v = verdict(comparison)
     return {
         "scenario": prep.scenario.name,
-        "model": prep.scenario.model,
-        "trace": {"name": prep.trace.name, "requests": len(prep.trace), "duration_s": prep.trace.duration_s,
-                  "peak_rps_60s": prep.peak_rps, "mean_rps": prep.mix.arrival_rate_rps},
-        "length_mix": [b.model_dump() for b in prep.mix.buckets],
-        "slo": prep.problem.slos[0].model_dump(),
-        "per_replica_capacity_rps": prep.mix_capacity_rps,
+        "models": [
+            {"model": m.model,
+             "trace": {"name": m.trace.name, "requests": len(m.trace), "duration_s": m.trace.duration_s,
+                       "peak_rps_60s": m.peak_rps, "mean_rps": m.mix.arrival_rate_rps},
+             "length_mix": [b.model_dump() for b in m.mix.buckets],
+             "slo": m.slo.model_dump(),
+             "per_replica_capacity_rps": {x.name: prep.mix_capacity_rps[x.name] for x in prep.variants_of(m.model)}}
+            for m in prep.per_model
+        ],
+        "inventory": {a.name: a.available for a in prep.problem.accelerators},
         "runs": [
-            {"label": o.plan.label, "router": o.metrics.router, **o.metrics.model_dump(exclude={"router"})}
+            {"label": o.plan.label, "role": o.plan.role, "router": o.metrics.router,
+             **o.metrics.model_dump(exclude={"router"})}
             for o in comparison.outcomes
+        ],
+        "hpa_tuning": [
+            {"model": o.plan.model, "label": o.plan.label, "variant": o.plan.variant,
+             "target_fraction": o.plan.target_fraction, "cost": o.metrics.cost,
+             "slo_attainment": o.metrics.slo_attainment}
+            for o in comparison.tuning
         ],
         "pareto": {
             "latency": prep.scenario.pareto.latency if prep.scenario.pareto else None,
@@ -71,7 +109,9 @@ def summary(comparison: Comparison) -> dict:
             "front": [{"cost": c, "latency_p90_s": lat} for c, lat in comparison.front],
             "hypervolume": comparison.hypervolume,
         },
-        "verdict": verdict,
+        "verdict": None if v.baseline is None else {
+            "baseline": v.baseline, "comparable": v.comparable, "ours_cost_saving": v.saving, "lines": v.lines,
+        },
     }
 
 
@@ -116,8 +156,9 @@ def _plot_arrivals(comparison: Comparison, plt):
     tr = comparison.prepared.trace
     fig, ax = plt.subplots(figsize=(9, 3))
     edges = np.arange(0.0, tr.duration_s + 30.0, 30.0)
-    counts, _ = np.histogram(tr.arrival_s, bins=edges)
-    ax.step(edges[:-1] / 60, counts / 30.0, where="post", label="requests/s (30 s bins)")
+    for m in comparison.prepared.per_model:
+        counts, _ = np.histogram(m.trace.arrival_s, bins=edges)
+        ax.step(edges[:-1] / 60, counts / 30.0, where="post", label=f"{m.model} requests/s (30 s bins)")
     warm = comparison.prepared.scenario.cluster.warmup_s
     if warm > 0:
         ax.axvspan(0, warm / 60, color="grey", alpha=0.2, label="warm-up (not scored)")
@@ -151,7 +192,8 @@ def _plot_replicas(comparison: Comparison, plt):
 
 def _plot_latency(comparison: Comparison, plt):
     outs = comparison.outcomes
-    slo = comparison.prepared.problem.slos[0]
+    slos = comparison.prepared.problem.slos
+    slo = slos[0]
     fig, axes = plt.subplots(1, 3, figsize=(12, 0.35 * len(outs) + 1.5), sharey=True)
     y = np.arange(len(outs))
     for ax, (which, target) in zip(axes, (("ttft", slo.ttft_s), ("itl", slo.itl_s), ("e2e", slo.e2e_s)), strict=True):
@@ -159,7 +201,7 @@ def _plot_latency(comparison: Comparison, plt):
         for k, (pct, shade) in enumerate((("p50", 0.9), ("p90", 0.6), ("p99", 0.3))):
             vals = [getattr(s, pct) for s in stats]
             ax.barh(y + (k - 1) * 0.27, vals, height=0.27, color=plt.cm.viridis(shade), label=pct.upper())
-        if target is not None:
+        if target is not None and len(slos) == 1:
             ax.axvline(target, color="red", lw=1, ls="--", label="SLO")
         ax.set_title(f"{which.upper()} (s)", fontsize=9)
         ax.tick_params(labelsize=7)

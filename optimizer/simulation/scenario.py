@@ -1,8 +1,9 @@
 """A simulation scenario: which fleet, which traffic, which policies to compare (the `simulate` input).
 
 A scenario file (YAML) names a fleet (a `Problem` file, path relative to the scenario, or inline),
-the one model whose traffic is replayed, a trace (a file in one of the public formats, or a
-generator), cluster options (cold start, warm-up) and the policies. Baseline parameters left out
+the traffic replayed -- either one model with its trace (`model`, `slo`, `trace`), or several models
+sharing the fleet's per-type inventory (`models`: each with its own trace and SLO) -- cluster
+options (cold start, warm-up) and the policies. Baseline parameters left out
 are filled from the capacity model on the trace's own length mix, the way an operator would tune
 a baseline on its traffic history: an HPA's target concurrency is what one replica runs at its
 SLO capacity times `target_fraction`, the static fleet covers the trace's peak minute.
@@ -67,12 +68,22 @@ class StaticPeakSpec(_Strict):
 
 
 class HpaSpec(_Strict):
+    """The homogeneous HPA users run today: one Deployment per model on one variant, a target per replica.
+
+    Tuned as fairly as ours: with `target_fractions`, every PD variant runs at every fraction (each
+    model alone on the fleet, in a multi-model scenario) and the cheapest run at the attainment
+    target is the baseline -- the way an operator would tune an HPA on its traffic history.
+    """
+
     kind: Literal["hpa"] = "hpa"
     name: str | None = None
     variant: str | None = Field(default=None, description="None: one HPA run per PD variant (homogeneous fleets).")
     metric: Literal["concurrency", "queue", "kv_usage"] = "concurrency"
     target: float | None = Field(default=None, gt=0, description="None: target_fraction x concurrency at SLO capacity.")
     target_fraction: float = Field(default=0.8, gt=0, le=2)
+    target_fractions: list[Annotated[float, Field(gt=0, le=2)]] | None = Field(
+        default=None, min_length=1, max_length=10,
+        description="Tune over these fractions (overrides target_fraction); the cheapest run at target wins.")
     interval_s: float = Field(default=15.0, gt=0)
     stabilization_s: float = Field(default=300.0, ge=0)
     router: RouterName = "least-outstanding"
@@ -136,17 +147,57 @@ class ParetoSpec(_Strict):
         return self
 
 
+class ModelTraffic(_Strict):
+    """One model of a multi-model scenario: its traffic and its latency targets."""
+
+    model: str
+    slo: SLO | None = Field(default=None, description="Latency targets; None: the fleet's SLO for the model.")
+    trace: TraceSpec
+
+
 class Scenario(_Strict):
     name: str = "scenario"
     fleet: str | Problem = Field(description="A Problem file (path relative to the scenario) or the Problem inline.")
-    model: str = Field(description="The model whose traffic is replayed; the fleet is cut to its variants.")
+    model: str | None = Field(default=None, description="The one model whose traffic is replayed (single-model form).")
     slo: SLO | None = Field(default=None, description="Latency targets for the model; None: the fleet's.")
-    trace: TraceSpec
+    trace: TraceSpec | None = None
+    models: list[ModelTraffic] | None = Field(
+        default=None, min_length=1, max_length=50,
+        description="Several models sharing the fleet's inventory, each with its own trace and SLO "
+                    "(multi-model form, instead of model/slo/trace).")
     cluster: ClusterOptions = Field(default_factory=ClusterOptions)
     policies: list[PolicySpec] = Field(min_length=1)
     pareto: ParetoSpec | None = Field(default_factory=ParetoSpec)
     input_edges: list[int] = Field(default_factory=lambda: list(DEFAULT_INPUT_EDGES),
                                    description="Prompt-length bucket edges (tokens) for routing and planning.")
+
+    @model_validator(mode="after")
+    def _one_form(self) -> Scenario:
+        single = self.model is not None or self.trace is not None or self.slo is not None
+        if self.models is not None:
+            if single:
+                raise ValueError("give either `models` (several models) or `model` + `trace`, not both")
+            names = [m.model for m in self.models]
+            if len(set(names)) != len(names):
+                raise ValueError(f"a model is listed twice in `models`: {sorted(names)}")
+        elif self.model is None or self.trace is None:
+            raise ValueError("a scenario needs `model` and `trace` (one model) or `models` (several)")
+        return self
+
+    @property
+    def traffic(self) -> list[ModelTraffic]:
+        """Every replayed model, whichever form the file used."""
+        if self.models is not None:
+            return list(self.models)
+        return [ModelTraffic(model=self.model, slo=self.slo, trace=self.trace)]
+
+    @property
+    def model_names(self) -> list[str]:
+        return [m.model for m in self.traffic]
+
+    @property
+    def multi_model(self) -> bool:
+        return len(self.traffic) > 1
 
 
 def load_scenario(path: str | Path) -> tuple[Scenario, Path]:
@@ -160,75 +211,141 @@ def load_scenario(path: str | Path) -> tuple[Scenario, Path]:
 
 
 @dataclass
+class ModelPrepared:
+    """One replayed model: its SLO, its own trace, the trace's length mix and peak minute."""
+
+    model: str
+    slo: SLO
+    trace: Trace
+    mix: Workload
+    peak_rps: float
+    """Highest arrival rate over 60 s windows of the scored part of the model's trace."""
+
+
+@dataclass
 class Prepared:
-    """A scenario resolved into objects: the fleet cut to one model, the trace, the mix, capacities."""
+    """A scenario resolved into objects: the fleet cut to the replayed models, the traces, capacities."""
 
     scenario: Scenario
     problem: Problem
     trace: Trace
-    mix: Workload
+    """All models' requests interleaved (a single model's trace in the single-model form)."""
+    per_model: list[ModelPrepared]
     mix_capacity_rps: dict[str, float]
-    """Per variant: requests/s one replica sustains at SLO for the trace's whole length mix."""
+    """Per variant: requests/s one replica sustains at SLO for its model's whole length mix."""
     mix_concurrency: dict[str, float]
     """Per variant: requests in flight on one replica at that capacity."""
-    peak_rps: float
-    """Highest arrival rate over 60 s windows of the scored part of the trace."""
     cold_start_s: dict[str, float]
 
+    @property
+    def models(self) -> list[str]:
+        return [m.model for m in self.per_model]
 
-def prepare(scenario: Scenario, base_dir: Path, source: str = "scenario") -> Prepared:
+    def model(self, name: str) -> ModelPrepared:
+        return next(m for m in self.per_model if m.model == name)
+
+    def variants_of(self, model: str) -> list:
+        return [v for v in self.problem.variants if v.model == model]
+
+    def _single(self) -> ModelPrepared:
+        if len(self.per_model) != 1:
+            raise ValueError("this scenario replays several models: ask per model (Prepared.model(name))")
+        return self.per_model[0]
+
+    @property
+    def mix(self) -> Workload:
+        return self._single().mix
+
+    @property
+    def peak_rps(self) -> float:
+        return self._single().peak_rps
+
+    def alone(self, model: str) -> Prepared:
+        """The same fleet and inventory with only `model`'s traffic: how a per-model baseline is tuned."""
+        one = self.model(model)
+        variants = self.variants_of(model)
+        problem = self.problem.model_copy(update={
+            "models": [m for m in self.problem.models if m.name == model], "variants": variants,
+            "workloads": [one.mix], "slos": [one.slo]})
+        names = {v.name for v in variants}
+        return Prepared(self.scenario, problem, one.trace, [one],
+                        {k: v for k, v in self.mix_capacity_rps.items() if k in names},
+                        {k: v for k, v in self.mix_concurrency.items() if k in names},
+                        {k: v for k, v in self.cold_start_s.items() if k in names})
+
+
+def _load_fleet(scenario: Scenario, base_dir: Path) -> Problem:
     if isinstance(scenario.fleet, Problem):
-        fleet = scenario.fleet
-    else:
-        fleet_path = Path(scenario.fleet)
-        fleet = load_problem(fleet_path if fleet_path.is_absolute() else base_dir / fleet_path)
-    if scenario.model not in {m.name for m in fleet.models}:
-        raise InputError(source, "model", f"{scenario.model!r} is not a model of the fleet "
-                                          f"({sorted(m.name for m in fleet.models)})")
-    variants = [v for v in fleet.variants if v.model == scenario.model]
+        return scenario.fleet
+    fleet_path = Path(scenario.fleet)
+    return load_problem(fleet_path if fleet_path.is_absolute() else base_dir / fleet_path)
+
+
+def _prepare_model(fleet: Problem, traffic: ModelTraffic, scenario: Scenario, base_dir: Path, source: str,
+                   field: str) -> ModelPrepared:
+    name = traffic.model
+    if name not in {m.name for m in fleet.models}:
+        raise InputError(source, f"{field}model", f"{name!r} is not a model of the fleet "
+                                                 f"({sorted(m.name for m in fleet.models)})")
+    variants = [v for v in fleet.variants if v.model == name]
     if not any(v.role is Role.BOTH for v in variants) and not (
             any(v.role is Role.PREFILL for v in variants) and any(v.role is Role.DECODE for v in variants)):
-        raise InputError(source, "fleet", f"no variant can serve {scenario.model} end to end")
-    slo = next((s for s in fleet.slos if s.model == scenario.model), None)
-    if scenario.slo is not None:
-        slo = scenario.slo.model_copy(update={"model": scenario.model})
+        raise InputError(source, "fleet", f"no variant can serve {name} end to end")
+    slo = next((s for s in fleet.slos if s.model == name), None)
+    if traffic.slo is not None:
+        slo = traffic.slo.model_copy(update={"model": name})
     if slo is None:
-        raise InputError(source, "fleet", f"the fleet has no SLO for {scenario.model}")
+        raise InputError(source, "fleet", f"the fleet has no SLO for {name}")
+    spec = traffic.trace
     try:
-        trace = scenario.trace.build(base_dir, scenario.model) if isinstance(scenario.trace, FileTrace) \
-            else scenario.trace.model_copy(update={"model": scenario.model}).build()
+        trace = spec.build(base_dir, name) if isinstance(spec, FileTrace) \
+            else spec.model_copy(update={"model": name}).build()
     except ValueError as exc:
-        raise InputError(source, "trace", str(exc)) from None
+        raise InputError(source, f"{field}trace", str(exc)) from None
     if len(trace) == 0:
-        raise InputError(source, "trace", "the trace has no requests")
-    used_accs = {v.accelerator for v in variants}
-    mix = _whole_trace_mix(trace, scenario.model, scenario.input_edges)
-    problem = Problem(
-        accelerators=[a for a in fleet.accelerators if a.name in used_accs],
-        models=[m for m in fleet.models if m.name == scenario.model],
-        variants=variants, workloads=[mix], slos=[slo], options=fleet.options,
-    )
-    caps = capacity_table(problem)
-    shares = {b.label: b.share for b in mix.buckets}
-    mix_cap, mix_conc = {}, {}
-    for v in variants:
-        load = 0.0
-        conc = 0.0
-        for label, share in shares.items():
-            est = caps.get((v.name, label))
-            if est is None or est.max_rate_rps <= 0:
-                load = math.inf
-                break
-            load += share / est.max_rate_rps
-            conc += share * est.batch_at_max / est.max_rate_rps
-        mix_cap[v.name] = 0.0 if not math.isfinite(load) else 1.0 / load
-        mix_conc[v.name] = 0.0 if not math.isfinite(load) else conc / load
+        raise InputError(source, f"{field}trace", "the trace has no requests")
     scored = trace.arrival_s[trace.arrival_s >= scenario.cluster.warmup_s]
     env = TrafficEnvelope((60.0,))
     env.extend(scored if len(scored) else trace.arrival_s)
+    mix = _whole_trace_mix(trace, name, scenario.input_edges)
+    return ModelPrepared(name, slo, trace, mix, env.max_rate())
+
+
+def prepare(scenario: Scenario, base_dir: Path, source: str = "scenario") -> Prepared:
+    fleet = _load_fleet(scenario, base_dir)
+    per_model = [
+        _prepare_model(fleet, t, scenario, base_dir, source, f"models[{k}]." if scenario.models is not None else "")
+        for k, t in enumerate(scenario.traffic)
+    ]
+    names = [m.model for m in per_model]
+    variants = [v for v in fleet.variants if v.model in names]
+    used_accs = {v.accelerator for v in variants}
+    problem = Problem(
+        accelerators=[a for a in fleet.accelerators if a.name in used_accs],
+        models=[m for m in fleet.models if m.name in names],
+        variants=variants, workloads=[m.mix for m in per_model], slos=[m.slo for m in per_model],
+        options=fleet.options,
+    )
+    caps = capacity_table(problem)
+    mix_cap, mix_conc = {}, {}
+    for v in variants:
+        mix = next(m.mix for m in per_model if m.model == v.model)
+        load = 0.0
+        conc = 0.0
+        for b in mix.buckets:
+            est = caps.get((v.name, b.label))
+            if est is None or est.max_rate_rps <= 0:
+                load = math.inf
+                break
+            load += b.share / est.max_rate_rps
+            conc += b.share * est.batch_at_max / est.max_rate_rps
+        mix_cap[v.name] = 0.0 if not math.isfinite(load) else 1.0 / load
+        mix_conc[v.name] = 0.0 if not math.isfinite(load) else conc / load
+    trace = per_model[0].trace if len(per_model) == 1 else Trace.merge([m.trace for m in per_model],
+                                                                       name=scenario.name)
     weight = {m.name: m.weight_gb for m in fleet.models}
     cold = {v.name: scenario.cluster.cold_start.seconds(v.accelerator, weight[v.model]) for v in variants}
-    return Prepared(scenario, problem, trace, mix, mix_cap, mix_conc, env.max_rate(), cold)
+    return Prepared(scenario, problem, trace, per_model, mix_cap, mix_conc, cold)
 
 
 def _whole_trace_mix(trace: Trace, model: str, edges: list[int]) -> Workload:

@@ -1,8 +1,9 @@
 """Replay a trace on a simulated heterogeneous cluster under several autoscaling policies and compare them.
 
-With no SCENARIO the bundled default runs (examples/scenarios/default.yaml: the example fleet's
-Llama-3.1-70B variants under 30 minutes of chat traffic that rises and falls). Prints the comparison table and
-writes a report folder: summary.json, table.txt and PNG plots (arrival rate, replicas over time
+With no SCENARIO the bundled default runs (examples/scenarios/default.yaml: three models of the example
+fleet sharing its GPU inventory under chat traffic shaped like the Azure LLM inference trace). Prints the
+comparison table (per model too, when several share the fleet), the verdict against the HPA users run
+today, and writes a report folder: summary.json, table.txt and PNG plots (arrival rate, replicas over time
 per variant for each policy, latency percentiles, the latency-cost Pareto front).
 """
 
@@ -33,9 +34,18 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from optimizer.problem import InputError
-    from optimizer.simulation.evaluation import best_homogeneous_hpa, compare, plan_runs
-    from optimizer.simulation.report import TABLE_COLUMNS, table_rows, write_report
+    from optimizer.simulation.evaluation import compare, expected_runs
+    from optimizer.simulation.report import (
+        MODEL_COLUMNS,
+        TABLE_COLUMNS,
+        TUNING_COLUMNS,
+        model_rows,
+        table_rows,
+        tuning_rows,
+        write_report,
+    )
     from optimizer.simulation.scenario import load_scenario, prepare
+    from optimizer.simulation.verdict import verdict
 
     console = Console(width=max(150, Console().width))
     path = Path(args.scenario) if args.scenario else DEFAULT_SCENARIO
@@ -47,32 +57,38 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     scenario, base_dir = load_scenario(path)
     prep = prepare(scenario, base_dir, source=str(path))
-    plans = plan_runs(prep)
-    console.print(f"[bold]{scenario.name}[/]: {len(prep.trace)} requests of {scenario.model} over "
-                  f"{prep.trace.duration_s / 60:.1f} min, {len(prep.problem.variants)} variants, {len(plans)} runs")
+    total = expected_runs(prep)
+    traffic = ", ".join(f"{len(m.trace)} of {m.model}" for m in prep.per_model)
+    inventory = ", ".join(f"{a.available} {a.name}" for a in prep.problem.accelerators if a.available is not None)
+    console.print(f"[bold]{escape(scenario.name)}[/]: {traffic} requests over {prep.trace.duration_s / 60:.1f} min, "
+                  f"{len(prep.problem.variants)} variants sharing {inventory or 'unlimited inventory'}, {total} runs")
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, disable=args.no_progress, transient=True) as progress:
-        task = progress.add_task("simulating", total=len(plans))
+        task = progress.add_task("simulating", total=total)
 
         def done(outcome):
             progress.update(task, advance=1, description=f"done {outcome.plan.label}")
 
         comparison = compare(prep, jobs=args.jobs, on_done=done)
 
-    table = Table(title=f"{scenario.name}: policies compared (scored after {scenario.cluster.warmup_s:g} s warm-up)")
-    for col in TABLE_COLUMNS:
-        table.add_column(col, justify="left" if col == "policy" else "right")
-    for row in table_rows(comparison):
-        table.add_row(*(escape(cell) for cell in row))
-    console.print(table)
-    best = best_homogeneous_hpa(comparison)
-    ours = next((o for o in comparison.outcomes if o.plan.label == "ours"), None)
-    if best is not None and ours is not None and best.metrics.cost > 0:
-        saving = 1 - ours.metrics.cost / best.metrics.cost
-        console.print(f"ours vs best homogeneous HPA ({escape(best.plan.label)}): {100 * saving:+.1f} % cost saving, "
-                      f"SLO attainment {100 * ours.metrics.slo_attainment:.2f} % vs "
-                      f"{100 * best.metrics.slo_attainment:.2f} %")
+    def show(title: str, columns: tuple[str, ...], rows: list[tuple[str, ...]], left: int = 1) -> None:
+        table = Table(title=title)
+        for k, col in enumerate(columns):
+            table.add_column(col, justify="left" if k < left else "right")
+        for row in rows:
+            table.add_row(*(escape(cell) for cell in row))
+        console.print(table)
+
+    show(f"{escape(scenario.name)}: policies compared (scored after {scenario.cluster.warmup_s:g} s warm-up)",
+         TABLE_COLUMNS, table_rows(comparison))
+    if scenario.multi_model:
+        show("per model", MODEL_COLUMNS, model_rows(comparison), left=2)
+    if comparison.tuning:
+        show("HPA tuning: each model alone on the fleet, every PD variant and target (* = chosen)",
+             TUNING_COLUMNS, tuning_rows(comparison), left=2)
+    for line in verdict(comparison).lines:
+        console.print(escape(line))
     if comparison.hypervolume:
         hv = escape(", ".join(f"{k} {v:.3f}" for k, v in comparison.hypervolume.items()))
         console.print(f"normalized hypervolume (P90 {scenario.pareto.latency.upper()} vs cost): {hv}")
