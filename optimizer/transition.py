@@ -8,7 +8,10 @@ zero. Each cycle this planner moves every variant one step, under these rules, i
 1. Bounds. The optimizer's desire is clamped to [minReplicas, maxReplicas]; the bounds are hard:
    no other rule may cross them.
 2. Missing metrics hold. A variant whose metrics are unavailable keeps its replicas (raised to its
-   minimum if below): no scale-down at all, and the hold is not recorded as a recommendation.
+   minimum if below): no scale-down at all, and each held cycle is recorded as a recommendation at
+   the held size, so the scale-down window is full of it when metrics return. The first readings
+   after such a gap are rates over a window that spans it (too low): they may scale up but not
+   down until `fresh_data_window_s` (the collector's rate window) of fresh data exists.
 3. Stabilization, as the Kubernetes HPA does it: every recommendation is remembered; the variant
    scales up to the *lowest* recommendation of the scale-up window and down to the *highest* of the
    scale-down window, so one quiet minute does not undo the capacity a busy one needed. A variant
@@ -35,7 +38,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Limit = Literal[
-    "metrics_unavailable", "stabilization", "max_change", "min_replicas", "max_replicas", "inventory",
+    "metrics_unavailable", "metrics_recovering", "stabilization", "max_change", "min_replicas", "max_replicas", "inventory",
     "waiting_for_ready", "rolling_swap",
 ]
 
@@ -79,6 +82,9 @@ class TransitionPolicy(_Frozen):
     scale_up_window_s: float = Field(default=0.0, ge=0, description="HPA scaleUp stabilizationWindowSeconds.")
     scale_down_window_s: float = Field(default=300.0, ge=0, description="HPA scaleDown stabilizationWindowSeconds.")
     max_change_per_cycle: int | None = Field(default=None, gt=0, description="Most replicas one variant may move per cycle.")
+    fresh_data_window_s: float = Field(
+        default=0.0, ge=0, description="After a metrics gap, no scale-down until metrics have been back this long "
+                                       "(the rate window: earlier rates span the gap).")
 
 
 class StabilizationHistory(_Frozen):
@@ -90,6 +96,9 @@ class StabilizationHistory(_Frozen):
 
     recommendations: dict[str, tuple[tuple[float, int], ...]] = Field(default_factory=dict)
     first_seen: dict[str, tuple[float, int]] = Field(default_factory=dict)
+    metrics_back_since: dict[str, float | None] = Field(
+        default_factory=dict, description="Variants in or just after a metrics gap: None while held, else when "
+                                          "metrics returned; dropped once a full fresh-data window has passed.")
 
 
 class TransitionStep(_Frozen):
@@ -140,6 +149,7 @@ def plan_transition(
     keep_s = max(policy.scale_up_window_s, policy.scale_down_window_s)
     new_history: dict[str, tuple[tuple[float, int], ...]] = {}
     first_seen: dict[str, tuple[float, int]] = {}
+    back_since: dict[str, float | None] = {}
     stabilized: dict[str, int] = {}
     limits: dict[str, list[Limit]] = {v.name: [] for v in variants}
 
@@ -153,9 +163,18 @@ def plan_transition(
             lim.append("min_replicas" if rec > v.desired_replicas else "max_replicas")
         if not v.metrics_available:
             lim.append("metrics_unavailable")
-            new_history[v.name] = past
-            stabilized[v.name] = v.clamp(v.current_replicas)
+            held = v.clamp(v.current_replicas)
+            new_history[v.name] = past + ((now_s, held),)  # the hold is what this cycle recommends
+            back_since[v.name] = None
+            stabilized[v.name] = held
             continue
+        recovering = False
+        if v.name in history.metrics_back_since:
+            since = history.metrics_back_since[v.name]
+            since = now_s if since is None else since
+            if now_s - since < policy.fresh_data_window_s:
+                back_since[v.name] = since
+                recovering = True
         seen = past + ((now_s, rec),)
         new_history[v.name] = seen
         up_rec = min(r for t, r in seen if t >= now_s - policy.scale_up_window_s)
@@ -163,6 +182,9 @@ def plan_transition(
         if seed[0] > now_s - policy.scale_down_window_s:
             down_candidates.append(seed[1])
         down_rec = max(down_candidates)
+        if recovering and down_rec < v.current_replicas:
+            down_rec = v.current_replicas
+            lim.append("metrics_recovering")
         if v.current_replicas < up_rec:
             target = up_rec
         elif v.current_replicas > down_rec:
@@ -191,7 +213,8 @@ def plan_transition(
             limited_by=tuple(dict.fromkeys(limits[v.name])), reason=_reason(v, stabilized[v.name], t, limits[v.name]),
         ))
     return TransitionPlan(steps=tuple(steps),
-                          history=StabilizationHistory(recommendations=new_history, first_seen=first_seen))
+                          history=StabilizationHistory(recommendations=new_history, first_seen=first_seen,
+                                                       metrics_back_since=back_since))
 
 
 def _grant_scale_ups(variants, inventory, stabilized, limits) -> dict[str, int]:
@@ -255,6 +278,7 @@ def _make_before_break(variants, inventory, stabilized, granted, limits) -> dict
 
 _WHY = {
     "metrics_unavailable": "metrics are unavailable, so replicas are held (never scaled down without data)",
+    "metrics_recovering": "metrics just returned after a gap: no scale-down until a full rate window of fresh data",
     "stabilization": "held by the stabilization window",
     "max_change": "limited by the max change per cycle",
     "min_replicas": "raised to minReplicas",

@@ -198,9 +198,12 @@ def test_prometheus_failures_hold_replicas_and_say_why(kube, kube_api, failure):
     assert kube.events("MetricsUnavailable", "hold-l4")
     assert 'variant_autoscaler_cycle_errors_total{reason="MetricsUnavailable"} 1.0' in \
         ctrl.deps.exporter.render().decode()
-    # the control case: with metrics showing the same low demand, the same controller scales down
+    # right after the gap the same controller does not trust the first readings for a scale-down ...
     ctrl.deps.collect = Demand({MODEL: 0.5}).collect
     cycle(ctrl)
+    assert kube.replicas("hold-l4") == 3 and kube.condition("hold-l4", "Actuated")["reason"] == "MetricsRecovering"
+    # ... the control case: a controller that saw no gap scales down on the same low demand
+    cycle(make_controller(kube_api, kube.ns, collect=Demand({MODEL: 0.5}).collect))
     assert kube.replicas("hold-l4") == 1
 
 
@@ -410,3 +413,40 @@ def test_negative_metric_values_are_invalid_data_and_hold_replicas(kube, kube_ap
     assert "completed = -5" in cond["message"] and "neg-l4-5d8f9c7b6-abcde" in cond["message"]
     assert kube.events("MetricsUnavailable", "neg-l4")
     assert 'variant_autoscaler_cycle_errors_total{reason="MetricsInvalid"} 1.0' in ctrl.deps.exporter.render().decode()
+
+
+def test_a_metrics_outage_does_not_let_the_first_reading_after_it_scale_down(kube, kube_api):
+    """Prometheus down 60 s, then a rate over a window spanning the gap (2.03 req/s against a real 5): held."""
+    kube.deploy("gap-l4", 3)
+    kube.apply_variant(variant("gap-l4", "gap-l4", accelerator="L4", profile=L4_PROFILE, min_replicas=1))
+    now = [1000.0]
+    demand = Demand({MODEL: 5.0})
+    down = Collector(CollectorSettings(prometheus=PrometheusSettings(url=f"http://127.0.0.1:{free_port()}",
+                                                                     timeout_s=0.5),
+                                       rate_window_s=10, staleness_threshold_s=10))
+    ctrl = make_controller(kube_api, kube.ns, settings_dict(scale_down_window_s=10, rate_window_s=10),
+                           collect=demand.collect, clock=lambda: now[0])
+    key = f"{kube.ns}/gap-l4"
+
+    def at(t: float, collect):
+        now[0] = 1000.0 + t
+        ctrl.deps.collect = collect
+        return cycle(ctrl)
+
+    try:
+        assert at(0, demand.collect).variants[key].desired_replicas == 3
+        for t in (2, 30, 60):
+            assert not at(t, down.collect).metrics_available
+    finally:
+        down.close()
+    demand.set(MODEL, 2.03)
+    report = at(62, demand.collect)
+    assert report.variants[key].desired_replicas == 1  # what the gap-spanning rate alone would do
+    assert kube.replicas("gap-l4") == 3 and "stabilization" in report.plan.step(key).limited_by  # the held cycles
+    report = at(71, demand.collect)  # the holds left the scale-down window; the rate window is not yet fresh
+    assert kube.replicas("gap-l4") == 3 and "metrics_recovering" in report.plan.step(key).limited_by
+    assert kube.condition("gap-l4", "Actuated")["reason"] == "MetricsRecovering"
+    # a full rate window of fresh data after the gap, a fall in demand scales down as usual
+    demand.set(MODEL, 0.5)
+    at(73, demand.collect)
+    assert kube.replicas("gap-l4") == 1

@@ -76,11 +76,31 @@ def test_missing_metrics_never_leave_a_variant_at_zero_below_its_minimum():
     assert p.step("a").target_replicas == 1
 
 
-def test_missing_metrics_are_not_recorded_as_recommendations():
+def test_held_cycles_are_recommendations_at_the_held_size():
+    """Metrics down longer than the scale-down window: the window is full of holds when they return."""
     policy = TransitionPolicy(scale_down_window_s=100)
-    p0 = plan([state("a", cur=4, desired=4)], policy=policy, now=0)
-    p1 = plan([state("a", cur=4, desired=0, metrics_available=False)], policy=policy, history=p0.history, now=50)
-    assert [r for _t, r in p1.history.recommendations["a"]] == [4]
+    p = plan([state("a", cur=4, desired=4)], policy=policy, now=0)
+    for t in (50, 100, 150):
+        p = plan([state("a", cur=4, desired=0, metrics_available=False)], policy=policy, history=p.history, now=t)
+    assert p.history.recommendations["a"] == ((50, 4), (100, 4), (150, 4))
+    p = plan([state("a", cur=4, desired=1)], policy=policy, history=p.history, now=160)
+    assert p.step("a").target_replicas == 4 and "stabilization" in p.step("a").limited_by
+    p = plan([state("a", cur=4, desired=1)], policy=policy, history=p.history, now=251)
+    assert p.step("a").target_replicas == 1
+
+
+def test_first_readings_after_a_metrics_gap_may_scale_up_but_not_down_until_a_fresh_window():
+    policy = TransitionPolicy(scale_down_window_s=0, fresh_data_window_s=10)
+    p = plan([state("a", cur=3, desired=3)], policy=policy, now=0)
+    p = plan([state("a", cur=3, desired=3, metrics_available=False)], policy=policy, history=p.history, now=2)
+    p = plan([state("a", cur=3, desired=1)], policy=policy, history=p.history, now=4)  # a rate spanning the gap
+    assert p.step("a").target_replicas == 3 and "metrics_recovering" in p.step("a").limited_by
+    p = plan([state("a", cur=3, desired=5)], policy=policy, history=p.history, now=6)
+    assert p.step("a").target_replicas == 5
+    p = plan([state("a", cur=5, desired=1)], policy=policy, history=p.history, now=13)
+    assert p.step("a").target_replicas == 5
+    p = plan([state("a", cur=5, desired=1)], policy=policy, history=p.history, now=14)
+    assert p.step("a").target_replicas == 1 and "a" not in p.history.metrics_back_since
 
 
 def test_scale_down_waits_for_the_window_and_takes_its_highest_recommendation():

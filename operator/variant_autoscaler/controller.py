@@ -388,7 +388,8 @@ class Controller:
             inventory.setdefault(a.name, a.available if a.available is not None else self._discovered.get(a.name))
         policy = TransitionPolicy(scale_up_window_s=settings.scale_up_window_s,
                                   scale_down_window_s=settings.scale_down_window_s,
-                                  max_change_per_cycle=settings.max_change_per_cycle)
+                                  max_change_per_cycle=settings.max_change_per_cycle,
+                                  fresh_data_window_s=settings.rate_window_s)
         plan = plan_transition(states, inventory, policy, memory.history, started)
         memory.history = plan.history
         for st in states:
@@ -995,7 +996,8 @@ class Controller:
 
 def _holding_reason(step, desired: int | None) -> str:
     """Why a target that is not moved this cycle stays where it is, as a condition reason."""
-    for limit, reason in (("metrics_unavailable", "HeldWithoutMetrics"), ("waiting_for_ready", "WaitingForReplacement"),
+    for limit, reason in (("metrics_unavailable", "HeldWithoutMetrics"), ("metrics_recovering", "MetricsRecovering"),
+                          ("waiting_for_ready", "WaitingForReplacement"),
                           ("rolling_swap", "RollingSwap"), ("stabilization", "Stabilizing"),
                           ("inventory", "InventoryExhausted"), ("max_change", "MaxChangePerCycle")):
         if limit in step.limited_by:
