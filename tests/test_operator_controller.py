@@ -450,3 +450,28 @@ def test_a_metrics_outage_does_not_let_the_first_reading_after_it_scale_down(kub
     demand.set(MODEL, 0.5)
     at(73, demand.collect)
     assert kube.replicas("gap-l4") == 1
+
+
+@pytest.mark.parametrize("answer", [404, 403])
+def test_a_target_kind_that_cannot_be_read_fails_only_its_own_variant(kube, kube_api, proxy, answer):
+    """A StatefulSet target: the emulated API does not serve the kind (404); a real cluster without the
+    chart's rbac.statefulSets answers 403. Only that VA is affected; the others are sized as usual."""
+    fp, proxied = proxy
+    kube.deploy("fine-l4", 1)
+    kube.apply_variant(variant("fine-l4", "fine-l4", accelerator="L4", profile=L4_PROFILE, min_replicas=1))
+    sts = variant("sts-l4", "some-sts", accelerator="L4", profile=L4_PROFILE)
+    sts["spec"]["scaleTargetRef"]["kind"] = "StatefulSet"
+    kube.apply_variant(sts)
+    if answer == 403:
+        fp.add(FaultRule(method="GET", path=r"/statefulsets$", status=403, times=1000))
+    report = cycle(make_controller(proxied, kube.ns, collect=Demand({MODEL: 6.0}).collect))
+    assert report.ok, report.error
+    assert kube.replicas("fine-l4") >= 3
+    assert kube.condition("fine-l4", "Actuated")["reason"] == "ScaledUp"
+    cond = kube.condition("sts-l4", "TargetResolved")
+    assert cond["status"] == "False" and cond["reason"] == "TargetUnreadable"
+    assert "StatefulSet" in cond["message"] and f"HTTP {answer}" in cond["message"]
+    if answer == 403:
+        assert "rbac.statefulSets" in cond["message"]
+    [event] = kube.events("TargetUnreadable", "sts-l4")
+    assert event.type == "Warning"

@@ -116,6 +116,26 @@ class TargetView(_Frozen):
         return len(self.pods)
 
 
+class TargetUnreadable(_Frozen):
+    """A target whose kind cannot be read at all (403: no RBAC for it; 404: the API does not serve it).
+
+    Final for this cycle and for this target only: the other targets go on.
+    """
+
+    ref: TargetRef
+    status: int
+    reason: str
+
+    @property
+    def message(self) -> str:
+        r = self.ref
+        grant = " (the chart's value rbac.statefulSets: true grants it)" if r.kind == "StatefulSet" else ""
+        hint = {403: f"the operator's RBAC does not allow listing {SCALABLE_KINDS.get(r.kind, r.kind)}{grant}",
+                404: f"the API server does not serve {r.kind} in {r.api_version}"}.get(self.status, "")
+        return (f"cannot read {r.kind} {r.namespace}/{r.name}: {self.reason} (HTTP {self.status})"
+                + (f"; {hint}" if hint else ""))
+
+
 class ScaleResult(_Frozen):
     ref: TargetRef
     before: int
@@ -282,15 +302,24 @@ class KubeGateway:
                 raise
         return await self._in_thread(call)
 
-    async def read_targets(self, refs: list[TargetRef]) -> dict[TargetRef, TargetView | None]:
-        """Every target's replicas and pods, with one list call per (namespace, kind) and per namespace's pods."""
+    async def read_targets(self, refs: list[TargetRef]) -> dict[TargetRef, TargetView | TargetUnreadable | None]:
+        """Every target's replicas and pods, with one list call per (namespace, kind) and per namespace's pods.
+
+        None: the target does not exist. A kind that cannot be listed for a final reason (403, 404, other
+        4xx) makes its targets `TargetUnreadable`, not the whole read fail; 5xx and no answer (after the
+        retries) still raise ApiCallFailed: then the API is down and nothing should be written."""
         wanted: dict[tuple[str, str], set[str]] = {}
         for r in refs:
             wanted.setdefault((r.namespace, r.kind), set()).add(r.name)
 
-        def list_kind(ns: str, kind: str) -> list[JsonObj]:
+        def list_kind(ns: str, kind: str) -> list[JsonObj] | ApiCallFailed:
             method = self.apps.list_namespaced_deployment if kind == "Deployment" else self.apps.list_namespaced_stateful_set
-            return self._json(f"list {SCALABLE_KINDS[kind]} in {ns}", method, ns).get("items") or []
+            try:
+                return self._json(f"list {SCALABLE_KINDS[kind]} in {ns}", method, ns).get("items") or []
+            except ApiCallFailed as err:
+                if 400 <= err.status < 500 and err.status not in RETRYABLE_STATUS:
+                    return err
+                raise
 
         def list_pods(ns: str) -> list[JsonObj]:
             return self._json(f"list pods in {ns}", self.core.list_namespaced_pod, ns).get("items") or []
@@ -301,9 +330,12 @@ class KubeGateway:
                                        *(self._in_thread(lambda n=n: list_pods(n)) for n in namespaces))
         objects = dict(zip(kinds, results[:len(kinds)], strict=True))
         pods = dict(zip(namespaces, results[len(kinds):], strict=True))
-        out: dict[TargetRef, TargetView | None] = {}
+        out: dict[TargetRef, TargetView | TargetUnreadable | None] = {}
         for r in refs:
             items = objects.get((r.namespace, r.kind))
+            if isinstance(items, ApiCallFailed):
+                out[r] = TargetUnreadable(ref=r, status=items.status, reason=items.reason)
+                continue
             obj = next((o for o in items or [] if o["metadata"]["name"] == r.name), None)
             if obj is None:
                 out[r] = None

@@ -10,8 +10,10 @@ Order of a cycle and what each failure does:
 1. Parse every VariantAutoscaling. An invalid one gets `OptimizationReady=False` (reason from the
    parser), an `InvalidSpec` Event when its problem changes, and is left out; the others go on.
 2. Read every target (one list per namespace). A missing one gets `TargetResolved=False` and a
-   `TargetNotFound` Event and is left out. If the API cannot be read at all, the cycle stops
-   before writing anything.
+   `TargetNotFound` Event and is left out; one whose kind cannot be listed (403 without RBAC for
+   it, 404 where the API does not serve it) gets `TargetResolved=False` reason `TargetUnreadable`
+   and an Event, and the others go on. If the API cannot be read at all (5xx, no answer), the
+   cycle stops before writing anything.
 3. Collect metrics (one PromQL query per metric for all variants). A model without usable metrics
    (Prometheus down, slow, garbage, stale series) is *held*: its variants are pinned at their
    current replicas in the problem, so they keep their accelerators, and the transition planner
@@ -62,6 +64,7 @@ from variant_autoscaler.actuator import (
     KubeGateway,
     ObjectRef,
     TargetRef,
+    TargetUnreadable,
     TargetView,
     deletion_costs,
 )
@@ -305,6 +308,17 @@ class Controller:
         live: dict[str, _Live] = {}
         for key, p in parsed.items():
             view = views.get(p.target)
+            if isinstance(view, TargetUnreadable):
+                conds = {
+                    "TargetResolved": ("False", "TargetUnreadable", view.message),
+                    "MetricsAvailable": ("Unknown", "TargetUnreadable", "the target cannot be read"),
+                    "OptimizationReady": ("False", "TargetUnreadable",
+                                          "left out of the optimization until the target can be read"),
+                    "Actuated": ("False", "TargetUnreadable", "nothing is scaled while the target cannot be read"),
+                }
+                self._finish(key, p, conds, now_text, statuses, events, outcomes, extra={},
+                             event=("Warning", "TargetUnreadable", view.message))
+                continue
             if view is None:
                 conds = {
                     "TargetResolved": ("False", "TargetNotFound",

@@ -55,7 +55,7 @@ class ProxiedRequest:
     status: int | None = None
 
 
-_REASONS = {409: "Conflict", 429: "TooManyRequests", 500: "InternalError", 502: "BadGateway",
+_REASONS = {403: "Forbidden", 404: "NotFound", 409: "Conflict", 429: "TooManyRequests", 500: "InternalError", 502: "BadGateway",
             503: "ServiceUnavailable", 504: "Timeout"}
 
 
