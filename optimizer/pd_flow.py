@@ -18,16 +18,31 @@ from pathlib import Path
 from typing import Literal
 
 import networkx as nx
+import numpy as np
 from networkx.algorithms import flow as nx_flow
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from optimizer.problem import InputError, format_validation_error, read_document
+from optimizer.scaled_max_flow import ArcLayout, MaxFlow, UnboundedFlow, solve
 
 Stage = Literal["prefill", "kv_links", "decode", "off_path"]
 Bottleneck = Literal["prefill", "kv_links", "decode", "mixed"]
 Layout = Literal["prefill-decode", "generic"]
 
-SPLIT_ALGORITHM = "edmonds_karp"
+# The engine behind every analysis: scipy's compiled Dinic on integer units, refined until the
+# rounding is certified negligible (optimizer.scaled_max_flow). Nodes are numbered in a canonical
+# order (hops from the source, then name), so the split depends on the graph, not on the file's
+# edge order; on the seed example it equals networkx's Edmonds-Karp split (tests/test_pd_flow.py).
+ENGINE = "scipy_dinic"
+# networkx's algorithms, kept for drawing and for small-graph cross-checks (max_flow_value).
 ALGORITHMS = {
     "edmonds_karp": nx_flow.edmonds_karp,
     "preflow_push": nx_flow.preflow_push,
@@ -35,13 +50,6 @@ ALGORITHMS = {
     "boykov_kolmogorov": nx_flow.boykov_kolmogorov,
     "dinitz": nx_flow.dinitz,
 }
-# Fastest for the max-flow value on the 100-node Helix placement graph (benchmarks/bench_pd_flow.py,
-# best of 15x20 runs: edmonds_karp 1.0 ms, boykov_kolmogorov 1.09, dinitz 1.2, shortest_augmenting_path
-# 1.6, preflow_push 2.6); residual-network construction dominates at this size. Were another faster,
-# the reported split would still come from Edmonds-Karp, which is reproducible.
-VALUE_ALGORITHM = "edmonds_karp"
-
-_REL_TOL = 1e-9
 _STAGE_ORDER: tuple[Stage, ...] = ("prefill", "kv_links", "decode")
 _STAGE_WORDS = {
     "prefill-decode": {"prefill": "prefill", "kv_links": "KV link", "decode": "decode"},
@@ -85,6 +93,8 @@ class FlowGraph(BaseModel):
     sink: str = Field(min_length=1)
     nodes: list[str] | None = Field(default=None, description="Optional: every edge endpoint must be listed.")
     edges: list[Edge] = Field(min_length=1)
+    # The arrays the engine reads, built once by validation (build a new FlowGraph to change edges).
+    _compiled: CompiledGraph = PrivateAttr()
 
     @model_validator(mode="after")
     def _consistent(self) -> FlowGraph:
@@ -106,8 +116,10 @@ class FlowGraph(BaseModel):
             raise GraphFieldError("source", f"{self.source!r} is not the start of any edge")
         if self.sink not in {e.v for e in self.edges}:
             raise GraphFieldError("sink", f"{self.sink!r} is not the end of any edge")
-        if self.sink not in _hops_from(self.source, self._successors()):
+        hops = _hops_from(self.source, self._successors())
+        if self.sink not in hops:
             raise GraphFieldError("sink", f"{self.sink!r} cannot be reached from source {self.source!r}")
+        self._compiled = CompiledGraph.of(self, hops)
         return self
 
     def _successors(self) -> dict[str, list[str]]:
@@ -123,20 +135,44 @@ class FlowGraph(BaseModel):
         return pred
 
     def to_networkx(self) -> nx.DiGraph:
-        """DiGraph in a canonical order: nodes by (hops from source, name), edges by tail then head.
-
-        Edmonds-Karp's breadth-first search follows insertion order, so this makes the reported
-        split depend on the graph only, not on how the file happens to list its edges.
-        """
-        hops = _hops_from(self.source, self._successors())
-        far = len(hops) + 1
-        names = {e.u for e in self.edges} | {e.v for e in self.edges}
-        order = {n: (hops.get(n, far), n) for n in names}
+        """DiGraph in the canonical order (nodes by hops from source, then name; edges by tail then
+        head), for drawing and for cross-checks with networkx's algorithms."""
+        c = self._compiled
         g = nx.DiGraph()
-        g.add_nodes_from(sorted(names, key=order.__getitem__))
-        for e in sorted(self.edges, key=lambda e: (order[e.u], order[e.v])):
-            g.add_edge(e.u, e.v, **({} if e.capacity is None else {"capacity": e.capacity}))
+        g.add_nodes_from(c.names)
+        for (u, v), cap in zip(c.ends, c.capacities, strict=True):
+            g.add_edge(u, v, **({} if cap is None else {"capacity": cap}))
         return g
+
+
+class CompiledGraph:
+    """A validated graph as arrays: nodes in canonical order (hops from the source, then name),
+    edges sorted by tail then head, capacities with ``inf`` for unlimited, and the arc layout."""
+
+    def __init__(self, names: list[str], ends: list[tuple[str, str]], capacities: list[float | None],
+                 tail: np.ndarray, head: np.ndarray, source: int, sink: int):
+        self.names, self.ends, self.capacities = names, ends, capacities
+        self.source, self.sink = source, sink
+        self.capacity = np.array([np.inf if c is None else c for c in capacities], dtype=np.float64)
+        self.layout = ArcLayout.from_edges(len(names), tail, head)
+
+    @classmethod
+    def of(cls, graph: FlowGraph, hops: dict[str, int]) -> CompiledGraph:
+        far = len(hops) + 1
+        names = sorted({e.u for e in graph.edges} | {e.v for e in graph.edges},
+                       key=lambda n: (hops.get(n, far), n))
+        index = {n: i for i, n in enumerate(names)}
+        edges = sorted(graph.edges, key=lambda e: (index[e.u], index[e.v]))
+        tail = np.fromiter((index[e.u] for e in edges), dtype=np.int64, count=len(edges))
+        head = np.fromiter((index[e.v] for e in edges), dtype=np.int64, count=len(edges))
+        return cls(names, [(e.u, e.v) for e in edges], [e.capacity for e in edges], tail, head,
+                   index[graph.source], index[graph.sink])
+
+    def solve(self, capacity: np.ndarray | None = None) -> MaxFlow:
+        try:
+            return solve(self.layout, self.capacity if capacity is None else capacity, self.source, self.sink)
+        except UnboundedFlow:
+            raise _unbounded() from None
 
 
 def load_flow_graph(path: str | Path) -> FlowGraph:
@@ -208,7 +244,7 @@ def build_pd_graph(
 
 
 class EdgeFlow(BaseModel):
-    """One edge of the analysed graph with its flow in the reported (Edmonds-Karp) maximum flow."""
+    """One edge of the analysed graph with its flow in the reported maximum flow."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -261,8 +297,11 @@ class FlowAnalysis(BaseModel):
     source: str
     sink: str
     layout: Layout = Field(description="prefill-decode when every edge is source->P, P->D or D->sink.")
-    algorithm: str = SPLIT_ALGORITHM
+    algorithm: str = ENGINE
     max_flow: float
+    max_flow_gap: float = Field(0.0, description=(
+        "Certified rounding bound: the true max flow lies in [max_flow, max_flow + max_flow_gap] "
+        "(the engine works in integer units; see optimizer.scaled_max_flow)."))
     edges: list[EdgeFlow]
     min_cut: list[CutEdge] = Field(description="Saturated edges leaving the nodes the source still reaches.")
     min_cut_capacity: float
@@ -271,14 +310,18 @@ class FlowAnalysis(BaseModel):
     bottleneck: Bottleneck
     kv_schedule: list[KVShare] = Field(description="Flow share per P->D pair; empty for generic graphs.")
     scale_options: list[ScaleOption]
-    several_optimal_splits: bool = Field(description="Other maximum flows exist; the split is Edmonds-Karp's (BFS).")
+    several_optimal_splits: bool = Field(description="Other maximum flows exist; the split is the engine's (Dinic, "
+                                                     "BFS levels over the canonical node order).")
     recommendations: list[str]
 
 
-def max_flow_value(graph: FlowGraph, algorithm: str = VALUE_ALGORITHM) -> float:
-    """The max-flow value alone, with the fastest networkx algorithm for it by default."""
+def max_flow_value(graph: FlowGraph, algorithm: str = ENGINE) -> float:
+    """The max-flow value alone: the compiled engine by default, or a networkx algorithm by name."""
+    if algorithm == ENGINE:
+        return graph._compiled.solve().value
     if algorithm not in ALGORITHMS:
-        raise GraphFieldError("algorithm", f"unknown algorithm {algorithm!r} (known: {sorted(ALGORITHMS)})")
+        known = sorted([ENGINE, *ALGORITHMS])
+        raise GraphFieldError("algorithm", f"unknown algorithm {algorithm!r} (known: {known})")
     try:
         return float(nx.maximum_flow_value(graph.to_networkx(), graph.source, graph.sink,
                                            flow_func=ALGORITHMS[algorithm]))
@@ -288,18 +331,13 @@ def max_flow_value(graph: FlowGraph, algorithm: str = VALUE_ALGORITHM) -> float:
 
 def analyze(graph: FlowGraph) -> FlowAnalysis:
     """Max flow, its split, the saturated cuts, the bottleneck stage and what to scale."""
-    g = graph.to_networkx()
+    compiled = graph._compiled
     s, t = graph.source, graph.sink
-    try:
-        value, flow_dict = nx.maximum_flow(g, s, t, flow_func=ALGORITHMS[SPLIT_ALGORITHM])
-    except nx.NetworkXUnbounded:
-        raise _unbounded() from None
-    value = float(value)
-    caps = [g.edges[u, v].get("capacity") for u, v in g.edges]
-    ends = list(g.edges)
-    flows = [float(flow_dict[u][v]) for u, v in ends]
-    forward = [c is None or c - f > _tol(c) for c, f in zip(caps, flows, strict=True)]
-    backward = [f > _tol(c) for c, f in zip(caps, flows, strict=True)]
+    result = compiled.solve()
+    value = result.value
+    caps, ends = compiled.capacities, compiled.ends
+    flows = result.flow.tolist()
+    forward, backward = result.forward.tolist(), result.backward.tolist()
     arcs = _residual_arcs(ends, forward, backward)
     source_side = _reach(s, arcs["out"])
     sink_side = _reach(t, arcs["in"])
@@ -326,7 +364,7 @@ def analyze(graph: FlowGraph) -> FlowAnalysis:
     ]
     cut_stages = {e.stage for e in src_cut + snk_cut}
     bottleneck: Bottleneck = cut_stages.pop() if len(cut_stages) == 1 else "mixed"
-    options = _scale_options(graph, ends, stages, on_path, source_side, sink_side, value)
+    options = _scale_options(compiled, stages, on_path, source_side, sink_side, value)
     schedule = []
     if layout == "prefill-decode":
         schedule = [
@@ -334,7 +372,7 @@ def analyze(graph: FlowGraph) -> FlowAnalysis:
             for e in edges if e.stage == "kv_links"
         ]
     analysis = FlowAnalysis(
-        source=s, sink=t, layout=layout, max_flow=value, edges=edges,
+        source=s, sink=t, layout=layout, max_flow=value, max_flow_gap=result.gap, edges=edges,
         min_cut=src_cut, min_cut_capacity=math.fsum(e.capacity for e in src_cut),
         sink_side_min_cut=snk_cut,
         min_cut_unique={(e.u, e.v) for e in src_cut} == {(e.u, e.v) for e in snk_cut},
@@ -346,10 +384,6 @@ def analyze(graph: FlowGraph) -> FlowAnalysis:
 
 def _unbounded() -> GraphFieldError:
     return GraphFieldError("edges", "some source-to-sink path has only unlimited edges: the max flow is infinite")
-
-
-def _tol(capacity: float | None) -> float:
-    return _REL_TOL * max(1.0, capacity or 0.0)
 
 
 def _hops_from(start: str, neighbours: dict[str, list[str]]) -> dict[str, int]:
@@ -427,21 +461,20 @@ def _stages(graph: FlowGraph, ends) -> tuple[list[Stage], list[float | None], La
     return stages, positions, "prefill-decode" if pd else "generic"
 
 
-def _scale_options(graph, ends, stages, on_path, source_side, sink_side, value) -> list[ScaleOption]:
+def _scale_options(compiled, stages, on_path, source_side, sink_side, value) -> list[ScaleOption]:
     """Edges on every minimum cut (tail reached from the source, head reaching the sink).
 
     Each is probed by making it unlimited and solving again: the gain it can buy before another
     resource limits the flow.
     """
     options = []
-    for i, (u, v) in enumerate(ends):
+    for i, (u, v) in enumerate(compiled.ends):
         if not (on_path[i] and u in source_side and v in sink_side):
             continue
-        relaxed = graph.model_copy(update={"edges": [
-            e.model_copy(update={"capacity": None}) if (e.u, e.v) == (u, v) else e for e in graph.edges
-        ]})
+        relaxed = compiled.capacity.copy()
+        relaxed[i] = np.inf
         try:
-            new = max_flow_value(relaxed)
+            new = compiled.solve(relaxed).value
         except GraphFieldError:
             new = None
         options.append(ScaleOption(
@@ -518,6 +551,6 @@ def _recommendations(a: FlowAnalysis) -> list[str]:
                 f"{resource_name(a, e.u, e.v, e.stage)} {_num(e.spare)}" for e in spare) + ".")
     if a.several_optimal_splits:
         moving = [f"{e.u} -> {e.v}" for e in a.edges if e.flow_can_vary]
-        out.append("This split is one of several optimal ones (Edmonds-Karp, breadth-first augmenting paths); "
+        out.append("This split is one of several optimal ones (Dinic, breadth-first levels in canonical node order); "
                    f"flow can shift on {', '.join(moving)} without changing the max flow.")
     return out

@@ -315,3 +315,60 @@ def test_cli_bad_files_exit_2_with_one_line(tmp_path, text, name, field):
     assert "Traceback" not in out.stderr
     assert str(path) in out.stderr and field in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+# --- the compiled engine: real capacities on scipy's integer Dinic ---------------------------------
+
+
+def random_graph(seed: int) -> FlowGraph:
+    """A random DAG-plus-back-edges graph: float capacities over six orders of magnitude, some
+    antiparallel pairs, some unlimited edges (never a whole source-sink path of them)."""
+    rng = random.Random(seed)
+    n = rng.randint(6, 40)
+    edges = {}
+    for i in range(n - 1):
+        edges[i, rng.randint(i + 1, n - 1)] = None
+    for _ in range(rng.randint(n, 5 * n)):
+        a, b = rng.sample(range(n), 2)
+        edges[a, b] = None
+    out = []
+    for (a, b) in edges:
+        cap = rng.choice([rng.uniform(0, 10), rng.uniform(0, 1e4), 10 ** rng.uniform(-3, 3), rng.randint(0, 50)])
+        if a != 0 and b != n - 1 and rng.random() < 0.15:
+            cap = None
+        out.append((f"n{a}", f"n{b}", cap))
+    return graph_of(out, "n0", f"n{n - 1}")
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_random_graphs_match_networkx_and_scipy(seed):
+    graph = random_graph(seed)
+    a = analyze(graph)
+    assert a.max_flow == pytest.approx(max_flow_value(graph, "preflow_push"), rel=1e-9, abs=1e-12)
+    assert a.max_flow == pytest.approx(max_flow_value(graph, "boykov_kolmogorov"), rel=1e-9, abs=1e-12)
+    assert 0 <= a.max_flow_gap <= 1e-12 * max(1.0, a.max_flow)
+    assert_is_a_maximum_flow(graph, a)
+    # the same graph in whole units: scipy's own answer, exactly
+    ints = [(e.u, e.v, 10**6 if e.capacity is None else round(e.capacity * 100)) for e in graph.edges]
+    assert analyze(graph_of(ints, "n0", graph.sink)).max_flow == scipy_max_flow(ints, "n0", graph.sink)
+
+
+def test_capacities_beyond_32_bits_are_not_wrapped():
+    """scipy's maximum_flow keeps capacities in int32 and silently wraps larger ones (3e9 -> 0 flow)."""
+    wide = [("S", "A", 3e9), ("A", "T", 5e9), ("S", "B", 7.25e12), ("B", "T", 1e13)]
+    a = analyze(graph_of(wide))
+    assert a.max_flow == 3e9 + 7.25e12
+    assert scipy_max_flow([(u, v, int(c)) for u, v, c in wide[:2]], "S", "T") != 3e9
+
+
+def test_rounding_is_down_then_certified():
+    """Capacities that no power-of-two resolution represents: the flow never exceeds a capacity and
+    the reported gap bounds the distance to the LP optimum."""
+    thirds = [("S", "A", 1 / 3), ("S", "B", 2 / 3), ("A", "B", 1 / 7), ("A", "T", 0.1), ("B", "T", 1e9 / 3)]
+    graph = graph_of(thirds)
+    a = analyze(graph)
+    assert all(e.flow <= e.capacity for e in a.edges)
+    exact = lp_max_flow(graph)
+    assert a.max_flow <= exact + 1e-15
+    assert exact - a.max_flow <= a.max_flow_gap + 1e-15
+    assert a.max_flow == pytest.approx(0.1 + 1 / 7 + 2 / 3, rel=1e-12)
