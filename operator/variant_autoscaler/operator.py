@@ -312,7 +312,6 @@ class Runtime:
         """Run cycles while this replica is the active peer; bounded by the operator's lifetime."""
         last_start = 0.0
         while True:
-            interval = self.store.current.interval_s
             active = await self.is_active()
             if active != self.active:
                 log.info("this replica is %s", "the active peer: running the control loop" if active
@@ -331,6 +330,7 @@ class Runtime:
                 except Exception:  # noqa: BLE001 - one bad cycle must not end the loop
                     log.exception("cycle failed")
                     self.exporter.count_error("CycleFailed")
+            interval = self.store.current.interval_s  # after the cycle: it may just have read the settings ConfigMap
             wait = interval if active else min(interval, max(1.0, self.options.peering_grace_s / 2))
             self.wake.clear()
             with contextlib.suppress(TimeoutError):
