@@ -10,6 +10,8 @@ must come back on its own and still react to a change within seconds.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import urllib.request
 
@@ -176,3 +178,47 @@ def test_an_api_server_down_longer_than_the_backoffs_never_ends_the_operator(
         assert op.error is None
     finally:
         emulated_cluster.call(proxy.stop)
+
+
+def test_credentials_never_reach_logs_events_or_status(emulated_cluster, kube_api, kube_namespace, caplog):
+    """A password in the Prometheus URL and a bearer token, through a down Prometheus (its error quotes
+    the URL) and two invalid settings edits (PyYAML quotes the offending line; the URL check quotes the
+    URL): every log line, Event, status and /metrics is searched for them."""
+    password, token = "pw-5ecr3t-Zq", "tok-5ecr3t-Xy"
+    kube = Kube(kube_api, kube_namespace)
+    kube.deploy("cred-l4", 1)
+    kube.apply_variant(variant("cred-l4", "cred-l4", profile=L4_PROFILE, min_replicas=1))
+    url = f"http://admin:{password}@127.0.0.1:{free_port()}"
+    good = settings_dict(interval_s=1, watched_namespaces=[kube_namespace],
+                         prometheus={"url": url, "bearer_token": token, "timeout_s": 0.5})
+    kube.core.create_namespaced_config_map(kube_namespace, {"metadata": {"name": "va-settings"},
+                                                            "data": {"settings.yaml": yaml.safe_dump(good)}})
+    port = free_port()
+    options = RunOptions(settings_configmap="va-settings", operator_namespace=kube_namespace,
+                         kubeconfig=emulated_cluster.kubeconfig_path, metrics_host="127.0.0.1", metrics_port=port,
+                         standalone=True, namespaces=(kube_namespace,), instance="cred-test")
+    bad_yaml = yaml.safe_dump(good).replace(f"bearer_token: {token}", f"bearer_token: {token}: oops")
+    bad_url = yaml.safe_dump({**good, "prometheus": {"url": url.removeprefix("http://"), "bearer_token": token}})
+    caplog.set_level(logging.DEBUG)
+    with OperatorThread(options) as op:
+        cond = wait_until(lambda: (c := kube.condition("cred-l4", "MetricsAvailable")) and "refused" in c["message"]
+                          and c, timeout_s=30, what="a condition quoting the down Prometheus")
+        assert "http://***@127.0.0.1" in cond["message"]
+        for text in (bad_yaml, bad_url):
+            seen = len([r for r in caplog.records if r.getMessage().startswith("invalid settings")])
+            kube.core.patch_namespaced_config_map("va-settings", kube_namespace, {"data": {"settings.yaml": text}})
+            wait_until(lambda n=seen: len([r for r in caplog.records
+                                           if r.getMessage().startswith("invalid settings")]) > n,
+                       timeout_s=30, what="the invalid settings to be logged")
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    assert op.error is None
+    errors = [r.getMessage() for r in caplog.records if r.getMessage().startswith("invalid settings")]
+    assert any("line" in e and "mapping values" in e for e in errors), errors
+    assert any("url must start with http" in e for e in errors), errors
+    logs = "\n".join(f"{r.getMessage()} {r.exc_text or ''}" for r in caplog.records)
+    events = "\n".join(f"{e.reason} {e.message}" for e in kube.events())
+    status = json.dumps([v.get("status") for v in kube.variants()])
+    for where, text in (("logs", logs), ("Events", events), ("status", status), ("/metrics", metrics)):
+        for secret in (password, token):
+            assert secret not in text, f"{secret} in {where}"
+    assert events and "MetricsUnavailable" in events

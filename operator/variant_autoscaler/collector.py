@@ -60,6 +60,7 @@ from variant_autoscaler.histogram_estimates import (
     joint_length_mix,
     token_distribution,
 )
+from variant_autoscaler.redaction import redact, redact_url, url_secrets
 
 
 class _Strict(BaseModel):
@@ -84,8 +85,20 @@ class PrometheusSettings(_Strict):
         if self.bearer_token is not None and self.bearer_token_file is not None:
             raise ValueError("give bearer_token or bearer_token_file, not both")
         if not self.url.startswith(("http://", "https://")):
-            raise ValueError(f"url must start with http:// or https://, got {self.url!r}")
+            raise ValueError(f"url must start with http:// or https://, got {redact_url(self.url)!r}")
         return self
+
+    @property
+    def display_url(self) -> str:
+        """The URL as shown to humans (logs, Events, status): without its userinfo."""
+        return redact_url(self.url)
+
+    def redact(self, text: str, *more_secrets: str | None) -> str:
+        """`text` without the password of the URL, the bearer token or an Authorization header."""
+        token = self.bearer_token.get_secret_value() if self.bearer_token is not None else None
+        auth = [v for k, v in self.headers.items() if k.lower() in ("authorization", "proxy-authorization", "cookie")]
+        return redact(text.replace(self.url, self.display_url),
+                      [*url_secrets(self.url), token, *auth, *(v.removeprefix("Bearer ") for v in auth), *more_secrets])
 
 
 class MetricNames(_Strict):
@@ -326,7 +339,7 @@ class PrometheusQueries:
         return client
 
     def _describe(self, exc: Exception, name: str) -> str:
-        url = self.settings.url
+        url = self.settings.display_url
         chain = _causes(exc)
         if any(isinstance(e, ConnectionRefusedError) for e in chain):
             return f"Prometheus unreachable at {url}: connection refused"
@@ -361,10 +374,15 @@ class PrometheusQueries:
                 end_time=datetime.fromtimestamp(end, UTC), step=f"{step:g}s")
             return _matrix(raw)
         except _Shape as exc:
-            raise QueryFailure(f"Prometheus at {self.settings.url} answered query {name!r} with an unexpected "
-                               f"shape ({exc})") from None
+            raise QueryFailure(self._redact(f"Prometheus at {self.settings.display_url} answered query {name!r} "
+                                            f"with an unexpected shape ({exc})", headers)) from None
         except Exception as exc:  # noqa: BLE001 - every failure becomes a reason, never an exception
-            raise QueryFailure(self._describe(exc, name)) from None
+            raise QueryFailure(self._redact(self._describe(exc, name), headers)) from None
+
+    def _redact(self, text: str, headers: dict[str, str]) -> str:
+        """Reasons end up in logs, Events and status: no password, token (a token file's too) or auth header."""
+        auth = headers.get("Authorization", "")
+        return self.settings.redact(text, auth, auth.removeprefix("Bearer "))
 
     def run(self, queries: dict[str, str], *, at: float | None = None,
             span: tuple[float, float, float] | None = None) -> dict[str, list]:

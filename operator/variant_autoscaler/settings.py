@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from optimizer.datasheet import DATASHEETS, MODEL_FACTS, ModelFacts
 from optimizer.fleet import Accelerator, ModelSpec
-from optimizer.problem import InputError, format_validation_error, read_document
+from optimizer.problem import InputError, format_validation_error, read_document, read_text
 from optimizer.workload import SLO, LengthBucket
 from variant_autoscaler.collector import PrometheusSettings
 
@@ -201,7 +201,21 @@ def parse_settings(data: object, source: str) -> OperatorSettings:
 
 
 def load_settings_file(path: str | Path) -> OperatorSettings:
-    return parse_settings(read_document(path), str(path))
+    if Path(path).suffix == ".json":
+        return parse_settings(read_document(path), str(path))
+    return parse_settings(_settings_yaml(read_text(path), str(path)), str(path))
+
+
+def _settings_yaml(text: str, source: str) -> object:
+    """Settings YAML; a syntax error is described by position only: quoting the offending line (as
+    PyYAML does) would put a bearer token or a password in the logs."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        what = "; ".join(str(x) for x in (getattr(exc, "context", None), getattr(exc, "problem", None)) if x)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise InputError(source, "", f"not valid YAML{where}: {what or type(exc).__name__}") from None
 
 
 def settings_from_configmap(configmap: dict, key: str = SETTINGS_KEY) -> OperatorSettings:
@@ -211,11 +225,7 @@ def settings_from_configmap(configmap: dict, key: str = SETTINGS_KEY) -> Operato
     text = (configmap.get("data") or {}).get(key)
     if text is None:
         return OperatorSettings()
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise InputError(source, "", f"not valid YAML: {' '.join(str(exc).split())}") from None
-    return parse_settings(data, source)
+    return parse_settings(_settings_yaml(text, source), source)
 
 
 @dataclass(frozen=True)
