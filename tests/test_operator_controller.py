@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import pytest
 from conftest_metrics import FakePrometheus
@@ -475,3 +476,23 @@ def test_a_target_kind_that_cannot_be_read_fails_only_its_own_variant(kube, kube
         assert "rbac.statefulSets" in cond["message"]
     [event] = kube.events("TargetUnreadable", "sts-l4")
     assert event.type == "Warning"
+
+
+def test_a_newer_duplicate_va_never_takes_a_target_over_from_the_older_one(kube, kube_api):
+    """`aaa-dup` sorts before `orig` by name, but orig is older: orig keeps the Deployment."""
+    kube.deploy("shared", 1)
+    orig = kube.apply_variant(variant("orig", "shared", accelerator="L4", profile=L4_PROFILE, min_replicas=1,
+                                      max_replicas=1))
+    ctrl = make_controller(kube_api, kube.ns, collect=Demand({MODEL: 0.5}).collect)
+    cycle(ctrl)
+    created = orig["metadata"]["creationTimestamp"]
+    wait_until(lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) > created, timeout_s=3,
+               what="a later creationTimestamp (one-second resolution)")
+    kube.apply_variant(variant("aaa-dup", "shared", accelerator="L4", profile=L4_PROFILE, min_replicas=4))
+    report = cycle(ctrl)
+    assert kube.replicas("shared") == 1
+    dup = kube.condition("aaa-dup", "OptimizationReady")
+    assert dup["status"] == "False" and dup["reason"] == "TargetConflict" and f"{kube.ns}/orig" in dup["message"]
+    assert kube.events("TargetConflict", "aaa-dup")
+    assert kube.condition("orig", "OptimizationReady")["reason"] == "Optimized"
+    assert not report.variants[f"{kube.ns}/aaa-dup"].valid

@@ -293,7 +293,8 @@ class Controller:
                               f"(supported: {', '.join(sorted(SCALABLE_KINDS))})", p.generation, now_text, statuses,
                               events, outcomes)
         by_target: dict[TargetRef, list[str]] = {}
-        for key, p in sorted(parsed.items()):
+        # the oldest VA of a target keeps it (creationTimestamp, then uid): a newcomer never takes over
+        for key, p in sorted(parsed.items(), key=lambda kv: (kv[1].created or "~", kv[1].ref.uid or "", kv[0])):
             by_target.setdefault(p.target, []).append(key)
         for target, keys in by_target.items():
             for key in keys[1:]:

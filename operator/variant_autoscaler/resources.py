@@ -50,6 +50,7 @@ class ParsedVariant(BaseModel):
 
     ref: ObjectRef
     generation: int = 0
+    created: str = Field(default="", description="metadata.creationTimestamp (RFC 3339): the oldest VA of a target keeps it.")
     target: TargetRef
     model_id: str
     variant_id: str | None = None
@@ -238,7 +239,7 @@ def parse_variant(obj: dict) -> ParsedVariant:
         raise InvalidResource("spec.priority", f"must be a number > 0, got {priority!r}")
 
     return ParsedVariant(
-        ref=ref, generation=int(meta.get("generation") or 0),
+        ref=ref, generation=int(meta.get("generation") or 0), created=str(meta.get("creationTimestamp") or ""),
         target=TargetRef(namespace=ref.namespace, name=target["name"], kind=target.get("kind") or "Deployment",
                          api_version=target.get("apiVersion") or "apps/v1"),
         model_id=model_id, variant_id=spec.get("variantID"), accelerator=accelerator, accelerator_count=count,
