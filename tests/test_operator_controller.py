@@ -13,6 +13,7 @@ import json
 import time
 
 import pytest
+import yaml
 from conftest_metrics import FakePrometheus
 from operator_harness import (
     H100_PROFILE,
@@ -496,3 +497,42 @@ def test_a_newer_duplicate_va_never_takes_a_target_over_from_the_older_one(kube,
     assert kube.events("TargetConflict", "aaa-dup")
     assert kube.condition("orig", "OptimizationReady")["reason"] == "Optimized"
     assert not report.variants[f"{kube.ns}/aaa-dup"].valid
+
+
+def test_a_wva_acc_count_is_honoured_over_the_crd_default(kube, kube_api):
+    """An llm-d WVA manifest whose replica takes 4 GPUs (accCount: 4) is costed and counted as 4 GPUs a replica."""
+    manifest = yaml.safe_load(f"""
+apiVersion: autoscaling.variant-autoscaler.io/v1alpha1
+kind: VariantAutoscaling
+metadata: {{name: llama-70b, namespace: {kube.ns}}}
+spec:
+  scaleTargetRef: {{kind: Deployment, name: llama-70b}}
+  modelID: "meta/llama-3.1-70b"
+  modelProfile:
+    accelerators:
+      - acc: "A100-80G"
+        accCount: 4
+        perfParms:
+          decodeParms: {{alpha: "20.58", beta: "0.41"}}
+          prefillParms: {{gamma: "5.2", delta: "0.1"}}
+        maxBatchSize: 256
+""")
+    kube.deploy("llama-70b", 1)
+    stored = kube.apply_variant(manifest)
+    assert "acceleratorCount" not in stored["spec"]
+    settings = settings_dict(models=[], accelerators=[{"name": "A100-80G", "cost_per_hour": 2.5, "available": 8}],
+                             default_slo={"ttft_s": 2.0, "itl_s": 0.1})
+    ctrl = make_controller(kube_api, kube.ns, settings, collect=Demand({"meta/llama-3.1-70b": 500.0}).collect)
+    report = cycle(ctrl)
+    replicas = kube.replicas("llama-70b")
+    assert replicas == 2, "8 GPUs hold two 4-GPU replicas"
+    assert report.cost_per_hour == pytest.approx(replicas * 4 * 2.5)
+    assert 'variant_autoscaler_inventory_in_use{accelerator="A100-80G"} 8.0' in ctrl.deps.exporter.render().decode()
+    # a spec that says otherwise is a contradiction, not a silent pick
+    body = kube.variant("llama-70b")
+    body["spec"]["acceleratorCount"] = 2
+    kube.custom.replace_namespaced_custom_object("autoscaling.variant-autoscaler.io", "v1alpha1", kube.ns,
+                                                 "variantautoscalings", "llama-70b", body)
+    cycle(ctrl)
+    cond = kube.condition("llama-70b", "OptimizationReady")
+    assert cond["reason"] == "InvalidSpec" and "accCount" in cond["message"]

@@ -163,7 +163,7 @@ def parse_variant(obj: dict) -> ParsedVariant:
     if spec.get("accelerator") and spec.get("acceleratorType") and spec["accelerator"] != spec["acceleratorType"]:
         raise InvalidResource("spec.acceleratorType", f"{spec['acceleratorType']!r} contradicts spec.accelerator "
                                                       f"{spec['accelerator']!r}")
-    count = spec.get("acceleratorCount", 1)
+    count = spec.get("acceleratorCount")  # no CRD default: unset lets a WVA modelProfile's accCount apply
     max_batch = spec.get("maxBatch")
     profile = None
     profile_ref = None
@@ -177,7 +177,11 @@ def parse_variant(obj: dict) -> ParsedVariant:
         if chosen:
             entry = chosen[0]
             accelerator = accelerator or entry.get("acc")
-            count = spec.get("acceleratorCount", entry.get("accCount", count))
+            acc_count = entry.get("accCount")
+            if count is not None and acc_count is not None and count != acc_count:
+                raise InvalidResource("spec.acceleratorCount", f"{count!r} contradicts "
+                                      f"spec.modelProfile.accelerators[].accCount {acc_count!r} of {entry.get('acc')!r}")
+            count = acc_count if count is None else count
             max_batch = max_batch or entry.get("maxBatchSize")
             if entry.get("perfParms"):
                 profile = wva_profile(entry["perfParms"], "spec.modelProfile.accelerators[].perfParms")
@@ -234,6 +238,7 @@ def parse_variant(obj: dict) -> ParsedVariant:
             and not isinstance(inline, dict):
         raise InvalidResource("spec.variantProfile", "models aggregated serving only; a prefill or decode variant "
                                                      "needs spec.profile")
+    count = 1 if count is None else count
     priority = spec.get("priority")
     if priority is not None and (not isinstance(priority, int | float) or priority <= 0):
         raise InvalidResource("spec.priority", f"must be a number > 0, got {priority!r}")
