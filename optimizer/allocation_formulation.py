@@ -117,6 +117,7 @@ class Formulation:
     variant_min: np.ndarray  # hard lower bound
     variant_max: np.ndarray
     variant_current: np.ndarray
+    variant_change_penalty: np.ndarray  # $/h charged per replica added or removed
     soft_min: np.ndarray  # minimum enforced only through a penalty (inventory cannot honour it)
     blocks: list[ModelBlock]
     limited: np.ndarray  # accelerator indices with finite inventory
@@ -226,7 +227,8 @@ def build_formulation(problem: Problem, capacity: Mapping, options: AllocationOp
     hard_min = np.where(soft, 0.0, v_min)
     hi = np.maximum(hi, hard_min)
 
-    dearest = float(v_cost.max(initial=0.0)) + 2 * options.change_penalty_per_replica
+    v_change = options.change_penalty_per_replica + options.change_penalty_share * v_cost
+    dearest = float(v_cost.max(initial=0.0)) + 2 * float(v_change.max(initial=0.0))
     dearest = max(dearest, 1e-6)
     priorities = [w.priority for w in problem.workloads] or [1.0]
     unmet_rps = UNMET_FACTOR * dearest / DEMAND_RESOLUTION_RPS
@@ -247,14 +249,15 @@ def build_formulation(problem: Problem, capacity: Mapping, options: AllocationOp
         rates = w.bucket_rates_rps() if w is not None else {}
         penalty = unmet_rps * (w.priority if w is not None else 1.0) / min(priorities)
         blocks.append(_block(model.name, idx, rates, penalty, variants, caps, s, hard_min, hi, v_cur, v_cost,
-                             soft, shortfall_cost, v_min, options.change_penalty_per_replica))
+                             soft, shortfall_cost, v_min, v_change))
 
     limited = np.array([a for a in range(len(names)) if math.isfinite(available[a])], dtype=int)
     return Formulation(
         problem=problem, options=options, accelerator_names=names, available=available,
         accelerator_power_w=power, variants=variants, variant_model=v_model, variant_accelerator=v_acc,
         variant_accelerators=v_k, variant_cost=v_cost, variant_power_w=v_power, variant_min=hard_min,
-        variant_max=hi, variant_current=v_cur, soft_min=soft, blocks=blocks, limited=limited,
+        variant_max=hi, variant_current=v_cur, variant_change_penalty=v_change, soft_min=soft, blocks=blocks,
+        limited=limited,
         power_cap_w=cap_w, notes=notes,
     )
 
@@ -275,7 +278,7 @@ def _block(model, idx, rates, unmet_penalty, variants, caps, s, lo, hi, cur, cos
     fs, fc = np.array(fs, dtype=int), np.array(fc, dtype=float)
     nf = len(fv)
     disagg = bool(np.any(fs != STAGE_PD))
-    pen = change_penalty > 0
+    pen = bool(np.any(change_penalty[idx] > 0))
     short_local = np.array([j for j, gi in enumerate(idx) if soft[gi]], dtype=int)
     ns = len(short_local)
 
@@ -335,8 +338,9 @@ def _block(model, idx, rates, unmet_penalty, variants, caps, s, lo, hi, cur, cos
     integrality[col_n] = 1
     obj = np.zeros(ncols)
     obj[col_n] = cost[idx]
-    obj[col_up] = change_penalty
-    obj[col_down] = change_penalty
+    if pen:
+        obj[col_up] = change_penalty[idx]
+        obj[col_down] = change_penalty[idx]
     obj[col_short] = shortfall_cost
     obj[col_u] = unmet_penalty * r
     return ModelBlock(

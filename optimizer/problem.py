@@ -23,6 +23,12 @@ class AllocationOptions(BaseModel):
     change_penalty_per_replica: float = Field(
         default=0.0, ge=0, description="Cost per hour charged for each replica added or removed vs current."
     )
+    change_penalty_share: float = Field(
+        default=0.0, ge=0, le=10,
+        description="Also charged per replica added or removed: this share of that variant's own $/h. A flat "
+                    "penalty sized for large replicas keeps small ones forever (a $1/h L4 never pays a $5/h "
+                    "penalty back); a share of each replica's price weighs every change against its own saving.",
+    )
     power_cap_w: float | None = Field(default=None, gt=0, description="Upper bound on total accelerator power.")
     kv_transfer_gb_s: float = Field(
         default=25.0, gt=0, description="Bandwidth of the P->D KV-cache link per transfer, GB/s."

@@ -73,6 +73,7 @@ def brute_force(prob: Problem, capacity) -> float | None:
     """Cheapest replica vector that serves all demand, by enumeration; routing checked by an LP."""
     s = prob.options.service_level
     pen = prob.options.change_penalty_per_replica
+    share = prob.options.change_penalty_share
     price = {a.name: a.cost_per_hour for a in prob.accelerators}
     by_model = defaultdict(list)
     for v in prob.variants:
@@ -101,7 +102,8 @@ def brute_force(prob: Problem, capacity) -> float | None:
         if not all(routable(w.model, tuple(count[v.name] for v in by_model[w.model])) for w in prob.workloads):
             continue
         cost = sum(price[v.accelerator] * v.accelerators_per_replica * count[v.name]
-                   + pen * abs(count[v.name] - v.current_replicas) for v in prob.variants)
+                   + (pen + share * price[v.accelerator] * v.accelerators_per_replica)
+                   * abs(count[v.name] - v.current_replicas) for v in prob.variants)
         best = cost if best is None else min(best, cost)
     return best
 
@@ -131,7 +133,8 @@ def _routing_feasible(w, variants, counts, capacity, s) -> bool:
 def feasible_random_instance(seed: int, disaggregated: bool):
     for attempt in range(40):
         accs, variants, workloads, capacity = random_instance(seed * 100 + attempt, disaggregated=disaggregated)
-        prob = problem(accs, variants, workloads, change_penalty_per_replica=0.1 * (seed % 3), **EXACT)
+        prob = problem(accs, variants, workloads, change_penalty_per_replica=0.1 * (seed % 3),
+                       change_penalty_share=0.3 * (seed % 2), **EXACT)
         best = brute_force(prob, capacity)
         if best is not None:
             return prob, capacity, best
@@ -238,6 +241,21 @@ def test_partly_servable_demand_is_served_as_far_as_stock_allows():
     a = allocate(problem(accs, variants, [workload("m", {"chat": 10.0})]), {("v", "chat"): 3.0})
     assert a.replicas["v"] == 2
     assert a.unmet_demand_rps["m"] == pytest.approx(10.0 - 6.0)
+
+
+@pytest.mark.parametrize(("options", "small_kept"), [
+    ({"change_penalty_per_replica": 5.0}, 4),  # a flat penalty sized for big replicas keeps small ones forever
+    ({"change_penalty_share": 0.2}, 0),        # a share of each replica's own price lets them go
+])
+def test_change_penalty_share_weighs_each_replica_against_its_own_price(options, small_kept):
+    accs = [acc("big", 10.0), acc("small", 1.0)]
+    variants = [variant("v-big", "m", "big", current_replicas=1), variant("v-small", "m", "small", current_replicas=4)]
+    prob = problem(accs, variants, [workload("m", {"b": 8.0})], **options, **EXACT)
+    a = allocate(prob, {("v-big", "b"): 40.0, ("v-small", "b"): 0.5})
+    assert a.replicas["v-big"] == 1
+    assert a.replicas["v-small"] == small_kept
+    expected_change = 0.0 if small_kept else 4 * options.get("change_penalty_share", 0.0) * 1.0
+    assert a.change_cost_per_hour == pytest.approx(expected_change)
 
 
 @pytest.mark.parametrize(("penalty", "kept"), [(5.0, 3), (0.5, 1)])

@@ -198,6 +198,21 @@ def test_weighted_router_follows_bucket_guidance():
     assert {w.pick(f"{MODEL}/entry", pool, 5000).variant for _ in range(5)} == {"A"}
 
 
+def test_weighted_router_spills_from_an_overloaded_replica():
+    """The plan's shares hold while loads stay comparable; a replica far above the least loaded one
+    allowed for the bucket gets nothing more until it catches up."""
+    pool = [FakeReplica("h1", "H", 10), FakeReplica("a1", "A", 8), FakeReplica("a2", "A", 6)]
+    w = WeightedRouter()
+    w.set_guidance([RouteGuidance(model=MODEL, weights={"H": 0.9, "A": 0.1})])
+    picks = [w.pick(f"{MODEL}/entry", pool, 200).id for _ in range(10)]
+    assert picks.count("h1") == 9, "comparable loads: the plan's shares"
+    pool[0].outstanding = 120  # > 2 x 6 + 16
+    picks = [w.pick(f"{MODEL}/entry", pool, 200).id for _ in range(10)]
+    assert "h1" not in picks and picks.count("a2") >= 9
+    pool[0].outstanding = 27  # < 2 x 6 + 16 again
+    assert "h1" in {w.pick(f"{MODEL}/entry", pool, 200).id for _ in range(10)}
+
+
 def test_heterogeneous_fleet_serves_a_trace_within_slo_when_oversized():
     tr = poisson_trace(3.0, 300.0, seed=5)
     res = simulate(fleet(), tr, Scripted([(0, {"big": 2, "small": 2})]), make_router("least-outstanding"))

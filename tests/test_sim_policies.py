@@ -124,3 +124,43 @@ def test_demand_estimator_reads_rate_mix_and_output_lengths():
     # Then silence: after the horizon the planned rate falls to what is still arriving (nothing).
     est.observe(obs(600.0, [], interval=240.0))
     assert est.rate_rps(600.0) == 0.0
+
+
+def _feed(est, rng, rates, start=0.0, tick=15.0):
+    """Poisson arrivals at rates[k] during tick k; returns the planned rate after each tick."""
+    planned, t = [], start
+    for rate in rates:
+        end = t + tick
+        n = rng.poisson(rate * tick)
+        times = np.sort(rng.uniform(t, end, size=n)).tolist()
+        est.observe(obs(end, [], arrivals=[ArrivalSample(model="m", times_s=times, input_tokens=[200] * n)]))
+        planned.append(est.rate_rps(end))
+        t = end
+    return planned
+
+
+def test_steady_traffic_is_not_read_as_a_trend():
+    """Chance differences between two minute counts are not extrapolated over the cold start: at a
+    steady 4 req/s the plan stays near the envelope instead of riding 30-50 % above it."""
+    over = []
+    for seed in range(5):
+        est = DemandEstimator("m", rate_windows_s=(60.0,), rate_horizon_s=60.0, lead_time_s=110.0)
+        planned = _feed(est, np.random.default_rng(seed), [4.0] * 80)
+        over.append(np.mean(planned[20:]) / 4.0)
+    assert np.mean(over) < 1.2
+
+
+def test_no_trend_before_two_windows_were_watched():
+    """The first minute follows no quiet one: a steady start is not a rise from zero."""
+    est = DemandEstimator("m", rate_windows_s=(60.0,), rate_horizon_s=60.0, lead_time_s=110.0)
+    planned = _feed(est, np.random.default_rng(1), [6.0] * 8)
+    assert max(planned) < 1.5 * 6.0
+
+
+def test_a_real_rise_is_still_extrapolated():
+    est = DemandEstimator("m", rate_windows_s=(60.0,), rate_horizon_s=60.0, lead_time_s=110.0)
+    rng = np.random.default_rng(2)
+    _feed(est, rng, [4.0] * 12)
+    planned = _feed(est, rng, [4.0 + 0.5 * k for k in range(1, 9)], start=180.0)  # 4 -> 8 req/s in 2 min
+    seen = est.envelope.max_rate(300.0)
+    assert planned[-1] > seen + 0.5, "the plan runs ahead of the rise by the trend over the lead time"

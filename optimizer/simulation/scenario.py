@@ -116,11 +116,18 @@ class OursSpec(_Strict):
         description="Share of each replica's SLO capacity planned. The capacity model accounts for the spread "
                     "of request lengths, so 1.0 needs no headroom for it (the quality benchmark runs 1.0).")
     change_penalty: float | None = Field(
-        default=None, ge=0,
-        description="$/h per replica added or removed; None: a quarter of the model's mean replica price per hour.")
+        default=None, ge=0, le=1e6,
+        description="Flat $/h per replica added or removed; None: none flat, `change_penalty_share` of each "
+                    "replica's own price instead; 0 with no share: no penalty at all.")
+    change_penalty_share: float | None = Field(
+        default=None, ge=0, le=10,
+        description="Share of a replica's own $/h charged per replica added or removed; None: 0.2 when "
+                    "change_penalty is unset, else 0.")
     interval_s: float = Field(default=15.0, gt=0)
-    scale_down_delay_s: float = Field(default=180.0, ge=0, description="Demand must stay lower this long.")
-    scale_down_window_s: float = Field(default=300.0, ge=0,
+    scale_down_delay_s: float = Field(default=60.0, ge=0, le=86400,
+                                      description="Demand must stay lower this long (the planned rate is the "
+                                                  "busiest stretch of this window).")
+    scale_down_window_s: float = Field(default=120.0, ge=0, le=86400,
                                        description="HPA-style per-variant stabilization (the HPA's default).")
     lead_time_s: float | None = Field(default=None, ge=0, description="None: the slowest variant's cold start.")
     rate_windows_s: list[float] = Field(default_factory=lambda: [60.0], min_length=1,

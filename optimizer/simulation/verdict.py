@@ -77,9 +77,10 @@ def verdict(comparison: Comparison, ours_label: str = "ours", target: float = AT
         waited = ", ".join(f"{m.model} {m.unmet_s:.0f} s" for m in best.metrics.per_model if m.unmet_s > 0)
         lines.append(f"warning: {best.plan.label} asked for replicas the inventory could not place "
                      f"({best.metrics.pending_replica_s:.0f} pending replica-seconds; short: {waited or 'n/a'})")
-    if best.plan.role == "combined":
-        alone = ", ".join(f"{m} on {v} at {f:g}x" for m, v, f in best.plan.choices)
-        lines.append(f"  ({best.plan.label}: each model's cheapest HPA at target when alone on the fleet: {alone})")
+    for run in (o for o in comparison.outcomes if o.plan.role == "combined"):
+        picks = ", ".join(f"{m} on {v} at {f:g}x" for m, v, f in run.plan.choices)
+        lines.append(f"  ({run.plan.label}: {picks}; ${run.metrics.cost:.2f}, "
+                     f"SLO {_pct(run.metrics.slo_attainment)})")
     return Verdict(best.plan.label, comparable, saving, lines)
 
 
