@@ -26,6 +26,11 @@ zero. Each cycle this planner moves every variant one step, under these rules, i
    still wants more than it got. The one exception breaks a deadlock: when the group's growth is
    blocked only by inventory of the very accelerator the shrinking variant holds and nothing in the
    group is pending, the shrinking variant steps down one replica at a time (a rolling swap).
+7. Drain only when a replacement exists. When the optimizer's allocation leaves part of a model's
+   demand unserved (`demand_unserved`: the inventory shrank, even to 0), no *ready* replica of that
+   model is removed: there is nothing to take its load, so it keeps serving (its accelerators stay
+   held beyond the inventory, like a cordoned node's pods) and the step says so. Replicas that are
+   not ready yet may still go, and a lowered maxReplicas applies at once.
 
 Pure and deterministic: no clock, no I/O; time comes in as `now_s`.
 """
@@ -39,7 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Limit = Literal[
     "metrics_unavailable", "metrics_recovering", "stabilization", "max_change", "min_replicas", "max_replicas", "inventory",
-    "waiting_for_ready", "rolling_swap",
+    "waiting_for_ready", "rolling_swap", "demand_unserved",
 ]
 
 
@@ -61,6 +66,8 @@ class VariantState(_Frozen):
     min_replicas: int = Field(default=0, ge=0)
     max_replicas: int | None = Field(default=None, ge=0)
     metrics_available: bool = True
+    demand_unserved: bool = Field(default=False, description="The allocation leaves part of this variant's model's "
+                                                             "demand unserved: its ready replicas are not drained.")
 
     @model_validator(mode="after")
     def _bounds(self) -> VariantState:
@@ -203,6 +210,7 @@ def plan_transition(
 
     granted = _grant_scale_ups(variants, inventory, stabilized, limits)
     targets = _make_before_break(variants, inventory, stabilized, granted, limits)
+    _drain_only_with_replacement(variants, targets, limits)
 
     steps = []
     for v in variants:
@@ -276,6 +284,17 @@ def _make_before_break(variants, inventory, stabilized, granted, limits) -> dict
     return targets
 
 
+def _drain_only_with_replacement(variants, targets, limits) -> None:
+    """Rule 7: a model whose demand is not fully served keeps every ready replica (bounds excepted)."""
+    for v in variants:
+        if not v.demand_unserved or targets[v.name] >= v.current_replicas:
+            continue
+        floor = min(v.clamp(v.current_replicas), v.ready_replicas)
+        if floor > targets[v.name]:
+            targets[v.name] = floor
+            limits[v.name].append("demand_unserved")
+
+
 _WHY = {
     "metrics_unavailable": "metrics are unavailable, so replicas are held (never scaled down without data)",
     "metrics_recovering": "metrics just returned after a gap: no scale-down until a full rate window of fresh data",
@@ -286,6 +305,8 @@ _WHY = {
     "inventory": "limited by free accelerators",
     "waiting_for_ready": "waiting until the replacement replicas are ready before scaling down",
     "rolling_swap": "stepping down one replica to free accelerators for its replacement",
+    "demand_unserved": "ready replicas kept: the allocation leaves demand unserved and nothing replaces them "
+                       "(drain only when a replacement exists)",
 }
 
 

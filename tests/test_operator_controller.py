@@ -536,3 +536,29 @@ spec:
     cycle(ctrl)
     cond = kube.condition("llama-70b", "OptimizationReady")
     assert cond["reason"] == "InvalidSpec" and "accCount" in cond["message"]
+
+
+def test_inventory_zero_never_drains_a_serving_model_without_a_replacement(kube, kube_api):
+    """All inventories set to 0 at 4.9 req/s: the serving H100 replica stays, loudly; with no demand it drains."""
+    kube.deploy("inv-h100", 1)
+    kube.deploy("inv-l4", 0)
+    kube.wait_ready("inv-h100", 1)
+    kube.apply_variant(variant("inv-h100", "inv-h100", accelerator="H100", profile=H100_PROFILE, min_replicas=0))
+    kube.apply_variant(variant("inv-l4", "inv-l4", accelerator="L4", profile=L4_PROFILE, min_replicas=0))
+    none_left = settings_dict(accelerators=[{"name": "L4", "cost_per_hour": 1.0, "available": 0},
+                                            {"name": "H100", "cost_per_hour": 8.0, "available": 0}])
+    demand = Demand({MODEL: 4.9})
+    ctrl = make_controller(kube_api, kube.ns, none_left, collect=demand.collect)
+    report = cycle(ctrl)
+    key = f"{kube.ns}/inv-h100"
+    assert report.variants[key].desired_replicas == 0 and report.optimizer_status == "infeasible"
+    assert kube.replicas("inv-h100") == 1 and kube.replicas("inv-l4") == 0
+    cond = kube.condition("inv-h100", "Actuated")
+    assert cond["reason"] == "NoReplacement" and "replacement" in cond["message"]
+    [event] = kube.events("NoReplacement", "inv-h100")
+    assert event.type == "Warning" and MODEL in event.message
+    cycle(ctrl)
+    assert kube.replicas("inv-h100") == 1 and len(kube.events("NoReplacement", "inv-h100")) == 1
+    demand.set(MODEL, 0.0)  # nothing left to serve: the drain goes ahead
+    cycle(ctrl)
+    assert kube.replicas("inv-h100") == 0

@@ -241,3 +241,17 @@ def test_invariants_hold_on_random_clusters():
                        and o.stabilized_replicas >= by_name[o.name].current_replicas]
             assert not growing or "rolling_swap" in s.limited_by and s.target_replicas == v.current_replicas - 1 \
                 or s.target_replicas == v.min_replicas, (v, s, growing)
+
+
+def test_a_model_with_unserved_demand_never_loses_a_ready_replica():
+    """Inventory 0 everywhere: the optimizer wants 0 of everything; the serving replica stays."""
+    p = plan([state("h100", cur=1, desired=0, demand_unserved=True)], inventory={"H100": 0})
+    assert p.step("h100").target_replicas == 1 and "demand_unserved" in p.step("h100").limited_by
+    # replicas that are not ready yet may go; a lowered maxReplicas applies at once
+    p = plan([state("a", cur=4, ready=2, desired=0, demand_unserved=True)], inventory={"H100": 0})
+    assert p.step("a").target_replicas == 2
+    p = plan([state("a", cur=4, desired=0, max_replicas=1, demand_unserved=True)], inventory={"H100": 0})
+    assert p.step("a").target_replicas == 1
+    # the control case: all demand served elsewhere, the same variant drains
+    p = plan([state("a", cur=1, desired=0), state("b", acc="L4", cur=3, desired=3)], inventory={"H100": 0})
+    assert p.step("a").target_replicas == 0

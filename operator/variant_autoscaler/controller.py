@@ -102,7 +102,7 @@ log = logging.getLogger("variant_autoscaler.controller")
 
 CONDITIONS = ("TargetResolved", "MetricsAvailable", "OptimizationReady", "Actuated")
 EVENT_REPEAT_S = 600.0
-VOLATILE_EVENTS = frozenset({"Infeasible", "MetricsUnavailable"})
+VOLATILE_EVENTS = frozenset({"Infeasible", "MetricsUnavailable", "NoReplacement"})
 PROFILE_REFIT_S = 300.0
 STATUS_REFRESH_S = 300.0
 
@@ -398,7 +398,8 @@ class Controller:
                 name=key, group=f"{v.parsed.model_id}/{v.parsed.role_name}", accelerator=v.accelerator,
                 accelerators_per_replica=v.parsed.accelerator_count, current_replicas=cur,
                 ready_replicas=v.view.ready_replicas, pods=v.view.pod_count, desired_replicas=desired,
-                min_replicas=v.parsed.min_replicas, max_replicas=v.parsed.max_replicas, metrics_available=has_metrics))
+                min_replicas=v.parsed.min_replicas, max_replicas=v.parsed.max_replicas, metrics_available=has_metrics,
+                demand_unserved=has_metrics and decision.unmet_demand_rps.get(v.parsed.model_id, 0.0) > 1e-6))
         for a in settings.accelerators:
             inventory.setdefault(a.name, a.available if a.available is not None else self._discovered.get(a.name))
         policy = TransitionPolicy(scale_up_window_s=settings.scale_up_window_s,
@@ -766,6 +767,12 @@ class Controller:
         async def one(step) -> None:
             v = live[step.name]
             have = v.view.spec_replicas
+            if "demand_unserved" in step.limited_by:
+                self._event(events, step.name, v.parsed.ref, "Warning", "NoReplacement",
+                            f"{v.parsed.model_id}: demand is not fully served within the inventory, so "
+                            f"{v.parsed.target.kind} {v.parsed.target.name} keeps {step.target_replicas} ready "
+                            f"replica(s) although the optimizer wants {step.desired_replicas}; they drain only when "
+                            "a replacement exists", dedupe="drain")
             if step.target_replicas == have:
                 actuation[step.name] = (True, _holding_reason(step, v.desired), step.reason)
                 return
@@ -1012,7 +1019,7 @@ class Controller:
 def _holding_reason(step, desired: int | None) -> str:
     """Why a target that is not moved this cycle stays where it is, as a condition reason."""
     for limit, reason in (("metrics_unavailable", "HeldWithoutMetrics"), ("metrics_recovering", "MetricsRecovering"),
-                          ("waiting_for_ready", "WaitingForReplacement"),
+                          ("demand_unserved", "NoReplacement"), ("waiting_for_ready", "WaitingForReplacement"),
                           ("rolling_swap", "RollingSwap"), ("stabilization", "Stabilizing"),
                           ("inventory", "InventoryExhausted"), ("max_change", "MaxChangePerCycle")):
         if limit in step.limited_by:
