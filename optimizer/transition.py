@@ -8,7 +8,8 @@ zero. Each cycle this planner moves every variant one step, under these rules, i
 1. Bounds. The optimizer's desire is clamped to [minReplicas, maxReplicas]; the bounds are hard:
    no other rule may cross them.
 2. Missing metrics hold. A variant whose metrics are unavailable keeps its replicas (raised to its
-   minimum if below): no scale-down at all, and each held cycle is recorded as a recommendation at
+   minimum if below, or to a desire planned on the model's last measured demand when
+   `demand_carried`): no scale-down at all, and each held cycle is recorded as a recommendation at
    the held size, so the scale-down window is full of it when metrics return. The first readings
    after such a gap are rates over a window that spans it (too low): they may scale up but not
    down until `fresh_data_window_s` (the collector's rate window) of fresh data exists.
@@ -44,7 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Limit = Literal[
     "metrics_unavailable", "metrics_recovering", "stabilization", "max_change", "min_replicas", "max_replicas", "inventory",
-    "waiting_for_ready", "rolling_swap", "demand_unserved",
+    "waiting_for_ready", "rolling_swap", "demand_unserved", "demand_carried",
 ]
 
 
@@ -66,6 +67,8 @@ class VariantState(_Frozen):
     min_replicas: int = Field(default=0, ge=0)
     max_replicas: int | None = Field(default=None, ge=0)
     metrics_available: bool = True
+    demand_carried: bool = Field(default=False, description="No metrics, but desired_replicas was planned on the "
+                                                            "model's last measured demand: held, yet may scale up.")
     demand_unserved: bool = Field(default=False, description="The allocation leaves part of this variant's model's "
                                                              "demand unserved: its ready replicas are not drained.")
 
@@ -171,6 +174,9 @@ def plan_transition(
         if not v.metrics_available:
             lim.append("metrics_unavailable")
             held = v.clamp(v.current_replicas)
+            if v.demand_carried and rec > held:
+                held = rec
+                lim.append("demand_carried")
             new_history[v.name] = past + ((now_s, held),)  # the hold is what this cycle recommends
             back_since[v.name] = None
             stabilized[v.name] = held
@@ -305,6 +311,8 @@ _WHY = {
     "inventory": "limited by free accelerators",
     "waiting_for_ready": "waiting until the replacement replicas are ready before scaling down",
     "rolling_swap": "stepping down one replica to free accelerators for its replacement",
+    "demand_carried": "scaled up on the model's last measured demand: another variant of it went away with its "
+                      "metrics",
     "demand_unserved": "ready replicas kept: the allocation leaves demand unserved and nothing replaces them "
                        "(drain only when a replacement exists)",
 }

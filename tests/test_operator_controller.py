@@ -562,3 +562,36 @@ def test_inventory_zero_never_drains_a_serving_model_without_a_replacement(kube,
     demand.set(MODEL, 0.0)  # nothing left to serve: the drain goes ahead
     cycle(ctrl)
     assert kube.replicas("inv-h100") == 0
+
+
+def test_a_deleted_target_re_plans_its_model_on_the_remaining_variants_at_once(kube, kube_api):
+    """The serving L4 Deployment is deleted; its pods, and with them the model's metrics, vanish. The
+    H100 variant at 0 must take the demand now, not stay at 0 while nothing reports."""
+    kube.deploy("del-l4", 3)
+    kube.deploy("del-h100", 0)
+    kube.apply_variant(variant("del-l4", "del-l4", accelerator="L4", profile=L4_PROFILE, min_replicas=0))
+    kube.apply_variant(variant("del-h100", "del-h100", accelerator="H100", profile=H100_PROFILE, min_replicas=0))
+    serving = {"metrics": True}
+
+    def collect(selectors):  # what Prometheus shows: demand while a replica serves, nothing once all are gone
+        return observations({MODEL: 5.0} if serving["metrics"] else {}, selectors)
+
+    ctrl = make_controller(kube_api, kube.ns, settings_dict(scale_down_window_s=30), collect=collect)
+    cycle(ctrl)
+    assert kube.replicas("del-l4") == 3 and kube.replicas("del-h100") == 0
+    kube.apps.delete_namespaced_deployment("del-l4", kube.ns)
+    serving["metrics"] = False
+    report = cycle(ctrl)
+    assert kube.condition("del-l4", "TargetResolved")["reason"] == "TargetNotFound"
+    assert kube.replicas("del-h100") >= 1, report.variants[f"{kube.ns}/del-h100"]
+    cond = kube.condition("del-h100", "MetricsAvailable")
+    assert cond["status"] == "False" and "last measured demand (5.00 req/s" in cond["message"]
+    assert "demand_carried" in report.plan.step(f"{kube.ns}/del-h100").limited_by
+    # the control case: a model that never lost a variant is held as before when its metrics vanish
+    kube.deploy("still-l4", 0)
+    kube.apply_variant(variant("still-l4", "still-l4", model="other/model-1b", accelerator="L4", profile=L4_PROFILE,
+                               min_replicas=0))
+    other = make_controller(kube_api, kube.ns, settings_dict(models=[TINY_MODEL, {**TINY_MODEL, "name": "other/model-1b"}]),
+                            collect=lambda selectors: observations({}, selectors))
+    cycle(other)
+    assert kube.replicas("still-l4") == 0

@@ -255,3 +255,10 @@ def test_a_model_with_unserved_demand_never_loses_a_ready_replica():
     # the control case: all demand served elsewhere, the same variant drains
     p = plan([state("a", cur=1, desired=0), state("b", acc="L4", cur=3, desired=3)], inventory={"H100": 0})
     assert p.step("a").target_replicas == 0
+
+
+def test_a_carried_demand_scales_up_but_never_down():
+    p = plan([state("a", cur=0, desired=2, metrics_available=False, demand_carried=True)])
+    assert p.step("a").target_replicas == 2 and "demand_carried" in p.step("a").limited_by
+    p = plan([state("a", cur=3, desired=1, metrics_available=False, demand_carried=True)])
+    assert p.step("a").target_replicas == 3

@@ -105,6 +105,7 @@ EVENT_REPEAT_S = 600.0
 VOLATILE_EVENTS = frozenset({"Infeasible", "MetricsUnavailable", "NoReplacement"})
 PROFILE_REFIT_S = 300.0
 STATUS_REFRESH_S = 300.0
+CARRY_DEMAND_S = 600.0  # how long a model's last measured demand stands in after a variant of it went away
 
 
 class _Frozen(BaseModel):
@@ -191,6 +192,9 @@ class _Memory:
     last_status: dict[str, tuple[float, dict]] = field(default_factory=dict)
     last_desired: dict[str, int] = field(default_factory=dict)
     last_actuation: dict[str, str] = field(default_factory=dict)
+    live_models: dict[str, str] = field(default_factory=dict)  # variant key -> model, last cycle's live variants
+    last_good: dict[str, tuple[float, ModelObservation]] = field(default_factory=dict)  # model -> last metrics
+    carry_since: dict[str, float] = field(default_factory=dict)  # model -> when one of its variants went away
 
 
 def _rfc3339(t: float) -> str:
@@ -349,6 +353,10 @@ class Controller:
         if any(obs.status == "invalid" for obs in collection.variants.values()):
             deps.exporter.count_error("MetricsInvalid")
         model_ok = self._models_with_metrics(live, collection)
+        carried = self._carry_demand(live, collection, model_ok, started)
+        plan_ok = {**model_ok, **{m: (True, model_ok[m][1]) for m in carried}}
+        plan_collection = collection.model_copy(update={"models": {**collection.models, **carried}}) \
+            if carried else collection
 
         self._phase("collect", t0)
         # 4. the problem, jointly
@@ -356,7 +364,7 @@ class Controller:
             nodes = await deps.gateway.list_nodes()
             self._discovered = inventory_from_nodes(nodes or [], settings.accelerators)
         await self._complete_variants(live, settings, collection)
-        problem, in_problem, held_models = self._build_problem(live, settings, collection, model_ok)
+        problem, in_problem, held_models = self._build_problem(live, settings, plan_collection, plan_ok)
         decision: Decision | None = None
         capacity: dict[tuple[str, str], CapacityEstimate] = {}
         optimizer_s = 0.0
@@ -385,9 +393,11 @@ class Controller:
             if v.accelerator is None:
                 continue  # unknown accelerator: neither counted nor scaled
             cur = v.view.spec_replicas
-            has_metrics = (key in in_problem and decision is not None and model_ok.get(v.parsed.model_id, (False, ""))[0]
+            has_metrics = (key in in_problem and decision is not None and plan_ok.get(v.parsed.model_id, (False, ""))[0]
                            and v.parsed.model_id not in held_models)
-            if has_metrics:
+            carry = has_metrics and v.parsed.model_id in carried
+            has_metrics = has_metrics and not carry
+            if has_metrics or carry:
                 desired = decision.replicas.get(key, cur)
             else:
                 # keep the last decision: this operator's, else the one in status (a restart)
@@ -399,6 +409,7 @@ class Controller:
                 accelerators_per_replica=v.parsed.accelerator_count, current_replicas=cur,
                 ready_replicas=v.view.ready_replicas, pods=v.view.pod_count, desired_replicas=desired,
                 min_replicas=v.parsed.min_replicas, max_replicas=v.parsed.max_replicas, metrics_available=has_metrics,
+                demand_carried=carry,
                 demand_unserved=has_metrics and decision.unmet_demand_rps.get(v.parsed.model_id, 0.0) > 1e-6))
         for a in settings.accelerators:
             inventory.setdefault(a.name, a.available if a.available is not None else self._discovered.get(a.name))
@@ -561,6 +572,37 @@ class Controller:
             else:
                 out[model] = (True, f"{len(obs.variants)} variant(s) reporting")
         return out
+
+    def _carry_demand(self, live: dict[str, _Live], collection: CollectionResult,
+                      model_ok: dict[str, tuple[bool, str]], now: float) -> dict[str, ModelObservation]:
+        """Models to plan on their last measured demand: a variant of the model went away (its target or
+        its VA deleted) and the metrics went with its pods, so the remaining variants, at 0, report
+        nothing. Without this the model is held at 0 replicas until some pod of it reports (issue 14).
+
+        Lasts while the model has no metrics, at most CARRY_DEMAND_S after the last good reading; the
+        planner only scales up on it (`VariantState.demand_carried`). The reason is added to model_ok.
+        """
+        memory = self.memory
+        for key, model in memory.live_models.items():
+            if key not in live:
+                memory.carry_since.setdefault(model, now)
+        memory.live_models = {k: v.parsed.model_id for k, v in live.items()}
+        carried: dict[str, ModelObservation] = {}
+        for m, (ok, why) in model_ok.items():
+            if ok:
+                memory.last_good[m] = (now, collection.models[m])
+                memory.carry_since.pop(m, None)
+                continue
+            last = memory.last_good.get(m)
+            if m not in memory.carry_since or last is None or now - last[0] > CARRY_DEMAND_S:
+                continue
+            if not last[1].arrival_rate_rps:
+                continue
+            carried[m] = last[1]
+            model_ok[m] = (False, f"{why}; a variant of {m} went away, so the others are planned on its last "
+                                  f"measured demand ({last[1].arrival_rate_rps:.2f} req/s, {now - last[0]:.0f} s ago) "
+                                  "and may only scale up until metrics return")
+        return carried
 
     # ------------------------------------------------------------------------------------------
     # Problem building.
