@@ -595,3 +595,32 @@ def test_a_deleted_target_re_plans_its_model_on_the_remaining_variants_at_once(k
                             collect=lambda selectors: observations({}, selectors))
     cycle(other)
     assert kube.replicas("still-l4") == 0
+
+
+def test_settings_never_fall_back_to_defaults_silently(kube, kube_api):
+    """At start (nothing good yet) a renamed key keeps the loop from running on defaults (which would
+    make every VA ModelUnknown); an empty value later keeps the last good settings. Both are logged,
+    counted and get a Warning Event on the ConfigMap."""
+    kube.deploy("cfg2-l4", 1)
+    kube.apply_variant(variant("cfg2-l4", "cfg2-l4", profile=L4_PROFILE))
+    good = json.dumps(settings_dict(interval_s=7, watched_namespaces=[kube.ns]))
+    kube.core.create_namespaced_config_map(kube.ns, {"metadata": {"name": "va-settings"},
+                                                     "data": {"config.yaml": good}})
+    ctrl = make_controller(kube_api, kube.ns, collect=Demand({MODEL: 1.0}).collect)
+    ctrl.deps.settings = SettingsStore(OperatorSettings(), loaded=False)  # as the operator starts with a ConfigMap
+    ctrl.deps.settings_configmap = (kube.ns, "va-settings")
+    for _ in range(2):
+        report = cycle(ctrl)
+        assert not report.ok and "settings.yaml" in report.error and "config.yaml" in report.error
+    assert not (kube.variant("cfg2-l4").get("status") or {}).get("conditions"), "nothing written on defaults"
+    [event] = kube.events("InvalidSettings", "va-settings")
+    assert event.type == "Warning" and event.involved_object.kind == "ConfigMap" and "config.yaml" in event.message
+    assert 'variant_autoscaler_cycle_errors_total{reason="InvalidSettings"} 2.0' in ctrl.deps.exporter.render().decode()
+    kube.core.replace_namespaced_config_map("va-settings", kube.ns, {"metadata": {"name": "va-settings"},
+                                                                     "data": {"settings.yaml": good}})
+    assert cycle(ctrl).ok and ctrl.deps.settings.current.interval_s == 7
+    assert kube.condition("cfg2-l4", "OptimizationReady")["reason"] == "Optimized"
+    kube.core.patch_namespaced_config_map("va-settings", kube.ns, {"data": {"settings.yaml": ""}})
+    assert cycle(ctrl).ok and ctrl.deps.settings.current.interval_s == 7
+    assert "empty" in ctrl.deps.settings.last_error
+    assert len(kube.events("InvalidSettings", "va-settings")) == 2

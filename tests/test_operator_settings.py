@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import yaml
 from variant_autoscaler.settings import (
@@ -95,8 +97,12 @@ def test_an_invalid_update_keeps_the_last_good_settings():
     assert store.current.interval_s == 5 and store.last_error is None
 
 
-def test_a_configmap_without_the_key_means_defaults():
-    assert settings_from_configmap(configmap(None)) == OperatorSettings()
+@pytest.mark.parametrize("data, words", [({"config.yaml": GOOD}, "missing (it has ['config.yaml'])"),
+                                         ({}, "missing (it has no data)"), ({"settings.yaml": "  \n"}, "empty")])
+def test_a_renamed_key_or_an_empty_value_is_an_error_not_defaults(data, words):
+    with pytest.raises(InputError, match=re.escape(words)):
+        settings_from_configmap({"metadata": {"name": "s", "namespace": "ns"}, "data": data})
+    assert settings_from_configmap(configmap("{}")) == OperatorSettings()  # all defaults, said explicitly
 
 
 def test_the_source_comes_from_arguments_then_environment():

@@ -218,6 +218,7 @@ class Controller:
         self._discovered: dict[str, int] = {}
         self._model_owner: dict[str, str] = {}
         self._steps: dict = {}
+        self._settings_error: str | None = None
         self._phases: dict[str, float] = {}
         self._mark = 0.0
 
@@ -226,7 +227,11 @@ class Controller:
         """Run one cycle over `resources` (VariantAutoscaling dicts; None: list them from the API)."""
         deps, started = self.deps, self.deps.clock()
         t0 = time.monotonic()
-        await self._reload_settings()
+        unusable = await self._reload_settings()
+        if unusable:
+            report = CycleReport(started_at=started, duration_s=time.monotonic() - t0, ok=False, error=unusable)
+            deps.exporter.cycle_duration.observe(report.duration_s)
+            return report
         settings = deps.settings.current
         try:
             self._phases = {}
@@ -248,22 +253,38 @@ class Controller:
         self._mark = now
         return now
 
-    async def _reload_settings(self) -> None:
+    async def _reload_settings(self) -> str | None:
+        """Re-read the settings ConfigMap. Returns why no cycle may run: the source never gave valid
+        settings (missing, invalid, empty): defaults are not a last good, running on them would make
+        every VA ModelUnknown and point at the default Prometheus."""
         where = self.deps.settings_configmap
+        store = self.deps.settings
         if where is None:
-            return
+            return None
         namespace, name = where
         try:
             cm = await self.deps.gateway.read_configmap(namespace, name)
         except ApiCallFailed as err:
             log.warning("cannot read settings ConfigMap %s/%s, keeping the current settings: %s", namespace, name, err)
-            return
-        if cm is None:
-            return
-        error = self.deps.settings.update_from_configmap(cm)
-        if error:
-            self.deps.exporter.count_error("InvalidSettings")
-            log.error("invalid settings, keeping the last good ones: %s", error)
+            return None if store.loaded else f"settings ConfigMap {namespace}/{name} cannot be read yet: {err}"
+        error = (store.update_from_configmap(cm) if cm is not None
+                 else store.reject(f"settings ConfigMap {namespace}/{name} does not exist"))
+        if not error:
+            self._settings_error = None
+            return None
+        self.deps.exporter.count_error("InvalidSettings")
+        keeping = "keeping the last good ones" if store.loaded else "no cycle runs until they are valid"
+        if error != self._settings_error:
+            self._settings_error = error
+            log.error("invalid settings, %s: %s", keeping, error)
+            if cm is not None:
+                ref = ObjectRef(namespace=namespace, name=name, uid=(cm.get("metadata") or {}).get("uid"),
+                                kind="ConfigMap", api_version="v1")
+                try:
+                    await self.deps.gateway.emit_event(ref, "Warning", "InvalidSettings", f"{error}; {keeping}")
+                except ApiCallFailed as err:
+                    log.warning("event InvalidSettings for ConfigMap %s/%s not posted: %s", namespace, name, err)
+        return None if store.loaded else f"no valid settings: {error}"
 
     async def _cycle(self, settings: OperatorSettings, resources: list[dict], started: float,
                      t0: float) -> CycleReport:

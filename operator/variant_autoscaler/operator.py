@@ -171,7 +171,8 @@ class Runtime:
         self.priority = kopf_settings.peering.priority
         self.peering_name = kopf_settings.peering.name
         api_client = kube_client.ApiClient(configuration=kube_configuration(options))
-        self.store = SettingsStore(initial_settings(options))
+        configmap_source = options.settings_file is None and bool(options.settings_configmap)
+        self.store = SettingsStore(initial_settings(options), loaded=not configmap_source)
         s = self.store.current
         self.gateway = KubeGateway(api_client, user_agent=f"variant-autoscaler/{options.instance}",
                                    retry=RetryPolicy(attempts=s.api_retries + 1, first_delay_s=s.api_backoff_s))

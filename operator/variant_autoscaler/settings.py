@@ -4,7 +4,8 @@ Why one pydantic model read from a ConfigMap: a platform team tunes the operator
 a price change, a longer scale-down window) without a redeploy, and a typo in that ConfigMap must
 not take the autoscaler down. So settings are validated as a whole; an invalid update is reported
 (log, Event, `variant_autoscaler_cycle_errors_total{reason="InvalidSettings"}`) and the last good
-settings stay in force (`SettingsStore`).
+settings stay in force (`SettingsStore`); a missing key or an empty value is such an error, and
+defaults are never a "last good" (no cycle runs until the ConfigMap first gives valid settings).
 
 Sources, in order: `--settings FILE` (or $VARIANT_AUTOSCALER_SETTINGS_FILE), else the key
 `settings.yaml` of the ConfigMap named by `--settings-configmap` / $VARIANT_AUTOSCALER_SETTINGS_CONFIGMAP
@@ -219,12 +220,18 @@ def _settings_yaml(text: str, source: str) -> object:
 
 
 def settings_from_configmap(configmap: dict, key: str = SETTINGS_KEY) -> OperatorSettings:
-    """Settings from a ConfigMap object (as a dict); a missing key means defaults."""
+    """Settings from a ConfigMap object (as a dict). A missing key (renamed?) or an empty value is an
+    error, not defaults: silently switching to the built-in Prometheus URL and inventory would
+    leave every VA ModelUnknown. (An empty mapping, `{}`, is a deliberate "all defaults".)"""
     meta = configmap.get("metadata") or {}
     source = f"configmap {meta.get('namespace', '?')}/{meta.get('name', '?')} key {key}"
-    text = (configmap.get("data") or {}).get(key)
+    data = configmap.get("data") or {}
+    text = data.get(key)
     if text is None:
-        return OperatorSettings()
+        has = f"it has {sorted(data)}" if data else "it has no data"
+        raise InputError(source, "", f"missing ({has}); the settings must be under the key {key!r}")
+    if not text.strip():
+        raise InputError(source, "", "empty; write `{}` for all defaults")
     return parse_settings(_settings_yaml(text, source), source)
 
 
@@ -252,11 +259,12 @@ class SettingsStore:
     An invalid update never replaces good settings: `update` returns the error and `current` stays.
     """
 
-    def __init__(self, initial: OperatorSettings | None = None):
+    def __init__(self, initial: OperatorSettings | None = None, *, loaded: bool = True):
         self._lock = threading.Lock()
         self._current = initial or OperatorSettings()
         self.last_error: str | None = None
         self.generation = 0
+        self.loaded = loaded  # False until a ConfigMap source gave valid settings: defaults are no "last good"
 
     @property
     def current(self) -> OperatorSettings:
@@ -268,17 +276,22 @@ class SettingsStore:
             self._current = settings
             self.last_error = None
             self.generation += 1
+            self.loaded = True
 
     def update_from_configmap(self, configmap: dict, key: str = SETTINGS_KEY) -> str | None:
         """Apply a ConfigMap; returns None when applied, else the reason it was rejected."""
         try:
             settings = settings_from_configmap(configmap, key)
         except InputError as err:
-            with self._lock:
-                self.last_error = str(err)
-            return str(err)
+            return self.reject(str(err))
         self.replace(settings)
         return None
+
+    def reject(self, error: str) -> str:
+        """Record why the source's settings cannot be used; the current ones stay."""
+        with self._lock:
+            self.last_error = error
+        return error
 
 
 def inventory_from_nodes(nodes: list[dict], accelerators: list[AcceleratorSettings]) -> dict[str, int]:
