@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
@@ -26,10 +28,12 @@ from pydantic import (
     Field,
     PrivateAttr,
     ValidationError,
+    computed_field,
     field_validator,
     model_validator,
 )
 
+from optimizer.flow_residual import flow_can_vary, gain_upper_bounds
 from optimizer.problem import InputError, format_validation_error, read_document
 from optimizer.scaled_max_flow import ArcLayout, MaxFlow, UnboundedFlow, solve
 
@@ -50,7 +54,11 @@ ALGORITHMS = {
     "boykov_kolmogorov": nx_flow.boykov_kolmogorov,
     "dinitz": nx_flow.dinitz,
 }
-_STAGE_ORDER: tuple[Stage, ...] = ("prefill", "kv_links", "decode")
+_STAGES: tuple[Stage, ...] = ("prefill", "kv_links", "decode", "off_path")
+_STAGE_CODE = {stage: code for code, stage in enumerate(_STAGES)}
+MAX_LISTED = 10  # edges named in one sentence of the recommendations; the rest are counted
+MAX_SCALE_OPTIONS = 20  # scale options kept in the analysis, best first
+PROBE_EDGE_BUDGET = 50_000  # scale options re-solved while (probes x edges) stays within this
 _STAGE_WORDS = {
     "prefill-decode": {"prefill": "prefill", "kv_links": "KV link", "decode": "decode"},
     "generic": {"prefill": "source-side", "kv_links": "mid-graph", "decode": "sink-side"},
@@ -149,12 +157,15 @@ class CompiledGraph:
     """A validated graph as arrays: nodes in canonical order (hops from the source, then name),
     edges sorted by tail then head, capacities with ``inf`` for unlimited, and the arc layout."""
 
-    def __init__(self, names: list[str], ends: list[tuple[str, str]], capacities: list[float | None],
-                 tail: np.ndarray, head: np.ndarray, source: int, sink: int):
+    def __init__(self, graph: FlowGraph, names: list[str], ends: list[tuple[str, str]],
+                 capacities: list[float | None], tail: np.ndarray, head: np.ndarray):
         self.names, self.ends, self.capacities = names, ends, capacities
-        self.source, self.sink = source, sink
+        self.source, self.sink = names.index(graph.source), names.index(graph.sink)
         self.capacity = np.array([np.inf if c is None else c for c in capacities], dtype=np.float64)
         self.layout = ArcLayout.from_edges(len(names), tail, head)
+        self.stages, self.positions, self.layout_kind = _stages(graph, ends)
+        self.stage_code = np.array([_STAGE_CODE[st] for st in self.stages], dtype=np.int8)
+        self.on_path = self.stage_code != _STAGE_CODE["off_path"]
 
     @classmethod
     def of(cls, graph: FlowGraph, hops: dict[str, int]) -> CompiledGraph:
@@ -165,8 +176,7 @@ class CompiledGraph:
         edges = sorted(graph.edges, key=lambda e: (index[e.u], index[e.v]))
         tail = np.fromiter((index[e.u] for e in edges), dtype=np.int64, count=len(edges))
         head = np.fromiter((index[e.v] for e in edges), dtype=np.int64, count=len(edges))
-        return cls(names, [(e.u, e.v) for e in edges], [e.capacity for e in edges], tail, head,
-                   index[graph.source], index[graph.sink])
+        return cls(graph, names, [(e.u, e.v) for e in edges], [e.capacity for e in edges], tail, head)
 
     def solve(self, capacity: np.ndarray | None = None) -> MaxFlow:
         try:
@@ -287,11 +297,17 @@ class ScaleOption(BaseModel):
     u: str
     v: str
     stage: Stage
-    max_flow_if_unlimited: float | None = Field(description="Max flow with this edge unlimited; None = unbounded.")
+    max_flow_if_unlimited: float | None = Field(description="Max flow with this edge unlimited; None = unbounded "
+                                                            "(no finite bound, when gain_is_bound).")
     gain_if_unlimited: float | None = Field(description="The rise in max flow that buys; None = unbounded.")
+    gain_is_bound: bool = Field(False, description=(
+        "Not re-solved (the probe budget, PROBE_EDGE_BUDGET edges solved in all, was spent): both figures "
+        "are upper bounds from the residual capacity into the edge's tail and out of its head."))
 
 
 class FlowAnalysis(BaseModel):
+    """The analysis; per-edge lists (edges, cuts, KV schedule) are built from arrays on first use."""
+
     model_config = ConfigDict(frozen=True)
 
     source: str
@@ -302,17 +318,79 @@ class FlowAnalysis(BaseModel):
     max_flow_gap: float = Field(0.0, description=(
         "Certified rounding bound: the true max flow lies in [max_flow, max_flow + max_flow_gap] "
         "(the engine works in integer units; see optimizer.scaled_max_flow)."))
-    edges: list[EdgeFlow]
-    min_cut: list[CutEdge] = Field(description="Saturated edges leaving the nodes the source still reaches.")
     min_cut_capacity: float
-    sink_side_min_cut: list[CutEdge] = Field(description="Saturated edges entering the nodes that still reach the sink.")
     min_cut_unique: bool
     bottleneck: Bottleneck
-    kv_schedule: list[KVShare] = Field(description="Flow share per P->D pair; empty for generic graphs.")
-    scale_options: list[ScaleOption]
+    scale_options: list[ScaleOption] = Field(description=f"Best first, at most {MAX_SCALE_OPTIONS}.")
+    scale_options_total: int = Field(0, description="Edges on every minimum cut (scale_options lists the best).")
     several_optimal_splits: bool = Field(description="Other maximum flows exist; the split is the engine's (Dinic, "
                                                      "BFS levels over the canonical node order).")
     recommendations: list[str]
+    _facts: _Facts = PrivateAttr()
+
+    @computed_field(description="Every edge in canonical order (by tail, then head).")
+    @cached_property
+    def edges(self) -> list[EdgeFlow]:
+        f = self._facts
+        c = f.compiled
+        flows, saturated, varies = f.flow.tolist(), f.saturated.tolist(), f.varies.tolist()
+        return [
+            EdgeFlow(u=u, v=v, capacity=cap, flow=flows[i],
+                     spare=None if cap is None else 0.0 if saturated[i] else max(cap - flows[i], 0.0),
+                     saturated=saturated[i], stage=c.stages[i], position=c.positions[i], flow_can_vary=varies[i])
+            for i, ((u, v), cap) in enumerate(zip(c.ends, c.capacities, strict=True))
+        ]
+
+    @computed_field(description="Saturated edges leaving the nodes the source still reaches.")
+    @cached_property
+    def min_cut(self) -> list[CutEdge]:
+        return self._facts.cut_edges(self._facts.source_cut)
+
+    @computed_field(description="Saturated edges entering the nodes that still reach the sink.")
+    @cached_property
+    def sink_side_min_cut(self) -> list[CutEdge]:
+        return self._facts.cut_edges(self._facts.sink_cut)
+
+    @computed_field(description="Flow share per P->D pair; empty for generic graphs.")
+    @cached_property
+    def kv_schedule(self) -> list[KVShare]:
+        f = self._facts
+        if f.compiled.layout_kind != "prefill-decode":
+            return []
+        flows, value = f.flow.tolist(), self.max_flow
+        return [
+            KVShare(prefill=f.compiled.ends[i][0], decode=f.compiled.ends[i][1], flow=flows[i],
+                    share=flows[i] / value if value > 0 else 0.0)
+            for i in np.flatnonzero(f.compiled.stage_code == _STAGE_CODE["kv_links"]).tolist()
+        ]
+
+
+@dataclass(frozen=True)
+class _Facts:
+    """The analysed flow as arrays over the compiled graph's edges (canonical order)."""
+
+    compiled: CompiledGraph
+    value: float
+    flow: np.ndarray
+    saturated: np.ndarray
+    varies: np.ndarray
+    source_cut: np.ndarray  # edge indices
+    sink_cut: np.ndarray
+
+    def cut_edges(self, indices: np.ndarray) -> list[CutEdge]:
+        c = self.compiled
+        return [CutEdge(u=c.ends[i][0], v=c.ends[i][1], capacity=c.capacities[i], stage=c.stages[i])
+                for i in indices.tolist()]
+
+    def names(self, indices: np.ndarray) -> str:
+        """``a -> b, c -> d`` for at most MAX_LISTED edges, then how many more."""
+        return _listed([f"{self.compiled.ends[i][0]} -> {self.compiled.ends[i][1]}"
+                        for i in indices[:MAX_LISTED].tolist()], len(indices))
+
+
+def _listed(shown: list[str], total: int) -> str:
+    more = total - len(shown)
+    return ", ".join(shown) + (f" and {more} more" if more > 0 else "")
 
 
 def max_flow_value(graph: FlowGraph, algorithm: str = ENGINE) -> float:
@@ -330,56 +408,39 @@ def max_flow_value(graph: FlowGraph, algorithm: str = ENGINE) -> float:
 
 
 def analyze(graph: FlowGraph) -> FlowAnalysis:
-    """Max flow, its split, the saturated cuts, the bottleneck stage and what to scale."""
-    compiled = graph._compiled
-    s, t = graph.source, graph.sink
-    result = compiled.solve()
-    value = result.value
-    caps, ends = compiled.capacities, compiled.ends
-    flows = result.flow.tolist()
-    forward, backward = result.forward.tolist(), result.backward.tolist()
-    arcs = _residual_arcs(ends, forward, backward)
-    source_side = _reach(s, arcs["out"])
-    sink_side = _reach(t, arcs["in"])
-    stages, positions, layout = _stages(graph, ends)
-    on_path = [st != "off_path" for st in stages]
+    """Max flow, its split, the saturated cuts, the bottleneck stage and what to scale.
 
-    def cut(inside, outside) -> list[CutEdge]:
-        return [
-            CutEdge(u=u, v=v, capacity=caps[i], stage=stages[i])
-            for i, (u, v) in enumerate(ends)
-            if on_path[i] and inside(u) and outside(v)
-        ]
-
-    src_cut = cut(lambda n: n in source_side, lambda n: n not in source_side)
-    snk_cut = cut(lambda n: n not in sink_side, lambda n: n in sink_side)
-    varies = [_flow_can_vary(i, ends[i], forward[i], backward[i], arcs) for i in range(len(ends))]
-    edges = [
-        EdgeFlow(
-            u=u, v=v, capacity=caps[i], flow=flows[i],
-            spare=None if caps[i] is None else max(caps[i] - flows[i], 0.0),
-            saturated=not forward[i], stage=stages[i], position=positions[i], flow_can_vary=varies[i],
-        )
-        for i, (u, v) in enumerate(ends)
-    ]
-    cut_stages = {e.stage for e in src_cut + snk_cut}
-    bottleneck: Bottleneck = cut_stages.pop() if len(cut_stages) == 1 else "mixed"
-    options = _scale_options(compiled, stages, on_path, source_side, sink_side, value)
-    schedule = []
-    if layout == "prefill-decode":
-        schedule = [
-            KVShare(prefill=e.u, decode=e.v, flow=e.flow, share=e.flow / value if value > 0 else 0.0)
-            for e in edges if e.stage == "kv_links"
-        ]
+    One solve, then linear-time passes over its residual graph (compiled traversals): the nodes
+    the source reaches and those that reach the sink give both saturated cuts and the edges on
+    every minimum cut; one strong-components pass and one depth-first tree give which flows can
+    shift. Only the scale options' gains re-solve, within PROBE_EDGE_BUDGET.
+    """
+    c = graph._compiled
+    lay = c.layout
+    result = c.solve()
+    forward, backward = result.forward, result.backward
+    source_side = result.source_side
+    sink_side = lay.reach(lay.arcs(forward, backward), c.sink, backward=True)
+    tail_s, head_s = source_side[lay.tail], source_side[lay.head]
+    tail_t, head_t = sink_side[lay.tail], sink_side[lay.head]
+    source_cut = np.flatnonzero(c.on_path & tail_s & ~head_s)
+    sink_cut = np.flatnonzero(c.on_path & ~tail_t & head_t)
+    varies = flow_can_vary(lay, forward, backward)
+    facts = _Facts(compiled=c, value=result.value, flow=result.flow, saturated=~forward, varies=varies,
+                   source_cut=source_cut, sink_cut=sink_cut)
+    cut_stages = np.unique(c.stage_code[np.concatenate([source_cut, sink_cut])])
+    bottleneck: Bottleneck = _STAGES[cut_stages[0]] if len(cut_stages) == 1 else "mixed"
+    candidates = np.flatnonzero(c.on_path & tail_s & head_t)
+    options, n_options = _scale_options(c, result, sink_side, candidates)
     analysis = FlowAnalysis(
-        source=s, sink=t, layout=layout, max_flow=value, max_flow_gap=result.gap, edges=edges,
-        min_cut=src_cut, min_cut_capacity=math.fsum(e.capacity for e in src_cut),
-        sink_side_min_cut=snk_cut,
-        min_cut_unique={(e.u, e.v) for e in src_cut} == {(e.u, e.v) for e in snk_cut},
-        bottleneck=bottleneck, kv_schedule=schedule, scale_options=options,
-        several_optimal_splits=any(varies), recommendations=[],
+        source=graph.source, sink=graph.sink, layout=c.layout_kind, max_flow=result.value,
+        max_flow_gap=result.gap, min_cut_capacity=float(np.sum(c.capacity[source_cut])),
+        min_cut_unique=np.array_equal(source_cut, sink_cut), bottleneck=bottleneck,
+        scale_options=options, scale_options_total=n_options, several_optimal_splits=bool(varies.any()),
+        recommendations=_recommendations(facts, bottleneck, options, n_options),
     )
-    return analysis.model_copy(update={"recommendations": _recommendations(analysis)})
+    analysis._facts = facts
+    return analysis
 
 
 def _unbounded() -> GraphFieldError:
@@ -396,42 +457,6 @@ def _hops_from(start: str, neighbours: dict[str, list[str]]) -> dict[str, int]:
                 hops[m] = hops[n] + 1
                 queue.append(m)
     return hops
-
-
-def _residual_arcs(ends, forward, backward) -> dict[str, dict[str, list[tuple[str, int]]]]:
-    """Residual arcs tagged with their edge index, as out- and in-adjacency lists."""
-    out: dict[str, list[tuple[str, int]]] = {}
-    inn: dict[str, list[tuple[str, int]]] = {}
-    for i, (u, v) in enumerate(ends):
-        for ok, a, b in ((forward[i], u, v), (backward[i], v, u)):
-            if ok:
-                out.setdefault(a, []).append((b, i))
-                inn.setdefault(b, []).append((a, i))
-    return {"out": out, "in": inn}
-
-
-def _reach(start: str, adjacency, skip_edge: int | None = None) -> set[str]:
-    seen = {start}
-    queue = deque([start])
-    while queue:
-        n = queue.popleft()
-        for m, i in adjacency.get(n, ()):
-            if i != skip_edge and m not in seen:
-                seen.add(m)
-                queue.append(m)
-    return seen
-
-
-def _flow_can_vary(i: int, end: tuple[str, str], forward: bool, backward: bool, arcs) -> bool:
-    """True when a residual cycle through edge i exists, i.e. another max flow moves its flow.
-
-    Raising the flow on u->v needs spare capacity and a residual path v ~> u; lowering it needs
-    flow on it and a path u ~> v. Either path must avoid edge i's own arcs (that is no cycle).
-    """
-    u, v = end
-    if forward and u in _reach(v, arcs["out"], skip_edge=i):
-        return True
-    return backward and v in _reach(u, arcs["out"], skip_edge=i)
 
 
 def _stages(graph: FlowGraph, ends) -> tuple[list[Stage], list[float | None], Layout]:
@@ -461,28 +486,56 @@ def _stages(graph: FlowGraph, ends) -> tuple[list[Stage], list[float | None], La
     return stages, positions, "prefill-decode" if pd else "generic"
 
 
-def _scale_options(compiled, stages, on_path, source_side, sink_side, value) -> list[ScaleOption]:
-    """Edges on every minimum cut (tail reached from the source, head reaching the sink).
+def _scale_options(c: CompiledGraph, result: MaxFlow, sink_side: np.ndarray,
+                   candidates: np.ndarray) -> tuple[list[ScaleOption], int]:
+    """Edges on every minimum cut (tail reached from the source, head reaching the sink), best first.
 
-    Each is probed by making it unlimited and solving again: the gain it can buy before another
-    resource limits the flow.
+    Unlimited, such an edge lets more flow through until another resource limits it. The gain is
+    unbounded when the source reaches its tail, and its head the sink, over unlimited edges alone;
+    otherwise the options with the highest upper bound (flow_residual.gain_upper_bounds) are
+    re-solved with the edge unlimited while the probes stay within PROBE_EDGE_BUDGET edges in all,
+    and the rest keep the bound (gain_is_bound). Returns the best MAX_SCALE_OPTIONS and how many
+    edges are on every minimum cut.
     """
-    options = []
-    for i, (u, v) in enumerate(compiled.ends):
-        if not (on_path[i] and u in source_side and v in sink_side):
-            continue
-        relaxed = compiled.capacity.copy()
-        relaxed[i] = np.inf
-        try:
-            new = compiled.solve(relaxed).value
-        except GraphFieldError:
-            new = None
-        options.append(ScaleOption(
-            u=u, v=v, stage=stages[i], max_flow_if_unlimited=new,
-            gain_if_unlimited=None if new is None else max(new - value, 0.0),
-        ))
-    options.sort(key=lambda o: (-(math.inf if o.gain_if_unlimited is None else o.gain_if_unlimited), o.u, o.v))
-    return options
+    if not len(candidates):
+        return [], 0
+    lay = c.layout
+    unlimited = np.isinf(c.capacity)
+    if unlimited.any():
+        free = lay.arcs(unlimited, np.zeros_like(unlimited))
+        from_source = lay.reach(free, c.source)
+        to_sink = lay.reach(free, c.sink, backward=True)
+        unbounded = from_source[lay.tail[candidates]] & to_sink[lay.head[candidates]]
+    else:
+        unbounded = (lay.tail[candidates] == c.source) & (lay.head[candidates] == c.sink)
+    bound = gain_upper_bounds(lay, c.capacity, result.flow, result.forward, result.backward,
+                              result.source_side, sink_side, candidates, c.source, c.sink)
+    probes = PROBE_EDGE_BUDGET // len(c.ends)
+    exact: list[tuple[float, str, str, int, float | None]] = []  # (-gain, u, v, edge, new max flow)
+    bounded: list[int] = []  # candidate positions, highest bound first
+    for k in np.argsort(-bound, kind="stable").tolist():
+        i = int(candidates[k])
+        if unbounded[k]:
+            exact.append((-math.inf, *c.ends[i], i, None))
+        elif probes > 0:
+            probes -= 1
+            relaxed = c.capacity.copy()
+            relaxed[i] = np.inf
+            new = c.solve(relaxed).value
+            exact.append((-max(new - result.value, 0.0), *c.ends[i], i, new))
+        else:
+            bounded.append(k)
+    exact.sort()
+    options = [_option(c, i, new, result.value, is_bound=False) for *_, i, new in exact[:MAX_SCALE_OPTIONS]]
+    for k in bounded[:MAX_SCALE_OPTIONS - len(options)]:
+        new = None if np.isinf(bound[k]) else result.value + float(bound[k])
+        options.append(_option(c, int(candidates[k]), new, result.value, is_bound=True))
+    return options, len(candidates)
+
+
+def _option(c: CompiledGraph, i: int, new: float | None, value: float, *, is_bound: bool) -> ScaleOption:
+    return ScaleOption(u=c.ends[i][0], v=c.ends[i][1], stage=c.stages[i], max_flow_if_unlimited=new,
+                       gain_if_unlimited=None if new is None else max(new - value, 0.0), gain_is_bound=is_bound)
 
 
 def _num(x: float) -> str:
@@ -491,7 +544,11 @@ def _num(x: float) -> str:
 
 def resource_name(analysis: FlowAnalysis, u: str, v: str, stage: Stage) -> str:
     """How a person calls an edge: 'decode group D1' on a P/D graph, 'edge a -> b' otherwise."""
-    if analysis.layout == "prefill-decode":
+    return _resource_name(analysis.layout, u, v, stage)
+
+
+def _resource_name(layout: Layout, u: str, v: str, stage: Stage) -> str:
+    if layout == "prefill-decode":
         if stage == "prefill":
             return f"prefill group {v}"
         if stage == "decode":
@@ -500,57 +557,60 @@ def resource_name(analysis: FlowAnalysis, u: str, v: str, stage: Stage) -> str:
     return f"edge {u} -> {v}"
 
 
-def _cut_phrase(analysis: FlowAnalysis, cut: list[CutEdge]) -> str:
-    stages = {e.stage for e in cut}
-    names = ", ".join(f"{e.u} -> {e.v}" for e in cut)
-    if len(stages) == 1:
-        stage = next(iter(stages))
-        all_of_stage = {(e.u, e.v) for e in analysis.edges if e.stage == stage}
-        if all_of_stage == {(e.u, e.v) for e in cut}:
-            return f"all {_STAGE_WORDS[analysis.layout][stage]} edges are saturated ({names})"
-    return f"every source-to-sink path crosses a saturated edge among {names}"
+def _cut_phrase(f: _Facts, cut: np.ndarray) -> str:
+    c = f.compiled
+    stages = np.unique(c.stage_code[cut])
+    if len(stages) == 1 and np.count_nonzero(c.stage_code == stages[0]) == len(cut):
+        return f"all {_STAGE_WORDS[c.layout_kind][_STAGES[stages[0]]]} edges are saturated ({f.names(cut)})"
+    return f"every source-to-sink path crosses a saturated edge among {f.names(cut)}"
 
 
-def _recommendations(a: FlowAnalysis) -> list[str]:
-    words = _STAGE_WORDS[a.layout]
+def _recommendations(f: _Facts, bottleneck: Bottleneck, options: list[ScaleOption], n_options: int) -> list[str]:
+    c = f.compiled
+    kind = c.layout_kind
+    words = _STAGE_WORDS[kind]
     out = []
-    total = _num(a.min_cut_capacity)
-    if a.bottleneck == "mixed":
-        spans = sorted({e.stage for e in a.min_cut + a.sink_side_min_cut}, key=_STAGE_ORDER.index)
-        out.append(f"Max flow {_num(a.max_flow)} is limited by several stages at once "
-                   f"({', '.join(words[s] for s in spans)}): {_cut_phrase(a, a.min_cut)}.")
+    value = _num(f.value)
+    if bottleneck == "mixed":
+        spans = np.unique(c.stage_code[np.concatenate([f.source_cut, f.sink_cut])])
+        out.append(f"Max flow {value} is limited by several stages at once "
+                   f"({', '.join(words[_STAGES[s]] for s in spans)}): {_cut_phrase(f, f.source_cut)}.")
     else:
-        out.append(f"Max flow {_num(a.max_flow)} is limited by {words[a.bottleneck]}: "
-                   f"{_cut_phrase(a, a.min_cut)}, {total} in total.")
-    for o in a.scale_options:
-        what = resource_name(a, o.u, o.v, o.stage)
-        if o.gain_if_unlimited is None:
+        total = _num(float(np.sum(c.capacity[f.source_cut])))
+        out.append(f"Max flow {value} is limited by {words[bottleneck]}: "
+                   f"{_cut_phrase(f, f.source_cut)}, {total} in total.")
+    for o in options[:MAX_LISTED]:
+        what = _resource_name(kind, o.u, o.v, o.stage)
+        if o.gain_if_unlimited is None and not o.gain_is_bound:
             out.append(f"Scale {what}: it is on every minimum cut, and with it unlimited the flow is unbounded.")
+        elif o.gain_if_unlimited is None:
+            out.append(f"Scale {what}: it is on every minimum cut (gain not re-solved on a graph this size).")
         else:
             out.append(f"Scale {what}: it is on every minimum cut; unlimited, it raises the max flow by "
-                       f"{_num(o.gain_if_unlimited)} (to {_num(o.max_flow_if_unlimited)}) before another "
-                       f"resource limits it.")
-    if not a.scale_options:
-        near_source = ", ".join(f"{e.u} -> {e.v}" for e in a.min_cut)
-        near_sink = ", ".join(f"{e.u} -> {e.v}" for e in a.sink_side_min_cut)
+                       f"{'at most ' if o.gain_is_bound else ''}{_num(o.gain_if_unlimited)} "
+                       f"(to {_num(o.max_flow_if_unlimited)}) before another resource limits it.")
+    if n_options > MAX_LISTED:
+        out.append(f"{n_options - MAX_LISTED} more edges are on every minimum cut (scale_options lists "
+                   f"the best {len(options)}).")
+    if not options:
         out.append(f"No single resource raises throughput on its own: the cut nearest the source "
-                   f"({near_source}) and the cut nearest the sink ({near_sink}) are both saturated; "
-                   f"scale them together.")
-    present = {e.stage for e in a.edges if e.stage != "off_path" and e.capacity is not None}
-    for stage in _STAGE_ORDER:
-        if stage not in present:
-            continue
-        for cut in (a.min_cut, a.sink_side_min_cut):
-            if all(e.stage != stage for e in cut):
-                out.append(f"Adding {words[stage]} capacity will not raise throughput: {_cut_phrase(a, cut)}.")
+                   f"({f.names(f.source_cut)}) and the cut nearest the sink ({f.names(f.sink_cut)}) are both "
+                   f"saturated; scale them together.")
+    present = np.bincount(c.stage_code[c.on_path & np.isfinite(c.capacity)], minlength=len(_STAGES))
+    for code in np.flatnonzero(present).tolist():
+        for cut in (f.source_cut, f.sink_cut):
+            if not np.any(c.stage_code[cut] == code):
+                out.append(f"Adding {words[_STAGES[code]]} capacity will not raise throughput: "
+                           f"{_cut_phrase(f, cut)}.")
                 break
-    if a.layout == "prefill-decode":
-        spare = [e for e in a.edges if e.spare is not None and not e.saturated and e.stage != "kv_links"]
-        if spare:
-            out.append("Spare capacity: " + ", ".join(
-                f"{resource_name(a, e.u, e.v, e.stage)} {_num(e.spare)}" for e in spare) + ".")
-    if a.several_optimal_splits:
-        moving = [f"{e.u} -> {e.v}" for e in a.edges if e.flow_can_vary]
-        out.append("This split is one of several optimal ones (Dinic, breadth-first levels in canonical node order); "
-                   f"flow can shift on {', '.join(moving)} without changing the max flow.")
+    if kind == "prefill-decode":
+        spare = np.flatnonzero(np.isfinite(c.capacity) & ~f.saturated & (c.stage_code != _STAGE_CODE["kv_links"]))
+        if len(spare):
+            shown = [f"{_resource_name(kind, *c.ends[i], c.stages[i])} {_num(c.capacity[i] - f.flow[i])}"
+                     for i in spare[:MAX_LISTED].tolist()]
+            out.append("Spare capacity: " + _listed(shown, len(spare)) + ".")
+    moving = np.flatnonzero(f.varies)
+    if len(moving):
+        out.append("This split is one of several optimal ones (Dinic, breadth-first levels in canonical node "
+                   f"order); flow can shift on {f.names(moving)} without changing the max flow.")
     return out

@@ -57,6 +57,7 @@ class ArcLayout:
     to_transposed: np.ndarray
     t_indptr: np.ndarray
     t_indices: np.ndarray
+    has_twins: bool  # some u->v and v->u edges both exist (they share arcs)
 
     @classmethod
     def from_edges(cls, n_nodes: int, tail: np.ndarray, head: np.ndarray) -> ArcLayout:
@@ -69,7 +70,7 @@ class ArcLayout:
         return cls(n_nodes=n_nodes, tail=tail, head=head, indptr=_indptr(rows, n_nodes),
                    indices=cols.astype(np.int32), pos_fwd=where[:m], pos_bwd=where[m:],
                    to_transposed=to_transposed, t_indptr=_indptr(cols, n_nodes),
-                   t_indices=rows[to_transposed].astype(np.int32))
+                   t_indices=rows[to_transposed].astype(np.int32), has_twins=len(unique) < 2 * m)
 
     def reach(self, arc_exists: np.ndarray, start: int, *, backward: bool = False) -> np.ndarray:
         """Nodes reachable from ``start`` over the structural arcs flagged in ``arc_exists``
@@ -91,6 +92,16 @@ class ArcLayout:
         kept = indices[arc_exists]
         return csr_array((np.ones(len(kept), dtype=np.int8), kept, kept_before[indptr]),
                          shape=(self.n_nodes,) * 2)
+
+    def per_arc(self, forward: np.ndarray, backward: np.ndarray) -> np.ndarray:
+        """Per structural arc: the sum of edge values on it (``forward`` on u->v, ``backward`` on v->u)."""
+        if self.has_twins:
+            total = np.bincount(self.pos_fwd, weights=forward, minlength=len(self.indices))
+            return total + np.bincount(self.pos_bwd, weights=backward, minlength=len(self.indices))
+        total = np.empty(len(self.indices), dtype=np.result_type(forward, backward))
+        total[self.pos_fwd] = forward
+        total[self.pos_bwd] = backward
+        return total
 
     def arcs(self, forward: np.ndarray, backward: np.ndarray) -> np.ndarray:
         """Structural arcs present when edge i offers its u->v arc (``forward``) / v->u (``backward``).
@@ -142,23 +153,25 @@ def solve(layout: ArcLayout, capacity: np.ndarray, source: int, sink: int) -> Ma
     flow = np.zeros(len(cap))
     upper, q, phases, value = bound, 0.0, 0, 0.0
     forward, backward = _residual(cap, flow, q, unlimited)
-    side = on_source_side if upper == 0 else layout.reach(layout.arcs(forward, backward), source)
+    side = on_source_side
+    if upper == 0:  # a cut of zero capacity: no flow at all, and the residual graph is the graph
+        side = layout.reach(layout.arcs(forward, backward), source)
+    out_of_source, into_source = layout.tail == source, layout.head == source
     while upper > 0 and phases < MAX_PHASES:
         q = 2.0 ** math.ceil(math.log2(upper / UNIT_LIMIT))
-        arcs = len(layout.indices)
-        units = np.bincount(layout.pos_fwd, weights=_units(cap - flow, q), minlength=arcs)
-        units += np.bincount(layout.pos_bwd, weights=_units(flow, q), minlength=arcs)
+        units = layout.per_arc(_units(cap - flow, q), _units(flow, q))
         matrix = csr_array((np.minimum(units, ARC_CLIP_UNITS).astype(np.int32), layout.indices, layout.indptr),
                            shape=(layout.n_nodes,) * 2)
         result = maximum_flow(matrix, source, sink, method="dinic").flow
         if not np.array_equal(result.indices, layout.indices):
             raise RuntimeError("scipy's maximum_flow returned an unexpected arc structure")
-        net = np.bincount(layout.pos_fwd, weights=flow, minlength=arcs)
-        net -= np.bincount(layout.pos_bwd, weights=flow, minlength=arcs)
-        net += result.data * q
-        flow = np.clip(net[layout.pos_fwd], 0.0, cap)
+        if layout.has_twins:  # the net flow of a pair moves; it goes on the edge in its direction
+            net = layout.per_arc(flow, -flow) + result.data * q
+            flow = np.clip(net[layout.pos_fwd], 0.0, cap)
+        else:
+            flow = np.clip(flow + result.data[layout.pos_fwd] * q, 0.0, cap)
         phases += 1
-        value = float(flow[layout.tail == source].sum() - flow[layout.head == source].sum())
+        value = float(flow[out_of_source].sum() - flow[into_source].sum())
         forward, backward = _residual(cap, flow, q, unlimited)
         side = layout.reach(layout.arcs(forward, backward), source)
         if side[sink]:  # float round-off let a unit slip: one more phase finds it

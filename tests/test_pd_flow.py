@@ -15,6 +15,9 @@ from scipy.sparse.csgraph import maximum_flow
 
 from optimizer.pd_flow import (
     ALGORITHMS,
+    MAX_LISTED,
+    MAX_SCALE_OPTIONS,
+    PROBE_EDGE_BUDGET,
     FlowGraph,
     GraphFieldError,
     analyze,
@@ -372,3 +375,86 @@ def test_rounding_is_down_then_certified():
     assert a.max_flow <= exact + 1e-15
     assert exact - a.max_flow <= a.max_flow_gap + 1e-15
     assert a.max_flow == pytest.approx(0.1 + 1 / 7 + 2 / 3, rel=1e-12)
+
+
+# --- the linear-time residual analysis against a per-edge brute force ------------------------------
+
+
+def residual_digraph(analysis) -> nx.MultiDiGraph:
+    """The residual graph of the reported flow, one arc per edge direction, keyed by edge."""
+    r = nx.MultiDiGraph()
+    for i, e in enumerate(analysis.edges):
+        r.add_node(e.u)
+        r.add_node(e.v)
+        if not e.saturated:
+            r.add_edge(e.u, e.v, key=(i, "fwd"))
+        if e.flow > 0:
+            r.add_edge(e.v, e.u, key=(i, "bwd"))
+    return r
+
+
+def brute_force_can_vary(analysis) -> list[bool]:
+    """Per edge, the definition: a residual cycle through one of its arcs that is not the 2-cycle of
+    its own two arcs, i.e. a path back that avoids both of them."""
+    r = residual_digraph(analysis)
+    out = []
+    for i, e in enumerate(analysis.edges):
+        without = r.copy()
+        for key in ((i, "fwd"), (i, "bwd")):
+            if without.has_edge(*((e.u, e.v) if key[1] == "fwd" else (e.v, e.u)), key=key):
+                without.remove_edge(*((e.u, e.v) if key[1] == "fwd" else (e.v, e.u)), key=key)
+        up = not e.saturated and nx.has_path(without, e.v, e.u)
+        down = e.flow > 0 and nx.has_path(without, e.u, e.v)
+        out.append(up or down)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_linear_time_analysis_matches_per_edge_brute_force(seed):
+    graph = random_graph(seed) if seed % 2 else build_pd_graph(
+        {f"P{i}": random.Random(seed).uniform(1, 40) for i in range(5)},
+        {f"D{i}": random.Random(seed + 1).uniform(1, 40) for i in range(4)},
+        {(f"P{i}", f"D{j}"): random.Random(seed * 31 + i * 7 + j).uniform(0, 30) for i in range(5) for j in range(4)
+         if (i + j + seed) % 3},
+        kv_bytes_per_request=1.0)
+    a = analyze(graph)
+    assert [e.flow_can_vary for e in a.edges] == brute_force_can_vary(a)
+    assert a.several_optimal_splits == any(e.flow_can_vary for e in a.edges)
+    r = residual_digraph(a)
+    source_side = nx.descendants(r, graph.source) | {graph.source}
+    sink_side = nx.ancestors(r, graph.sink) | {graph.sink}
+    on_path = {(e.u, e.v) for e in a.edges if e.stage != "off_path"}
+    assert {(c.u, c.v) for c in a.min_cut} == {
+        uv for uv in on_path if uv[0] in source_side and uv[1] not in source_side}
+    assert {(c.u, c.v) for c in a.sink_side_min_cut} == {
+        uv for uv in on_path if uv[0] not in sink_side and uv[1] in sink_side}
+    every_cut = {uv for uv in on_path if uv[0] in source_side and uv[1] in sink_side}
+    assert a.scale_options_total == len(every_cut)
+    assert {(o.u, o.v) for o in a.scale_options} <= every_cut
+    for o in a.scale_options:  # small graphs: every option re-solved, against networkx
+        assert not o.gain_is_bound
+        if o.max_flow_if_unlimited is not None:
+            relaxed = graph_of([(e.u, e.v, None if (e.u, e.v) == (o.u, o.v) else e.capacity) for e in graph.edges],
+                               graph.source, graph.sink)
+            assert o.max_flow_if_unlimited == pytest.approx(max_flow_value(relaxed, "preflow_push"), rel=1e-9)
+
+
+def test_large_graph_lists_are_capped_and_gains_bounded():
+    """Past the probe budget the gains are residual-capacity bounds, and sentences name at most
+    MAX_LISTED edges; the edge list still holds every edge."""
+    k = 60
+    graph = build_pd_graph({f"P{i}": 10.0 + i for i in range(k)}, {f"D{j}": 1e4 for j in range(k)},
+                           {(f"P{i}", f"D{j}"): 50.0 for i in range(k) for j in range(k)}, kv_bytes_per_request=1)
+    assert 0 < PROBE_EDGE_BUDGET // len(graph.edges) < k  # some options re-solved, not all
+    a = analyze(graph)
+    assert a.bottleneck == "prefill" and a.max_flow == pytest.approx(sum(10.0 + i for i in range(k)))
+    assert a.scale_options_total == k and len(a.scale_options) == MAX_SCALE_OPTIONS
+    probed = [o for o in a.scale_options if not o.gain_is_bound]
+    assert len(probed) == PROBE_EDGE_BUDGET // len(graph.edges)
+    for o in a.scale_options:
+        # P_i alone unlimited: its 60 links of 50 carry 3000, the decode side has room for it all
+        assert o.gain_if_unlimited == pytest.approx(3000.0 - (10.0 + int(o.v[1:])), rel=1e-9)
+    text = " ".join(a.recommendations)
+    assert f"{k - MAX_LISTED} more edges are on every minimum cut" in text
+    assert "and 50 more" in text
+    assert len(a.edges) == len(graph.edges)
