@@ -222,3 +222,26 @@ def test_credentials_never_reach_logs_events_or_status(emulated_cluster, kube_ap
         for secret in (password, token):
             assert secret not in text, f"{secret} in {where}"
     assert events and "MetricsUnavailable" in events
+
+
+def test_the_second_cycle_uses_the_interval_from_the_settings_configmap(emulated_cluster, kube_api, kube_namespace):
+    """interval_s: 1 in the ConfigMap; the first cycle reads it, and the next cycles come at 1 s, not at
+    the default 30 s (the loop used to take the interval before the cycle that loads the ConfigMap)."""
+    kube = Kube(kube_api, kube_namespace)
+    settings = settings_dict(interval_s=1, watched_namespaces=[kube_namespace],
+                             prometheus={"url": f"http://127.0.0.1:{free_port()}", "timeout_s": 0.5})
+    kube.core.create_namespaced_config_map(kube_namespace, {"metadata": {"name": "va-settings"},
+                                                            "data": {"settings.yaml": yaml.safe_dump(settings)}})
+    port = free_port()
+    options = RunOptions(settings_configmap="va-settings", operator_namespace=kube_namespace,
+                         kubeconfig=emulated_cluster.kubeconfig_path, metrics_host="127.0.0.1", metrics_port=port,
+                         standalone=True, namespaces=(kube_namespace,), instance="interval-test")
+
+    def cycles() -> float:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        return next(float(line.split()[-1]) for line in text.splitlines()
+                    if line.startswith("variant_autoscaler_cycle_duration_seconds_count"))
+
+    with OperatorThread(options) as op:
+        wait_until(lambda: cycles() >= 3, timeout_s=20, what="three cycles, well before the default 30 s interval")
+    assert op.error is None
