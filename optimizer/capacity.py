@@ -7,7 +7,10 @@ tested against (tests/test_capacity.py).
 
 The replica is vLLM-like (continuous batching, prefill prioritised over decode, KV reserved for
 a request's whole life; see the simulator's docstring). Notation: I, O = input/output tokens,
-W = O - 1 decode steps per request, d(n) = decode step at batch n, p(m) = prefill of m prompts.
+W = O - 1 decode steps per request, d(n) = decode step at batch n, p(m) = prefill of m prompts
+batched together = p(0) + m (p(I) - p(0)): the forward pass's fixed cost is shared, each prompt's
+own tokens and attention are not (``ParametricProfile.prefill_batch_s``); with prompt lengths
+spread (cv_in), p(I) is the mean over that spread, above the prefill of the mean prompt.
 
 * Slots. At most K = min(max_batch, KV tokens // (I + O)) sequences run at once. With the batch
   full, a replica completes at most X_max = K / (W d(K) + K p(1)) requests/s: each admission
@@ -68,7 +71,7 @@ Limiting = Literal["ttft", "itl", "e2e", "max_batch", "kv_memory", "none"]
 
 _SEARCH_STEPS = 22
 _QUANTILE_STEPS = 24
-_PREFILL_GRID = 64  # prefill batch sizes tabulated per case; linear beyond
+_PREFILL_GRID = 64  # a prefill server batching this many prompts counts as uncapped
 _MIN_TIME_S = 1e-9  # floor for profile times, so rates stay finite
 _MAX_SKEW = 1.5  # Cornish-Fisher stays sensible up to about this skewness
 _SLOT_TAIL_SPEEDUP = 2.0  # heavy-traffic wait-tail rate factor 2 / (1 + C_s^2) for deterministic service
@@ -212,17 +215,16 @@ def _estimate(variant: str, bucket: str, s: _Solved) -> CapacityEstimate:
 
 
 # The operator recomputes the table every cycle with mostly unchanged inputs: keep solved cases,
-# the estimates built from them, and each profile's tabulated curves.
+# the estimates built from them, and each profile's tabulated decode curve.
 _CACHE_LIMIT = 200_000
 _SOLVED: dict[tuple, _Solved] = {}
 _ESTIMATES: dict[tuple, CapacityEstimate] = {}
 _DECODE_ROWS: dict[str, np.ndarray] = {}
-_PREFILL_ROWS: dict[tuple[str, float], np.ndarray] = {}
 
 
 def clear_capacity_cache() -> None:
     """Forget solved cases and tabulated profiles (memory, or to time a cold start)."""
-    for cache in (_SOLVED, _ESTIMATES, _DECODE_ROWS, _PREFILL_ROWS):
+    for cache in (_SOLVED, _ESTIMATES, _DECODE_ROWS):
         cache.clear()
 
 
@@ -303,18 +305,10 @@ class _CapacityModel:
         self.Kc = np.maximum(self.K, 1.0)
         self._tabulate([k[0] for k in keys], profiles)
         self.z_itl = _itl_spread_quantile(self.q, self.W, self.cv_out)
-        # A prompt's own prefill, and the stall it puts on everyone else, vary with its length.
-        slope_p = self.prefill_tab[:, 2] - self.p1
-        self.sd_prefill = self.cv_in * slope_p
-        self.own_prefill_shift = None
-        if np.any(self.cv_in > 0):
-            sigma = np.sqrt(np.log1p(self.cv_in**2))
-            ratio = np.exp(sigma[None, :] * _OWN_NODES[:, None] - 0.5 * sigma[None, :] ** 2)
-            self.own_prefill_shift = slope_p[None, :] * (ratio - 1.0)
 
     # ----- profile tables -----
     def _tabulate(self, profile_keys: list[str], profiles: dict[str, object]) -> None:
-        """Decode step d(n), n = 0..max_batch+1 (flat, per profile) and prefill p(m), m = 0..grid."""
+        """Decode step d(n), n = 0..max_batch+1 (flat, per profile); one prompt's prefill per case."""
         n_cases = len(profile_keys)
         groups: dict[str, list[int]] = {}
         for i, pk in enumerate(profile_keys):
@@ -322,7 +316,13 @@ class _CapacityModel:
         self.kv_coef = np.zeros(n_cases)
         offsets = np.zeros(n_cases, dtype=np.int64)
         rows = []
-        self.prefill_tab = np.zeros((n_cases, _PREFILL_GRID + 1))
+        # A prompt's own prefill varies with its length (lognormal, cv_in): its prefill at the
+        # quadrature nodes of that spread. The attention term makes long prompts cost more than
+        # their share, so the mean prefill is above the prefill of the mean prompt.
+        sigma = np.sqrt(np.log1p(self.cv_in**2))
+        ratio = np.exp(sigma[:, None] * _OWN_NODES[None, :] - 0.5 * sigma[:, None] ** 2)
+        own = np.zeros((n_cases, _OWN_NODES.size))
+        self.p0 = np.zeros(n_cases)
         start = 0
         for pk, idx in groups.items():
             prof = profiles[pk]
@@ -332,13 +332,19 @@ class _CapacityModel:
             offsets[idx] = start
             start += row.size
             self.kv_coef[idx] = float(getattr(prof, "decode_per_kv_token_s", 0.0))
-            self.prefill_tab[idx] = _prefill_rows(pk, prof, self.I[idx])
+            self.p0[idx] = max(float(prof.prefill_base_time_s()), 0.0)
+            tokens = self.I[idx, None] * ratio[idx]
+            own[idx] = np.asarray(prof.prefill_s(tokens), dtype=float).reshape(tokens.shape)
         self.decode_flat = np.concatenate(rows)
         self.decode_off = offsets
         self.ctx = self.I + 1.0 + self.W / 2.0  # mean context a decoding sequence reads
-        self.p1 = self.prefill_tab[:, 1].copy()
-        self._prefill_flat = self.prefill_tab.ravel()
-        self._row0 = np.arange(n_cases) * (_PREFILL_GRID + 1)
+        own = np.maximum(own, _MIN_TIME_S)
+        self.p1 = own @ _OWN_WEIGHTS  # mean prefill of one prompt
+        self.p0 = np.minimum(self.p0, self.p1)
+        # Each extra prompt in a prefill batch adds its own prefill beyond the shared fixed cost.
+        self.prefill_slope = self.p1 - self.p0
+        self.sd_prefill = np.sqrt(np.maximum((own - self.p1[:, None]) ** 2 @ _OWN_WEIGHTS, 0.0))
+        self.own_prefill_shift = (own - self.p1[:, None]).T if np.any(self.cv_in > 0) else None
         self._mb_i = self.mb.astype(np.int64)
 
     def decode(self, n):
@@ -356,13 +362,13 @@ class _CapacityModel:
                 + self.kv_coef * self.ctx)
 
     def prefill(self, m):
-        """Prefill of m prompts (fractional m interpolates; past the grid, linear extrapolation)."""
+        """Prefill of m prompts batched together: p(0) + m x (p(I) - p(0)), attention per prompt.
+
+        Fractional m interpolates; below one prompt it goes linearly to 0 at m = 0.
+        """
         m = np.clip(np.nan_to_num(m), 0.0, 1e9)
-        lo = np.minimum(np.floor(m).astype(np.int64), _PREFILL_GRID - 1)
-        idx = (self._row0 if m.ndim == 1 else self._row0[:, None]) + lo
-        a = self._prefill_flat[idx]
-        b = self._prefill_flat[idx + 1]
-        return a + (m - lo) * (b - a)
+        p0, p1 = (self.p0, self.p1) if m.ndim == 1 else (self.p0[:, None], self.p1[:, None])
+        return np.where(m >= 1.0, p0 + m * (p1 - p0), m * p1)
 
     # ----- the model at one operating point per case -----
     def point(self, u) -> _Point:
@@ -416,7 +422,7 @@ class _CapacityModel:
         tail_rate = _SLOT_TAIL_SPEEDUP * np.maximum(x_max - lam, 0.0)
 
         # What is in flight when a request arrives, as moments of its TTFT beyond one prefill.
-        slope_p = self.prefill_tab[:, 2] - self.p1  # each extra prompt in a prefill batch
+        slope_p = self.prefill_slope  # each extra prompt in a prefill batch
         d_step = self.decode(np.maximum(n, 1.0))
         m_pre, var_m = self._prefill_batches(lam, d_step, slope_p)
         mean_len = self.prefill(m_pre)
@@ -619,20 +625,6 @@ def _decode_row(pkey: str, profile, max_batch: int) -> np.ndarray:
         row = np.maximum(np.atleast_1d(np.asarray(profile.decode_step_s(n, 0.0), dtype=float)), _MIN_TIME_S)
         _DECODE_ROWS[pkey] = row
     return row
-
-
-def _prefill_rows(pkey: str, profile, input_tokens: np.ndarray) -> np.ndarray:
-    """p(m prompts of input_tokens) for m = 0.._PREFILL_GRID, one row per input length."""
-    if len(_PREFILL_ROWS) >= _CACHE_LIMIT // 4:
-        _PREFILL_ROWS.clear()
-    missing = sorted({float(t) for t in input_tokens if (pkey, float(t)) not in _PREFILL_ROWS})
-    if missing:
-        tokens = np.asarray(missing)[:, None] * np.arange(_PREFILL_GRID + 1, dtype=float)[None, :]
-        values = np.maximum(np.asarray(profile.prefill_s(tokens), dtype=float).reshape(tokens.shape), _MIN_TIME_S)
-        values[:, 0] = 0.0
-        for t, row in zip(missing, values, strict=True):
-            _PREFILL_ROWS[(pkey, t)] = row
-    return np.stack([_PREFILL_ROWS[(pkey, float(t))] for t in input_tokens])
 
 
 def _halfin_whitt(beta):

@@ -103,3 +103,44 @@ def test_tabulated_profile_and_host_loop_agree_with_simulate_replica():
     assert finished == n
     np.testing.assert_allclose([r.completion_s for r in reqs], rec.completion_s, rtol=1e-12)
     assert rep.busy_time_s() == pytest.approx(rec.busy_s)
+
+
+QUADRATIC = ParametricProfile(  # the example fleet's Llama-3.1-8B on one H100
+    decode_base_s=0.00599, decode_per_seq_s=0.0001069, decode_per_kv_token_s=5.231e-08,
+    prefill_base_s=0.00599, prefill_per_token_s=2.15e-05, prefill_per_token_sq_s=3.754e-10,
+)
+
+
+def test_a_batch_of_prompts_pays_attention_per_prompt_not_on_the_batch_total():
+    # 97 prompts of ~2k tokens arrive at once (a code-completion burst): the first starts alone,
+    # the other 96 are prefilled together as one batch.
+    rng = np.random.default_rng(5)
+    ins = rng.integers(1500, 2500, 97)
+    rec = simulate_replica(QUADRATIC, np.zeros(97), ins, np.full(97, 2), max_batch=256, kv_capacity_tokens=1e6)
+    assert rec.prefill_iterations == 2
+    rest = ins[1:].astype(float)
+    per_prompt = (QUADRATIC.prefill_base_s + QUADRATIC.prefill_per_token_s * rest.sum()
+                  + QUADRATIC.prefill_per_token_sq_s * np.sum(rest**2))
+    first = QUADRATIC.prefill_s(ins[0])
+    assert rec.first_token_s[0] == pytest.approx(first)
+    np.testing.assert_allclose(rec.first_token_s[1:], first + per_prompt, rtol=1e-9)
+    assert QUADRATIC.prefill_batch_s(rest) == pytest.approx(per_prompt, rel=1e-12)
+    assert QUADRATIC.prefill_s(rest.sum()) > 3 * per_prompt  # what the batch used to be charged
+
+
+def test_tabulated_batch_is_the_per_prompt_sum_minus_the_shared_base():
+    prof = TabulatedProfile(
+        decode_points=[ProfilePoint(x=1, time_s=0.02), ProfilePoint(x=64, time_s=0.04)],
+        prefill_points=[ProfilePoint(x=16, time_s=0.012), ProfilePoint(x=128, time_s=0.040),
+                        ProfilePoint(x=2048, time_s=0.56), ProfilePoint(x=8192, time_s=2.4)],
+    )
+    base = prof.prefill_base_time_s()
+    assert base == pytest.approx(0.012 - 16 * (0.040 - 0.012) / (128 - 16))  # the curve at 0 tokens
+    prompts = [100, 2000, 5000]
+    assert prof.prefill_batch_s(prompts) == pytest.approx(sum(prof.prefill_s(t) for t in prompts) - 2 * base)
+    assert prof.prefill_batch_s([5000]) == pytest.approx(prof.prefill_s(5000))
+    # Chunks of one prompt add up to its prefill plus one base per extra forward pass.
+    chunks = sum(prof.prefill_batch_s([e], [s]) for s, e in [(0, 2048), (2048, 4096), (4096, 5000)])
+    assert chunks == pytest.approx(prof.prefill_s(5000) + 2 * base)
+    rec = simulate_replica(prof, np.zeros(4), [10] + prompts, [2] * 4, max_batch=8, kv_capacity_tokens=1e5)
+    np.testing.assert_allclose(rec.first_token_s[1:], prof.prefill_s(10) + prof.prefill_batch_s(prompts))

@@ -10,7 +10,9 @@ Scheduling policy (vLLM V0 default scheduler, no chunked prefill):
   be admitted (running + new < ``max_batch`` and its KV reservation fits), the iteration is a
   *prefill* of the admitted waiting requests, first come first served, batched while they fit
   (and while their prompt tokens stay under ``max_prefill_tokens`` if set); it lasts
-  ``profile.prefill_s(sum of their prompt tokens)`` and yields each one's first token.
+  ``profile.prefill_batch_s(their prompt lengths)`` = base + sum of each prompt's own prefill
+  beyond the base (attention is per prompt: the batch total is never squared), and yields each
+  one's first token.
   Otherwise it is one *decode* step for every running sequence, lasting
   ``profile.decode_step_s(batch, mean context)``. Prefill first is what makes prefills stall the
   decodes of a mixed (PD) replica and stretch its inter-token latency.
@@ -126,6 +128,7 @@ class Replica:
         batches = np.arange(self.max_batch + 1, dtype=float)
         self._decode_fixed = [float(x) for x in np.atleast_1d(profile.decode_step_s(batches, 0.0))]
         self._prefill_cache: dict[int, float] = {}
+        self._prefill_base = float(profile.prefill_base_time_s())
 
         self._waiting: deque[SimRequest] = deque()
         # (finish_step, seq, request, reserved KV, its term in _ctx_offset)
@@ -275,8 +278,9 @@ class Replica:
         if self._waiting and self.role is not Role.DECODE:
             self._take_prefill_batch()
             if self._prefilling:
-                tokens = sum(r.input_tokens for r, _ in self._prefilling)
-                self._begin(t, "prefill", self._prefill_time(tokens))
+                base = self._prefill_base
+                own = sum(self._prefill_time(r.input_tokens) - base for r, _ in self._prefilling)
+                self._begin(t, "prefill", base + own)
                 return
         if self._waiting and self.role is Role.DECODE:
             self._join_waiting_decodes()
