@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import urllib.error
 import urllib.request
 
 import pytest
@@ -245,3 +246,53 @@ def test_the_second_cycle_uses_the_interval_from_the_settings_configmap(emulated
     with OperatorThread(options) as op:
         wait_until(lambda: cycles() >= 3, timeout_s=20, what="three cycles, well before the default 30 s interval")
     assert op.error is None
+
+
+def test_listeners_default_to_the_pod_ip_or_loopback():
+    from variant_autoscaler.cli import build_parser
+    from variant_autoscaler.commands.run import options_from_args
+    from variant_autoscaler.operator import default_metrics_host
+
+    assert default_metrics_host({}) == "127.0.0.1"
+    assert default_metrics_host({"POD_IP": "10.1.2.3"}) == "10.1.2.3"
+    expected = os.environ.get("POD_IP") or "127.0.0.1"
+    assert options_from_args(build_parser().parse_args(["run"])).metrics_host == expected
+    assert RunOptions().metrics_host == expected
+    assert options_from_args(build_parser().parse_args(["run", "--metrics-host", "0.0.0.0"])).metrics_host == "0.0.0.0"
+
+
+def test_readiness_fails_while_the_control_loop_is_stuck_and_recovers(emulated_cluster, kube_api, kube_namespace,
+                                                                     tmp_path):
+    """A pods list that hangs 15 s wedges a cycle: /healthz (the readiness probe) answers 503 until a
+    cycle succeeds again, while a plain liveness of the HTTP server would still say ok."""
+    kube = Kube(kube_api, kube_namespace)
+    kube.deploy("stuck-l4", 1)
+    kube.apply_variant(variant("stuck-l4", "stuck-l4", profile=L4_PROFILE, min_replicas=1))
+    proxy = emulated_cluster.call(FaultProxy(upstream=emulated_cluster.url).start)
+    kubeconfig = tmp_path / "proxy.kubeconfig"
+    kubeconfig.write_text(kubeconfig_text(proxy.url, emulated_cluster.token))
+    path = tmp_path / "settings.yaml"
+    path.write_text(yaml.safe_dump(settings_dict(interval_s=1, watched_namespaces=[kube_namespace],
+                                                 prometheus={"url": f"http://127.0.0.1:{free_port()}",
+                                                             "timeout_s": 0.5})))
+    port = free_port()
+    options = RunOptions(settings_file=path, kubeconfig=kubeconfig, metrics_port=port, standalone=True,
+                         namespaces=(kube_namespace,), instance="ready-test")
+
+    def healthz() -> int:
+        try:
+            return urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5).status
+        except urllib.error.HTTPError as err:
+            return err.code
+
+    try:
+        with OperatorThread(options) as op:
+            wait_until(lambda: healthz() == 200, timeout_s=20, what="ready after a successful cycle")
+            rule = proxy.add(FaultRule(method="GET", path=rf"/namespaces/{kube_namespace}/pods$", status=None,
+                                       delay_s=15, times=1))
+            wait_until(lambda: healthz() == 503, timeout_s=20, what="unready while the cycle hangs")
+            assert rule.hits == 1
+            wait_until(lambda: healthz() == 200, timeout_s=30, what="ready again once a cycle succeeds")
+        assert op.error is None
+    finally:
+        emulated_cluster.call(proxy.stop)

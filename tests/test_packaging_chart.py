@@ -153,6 +153,11 @@ def test_operator_pod_is_hardened_and_probed(helm, tmp_path, name):
     assert service["spec"]["ports"][0]["targetPort"] == "metrics" and "metrics" in ports
     labels = pod.get("labels") or deployment["spec"]["template"]["metadata"]["labels"]
     assert all(labels.get(k) == v for k, v in service["spec"]["selector"].items())
+    # listeners on the pod IP only (the operator binds $POD_IP by default), never all interfaces
+    env = {e["name"]: e for e in container["env"]}
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    assert not [a for a in container["args"] if "0.0.0.0" in a]
+    assert "--liveness=http://$(POD_IP):" in " ".join(container["args"])
 
 
 def test_image_defaults_to_the_app_version_and_follows_values(helm, tmp_path):

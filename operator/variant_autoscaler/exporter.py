@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -316,10 +317,12 @@ class Exporter:
 class MetricsServer:
     """`/metrics` (and `/healthz`) over aiohttp in the operator's own event loop."""
 
-    def __init__(self, exporter: Exporter, *, host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, exporter: Exporter, *, host: str = "127.0.0.1", port: int = 0,
+                 ready: Callable[[], tuple[bool, str]] | None = None):
         self.exporter = exporter
         self.host = host
         self.port = port
+        self.ready = ready or (lambda: (True, "serving /metrics"))
         self.url = ""
         self._runner = None
 
@@ -330,7 +333,9 @@ class MetricsServer:
             return web.Response(body=self.exporter.render(), headers={"Content-Type": CONTENT_TYPE})
 
         async def health(_request):
-            return web.Response(text="ok")
+            """Readiness: 200 only while the control loop is alive (see Runtime.readiness), else 503."""
+            ok, why = self.ready()
+            return web.Response(text=f"{'ok' if ok else 'not ready'}: {why}\n", status=200 if ok else 503)
 
         app = web.Application()
         app.router.add_get("/metrics", metrics)

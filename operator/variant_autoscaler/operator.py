@@ -56,6 +56,8 @@ PEERING_GROUP, PEERING_VERSION = "kopf.dev", "v1"
 PEERING_GRACE_S = 5.0
 MIN_CYCLE_GAP_S = 1.0
 RELIST_EVERY = 20
+READY_AFTER_CYCLES = 3  # readiness fails when the last successful cycle is older than this many intervals
+READY_MIN_S = 10.0
 ENV_PREFIX = "VARIANT_AUTOSCALER_"
 API_ERROR_BACKOFFS_S = (1.0, 2.0, 5.0, 10.0)
 
@@ -88,7 +90,9 @@ class RunOptions(BaseModel):
     settings_configmap: str | None = None
     operator_namespace: str = "default"
     namespaces: tuple[str, ...] = Field(default=(), description="Watched namespaces; empty: cluster-wide.")
-    metrics_host: str = "0.0.0.0"
+    metrics_host: str = Field(default_factory=lambda: default_metrics_host(),
+                              description="Address of /metrics: $POD_IP (downward API) if set, else loopback; "
+                                          "never all interfaces unless asked for.")
     metrics_port: int = Field(default=8080, ge=0, lt=65536)
     kubeconfig: Path | None = None
     peering: str = PEERING_NAME
@@ -123,6 +127,12 @@ class RunOptions(BaseModel):
         if get("INSTANCE"):
             values["instance"] = get("INSTANCE")
         return cls(**values)
+
+
+def default_metrics_host(environ: dict[str, str] | None = None) -> str:
+    """$POD_IP (the chart sets it from status.podIP), else 127.0.0.1."""
+    env = os.environ if environ is None else environ
+    return env.get("POD_IP") or "127.0.0.1"
 
 
 def initial_settings(options: RunOptions) -> OperatorSettings:
@@ -177,7 +187,11 @@ class Runtime:
         self.gateway = KubeGateway(api_client, user_agent=f"variant-autoscaler/{options.instance}",
                                    retry=RetryPolicy(attempts=s.api_retries + 1, first_delay_s=s.api_backoff_s))
         self.exporter = Exporter()
-        self.metrics = MetricsServer(self.exporter, host=options.metrics_host, port=options.metrics_port)
+        self.metrics = MetricsServer(self.exporter, host=options.metrics_host, port=options.metrics_port,
+                                     ready=self.readiness)
+        self.started_at = time.monotonic()
+        self.loop_seen_at: float | None = None
+        self.last_ok_at: float | None = None
         self.wake = asyncio.Event()
         self.generations: dict[tuple[str, str], int] = {}
         self.task: asyncio.Task | None = None
@@ -242,6 +256,24 @@ class Runtime:
             log.warning("the Kubernetes API failed %d times in a row for one request; retrying every %g s "
                         "until it answers (the operator never gives up)", failures,
                         self.options.api_error_backoffs_s[-1])
+
+    def readiness(self) -> tuple[bool, str]:
+        """Ready while the control loop is alive: the active peer finished a successful cycle within
+        READY_AFTER_CYCLES intervals (at least READY_MIN_S); a standby replica's loop went round as
+        recently. A stuck loop (a hung API call, a wedged solver) or cycles that keep failing turn it
+        unready, so a rollout stops and the Service stops routing /metrics scrapes to it."""
+        now = time.monotonic()
+        s = self.store.current
+        limit = max(READY_AFTER_CYCLES * s.interval_s, 2 * s.optimizer_time_limit_s, READY_MIN_S)
+        if not self.active:
+            seen = self.loop_seen_at or self.started_at
+            age = now - seen
+            return (age <= limit, f"standby, loop last ran {age:.0f} s ago (limit {limit:.0f} s)")
+        if self.last_ok_at is None:
+            age = now - self.started_at
+            return (age <= limit, f"active, no successful cycle yet ({age:.0f} s since start, limit {limit:.0f} s)")
+        age = now - self.last_ok_at
+        return (age <= limit, f"active, last successful cycle {age:.0f} s ago (limit {limit:.0f} s)")
 
     # -- leadership
 
@@ -318,12 +350,15 @@ class Runtime:
                 log.info("this replica is %s", "the active peer: running the control loop" if active
                          else "not the active peer: the loop is paused")
             self.active = active
+            self.loop_seen_at = time.monotonic()
             self.exporter.set_active(active)
             if active:
                 last_start = time.monotonic()
                 try:
                     self.last_report = await self.controller.cycle(self.resources())
                     self.cycles_done += 1
+                    if self.last_report.ok:
+                        self.last_ok_at = time.monotonic()
                     r = self.last_report
                     log.info("cycle: %d variants, ok=%s, metrics=%s, optimizer=%s, cost/h=%s, %.2f s",
                              len(r.variants), r.ok, r.metrics_available, r.optimizer_status,

@@ -28,7 +28,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--namespace", "-n", metavar="NS", action="append", default=[],
                         help="watch only this namespace (repeatable); default: all namespaces")
     parser.add_argument("--metrics-port", type=int, default=8080, metavar="P", help="port of /metrics (default 8080)")
-    parser.add_argument("--metrics-host", default="0.0.0.0", metavar="ADDR", help="address of /metrics")
+    parser.add_argument("--metrics-host", default=None, metavar="ADDR",
+                        help="address of /metrics and the readiness /healthz (default $POD_IP, else 127.0.0.1)")
     parser.add_argument("--kubeconfig", metavar="FILE", help="kubeconfig (default: in-cluster, then $KUBECONFIG)")
     parser.add_argument("--priority", type=int, help="peering priority (default: random, so one replica wins)")
     parser.add_argument("--standalone", action="store_true", help="no peering (only for a single replica)")
@@ -44,7 +45,8 @@ def options_from_args(args):
     src = SettingsSource.from_env(file=args.settings, configmap=args.settings_configmap,
                                   namespace=args.operator_namespace)
     return RunOptions(settings_file=src.file, settings_configmap=src.configmap, operator_namespace=src.namespace,
-                      namespaces=tuple(args.namespace), metrics_host=args.metrics_host, metrics_port=args.metrics_port,
+                      namespaces=tuple(args.namespace), metrics_port=args.metrics_port,
+                      **({"metrics_host": args.metrics_host} if args.metrics_host else {}),
                       kubeconfig=Path(args.kubeconfig) if args.kubeconfig else None,
                       peering=args.peering or PEERING_NAME, standalone=args.standalone, priority=args.priority)
 

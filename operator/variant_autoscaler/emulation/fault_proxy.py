@@ -24,12 +24,13 @@ HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length"
 class FaultRule:
     """Fail `times` requests matching method and path regex (and `watch` if set) with `status`.
 
-    status 0 closes the connection without an answer; `delay_s` stalls before answering or passing on.
+    status 0 closes the connection without an answer, None passes it on; `delay_s` stalls before answering or
+    passing on.
     """
 
     method: str = "*"
     path: str = ".*"
-    status: int = 503
+    status: int | None = 503
     times: int = 1
     watch: bool | None = None
     delay_s: float = 0.0
