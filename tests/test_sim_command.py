@@ -52,6 +52,12 @@ def test_simulate_writes_the_report(tmp_path, capsys):
         assert 0.0 <= run["slo_attainment"] <= 1.0
         assert run["cost"] > 0
     assert 0.0 <= summary["pareto"]["hypervolume"]["ours (front)"] <= 1.0
+    at_target = summary["pareto"]["hypervolume_at_target"]
+    for run in summary["runs"]:
+        if run["label"] in at_target:
+            assert at_target[run["label"]] <= summary["pareto"]["hypervolume"][run["label"]] + 1e-12
+            if run["slo_attainment"] < 0.99:
+                assert at_target[run["label"]] == 0.0, "a run that misses the SLO scores nothing at target"
     assert summary["pareto"]["front"]
 
 

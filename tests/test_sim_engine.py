@@ -100,4 +100,7 @@ def test_engine_in_the_cluster_follows_a_step_up_and_down():
     assert after < during
     m = summarize(result, {MODEL: problem.slos[0]})
     assert m.dropped == 0
-    assert m.slo_attainment > 0.9
+    # What no policy can save: requests of the 10x step that arrive before a replica requested at
+    # the first tick after it can be ready (one interval plus a cold start); all the rest meet the SLO.
+    unavoidable = ((trace.arrival_s >= 300) & (trace.arrival_s < 300 + 15.0 + opts.cold_start.seconds("big", 16.0))).sum()
+    assert m.slo_attainment > 1 - unavoidable / m.requests - 0.02

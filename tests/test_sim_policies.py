@@ -164,3 +164,44 @@ def test_a_real_rise_is_still_extrapolated():
     planned = _feed(est, rng, [4.0 + 0.5 * k for k in range(1, 9)], start=180.0)  # 4 -> 8 req/s in 2 min
     seen = est.envelope.max_rate(300.0)
     assert planned[-1] > seen + 0.5, "the plan runs ahead of the rise by the trend over the lead time"
+
+
+def _ratios(process, absorb_s=1.5, seed=3):
+    from optimizer.simulation.burst import BurstAllowance
+    from optimizer.simulation.generators import arrival_times
+
+    arr = arrival_times(process, 1800, np.random.default_rng(seed))
+    allowance = BurstAllowance(absorb_s=absorb_s, interval_s=15)
+    out = []
+    for t in np.arange(15, 1800, 15):
+        allowance.observe(arr[(arr > t - 15) & (arr <= t)].tolist(), float(t))
+        out.append(allowance.ratio())
+    return np.asarray(out[10:]), allowance
+
+
+def test_burst_allowance_costs_nothing_on_poisson_traffic():
+    from optimizer.simulation.generators import FluctuatingArrivals
+
+    ratios, _ = _ratios(FluctuatingArrivals(mean_rps=8, amplitude=0, log_sd=0))
+    assert np.median(ratios) == pytest.approx(1.0) and ratios.max() < 1.15
+
+
+def test_burst_allowance_covers_second_scale_bursts_it_has_seen():
+    from optimizer.simulation.generators import FluctuatingArrivals
+
+    calm = FluctuatingArrivals(mean_rps=8, amplitude=0, log_sd=0)
+    code = calm.model_copy(update={"bursts_per_hour": 60, "burst_s": 5, "burst_factor": 4})
+    ratios, allowance = _ratios(code)
+    assert np.median(ratios) > 2.0, "bursts of 4x the level for 5 s, once a minute"
+    assert allowance.rate_rps() > 1.5 * allowance.level_rps()
+    # A longer TTFT budget absorbs more of each burst in the queue: less headroom.
+    patient, _ = _ratios(code, absorb_s=10.0)
+    assert np.median(patient) < np.median(ratios)
+
+
+def test_burst_allowance_ignores_the_first_minute():
+    from optimizer.simulation.burst import BurstAllowance
+
+    allowance = BurstAllowance(absorb_s=1.5, interval_s=15)
+    allowance.observe([0.1 * k for k in range(100)], 15.0)  # 100 requests in 10 s, then nothing known
+    assert allowance.ratio() == 1.0

@@ -91,7 +91,8 @@ class HostedReplica:
     """A replica in the cluster: its engine plus lifecycle and counters the policy observes."""
 
     __slots__ = ("id", "variant", "model", "engine", "created_s", "ready_s", "draining", "draining_since",
-                 "removed_s", "completed", "tokens", "last_event_s", "lazy", "scheduled_s", "index")
+                 "removed_s", "completed", "tokens", "last_event_s", "lazy", "scheduled_s", "index", "finished",
+                 "slo_misses")
 
     def __init__(self, rid: str, variant: Variant, engine: Replica, created_s: float, index: int):
         self.id = rid
@@ -105,6 +106,8 @@ class HostedReplica:
         self.removed_s: float | None = None
         self.completed = 0
         self.tokens = 0
+        self.finished = 0
+        self.slo_misses = 0
         self.last_event_s = created_s
         self.lazy = variant.role is not Role.PREFILL
         self.scheduled_s: float | None = None
@@ -177,6 +180,7 @@ class ClusterSimulator:
             for v in problem.variants
         }
         self._inventory = {a.name: a.available for a in problem.accelerators}
+        self._slo_targets = {slo.model: (slo.ttft_s, slo.itl_s) for slo in problem.slos}
         self.replicas: dict[str, list[HostedReplica]] = {v: [] for v in self.variants}
         self._entry_pool: dict[str, list[HostedReplica]] = {m: [] for m in trace.models}
         self._decode_pool: dict[str, list[HostedReplica]] = {m: [] for m in trace.models}
@@ -214,6 +218,12 @@ class ClusterSimulator:
             kind = ev.kind
             if kind is EventKind.FINISHED:
                 rep.completed += 1
+                rep.finished += 1
+                targets = self._slo_targets.get(model)
+                if targets is not None:
+                    itl = r.itl_s
+                    if r.ttft_s > targets[0] or (itl == itl and itl > targets[1]):
+                        rep.slo_misses += 1
                 rep.tokens += r.output_tokens if rep.engine.role is Role.DECODE else r.input_tokens + r.output_tokens
                 rep.last_event_s = ev.time_s
                 ins, outs = self._completions[model]
@@ -412,6 +422,7 @@ class ClusterSimulator:
                 reps.append(ReplicaObservation.model_construct(
                     name=rep.id, variant=name, state=state, queue_len=eng.queue_len, running=eng.running_len,
                     kv_usage=eng.kv_usage, busy_s=eng.busy_time_s(t), completed=rep.completed, tokens=rep.tokens,
+                    finished=rep.finished, slo_misses=rep.slo_misses,
                 ))
             self.replicas[name] = keep
         tr = self.trace

@@ -11,6 +11,8 @@ the two and is where an autoscaler decides how much of the future it plans for:
   is held for `lead_time_s`, so replicas requested for a rise are not cancelled while they are
   still starting when the trend term fades (cancelling them wastes their cold start and leaves
   the rise uncovered);
+* **bursts** (with `burst_absorb_s`): the level times the traffic's own burst factor over seconds
+  (`optimizer.simulation.burst`), for bursts too short for any scale-up to catch;
 * **mix**: buckets by prompt length (the router sees the prompt, not the future output), each
   with its share of the arrivals of the last `mix_horizon_s` seconds, its mean prompt, and the
   mean output length of that bucket's requests finished in the same horizon (blended with
@@ -31,6 +33,7 @@ import bisect
 import math
 from collections import deque
 
+from optimizer.simulation.burst import BurstAllowance
 from optimizer.simulation.envelope import TrafficEnvelope
 from optimizer.simulation.policy import Observation
 from optimizer.workload import LengthBucket, Workload
@@ -67,6 +70,8 @@ class DemandEstimator:
         lead_time_s: float = 60.0,
         mix_horizon_s: float = 600.0,
         prior_output_tokens: float = 256.0,
+        burst_absorb_s: float | None = None,
+        interval_s: float = 15.0,
     ):
         edges = tuple(sorted(set(int(e) for e in input_edges)))
         if any(e <= 0 for e in edges):
@@ -91,6 +96,7 @@ class DemandEstimator:
         self._planned: deque[tuple[float, float]] = deque()  # (time, planned rate) of the last lead time
         self._published: dict[int, tuple[float, float]] = {}  # bucket -> (input, output) last planned for
         self._since: float | None = None  # first observation
+        self.bursts = None if burst_absorb_s is None else BurstAllowance(absorb_s=burst_absorb_s, interval_s=interval_s)
 
     def bucket_of(self, input_tokens: int) -> int:
         return bisect.bisect_right(self._edges, input_tokens)
@@ -100,6 +106,8 @@ class DemandEstimator:
         if self._since is None:
             self._since = observation.time_s - observation.interval_s
         self.envelope.extend(arrivals.times_s)
+        if self.bursts is not None:
+            self.bursts.observe(arrivals.times_s, observation.time_s)
         for t, n_in in zip(arrivals.times_s, arrivals.input_tokens, strict=True):
             b = self.bucket_of(n_in)
             self._mix.append((t, b, n_in))
@@ -148,6 +156,8 @@ class DemandEstimator:
         # standing 30-50 % over-provisioning on the default demo.
         slope = max(0.0, slope) - TREND_Z * math.sqrt(newer + older) / (w * w)
         rate = max(envelope, newer / w + max(0.0, slope) * self.lead_time_s)
+        if self.bursts is not None:
+            rate = max(rate, self.bursts.rate_rps())
         while self._planned and self._planned[0][0] <= now - self.lead_time_s:
             self._planned.popleft()
         held = max((r for _, r in self._planned), default=0.0)

@@ -41,6 +41,10 @@ class ReplicaObservation(_Frozen):
     busy_s: float = Field(default=0.0, ge=0, description="Counter: seconds spent running iterations.")
     completed: int = Field(default=0, ge=0, description="Counter: requests this replica finished or handed off.")
     tokens: int = Field(default=0, ge=0, description="Counter: prompt + generated tokens processed.")
+    finished: int = Field(default=0, ge=0, description="Counter: requests whose last token this replica produced.")
+    slo_misses: int = Field(default=0, ge=0,
+                            description="Counter: of those, requests over their model's TTFT or ITL target (what "
+                                        "the vLLM TTFT/ITL histograms' bucket at the SLO tell an operator).")
 
 
 class ArrivalSample(_Frozen):

@@ -108,6 +108,7 @@ def summary(comparison: Comparison) -> dict:
             "references": {"cost": comparison.references[0], "latency_s": comparison.references[1]},
             "front": [{"cost": c, "latency_p90_s": lat} for c, lat in comparison.front],
             "hypervolume": comparison.hypervolume,
+            "hypervolume_at_target": comparison.hypervolume_at_target,
         },
         "verdict": None if v.baseline is None else {
             "baseline": v.baseline, "comparable": v.comparable, "ours_cost_saving": v.saving, "lines": v.lines,

@@ -132,6 +132,10 @@ class OursSpec(_Strict):
     lead_time_s: float | None = Field(default=None, ge=0, description="None: the slowest variant's cold start.")
     rate_windows_s: list[float] = Field(default_factory=lambda: [60.0], min_length=1,
                                         description="Windows of the arrival-rate envelope the plan covers.")
+    burst_headroom: bool = Field(default=True, description="Size for the traffic's own second-scale bursts "
+                                                           "(optimizer.simulation.burst).")
+    capacity_correction: bool = Field(default=True, description="Lower a variant's modelled capacity while its "
+                                                                "replicas miss the SLO (optimizer.capacity_correction).")
     router: RouterName = "weighted"
 
 

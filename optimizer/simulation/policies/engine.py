@@ -31,6 +31,10 @@ within `backlog_drain_s` (the lead time: no new capacity arrives sooner). Planni
 alone left a backlog of 2,000 requests from a cold start to drain at the margin between capacity
 and traffic, for ten minutes, at 60 % attainment (the 8B Azure hour at 4x).
 
+The capacity model is corrected online (`optimizer.capacity_correction`): a variant whose replicas
+miss the SLO on more than 1 % of the requests they finish has its modelled capacity lowered in
+steps until they stop, and recovers it slowly once they meet it with room to spare.
+
 The capacity model is told how spread the request lengths are within each prompt-length bucket
 (the coefficients of variation of prompt and output lengths, from every request seen so far,
 rounded to 0.1 so that cached solutions stay valid): at p99 the short answers and the long
@@ -53,6 +57,7 @@ from collections.abc import Callable, Mapping
 
 from optimizer.balanced_routing import balanced_shares
 from optimizer.capacity import capacity_table
+from optimizer.capacity_correction import CapacityCorrection
 from optimizer.fleet import Role
 from optimizer.problem import Problem
 from optimizer.simulation.demand import DEFAULT_INPUT_EDGES, RATE_GRID, DemandEstimator, on_grid
@@ -90,6 +95,8 @@ class EnginePolicy:
         input_edges: tuple[int, ...] = DEFAULT_INPUT_EDGES,
         rate_windows_s: tuple[float, ...] = (30.0, 60.0),
         allocator: Callable | None = None,
+        burst_headroom: bool = True,
+        capacity_correction: bool = True,
         name: str = "ours",
     ):
         if not 0 < service_level <= 1:
@@ -102,11 +109,12 @@ class EnginePolicy:
         self.scale_down_delay_s = scale_down_delay_s
         self.name = name
         self.allocator = allocator or _default_allocator
-        models = [s.model for s in problem.slos]
         self.estimators = {
-            m: DemandEstimator(m, input_edges=input_edges, lead_time_s=lead_time_s, rate_windows_s=rate_windows_s,
-                               rate_horizon_s=max(scale_down_delay_s, 2 * interval_s))
-            for m in models
+            s.model: DemandEstimator(s.model, input_edges=input_edges, lead_time_s=lead_time_s,
+                                     rate_windows_s=rate_windows_s,
+                                     rate_horizon_s=max(scale_down_delay_s, 2 * interval_s),
+                                     burst_absorb_s=s.ttft_s if burst_headroom else None, interval_s=interval_s)
+            for s in problem.slos
         }
         self._ranges = {
             label: bounds
@@ -121,6 +129,7 @@ class EnginePolicy:
         self._spread: dict[tuple[str, str], list[float]] = {}
         self._edges = sorted({int(e) for e in input_edges})
         self.backlog_drain_s = max(lead_time_s, 2 * interval_s)
+        self.correction = CapacityCorrection() if capacity_correction else None
         self._model_of = {v.name: v.model for v in problem.variants}
         self.last_problem: Problem | None = None
         self.last_allocation = None
@@ -190,10 +199,18 @@ class EnginePolicy:
 
     def decide(self, observation: Observation) -> Decision:
         problem = self._problem(observation)
+        modelled = capacity_table(problem)
+        factors = {}
+        if self.correction is not None:
+            before = self.correction.factors()
+            per_replica = self._per_replica_rate(
+                problem, {k: est.max_rate_rps * before.get(k[0], 1.0) for k, est in modelled.items()})
+            self.correction.observe(observation.time_s, observation.interval_s, observation.replicas, per_replica)
+            factors = self.correction.factors()
         key = (tuple(w.model_dump_json() for w in problem.workloads),
-               tuple(v.current_replicas for v in problem.variants))
+               tuple(v.current_replicas for v in problem.variants), tuple(sorted(factors.items())))
         allocation = self._memo.get(key)
-        capacity = {k: est.max_rate_rps for k, est in capacity_table(problem).items()}
+        capacity = {k: est.max_rate_rps * factors.get(k[0], 1.0) for k, est in modelled.items()}
         if allocation is None:
             allocation = self.allocator(problem, capacity)
             if len(self._memo) >= MEMO_SIZE:
