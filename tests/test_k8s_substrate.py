@@ -449,6 +449,31 @@ def test_injected_faults_fail_the_matching_requests_then_disarm(emulated_cluster
     assert statuses[-3:] == [503, 503, 200]
 
 
+def test_the_fault_proxy_passes_a_body_without_content_type_on_as_it_came(emulated_cluster, kube_namespace):
+    """The API server reads an unlabelled body as JSON; the proxy used to relabel it octet-stream (415)."""
+    from variant_autoscaler.emulation.fault_proxy import FaultProxy
+
+    proxy = emulated_cluster.call(FaultProxy(upstream=emulated_cluster.url).start)
+    path = f"/apis/{GROUP}/{VERSION}/namespaces/{kube_namespace}/{PLURAL}"
+
+    async def post(base: str, name: str) -> int:
+        body = json.dumps({"apiVersion": f"{GROUP}/{VERSION}", "kind": "VariantAutoscaling",
+                           "metadata": {"name": name},
+                           "spec": {"scaleTargetRef": {"name": name}, "modelID": "m/x"}}).encode()
+        async with aiohttp.ClientSession() as http, http.post(
+                base + path, data=body, skip_auto_headers=("Content-Type",),
+                headers={"Authorization": f"Bearer {emulated_cluster.token}"}) as resp:
+            return resp.status
+
+    try:
+        direct = asyncio.run(post(emulated_cluster.url, "direct"))
+        proxied = asyncio.run(post(proxy.url, "proxied"))
+    finally:
+        emulated_cluster.call(proxy.stop)
+    assert direct == 201
+    assert proxied == direct
+
+
 def test_a_stalled_request_is_retried_by_the_client_after_its_timeout(emulated_cluster, kube_api, kube_namespace):
     core, _, _ = apis(kube_api)
     fault = emulated_cluster.core.add_fault(Fault(status=0, method="GET", path_pattern=f"{kube_namespace}/configmaps$",

@@ -135,8 +135,12 @@ class FaultProxy:
                 return web.Response(status=rule.status, body=status_body(rule.status),
                                     content_type="application/json")
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
+        # a body without Content-Type goes on without one: aiohttp would label it octet-stream, which the
+        # API server refuses (415), while it reads an unlabelled body as JSON
+        skip = () if "Content-Type" in request.headers else ("Content-Type",)
         async with self._session.request(request.method, self.upstream.rstrip("/") + request.path_qs,
-                                         headers=headers, data=body or None, allow_redirects=False) as up:
+                                         headers=headers, data=body or None, allow_redirects=False,
+                                         skip_auto_headers=skip) as up:
             record.status = up.status
             out_headers = {k: v for k, v in up.headers.items() if k.lower() not in HOP_HEADERS}
             if not is_watch:
