@@ -296,3 +296,57 @@ def test_readiness_fails_while_the_control_loop_is_stuck_and_recovers(emulated_c
         assert op.error is None
     finally:
         emulated_cluster.call(proxy.stop)
+
+
+def test_two_replicas_with_the_same_priority_settle_on_one_winner(emulated_cluster, kube_api, kube_namespace,
+                                                                  tmp_path):
+    """Both given --priority 7 (kopf alone pauses both forever): the smaller identity keeps 7, the
+    other steps down to 6, and changes are applied by exactly one of them. One talks through the
+    fault proxy, so its peering writes cross it too."""
+    kube = Kube(kube_api, kube_namespace)
+    kube.deploy("tie-l4", 1)
+    kube.apply_variant(variant("tie-l4", "tie-l4", profile=L4_PROFILE, min_replicas=2))
+    proxy = emulated_cluster.call(FaultProxy(upstream=emulated_cluster.url).start)
+    proxied = tmp_path / "proxy.kubeconfig"
+    proxied.write_text(kubeconfig_text(proxy.url, emulated_cluster.token))
+    path = tmp_path / "settings.yaml"
+    path.write_text(yaml.safe_dump(settings_dict(interval_s=1, watched_namespaces=[kube_namespace],
+                                                 prometheus={"url": f"http://127.0.0.1:{free_port()}",
+                                                             "timeout_s": 0.5})))
+
+    def options(instance: str, kubeconfig) -> RunOptions:
+        return RunOptions(settings_file=path, kubeconfig=kubeconfig, metrics_host="127.0.0.1", metrics_port=0,
+                          namespaces=(kube_namespace,), peering="va-tie", priority=7, peering_grace_s=1,
+                          instance=instance)
+
+    def peers() -> dict[str, int]:
+        try:
+            body = kube.custom.get_namespaced_custom_object("kopf.dev", "v1", kube_namespace, "kopfpeerings", "va-tie")
+        except Exception:  # noqa: BLE001 - not created yet
+            return {}
+        return {k: v["priority"] for k, v in (body.get("status") or {}).items()}
+
+    try:
+        with OperatorThread(options("tie-a", emulated_cluster.kubeconfig_path)) as a, \
+                OperatorThread(options("tie-b", proxied)) as b:
+            wait_until(lambda: peers() == {"tie-a": 7, "tie-b": 6}, timeout_s=30, what="tie-b to step down")
+            wait_until(lambda: kube.replicas("tie-l4") == 2, timeout_s=30, what="the winner to scale")
+            _set_min(kube, 3, "tie-l4")
+            wait_until(lambda: kube.replicas("tie-l4") == 3, timeout_s=30, what="a change applied after the tie")
+            writers = set(_scale_writers(emulated_cluster, kube_namespace, "tie-l4"))
+            assert writers == {"variant-autoscaler/tie-a"}, writers
+            assert any(r.method == "PATCH" and r.path.endswith("/kopfpeerings/va-tie") for r in proxy.log)
+        assert a.error is None and b.error is None
+    finally:
+        emulated_cluster.call(proxy.stop)
+
+
+def test_a_priority_tie_goes_to_the_smallest_identity():
+    from variant_autoscaler.operator import peer_is_active
+
+    live = {"lifetime": 60, "lastseen": "2999-01-01T00:00:00+00:00"}
+    status = {"b": {**live, "priority": 5}, "a": {**live, "priority": 5}}
+    assert peer_is_active(status, 5, identity="a") and not peer_is_active(status, 5, identity="b")
+    assert not peer_is_active(status, 5), "without an identity a tie pauses everyone, as kopf does"
+    dead = {"a": {"priority": 5, "lifetime": 60, "lastseen": "2000-01-01T00:00:00+00:00"}, "b": status["b"]}
+    assert peer_is_active(dead, 5, identity="b")

@@ -12,8 +12,10 @@ watched namespace, named `variant-autoscaler`) pauses every replica but the one 
 priority, and the loop applies kopf's own rule to the same peering object before each cycle and
 again right before it writes: it runs only when no other live peer has a priority >= its own.
 Each replica picks a random priority unless one is given, so exactly one wins; a newcomer waits
-`PEERING_GRACE_S` before its first cycle so the old leader sees it first. Equal priorities pause
-everyone, as kopf does.
+`PEERING_GRACE_S` before its first cycle so the old leader sees it first. Equal priorities (two
+replicas given the same --priority) would pause everyone, as kopf does; `variant-autoscaler run`
+gives kopf its instance name as identity, so a tie goes to the smallest identity and the other
+replica steps down one priority and writes it to the peering object at once.
 
 Configuration comes from `RunOptions` (the `run` command's flags, or environment variables when
 kopf's own CLI or `kopf.testing.KopfRunner` starts this module).
@@ -142,15 +144,11 @@ def initial_settings(options: RunOptions) -> OperatorSettings:
     return OperatorSettings()
 
 
-def peer_is_active(status: dict | None, priority: int, now: datetime | None = None) -> bool:
-    """kopf's rule on one peering object: active iff the only live peer with priority >= ours is us.
-
-    A peer is identified by its priority here (kopf's identity is not exposed to handlers): each
-    replica picks a random one, and if two ever share it, both stay paused, as kopf does.
-    """
+def live_peers(status: dict | None, now: datetime | None = None) -> dict[str, int]:
+    """identity -> priority of the peers of one peering object whose lifetime has not run out."""
     now = now or datetime.now(UTC)
-    live_at_or_above = 0
-    for info in (status or {}).values():
+    out = {}
+    for identity, info in (status or {}).items():
         if not isinstance(info, dict):
             continue
         try:
@@ -161,24 +159,45 @@ def peer_is_active(status: dict | None, priority: int, now: datetime | None = No
             continue
         if seen.tzinfo is None:
             seen = seen.replace(tzinfo=UTC)
-        if (seen - now).total_seconds() + lifetime <= 0:
-            continue
-        if prio > priority:
-            return False
-        if prio == priority:
-            live_at_or_above += 1
-    return live_at_or_above == 1
+        if (seen - now).total_seconds() + lifetime > 0:
+            out[str(identity)] = prio
+    return out
+
+
+def tie_winner(status: dict | None, priority: int, identity: str, now: datetime | None = None) -> str | None:
+    """The peer that keeps `priority` when several live peers share it: the smallest identity.
+    None when nobody else has our priority."""
+    same = sorted(i for i, p in live_peers(status, now).items() if p == priority)
+    others = [i for i in same if i != identity]
+    return min([identity, *others]) if others else None
+
+
+def peer_is_active(status: dict | None, priority: int, now: datetime | None = None,
+                   identity: str | None = None) -> bool:
+    """kopf's rule on one peering object: active iff the only live peer with priority >= ours is us.
+
+    Without our identity (kopf's CLI started us), a peer is identified by its priority: if two ever
+    share it, both stay paused, as kopf does. With it (`variant-autoscaler run` gives kopf its
+    instance name), a tie goes to the smallest identity; the other steps down (`Runtime.is_active`).
+    """
+    peers = live_peers(status, now)
+    if any(p > priority for i, p in peers.items() if i != identity):
+        return False
+    if identity is None:
+        return sum(p == priority for p in peers.values()) == 1
+    return peers.get(identity) == priority and tie_winner(status, priority, identity, now) in (None, identity)
 
 
 class Runtime:
     """Everything one operator instance owns (kept in kopf's per-operator memo, never in globals)."""
 
-    def __init__(self, options: RunOptions, kopf_settings: kopf.OperatorSettings):
+    def __init__(self, options: RunOptions, kopf_settings: kopf.OperatorSettings, identity: str | None = None):
         from kubernetes import client as kube_client
 
         self.options = options
         self.kopf_settings = kopf_settings
         self.priority = kopf_settings.peering.priority
+        self.identity: str | None = identity  # kopf's identity of this replica, when we gave it to kopf
         self.peering_name = kopf_settings.peering.name
         api_client = kube_client.ApiClient(configuration=kube_configuration(options))
         configmap_source = options.settings_file is None and bool(options.settings_configmap)
@@ -295,12 +314,42 @@ class Runtime:
         if any(b is None for b in bodies):
             return False
         now = datetime.now(UTC)
-        if not all(peer_is_active(b.get("status"), self.priority, now) for b in bodies):
+        if self.identity is not None and any(tie_winner(b.get("status"), self.priority, self.identity, now)
+                                             not in (None, self.identity) for b in bodies):
+            await self._step_down(names)
+        if not all(peer_is_active(b.get("status"), self.priority, now, self.identity) for b in bodies):
             self.first_seen_self = None
             return False
         if self.first_seen_self is None:
             self.first_seen_self = time.monotonic()
         return time.monotonic() - self.first_seen_self >= self.options.peering_grace_s
+
+    async def _step_down(self, namespaces: list[str]) -> None:
+        """Another live replica has our priority and a smaller identity: it keeps the priority, we take
+        one less and write it to the peering object(s) at once (kopf's own keepalive would take up to
+        a minute), so kopf resumes the winner and pauses us instead of pausing both forever."""
+        old, new = self.priority, self.priority - 1
+        self.priority = self.kopf_settings.peering.priority = new
+        log.warning("peering %r: priority %d is also held by a replica with a smaller identity, which keeps it; "
+                    "this replica (%s) steps down to %d. Give replicas distinct --priority values, or none.",
+                    self.peering_name, old, self.identity, new)
+        entry = {"status": {self.identity: {"priority": new, "lifetime": int(self.kopf_settings.peering.lifetime),
+                                            "lastseen": datetime.now(UTC).isoformat()}}}
+        gw = self.gateway
+
+        def patch() -> None:
+            if not namespaces:
+                gw._json(f"patch clusterkopfpeering {self.peering_name}", gw.custom.patch_cluster_custom_object,
+                         PEERING_GROUP, PEERING_VERSION, "clusterkopfpeerings", self.peering_name, entry,
+                         _content_type="application/merge-patch+json", idempotent_on_conflict=True)
+            for ns in namespaces:
+                gw._json(f"patch kopfpeering {ns}/{self.peering_name}", gw.custom.patch_namespaced_custom_object,
+                         PEERING_GROUP, PEERING_VERSION, ns, "kopfpeerings", self.peering_name, entry,
+                         _content_type="application/merge-patch+json", idempotent_on_conflict=True)
+        try:
+            await gw._in_thread(patch)
+        except ApiCallFailed as err:
+            log.warning("cannot write the lower priority now (kopf's keepalive will): %s", err)
 
     async def _read_namespaced_peering(self, namespace: str) -> dict | None:
         gw = self.gateway
@@ -462,7 +511,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, variant_auto
     settings.posting.enabled = False  # our Events are written by the controller, one per change
     settings.watching.reconnect_backoff = 1.0
     settings.watching.server_timeout = 300
-    runtime = Runtime(options, settings)
+    runtime = Runtime(options, settings, identity=getattr(memo, "identity", None))
     settings.networking.error_backoffs = RetryForever(options.api_error_backoffs_s, on_retry=runtime.note_api_retry)
     runtime.index = variant_autoscalings
     memo.runtime = runtime

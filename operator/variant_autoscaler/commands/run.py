@@ -58,8 +58,9 @@ async def run_operator(options, *, stop_flag: threading.Event | asyncio.Event | 
 
     from variant_autoscaler.operator import registry
 
-    memo = kopf.Memo(options=options)
+    memo = kopf.Memo(options=options, identity=options.instance)
     await kopf.operator(
+        identity=options.instance,
         registry=registry,
         clusterwide=not options.namespaces, namespaces=list(options.namespaces), standalone=options.standalone or None,
         peering_name=None if options.standalone else options.peering, priority=options.priority, memo=memo,
