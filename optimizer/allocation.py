@@ -120,15 +120,20 @@ def allocate(
     *,
     options: AllocationOptions | None = None,
     method: Literal["auto", "monolithic", "decomposition"] = "auto",
+    deadline: float | None = None,
 ) -> Allocation:
     """Choose replicas and routing for every model at least cost within inventory (see module doc).
 
     ``capacity`` maps (variant name, bucket label) to requests/s one replica sustains at SLO (a
     number, or an object with ``max_rate_rps``). ``options`` overrides ``problem.options``.
     ``method`` "auto" solves small problems monolithically and decomposes larger ones.
+    ``deadline`` (a ``time.perf_counter()`` instant) replaces now + ``options.time_limit_s``, so a
+    caller can count its own work (the capacity table) against the same limit.
     """
-    start = time.perf_counter()
+    began = start = time.perf_counter()
     opts = options or problem.options
+    if deadline is not None:
+        start = deadline - opts.time_limit_s
     form = build_formulation(problem, capacity, opts)
     integers = sum(b.col_n.stop - b.col_n.start for b in form.blocks)
     auto = method == "auto"
@@ -138,7 +143,7 @@ def allocate(
         solution = Solution(columns=[], objective=0.0, lower_bound=0.0, status="optimal", method="monolithic")
     elif method == "monolithic":
         try:
-            solution = solve_monolithic(form, opts.time_limit_s, opts.relative_gap)
+            solution = solve_monolithic(form, _left(start, opts), opts.relative_gap)
         except NoMilpSolution:
             # Never fail a solvable input: the decomposition always ends with a feasible answer.
             solution = solve_lagrangian(form, _left(start, opts), opts.relative_gap)
@@ -151,7 +156,7 @@ def allocate(
                                    opts.relative_gap)
             except NoMilpSolution:
                 pass  # keep the decomposition's answer and bound
-    return _report(form, solution, time.perf_counter() - start)
+    return _report(form, solution, time.perf_counter() - began)
 
 
 def _left(start: float, opts: AllocationOptions) -> float:

@@ -14,6 +14,7 @@ import ctypes
 import multiprocessing
 import os
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -106,16 +107,21 @@ class BlockPool:
         self.workers = _usable_cpus() if workers is None else workers
         self._pool = None
 
-    def solve(self, indices: list[int], prices: np.ndarray) -> Iterator[BlockResult]:
-        """Results in the order of `indices`; with workers, every task is handed out before this returns."""
+    def solve(self, indices: list[int], prices: np.ndarray, deadline: float | None = None) -> Iterator[BlockResult]:
+        """Results in the order of `indices`; with workers, every task is handed out before this returns.
+
+        Past ``deadline`` (a ``time.perf_counter()`` instant) the results stop: no new in-process
+        solve starts, and waiting for a worker's next result gives up at the deadline.
+        """
         tasks = [(i, prices) for i in indices]
         if self._pool is None and self.workers > 1 and len(tasks) > 1 and _can_fork():
             global _FORKED
             _FORKED = (self.models, self.gap)
             self._pool = multiprocessing.get_context("fork").Pool(self.workers)
         if self._pool is None or len(tasks) <= 1:
-            return (solve_block(self.models, i, p, self.gap) for i, p in tasks)
-        return self._pool.imap(_solve_forked, tasks, chunksize=1)
+            return (solve_block(self.models, i, p, self.gap) for i, p in tasks
+                    if deadline is None or time.perf_counter() <= deadline)
+        return _until(self._pool.imap(_solve_forked, tasks, chunksize=1), len(tasks), deadline)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -128,6 +134,15 @@ class BlockPool:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _until(results, count: int, deadline: float | None) -> Iterator[BlockResult]:
+    for _ in range(count):
+        wait = None if deadline is None else max(deadline - time.perf_counter(), 0.0)
+        try:
+            yield results.next(wait)
+        except multiprocessing.TimeoutError:
+            return
 
 
 def _usable_cpus() -> int:

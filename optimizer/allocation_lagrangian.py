@@ -33,7 +33,9 @@ duals are prices, go to GLOP; the per-model MILPs and the master MILP to HiGHS. 
 built once and re-solved with only its replica costs re-priced.
 
 Deterministic: per-model searches stop on node counts, results are consumed in submission order,
-and the time limit only stops the loop between steps (reported as status "time_limit").
+and the time limit stops the loop between steps (reported as status "time_limit"): the roundings
+that fit the stock together come first and are always built (they are the answer's floor); the
+cheap roundings, the waits for workers' results and the price rounds stop at the deadline.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ SMOOTHING = 0.5  # next prices = SMOOTHING x best-bound prices + rest x master-L
 MASTER_EVERY = 8  # per-model results between master solves while the first pass runs
 STALL_ROUNDS = 3  # stop after this many price rounds that improve neither bound nor master
 _INTEGRAL = 1e-6
+FINISH_S = 0.1  # kept from the time limit for what follows the deadline: last master solve, workers, report
 
 
 @dataclass
@@ -74,7 +77,7 @@ class _BlockState:
 
 def solve_lagrangian(form: Formulation, time_limit_s: float, relative_gap: float,
                      workers: int | None = None) -> Solution:
-    deadline = time.perf_counter() + max(time_limit_s, 0.05)
+    deadline = time.perf_counter() + max(time_limit_s - FINISH_S, 0.05)
     usage = [form.coupling_usage(b) for b in form.blocks]
     rhs = form.coupling_rhs
     block_gap = max(relative_gap / 4, 1e-6)
@@ -100,13 +103,21 @@ def solve_lagrangian(form: Formulation, time_limit_s: float, relative_gap: float
     rounds = 0
     timed_out = False
     with BlockPool(form, block_gap, workers) as pool:
-        results = pool.solve(pending, prices)  # workers start on these while the roundings are built
+        # workers start on these while the roundings are built
+        results = pool.solve(pending, prices, deadline)
+        # the roundings that fit the stock together come first: they are what a clock-stopped run serves
+        joint = _jointly_feasible_roundings(form, states, fractional, lp_x, prices, usage, rhs)
         for i in fractional:
+            if time.perf_counter() > deadline:
+                break
             block = form.blocks[i]
             rounded = round_block(block, lp_x[i], form.priced_cost(block, prices), form.variant_current[block.variants])
             states[i].columns.append(_column(rounded, block, usage[i]))
             states[i].current = len(states[i].columns) - 1
-        _add_jointly_feasible_roundings(form, states, fractional, lp_x, prices, usage, rhs)
+        for i, column in joint.items():
+            states[i].columns.append(column)
+            if states[i].current == 0:  # no cheap rounding in time: the joint one is the best known
+                states[i].current = len(states[i].columns) - 1
         best_bound = _bound(states, prices, rhs)
         objective, chosen = _master(states, rhs)
         for done, res in enumerate(results, start=1):
@@ -117,8 +128,8 @@ def solve_lagrangian(form: Formulation, time_limit_s: float, relative_gap: float
                 if proven_gap(objective, best_bound) <= relative_gap:
                     break
             if time.perf_counter() > deadline:
-                timed_out = True
                 break
+        timed_out = time.perf_counter() > deadline
         best_prices, stalled = prices, 0
         while (not timed_out and rounds < MAX_ROUNDS and stalled < STALL_ROUNDS
                and proven_gap(objective, best_bound) > relative_gap):
@@ -139,11 +150,11 @@ def solve_lagrangian(form: Formulation, time_limit_s: float, relative_gap: float
                     if np.any(st.columns[st.current].usage[raised] > 0) or np.any(usage[i][lowered] > 0)
                     or not st.exact]
             prices = new_prices
-            for res in pool.solve(redo, prices):
+            for res in pool.solve(redo, prices, deadline):
                 _record(states[res.index], res, form.blocks[res.index], usage[res.index], replace_bound=True)
                 if time.perf_counter() > deadline:
-                    timed_out = True
                     break
+            timed_out = time.perf_counter() > deadline
             if timed_out:
                 break  # some models still hold bounds from the old prices: not a bound at the new ones
             bound_now = _bound(states, prices, rhs)
@@ -162,15 +173,18 @@ def solve_lagrangian(form: Formulation, time_limit_s: float, relative_gap: float
                     method="decomposition", iterations=rounds)
 
 
-def _add_jointly_feasible_roundings(form, states, fractional, lp_x, prices, usage, rhs) -> None:
+def _jointly_feasible_roundings(form, states, fractional, lp_x, prices, usage, rhs) -> dict[int, _Column]:
     """One more column per fractional model, rounded so that all models' columns fit the stock together.
 
     Rounding every LP count down keeps within the LP's usage, hence within stock; the demand this
     drops is then covered model by model (higher unmet penalty first) from what stock is left. The
-    master can therefore always serve nearly all demand, even if the clock stops every MILP.
+    master can therefore always serve nearly all demand, even if the clock stops every MILP. Built
+    whatever the clock says (one rounding per model, milliseconds each): a plan that serves nothing
+    because the limit was short would scale models to zero.
     """
+    columns: dict[int, _Column] = {}
     if not len(rhs):
-        return
+        return columns
     floors = {i: np.maximum(np.floor(lp_x[i][form.blocks[i].col_n] + 1e-7), form.blocks[i].col_lb[form.blocks[i].col_n])
               for i in fractional}
     left = rhs - sum((st.columns[st.current].usage for i, st in enumerate(states) if st.exact), np.zeros(len(rhs)))
@@ -183,7 +197,8 @@ def _add_jointly_feasible_roundings(form, states, fractional, lp_x, prices, usag
         x = round_block(block, lp_x[i], form.priced_cost(block, prices), form.variant_current[block.variants],
                         usage[i], budget)
         left = budget - usage[i] @ x[block.col_n]
-        states[i].columns.append(_column(x, block, usage[i]))
+        columns[i] = _column(x, block, usage[i])
+    return columns
 
 
 def _lp_relaxation(form: Formulation) -> tuple[np.ndarray, list[np.ndarray]]:

@@ -67,17 +67,19 @@ def _floor_and_cover(block: ModelBlock, n, y, u, priced, hi, usage, budget, gree
     need_dec = np.maximum((1 - u) - np.bincount(fb[dec], weights=y[dec], minlength=nb), 0.0) \
         if block.disaggregated else need_pre.copy()
     left = None if budget is None else budget - usage @ n
-    _route(block, work, y, spare, need_pre, need_dec)
+    flows = _Flows(block)
+    _route(flows, y, spare, need_pre, need_dec)
     if not greedy:
         _cover_alone(block, work, y, spare, need_pre, need_dec, priced[block.col_n], n, hi, usage, left)
+    unit_cost = priced[block.col_n].tolist()
     for _ in range(_MAX_ADDED):
-        _route(block, work, y, spare, need_pre, need_dec)
+        _route(flows, y, spare, need_pre, need_dec)
         if need_pre.max(initial=0.0) <= 1e-7 and need_dec.max(initial=0.0) <= 1e-7:
             break
         allowed = n < hi
         if left is not None:
             allowed &= np.all(usage <= left[:, None] + 1e-9, axis=0)
-        w = _best_addition(block, work, spare, need_pre, need_dec, priced[block.col_n], allowed)
+        w = _best_addition(flows, spare, need_pre, need_dec, unit_cost, allowed)
         if w is None:
             break
         n[w] += 1
@@ -151,52 +153,69 @@ def _cover_alone(block: ModelBlock, work, y, spare, need_pre, need_dec, unit_cos
             left -= usage[:, v] * k
 
 
-def _route(block: ModelBlock, work, y, spare, need_pre, need_dec) -> None:
+class _Flows:
+    """A block's flows as Python lists (the pouring loops run on scalars), prepared once per rounding."""
+
+    def __init__(self, block: ModelBlock):
+        work = block.flow_work
+        self.disaggregated = block.disaggregated
+        self.variant, self.bucket = block.flow_variant.tolist(), block.flow_bucket.tolist()
+        self.stage, self.work, self.rates = block.flow_stage.tolist(), work.tolist(), block.rates.tolist()
+        self.by_work = np.argsort(work, kind="stable").tolist()
+        self.of_variant: dict[int, list[int]] = {}  # a variant's flows, least work first
+        for v in np.unique(block.flow_variant).tolist():
+            mine = np.nonzero(block.flow_variant == v)[0]
+            self.of_variant[v] = mine[np.argsort(work[mine])].tolist()
+
+
+def _route(flows: _Flows, y, spare, need_pre, need_dec) -> None:
     """Pour the uncovered shares into spare capacity, most capacity-efficient flows first."""
-    fv, fb, fs = block.flow_variant, block.flow_bucket, block.flow_stage
-    for f in np.argsort(work, kind="stable"):
+    fv, fb, fs, work = flows.variant, flows.bucket, flows.stage, flows.work
+    ys, room, pre, dec = y.tolist(), spare.tolist(), need_pre.tolist(), need_dec.tolist()
+    for f in flows.by_work:
         v, b, stage = fv[f], fb[f], fs[f]
-        if spare[v] <= _EPS:
+        if room[v] <= _EPS:
             continue
         if stage == STAGE_P:
-            want = need_pre[b]
+            want = pre[b]
         elif stage == STAGE_D:
-            want = need_dec[b]
+            want = dec[b]
         else:
-            want = min(need_pre[b], need_dec[b])
+            want = min(pre[b], dec[b])
         if want <= _EPS:
             continue
-        take = min(want, spare[v] / work[f])
-        y[f] += take
-        spare[v] -= take * work[f]
+        take = min(want, room[v] / work[f])
+        ys[f] += take
+        room[v] -= take * work[f]
         if stage != STAGE_D:
-            need_pre[b] -= take
+            pre[b] -= take
         if stage != STAGE_P:
-            need_dec[b] -= take
-        if not block.disaggregated:
-            need_dec[b] = need_pre[b]
+            dec[b] -= take
+        if not flows.disaggregated:
+            dec[b] = pre[b]
+    y[:], spare[:], need_pre[:], need_dec[:] = ys, room, pre, dec
 
 
-def _best_addition(block: ModelBlock, work, spare, need_pre, need_dec, unit_cost, allowed):
+def _best_addition(flows: _Flows, spare, need_pre, need_dec, unit_cost, allowed):
     """The allowed variant whose next replica covers the most uncovered demand (rps) per dollar."""
-    fv, fb, fs = block.flow_variant, block.flow_bucket, block.flow_stage
+    fb, fs, work, rates = flows.bucket, flows.stage, flows.work, flows.rates
+    pre, dec = need_pre.tolist(), need_dec.tolist()
     best, best_ratio = None, np.inf
-    for v in np.nonzero(allowed)[0]:
-        mine = np.nonzero(fv == v)[0]
-        if len(mine) == 0:
+    for v in np.nonzero(allowed)[0].tolist():
+        mine = flows.of_variant.get(v)
+        if not mine:
             continue
-        b, stage = fb[mine], fs[mine]
-        want = np.where(stage == STAGE_P, need_pre[b],
-                        np.where(stage == STAGE_D, need_dec[b], np.minimum(need_pre[b], need_dec[b])))
-        if want.max(initial=0.0) <= _EPS:
+        want = [pre[fb[f]] if fs[f] == STAGE_P else dec[fb[f]] if fs[f] == STAGE_D else min(pre[fb[f]], dec[fb[f]])
+                for f in mine]
+        if max(want, default=0.0) <= _EPS:
             continue
-        room, covered = 1.0 + spare[v], 0.0
-        for k in np.argsort(work[mine]):
+        room, covered = 1.0 + float(spare[v]), 0.0
+        for k, f in enumerate(mine):
             if room <= _EPS:
                 break
-            take = min(want[k], room / work[mine[k]])
-            covered += take * block.rates[b[k]]
-            room -= take * work[mine[k]]
+            take = min(want[k], room / work[f])
+            covered += take * rates[fb[f]]
+            room -= take * work[f]
         ratio = max(unit_cost[v], _EPS) / max(covered, _EPS)
         if covered > _EPS and ratio < best_ratio:
             best, best_ratio = v, ratio

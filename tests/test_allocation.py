@@ -4,6 +4,7 @@ constraint, degrade gracefully when inventory is short, and prove the bounds the
 from __future__ import annotations
 
 import itertools
+import time
 from collections import defaultdict
 
 import numpy as np
@@ -374,3 +375,18 @@ def test_a_milp_stopped_before_any_solution_still_gives_a_feasible_allocation(n_
         for accel in prob.accelerators:
             assert used[accel.name] <= accel.available
         assert a.lower_bound <= a.objective + 1e-6
+
+
+def test_a_deadline_spent_before_the_solve_stops_it_at_its_first_step():
+    """`plan` counts the capacity table against the same limit: a deadline already past when
+    allocate starts leaves the decomposition no price round, and the answer stays within stock."""
+    prob, capacity = many_models(0, n_models=40, time_limit_s=60)
+    a = allocate(prob, capacity, method="decomposition", deadline=time.perf_counter() - 1.0)
+    assert a.status == "time_limit" and a.iterations == 0
+    used = defaultdict(int)
+    for v in prob.variants:
+        used[v.accelerator] += a.replicas[v.name] * v.accelerators_per_replica
+    assert all(used[acc.name] <= acc.available for acc in prob.accelerators)
+    assert a.lower_bound <= a.objective + 1e-6
+    roomy = allocate(prob, capacity, method="decomposition", deadline=time.perf_counter() + 120)
+    assert roomy.objective <= a.objective + 1e-9
