@@ -1,6 +1,7 @@
 """`variant-autoscaler plan`: readable table, JSON output consistent with the fleet, clean errors."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -77,3 +78,13 @@ def test_plan_bad_input_is_one_line_exit_2(tmp_path):
 
     res = run_cli("plan", str(tmp_path / "missing.yaml"))
     assert res.returncode == 2 and "cannot read file" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_plan_reports_the_commands_wall_time_and_the_solve_within_it():
+    res = run_cli("plan", str(FLEET))
+    assert res.returncode == 0, res.stderr
+    found = re.search(r"wall time ([\d.]+) s \(solve ([\d.]+) s: capacity table \+ allocation, time limit ([\d.]+) s\)",
+                      res.stdout)
+    assert found, res.stdout[-500:]
+    wall, solve, _ = map(float, found.groups())
+    assert 0 < solve <= wall

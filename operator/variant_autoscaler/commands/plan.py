@@ -10,6 +10,8 @@ and what limits the plan.
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 from rich import box
@@ -33,8 +35,12 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     problem = load_problem(args.file)
+    # options.time_limit_s covers the whole solve: the capacity table, the LPs and MILPs, the rounding
+    began = time.perf_counter()
     capacity = capacity_table(problem)
-    allocation = allocate(problem, {key: est.max_rate_rps for key, est in capacity.items()})
+    allocation = allocate(problem, {key: est.max_rate_rps for key, est in capacity.items()},
+                          deadline=began + problem.options.time_limit_s)
+    solve_s = time.perf_counter() - began
     console = Console(width=max(110, Console().width))
     show(problem, capacity, allocation, console, with_capacity=args.capacity)
     if args.output:
@@ -44,7 +50,49 @@ def run(args) -> int:
         except OSError as exc:
             raise InputError(args.output, "--output", f"cannot write the plan ({exc.strerror or exc})") from None
         console.print(f"plan written to {args.output}")
+    console.print(f"wall time {command_wall_s():.2f} s (solve {solve_s:.2f} s: capacity table + allocation, "
+                  f"time limit {problem.options.time_limit_s:g} s)", highlight=False)
     return 0
+
+
+_BOLD, _UNSERVED = "[bold]{}[/bold]", "[red]unserved[/red]"
+# Larger tables print as plain columns: rich spends about a millisecond a row laying a table out,
+# which at 100 models (1,000 routing rows) would double what the user waits for past the solve.
+RICH_TABLE_MAX_ROWS = 60
+
+
+def _table(console: Console, title: str, columns: list[tuple[str, str]], rows: list[list[str]]) -> None:
+    if len(rows) <= RICH_TABLE_MAX_ROWS:
+        table = Table(title=title, box=box.SIMPLE_HEAVY)
+        for col, justify in columns:
+            table.add_column(col, justify=justify)
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+        return
+    plain = [[c.replace("[bold]", "").replace("[/bold]", "") if c != _UNSERVED else "unserved" for c in row]
+             for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in plain]) for i, (h, _) in enumerate(columns)]
+    align = {"left": str.ljust, "right": str.rjust, "center": str.center}
+
+    def line(cells) -> str:
+        return "  ".join(align[j](c, w) for c, w, (_, j) in zip(cells, widths, columns, strict=True)).rstrip()
+
+    text = [title, line([h for h, _ in columns]), "  ".join("-" * w for w in widths), *map(line, plain)]
+    console.print("\n".join(text), markup=False, highlight=False, soft_wrap=True)
+
+
+def command_wall_s() -> float:
+    """Seconds since this process started (Linux /proc: interpreter start and imports included)."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime_s = float(Path("/proc/uptime").read_text().split()[0])
+        return max(uptime_s - start_ticks / os.sysconf("SC_CLK_TCK"), time.process_time())
+    except (OSError, ValueError, IndexError):
+        return time.perf_counter() - _IMPORTED_AT
+
+
+_IMPORTED_AT = time.perf_counter()
 
 
 def plan_document(problem: Problem, capacity: dict[tuple[str, str], CapacityEstimate],
@@ -68,41 +116,36 @@ def plan_document(problem: Problem, capacity: dict[tuple[str, str], CapacityEsti
 
 def show(problem: Problem, capacity, allocation: Allocation, console: Console, *, with_capacity: bool) -> None:
     variants = {v.name: v for v in problem.variants}
-    table = Table(title="Replicas per variant", box=box.SIMPLE_HEAVY)
-    for col, justify in (("variant", "left"), ("model", "left"), ("accelerators", "left"), ("role", "center"),
-                         ("current", "right"), ("planned", "right"), ("cost $/h", "right"),
-                         ("load", "right")):
-        table.add_column(col, justify=justify)
+    rows = []
     for name, v in variants.items():
         n = allocation.replicas.get(name, 0)
         if n == 0 and v.current_replicas == 0:
             continue
         load = allocation.normalized_load.get(name)
-        table.add_row(name, v.model, f"{v.accelerators_per_replica} x {v.accelerator}", v.role.value,
-                      str(v.current_replicas), f"[bold]{n}[/bold]",
-                      f"{n * problem.variant_cost_per_hour(v):.2f}", "-" if load is None else f"{load:.2f}")
-    console.print(table)
+        rows.append([name, v.model, f"{v.accelerators_per_replica} x {v.accelerator}", v.role.value,
+                     str(v.current_replicas), _BOLD.format(n),
+                     f"{n * problem.variant_cost_per_hour(v):.2f}", "-" if load is None else f"{load:.2f}"])
+    _table(console, "Replicas per variant", [
+        ("variant", "left"), ("model", "left"), ("accelerators", "left"), ("role", "center"),
+        ("current", "right"), ("planned", "right"), ("cost $/h", "right"), ("load", "right")], rows)
 
-    routes = Table(title="Routing per (model, bucket): share of requests per variant and stage",
-                   box=box.SIMPLE_HEAVY)
-    for col in ("model", "bucket", "req/s", "routes"):
-        routes.add_column(col, justify="right" if col == "req/s" else "left")
+    legs: dict[tuple[str, str], list] = {}
+    for r in allocation.routing:
+        if r.weight > 0:
+            legs.setdefault((r.model, r.bucket), []).append(r)
+    rows = []
     for w in problem.workloads:
         for bucket, rate in w.bucket_rates_rps().items():
-            legs = [r for r in allocation.routing if r.model == w.model and r.bucket == bucket and r.weight > 0]
-            text = ", ".join(f"{r.variant} [{r.stage}] {r.weight:.0%}" for r in legs) or "[red]unserved[/red]"
-            routes.add_row(w.model, bucket, f"{rate:.2f}", text)
-    console.print(routes)
+            text = ", ".join(f"{r.variant} [{r.stage}] {r.weight:.0%}" for r in legs.get((w.model, bucket), ()))
+            rows.append([w.model, bucket, f"{rate:.2f}", text or _UNSERVED])
+    _table(console, "Routing per (model, bucket): share of requests per variant and stage",
+           [("model", "left"), ("bucket", "left"), ("req/s", "right"), ("routes", "left")], rows)
 
     if with_capacity:
-        cap = Table(title="Capacity per replica at SLO (req/s) and what limits it", box=box.SIMPLE_HEAVY)
-        cap.add_column("variant")
-        cap.add_column("bucket")
-        cap.add_column("req/s", justify="right")
-        cap.add_column("limit")
-        for (variant, bucket), est in sorted(capacity.items()):
-            cap.add_row(variant, bucket, f"{est.max_rate_rps:.3f}", est.reason or est.limiting)
-        console.print(cap)
+        rows = [[variant, bucket, f"{est.max_rate_rps:.3f}", est.reason or est.limiting]
+                for (variant, bucket), est in sorted(capacity.items())]
+        _table(console, "Capacity per replica at SLO (req/s) and what limits it",
+               [("variant", "left"), ("bucket", "left"), ("req/s", "right"), ("limit", "left")], rows)
 
     unmet = {m: r for m, r in allocation.unmet_demand_rps.items() if r > 1e-9}
     console.print(f"[bold]Cost {allocation.cost_per_hour:.2f} $/h[/bold]"
