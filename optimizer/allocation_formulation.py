@@ -23,6 +23,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from optimizer.fleet import Role, Variant
+from optimizer.input_limits import MAX_RATE_RPS
 from optimizer.problem import AllocationOptions, Problem
 
 STAGE_PD, STAGE_P, STAGE_D = 0, 1, 2
@@ -179,7 +180,9 @@ def build_formulation(problem: Problem, capacity: Mapping, options: AllocationOp
             raise ValueError(f"capacity names unknown variant {key[0]!r}")
         rate = capacity_value(value)
         if rate > 0:
-            caps[key] = rate
+            # No demand exceeds MAX_RATE_RPS, so a replica that serves more serves all of it either way;
+            # the cap keeps LP coefficients in the range solvers accept (a profile of 1e-300 s is valid input).
+            caps[key] = min(rate, MAX_RATE_RPS)
 
     variants = list(problem.variants)
     model_index = {m.name: i for i, m in enumerate(problem.models)}

@@ -8,37 +8,50 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
+from optimizer import input_limits as lim
 from optimizer.profile import PerformanceProfile
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = lim.STRICT
 
 
 class Accelerator(_Strict):
     """One accelerator type and how many of it the cluster really has."""
 
     name: str = Field(min_length=1, description="Accelerator type, e.g. H100, A100-80G, L4.")
-    memory_gb: float = Field(gt=0, description="Memory of one accelerator in GB (1e9 bytes).")
-    cost_per_hour: float = Field(ge=0, description="Price of one accelerator for one hour.")
-    available: int | None = Field(
-        default=None, ge=0, description="How many the cluster has; None means no limit."
+    memory_gb: float = Field(gt=0, le=lim.MAX_MEMORY_GB, description="Memory of one accelerator in GB (1e9 bytes).")
+    cost_per_hour: float = Field(
+        ge=0, le=lim.MAX_PRICE_PER_HOUR, description="Price of one accelerator for one hour."
     )
-    power_w: float | None = Field(default=None, gt=0, description="Power draw of one accelerator at load.")
-    memory_bandwidth_gb_s: float | None = Field(default=None, gt=0, description="Datasheet HBM/GDDR bandwidth.")
-    peak_tflops: float | None = Field(default=None, gt=0, description="Datasheet dense fp16/bf16 TFLOP/s.")
+    available: int | None = Field(
+        default=None, ge=0, le=lim.MAX_ACCELERATORS, description="How many the cluster has; None means no limit."
+    )
+    power_w: float | None = Field(
+        default=None, gt=0, le=lim.MAX_ACCELERATOR_POWER_W, description="Power draw of one accelerator at load."
+    )
+    memory_bandwidth_gb_s: float | None = Field(
+        default=None, gt=0, le=lim.MAX_BANDWIDTH_GB_S, description="Datasheet HBM/GDDR bandwidth."
+    )
+    peak_tflops: float | None = Field(
+        default=None, gt=0, le=lim.MAX_PEAK_TFLOPS, description="Datasheet dense fp16/bf16 TFLOP/s."
+    )
 
 
 class ModelSpec(_Strict):
     """The facts about a model that sizing needs."""
 
     name: str = Field(min_length=1)
-    weight_gb: float = Field(gt=0, description="Weights in GB (1e9 bytes) at serving precision.")
-    kv_bytes_per_token: float = Field(gt=0, description="KV-cache bytes one token occupies (all layers).")
-    num_layers: int | None = Field(default=None, gt=0)
-    params_b: float | None = Field(default=None, gt=0, description="Parameters, in billions.")
+    weight_gb: float = Field(
+        gt=0, le=lim.MAX_WEIGHT_GB, description="Weights in GB (1e9 bytes) at serving precision."
+    )
+    kv_bytes_per_token: float = Field(
+        gt=0, le=lim.MAX_BYTES_PER_TOKEN, description="KV-cache bytes one token occupies (all layers)."
+    )
+    num_layers: int | None = Field(default=None, gt=0, le=lim.MAX_LAYERS)
+    params_b: float | None = Field(default=None, gt=0, le=lim.MAX_PARAMS_B, description="Parameters, in billions.")
 
 
 class Role(StrEnum):
@@ -69,12 +82,12 @@ class Variant(_Strict):
     name: str = Field(min_length=1)
     model: str = Field(min_length=1, description="Name of a ModelSpec.")
     accelerator: str = Field(min_length=1, description="Name of an Accelerator.")
-    accelerators_per_replica: int = Field(default=1, gt=0)
-    max_batch: int = Field(gt=0, description="Most sequences one replica decodes at once.")
+    accelerators_per_replica: int = Field(default=1, gt=0, le=lim.MAX_ACCELERATORS_PER_REPLICA)
+    max_batch: int = Field(gt=0, le=lim.MAX_BATCH, description="Most sequences one replica decodes at once.")
     role: Role = Role.BOTH
-    min_replicas: int = Field(default=0, ge=0)
-    max_replicas: int | None = Field(default=None, ge=0)
-    current_replicas: int = Field(default=0, ge=0)
+    min_replicas: int = Field(default=0, ge=0, le=lim.MAX_REPLICAS)
+    max_replicas: int | None = Field(default=None, ge=0, le=lim.MAX_REPLICAS)
+    current_replicas: int = Field(default=0, ge=0, le=lim.MAX_REPLICAS)
     profile: PerformanceProfile
 
     @model_validator(mode="after")

@@ -34,6 +34,7 @@ from pydantic import (
 )
 
 from optimizer.flow_residual import flow_can_vary, gain_upper_bounds
+from optimizer.input_limits import MAX_EDGE_CAPACITY
 from optimizer.problem import InputError, format_validation_error, read_document
 from optimizer.scaled_max_flow import ArcLayout, MaxFlow, UnboundedFlow, solve
 
@@ -85,7 +86,11 @@ class Edge(BaseModel):
     @field_validator("capacity")
     @classmethod
     def _unlimited_as_none(cls, c: float | None) -> float | None:
-        return None if c is None or math.isinf(c) else c
+        if c is None or math.isinf(c):
+            return None
+        if c > MAX_EDGE_CAPACITY:
+            raise ValueError(f"must be at most {MAX_EDGE_CAPACITY:g} (or null / .inf for unlimited), got {c:g}")
+        return c
 
 
 class FlowGraph(BaseModel):
@@ -236,7 +241,7 @@ def build_pd_graph(
     both = sorted(set(prefill) & set(decode))
     if both:
         raise GraphFieldError("decode", f"group name(s) {both} also used for prefill groups")
-    edges = [Edge(u=source, v=p, capacity=rate) for p, rate in prefill.items()]
+    edges = [Edge(u=source, v=p, capacity=_capped(rate)) for p, rate in prefill.items()]
     if kv_links is None:
         edges += [Edge(u=p, v=d, capacity=None) for p in prefill for d in decode]
     else:
@@ -248,9 +253,14 @@ def build_pd_graph(
                 raise GraphFieldError(where, f"unknown decode group {d!r} (known: {sorted(decode)})")
             if not bandwidth >= 0:
                 raise GraphFieldError(where, f"bandwidth must be >= 0 bytes/s, got {bandwidth!r}")
-            edges.append(Edge(u=p, v=d, capacity=bandwidth / kv_bytes_per_request))
-    edges += [Edge(u=d, v=sink, capacity=rate) for d, rate in decode.items()]
+            edges.append(Edge(u=p, v=d, capacity=_capped(bandwidth / kv_bytes_per_request)))
+    edges += [Edge(u=d, v=sink, capacity=_capped(rate)) for d, rate in decode.items()]
     return FlowGraph(source=source, sink=sink, edges=edges)
+
+
+def _capped(capacity: float) -> float | None:
+    """A computed capacity above what any input may state is unlimited (None) for the flow."""
+    return None if capacity > MAX_EDGE_CAPACITY else capacity
 
 
 class EdgeFlow(BaseModel):

@@ -11,17 +11,19 @@ import json
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from optimizer import input_limits as lim
 from optimizer.fleet import Accelerator, ModelSpec, Variant
 from optimizer.workload import SLO, Workload
 
 
 class AllocationOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = lim.STRICT
 
     change_penalty_per_replica: float = Field(
-        default=0.0, ge=0, description="Cost per hour charged for each replica added or removed vs current."
+        default=0.0, ge=0, le=lim.MAX_PRICE_PER_HOUR,
+        description="Cost per hour charged for each replica added or removed vs current."
     )
     change_penalty_share: float = Field(
         default=0.0, ge=0, le=10,
@@ -29,20 +31,25 @@ class AllocationOptions(BaseModel):
                     "penalty sized for large replicas keeps small ones forever (a $1/h L4 never pays a $5/h "
                     "penalty back); a share of each replica's price weighs every change against its own saving.",
     )
-    power_cap_w: float | None = Field(default=None, gt=0, description="Upper bound on total accelerator power.")
+    power_cap_w: float | None = Field(
+        default=None, gt=0, le=lim.MAX_FLEET_POWER_W, description="Upper bound on total accelerator power."
+    )
     kv_transfer_gb_s: float = Field(
-        default=25.0, gt=0, description="Bandwidth of the P->D KV-cache link per transfer, GB/s."
+        default=25.0, gt=0, le=lim.MAX_BANDWIDTH_GB_S,
+        description="Bandwidth of the P->D KV-cache link per transfer, GB/s."
     )
     service_level: float = Field(
         default=1.0, gt=0, le=1.0,
         description="Fraction of each replica's SLO capacity to plan for; < 1 buys latency headroom.",
     )
-    time_limit_s: float = Field(default=2.0, gt=0, description="Solver wall-clock limit.")
-    relative_gap: float = Field(default=0.01, ge=0, description="Stop when the proven optimality gap is below this.")
+    time_limit_s: float = Field(default=2.0, gt=0, le=lim.MAX_TIME_LIMIT_S, description="Solver wall-clock limit.")
+    relative_gap: float = Field(
+        default=0.01, ge=0, le=1, description="Stop when the proven optimality gap is below this."
+    )
 
 
 class Problem(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = lim.STRICT
 
     accelerators: list[Accelerator] = Field(min_length=1)
     models: list[ModelSpec] = Field(min_length=1)

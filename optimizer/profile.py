@@ -33,6 +33,8 @@ from typing import Annotated, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from optimizer import input_limits as lim
+
 
 class _PrefillBatch:
     """``prefill_batch_s``, shared by both profile shapes (they only provide ``prefill_s``)."""
@@ -59,17 +61,26 @@ class _PrefillBatch:
 class ParametricProfile(_PrefillBatch, BaseModel):
     """decode_step_s = base + per_seq*batch + per_kv_token*batch*context; prefill_s = base + a*t + b*t^2."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = lim.STRICT
 
     kind: Literal["parametric"] = "parametric"
-    decode_base_s: float = Field(gt=0, description="Decode iteration time at batch 0 (weight read).")
-    decode_per_seq_s: float = Field(default=0.0, ge=0, description="Added per sequence in the batch.")
-    decode_per_kv_token_s: float = Field(
-        default=0.0, ge=0, description="Added per KV-cache token read in one iteration (batch x context)."
+    decode_base_s: float = Field(
+        gt=0, le=lim.MAX_PROFILE_TIME_S, description="Decode iteration time at batch 0 (weight read)."
     )
-    prefill_base_s: float = Field(default=0.0, ge=0, description="Fixed cost of one prefill.")
-    prefill_per_token_s: float = Field(gt=0, description="Prefill time per prompt token.")
-    prefill_per_token_sq_s: float = Field(default=0.0, ge=0, description="Attention term per token squared.")
+    decode_per_seq_s: float = Field(
+        default=0.0, ge=0, le=lim.MAX_PROFILE_TIME_S, description="Added per sequence in the batch."
+    )
+    decode_per_kv_token_s: float = Field(
+        default=0.0, ge=0, le=lim.MAX_PROFILE_TIME_S,
+        description="Added per KV-cache token read in one iteration (batch x context)."
+    )
+    prefill_base_s: float = Field(
+        default=0.0, ge=0, le=lim.MAX_PROFILE_TIME_S, description="Fixed cost of one prefill."
+    )
+    prefill_per_token_s: float = Field(gt=0, le=lim.MAX_PROFILE_TIME_S, description="Prefill time per prompt token.")
+    prefill_per_token_sq_s: float = Field(
+        default=0.0, ge=0, le=lim.MAX_PROFILE_TIME_S, description="Attention term per token squared."
+    )
 
     def decode_step_s(self, batch, context_tokens=0.0):
         """Time of one decode iteration with `batch` sequences of mean context `context_tokens`."""
@@ -81,10 +92,10 @@ class ParametricProfile(_PrefillBatch, BaseModel):
 
 
 class ProfilePoint(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = lim.STRICT
 
-    x: float = Field(ge=0, description="Batch size (decode) or prompt tokens (prefill).")
-    time_s: float = Field(ge=0)
+    x: float = Field(ge=0, le=lim.MAX_TOKENS, description="Batch size (decode) or prompt tokens (prefill).")
+    time_s: float = Field(ge=0, le=lim.MAX_PROFILE_TIME_S)
 
 
 def _check_points(points: list[ProfilePoint], what: str) -> list[ProfilePoint]:
@@ -103,13 +114,14 @@ class TabulatedProfile(_PrefillBatch, BaseModel):
     bigger batch or a longer prompt never takes less time on the same replica.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = lim.STRICT
 
     kind: Literal["tabulated"] = "tabulated"
     decode_points: list[ProfilePoint] = Field(description="(batch, iteration time) points.")
     prefill_points: list[ProfilePoint] = Field(description="(prompt tokens, prefill time) points.")
     decode_per_kv_token_s: float = Field(
-        default=0.0, ge=0, description="Added per KV-cache token read in one iteration (batch x context)."
+        default=0.0, ge=0, le=lim.MAX_PROFILE_TIME_S,
+        description="Added per KV-cache token read in one iteration (batch x context)."
     )
 
     @field_validator("decode_points")

@@ -50,9 +50,10 @@ from typing import Literal
 import requests
 import urllib3
 from prometheus_api_client import PrometheusApiClientException, PrometheusConnect
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, Field, SecretStr, model_validator
 from urllib3.util.retry import Retry
 
+from optimizer import input_limits as lim
 from optimizer.workload import LengthBucket, Workload
 from variant_autoscaler.histogram_estimates import (
     TokenShare,
@@ -64,7 +65,7 @@ from variant_autoscaler.redaction import redact, redact_url, url_secrets
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = lim.STRICT
 
 
 class PrometheusSettings(_Strict):
@@ -76,7 +77,7 @@ class PrometheusSettings(_Strict):
         default=None, description="Read before every collection (service-account tokens rotate).")
     verify_tls: bool = Field(default=True, description="False disables certificate verification.")
     ca_file: Path | None = Field(default=None, description="CA bundle to verify Prometheus's certificate.")
-    timeout_s: float = Field(default=5.0, gt=0, description="Per-query timeout.")
+    timeout_s: float = Field(default=5.0, gt=0, le=lim.MAX_TIME_LIMIT_S, description="Per-query timeout.")
     retries: int = Field(default=0, ge=0, le=5, description="Retries on connection errors and 5xx.")
     headers: dict[str, str] = Field(default_factory=dict, description="Extra HTTP headers (e.g. X-Scope-OrgID).")
 

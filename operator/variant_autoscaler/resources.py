@@ -19,6 +19,7 @@ import re
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from optimizer import input_limits as lim
 from optimizer.fleet import Role
 from optimizer.problem import format_validation_error
 from optimizer.profile import ParametricProfile, PerformanceProfile, TabulatedProfile
@@ -222,12 +223,17 @@ def parse_variant(obj: dict) -> ParsedVariant:
         cost = float(spec["variantCost"]) if spec.get("variantCost") is not None else None
     except (TypeError, ValueError):
         raise InvalidResource("spec.variantCost", f"not a decimal number: {spec['variantCost']!r}") from None
+    if cost is not None and not 0 <= cost <= lim.MAX_PRICE_PER_HOUR:  # also False for NaN
+        raise InvalidResource("spec.variantCost", f"must be between 0 and {lim.MAX_PRICE_PER_HOUR:g} $/h, "
+                                                  f"got {spec['variantCost']!r}")
     min_r = spec.get("minReplicas", 1)
     max_r = spec.get("maxReplicas")
-    for field, value, low in (("spec.minReplicas", min_r, 0), ("spec.maxReplicas", max_r, 0),
-                              ("spec.acceleratorCount", count, 1), ("spec.maxBatch", max_batch, 1)):
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
-            raise InvalidResource(field, f"must be an integer >= {low}, got {value!r}")
+    for field, value, low, high in (("spec.minReplicas", min_r, 0, lim.MAX_REPLICAS),
+                                    ("spec.maxReplicas", max_r, 0, lim.MAX_REPLICAS),
+                                    ("spec.acceleratorCount", count, 1, lim.MAX_ACCELERATORS_PER_REPLICA),
+                                    ("spec.maxBatch", max_batch, 1, lim.MAX_BATCH)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high):
+            raise InvalidResource(field, f"must be an integer from {low} to {high}, got {value!r}")
     if max_r is not None and min_r > max_r:
         raise InvalidResource("spec.minReplicas", f"minReplicas ({min_r}) exceeds maxReplicas ({max_r})")
     try:
@@ -240,8 +246,10 @@ def parse_variant(obj: dict) -> ParsedVariant:
                                                      "needs spec.profile")
     count = 1 if count is None else count
     priority = spec.get("priority")
-    if priority is not None and (not isinstance(priority, int | float) or priority <= 0):
-        raise InvalidResource("spec.priority", f"must be a number > 0, got {priority!r}")
+    if priority is not None and (not isinstance(priority, int | float) or isinstance(priority, bool)
+                                 or not lim.MIN_PRIORITY <= priority <= lim.MAX_PRIORITY):
+        raise InvalidResource("spec.priority", f"must be a number from {lim.MIN_PRIORITY:g} to {lim.MAX_PRIORITY:g}, "
+                                               f"got {priority!r}")
 
     return ParsedVariant(
         ref=ref, generation=int(meta.get("generation") or 0), created=str(meta.get("creationTimestamp") or ""),

@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from optimizer import input_limits as lim
 from optimizer.datasheet import DATASHEETS, MODEL_FACTS, ModelFacts
 from optimizer.fleet import Accelerator, ModelSpec
 from optimizer.problem import InputError, format_validation_error, read_document, read_text
@@ -43,16 +44,22 @@ GPU_RESOURCE = "nvidia.com/gpu"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = lim.STRICT
 
 
 class AcceleratorSettings(_Strict):
     """One accelerator type: its price and how many the cluster has."""
 
     name: str = Field(min_length=1, description="As VariantAutoscaling spec.accelerator names it (H100, L4...).")
-    cost_per_hour: float = Field(ge=0, description="Price of one accelerator for one hour.")
-    available: int | None = Field(default=None, ge=0, description="How many exist; None: unlimited or discovered.")
-    memory_gb: float | None = Field(default=None, gt=0, description="Default: the datasheet value for known types.")
+    cost_per_hour: float = Field(
+        ge=0, le=lim.MAX_PRICE_PER_HOUR, description="Price of one accelerator for one hour."
+    )
+    available: int | None = Field(
+        default=None, ge=0, le=lim.MAX_ACCELERATORS, description="How many exist; None: unlimited or discovered."
+    )
+    memory_gb: float | None = Field(
+        default=None, gt=0, le=lim.MAX_MEMORY_GB, description="Default: the datasheet value for known types."
+    )
     product_labels: list[str] = Field(
         default_factory=list, description=f"Values of the node label {GPU_PRODUCT_LABEL} that are this type.")
 
@@ -74,9 +81,9 @@ class AcceleratorSettings(_Strict):
 
 
 class SloSettings(_Strict):
-    ttft_s: float = Field(gt=0)
-    itl_s: float = Field(gt=0)
-    e2e_s: float | None = Field(default=None, gt=0)
+    ttft_s: float = Field(gt=0, le=lim.MAX_DURATION_S)
+    itl_s: float = Field(gt=0, le=lim.MAX_DURATION_S)
+    e2e_s: float | None = Field(default=None, gt=0, le=lim.MAX_DURATION_S)
     percentile: float = Field(default=90.0, gt=0, lt=100)
 
     def for_model(self, model: str) -> SLO:
@@ -98,10 +105,10 @@ class ModelSettings(_Strict):
     name: str = Field(min_length=1, description="modelID, e.g. meta-llama/Llama-3.1-8B-Instruct.")
     architecture: str | None = Field(
         default=None, description=f"Known architecture for weights/KV size and datasheet profiles: {sorted(MODEL_FACTS)}.")
-    weight_gb: float | None = Field(default=None, gt=0)
-    kv_bytes_per_token: float | None = Field(default=None, gt=0)
+    weight_gb: float | None = Field(default=None, gt=0, le=lim.MAX_WEIGHT_GB)
+    kv_bytes_per_token: float | None = Field(default=None, gt=0, le=lim.MAX_BYTES_PER_TOKEN)
     slo: SloSettings | None = None
-    priority: float = Field(default=1.0, gt=0)
+    priority: float = Field(default=1.0, ge=lim.MIN_PRIORITY, le=lim.MAX_PRIORITY)
     length_mix: list[LengthBucket] | None = Field(
         default=None, description="Request-length mix to size for when the metrics show none yet.")
 
@@ -122,14 +129,24 @@ class OperatorSettings(_Strict):
     interval_s: float = Field(default=30.0, gt=0, le=3600, description="Seconds between optimization cycles.")
     prometheus: PrometheusSettings = Field(
         default_factory=lambda: PrometheusSettings(url="http://prometheus-operated.monitoring.svc:9090"))
-    rate_window_s: float = Field(default=60.0, ge=2, description="Window of the rates the collector reads.")
-    staleness_threshold_s: float = Field(default=60.0, gt=0, description="Metrics older than this are stale.")
+    rate_window_s: float = Field(
+        default=60.0, ge=2, le=lim.MAX_DURATION_S, description="Window of the rates the collector reads."
+    )
+    staleness_threshold_s: float = Field(
+        default=60.0, gt=0, le=lim.MAX_DURATION_S, description="Metrics older than this are stale."
+    )
     variant_label: str | None = Field(default=None, description="Series label naming the variant, if scraped.")
     actuation_mode: Literal["direct", "metrics"] = Field(
         default="direct", description="direct: write the scale subresource; metrics: only publish for an HPA/KEDA.")
-    scale_up_window_s: float = Field(default=0.0, ge=0, description="HPA-style scale-up stabilization window.")
-    scale_down_window_s: float = Field(default=300.0, ge=0, description="HPA-style scale-down stabilization window.")
-    max_change_per_cycle: int | None = Field(default=None, gt=0, description="Most replicas one variant moves per cycle.")
+    scale_up_window_s: float = Field(
+        default=0.0, ge=0, le=lim.MAX_DURATION_S, description="HPA-style scale-up stabilization window."
+    )
+    scale_down_window_s: float = Field(
+        default=300.0, ge=0, le=lim.MAX_DURATION_S, description="HPA-style scale-down stabilization window."
+    )
+    max_change_per_cycle: int | None = Field(
+        default=None, gt=0, le=lim.MAX_REPLICAS, description="Most replicas one variant moves per cycle."
+    )
     watched_namespaces: list[str] = Field(default_factory=list, description="Empty: all namespaces.")
     accelerators: list[AcceleratorSettings] = Field(default_factory=list)
     discover_inventory: bool = Field(default=False, description="Count accelerators from node labels/allocatable.")
@@ -139,15 +156,24 @@ class OperatorSettings(_Strict):
     default_length_mix: list[LengthBucket] = Field(
         default_factory=lambda: [LengthBucket(input_tokens=512, output_tokens=256, share=1.0)],
         description="Mix to size for before any traffic is observed.")
-    default_max_batch: int = Field(default=256, gt=0, description="maxBatch of variants that set none.")
-    change_penalty: float = Field(default=0.0, ge=0, description="Cost per hour charged per replica changed.")
-    kv_transfer_gb_s: float = Field(default=25.0, gt=0, description="P->D KV-cache link bandwidth, GB/s.")
+    default_max_batch: int = Field(
+        default=256, gt=0, le=lim.MAX_BATCH, description="maxBatch of variants that set none."
+    )
+    change_penalty: float = Field(
+        default=0.0, ge=0, le=lim.MAX_PRICE_PER_HOUR, description="Cost per hour charged per replica changed."
+    )
+    kv_transfer_gb_s: float = Field(
+        default=25.0, gt=0, le=lim.MAX_BANDWIDTH_GB_S, description="P->D KV-cache link bandwidth, GB/s."
+    )
     service_level: float = Field(default=1.0, gt=0, le=1, description="Share of SLO capacity to plan for.")
     optimizer_time_limit_s: float = Field(
-        default=1.0, gt=0, description="Allocation solver budget; the whole cycle aims at <= 2 s for 1,000 variants.")
+        default=1.0, gt=0, le=lim.MAX_TIME_LIMIT_S,
+        description="Allocation solver budget; the whole cycle aims at <= 2 s for 1,000 variants.")
     online_profile_fit: bool = Field(default=True, description="Fit profiles from metrics for variants without one.")
     api_retries: int = Field(default=5, ge=0, le=20, description="Retries of a Kubernetes API call on 409/5xx.")
-    api_backoff_s: float = Field(default=0.2, gt=0, description="First retry delay; doubles, capped at 5 s.")
+    api_backoff_s: float = Field(
+        default=0.2, gt=0, le=lim.MAX_DURATION_S, description="First retry delay; doubles, capped at 5 s."
+    )
 
     @model_validator(mode="after")
     def _unique(self) -> OperatorSettings:

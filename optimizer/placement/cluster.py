@@ -14,28 +14,30 @@ like with like (see examples/clusters/*.yaml).
 
 from __future__ import annotations
 
+from collections import Counter
 from functools import cached_property
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from optimizer import input_limits as lim
 from optimizer.fleet import Accelerator, ModelSpec
 from optimizer.problem import InputError, format_validation_error, read_document
-from optimizer.profile import PerformanceProfile
+from optimizer.profile import PerformanceProfile, TabulatedProfile
 
 GB = 1e9
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = lim.STRICT
 
 
 class Bandwidth(_Strict):
     """A link or NIC speed, given in exactly one unit, and its one-way latency."""
 
-    gb_s: float | None = Field(default=None, gt=0, description="1e9 bytes per second.")
-    gbps: float | None = Field(default=None, gt=0, description="1e9 bits per second.")
-    latency_ms: float = Field(default=0.0, ge=0)
+    gb_s: float | None = Field(default=None, gt=0, le=lim.MAX_BANDWIDTH_GB_S, description="1e9 bytes per second.")
+    gbps: float | None = Field(default=None, gt=0, le=lim.MAX_BANDWIDTH_GBPS, description="1e9 bits per second.")
+    latency_ms: float = Field(default=0.0, ge=0, le=lim.MAX_LATENCY_MS)
 
     @model_validator(mode="after")
     def _one_unit(self) -> Bandwidth:
@@ -62,14 +64,33 @@ class ModelDescription(_Strict):
     """What placement needs to know of a model: its layers and the bytes they move and hold."""
 
     name: str = Field(min_length=1)
-    num_layers: int = Field(gt=0)
-    layer_weight_gb: float = Field(gt=0, description="Weights of one transformer layer, GB (1e9 bytes).")
-    weight_gb: float | None = Field(default=None, gt=0, description="Whole model; default layers x layer weight.")
-    kv_bytes_per_token_layer: float = Field(gt=0, description="KV-cache bytes of one token in one layer.")
-    activation_bytes_per_token: float = Field(gt=0, description="Hidden state sent between pipeline stages.")
-    token_bytes: float = Field(default=2.0, gt=0, description="A token id as sent to the first stage.")
+    num_layers: int = Field(gt=0, le=lim.MAX_LAYERS)
+    layer_weight_gb: float = Field(
+        gt=0, le=lim.MAX_WEIGHT_GB, description="Weights of one transformer layer, GB (1e9 bytes)."
+    )
+    weight_gb: float | None = Field(
+        default=None, gt=0, le=lim.MAX_WEIGHT_GB, description="Whole model; default layers x layer weight."
+    )
+    kv_bytes_per_token_layer: float = Field(
+        gt=0, le=lim.MAX_BYTES_PER_TOKEN, description="KV-cache bytes of one token in one layer."
+    )
+    activation_bytes_per_token: float = Field(
+        gt=0, le=lim.MAX_BYTES_PER_TOKEN, description="Hidden state sent between pipeline stages."
+    )
+    token_bytes: float = Field(
+        default=2.0, gt=0, le=lim.MAX_BYTES_PER_TOKEN, description="A token id as sent to the first stage."
+    )
     profile_dir: str | None = Field(
         default=None, description="Folder of this model's measured per-layer profiles under --profiles ROOT.")
+
+    @model_validator(mode="after")
+    def _whole_model(self) -> ModelDescription:
+        if self.total_weight_gb > lim.MAX_WEIGHT_GB:
+            raise ValueError(f"the whole model weighs {self.total_weight_gb:g} GB, more than {lim.MAX_WEIGHT_GB:g}")
+        if self.kv_bytes_per_token > lim.MAX_BYTES_PER_TOKEN:
+            raise ValueError(f"KV bytes per token of all layers ({self.kv_bytes_per_token:g}) exceed "
+                             f"{lim.MAX_BYTES_PER_TOKEN:g}")
+        return self
 
     @property
     def total_weight_gb(self) -> float:
@@ -87,15 +108,21 @@ class ModelDescription(_Strict):
 class MachineCalibration(_Strict):
     """Facts about one model on one machine type; every field may be left to its default rule."""
 
-    max_layers: int | None = Field(default=None, gt=0, description="Default: half the machine memory / layer weight.")
+    max_layers: int | None = Field(
+        default=None, gt=0, le=lim.MAX_LAYERS, description="Default: half the machine memory / layer weight."
+    )
     typical_layers: int | None = Field(
-        default=None, gt=0, description="Layers a node usually holds (Helix's batch estimate); default 2/3 of max.")
+        default=None, gt=0, le=lim.MAX_LAYERS,
+        description="Layers a node usually holds (Helix's batch estimate); default 2/3 of max.")
     relative_speed: float | None = Field(
-        default=None, gt=0, description="Starting guess of layers x tokens/s for Helix's fixed-point estimate.")
+        default=None, gt=0, le=lim.MAX_RELATIVE_SPEED,
+        description="Starting guess of layers x tokens/s for Helix's fixed-point estimate.")
     usable_memory_gb: float | None = Field(
-        default=None, gt=0, description="Memory the engine leaves for weights + KV; default 85 % of the machine's.")
+        default=None, gt=0, le=lim.MAX_MEMORY_GB * lim.MAX_GPUS_PER_MACHINE,
+        description="Memory the engine leaves for weights + KV; default 85 % of the machine's.")
     layer_memory_gb: float | None = Field(
-        default=None, gt=0, description="Memory one layer's weights take on this machine; default the model's.")
+        default=None, gt=0, le=lim.MAX_WEIGHT_GB,
+        description="Memory one layer's weights take on this machine; default the model's.")
     profile_dir: str | None = Field(default=None, description="Folder of measured per-layer times under the model's.")
     layer_profile: PerformanceProfile | None = Field(
         default=None, description="Per-layer times as a profile (seconds for ONE layer), used without --profiles.")
@@ -106,9 +133,11 @@ class MachineType(_Strict):
 
     name: str = Field(min_length=1)
     accelerator: str = Field(min_length=1, description="GPU type, e.g. A100-40G; variants use this name.")
-    gpus: int = Field(default=1, gt=0, description="GPUs in one machine.")
-    gpu_memory_gb: float = Field(gt=0, description="Memory of one GPU, GB.")
-    cost_per_hour: float = Field(default=0.0, ge=0, description="Price of the whole machine for one hour.")
+    gpus: int = Field(default=1, gt=0, le=lim.MAX_GPUS_PER_MACHINE, description="GPUs in one machine.")
+    gpu_memory_gb: float = Field(gt=0, le=lim.MAX_MEMORY_GB, description="Memory of one GPU, GB.")
+    cost_per_hour: float = Field(
+        default=0.0, ge=0, le=lim.MAX_PRICE_PER_HOUR, description="Price of the whole machine for one hour."
+    )
     nic: Bandwidth = Field(description="Network card, each direction.")
     intra_node: Bandwidth = Field(
         default=Bandwidth(gb_s=16.0), description="GPU-to-GPU inside the machine (PCIe 4 x16 by default).")
@@ -132,7 +161,7 @@ class MachineType(_Strict):
 
 class NodeGroupSpec(_Strict):
     type: str = Field(min_length=1, description="Name of a machine type.")
-    count: int = Field(gt=0)
+    count: int = Field(gt=0, le=lim.MAX_CLUSTER_NODES)
     region: str | None = None
     prefix: str | None = Field(default=None, description="Node names are <prefix>-<i>; default the type in lower case.")
 
@@ -164,13 +193,16 @@ class NetworkSpec(_Strict):
 class ThroughputSettings(_Strict):
     """Constants of Helix's node-throughput model (its defaults, so figures compare like with like)."""
 
-    avg_input_tokens: int = Field(default=750, gt=0)
-    avg_output_tokens: int = Field(default=240, gt=0)
+    avg_input_tokens: int = Field(default=750, gt=0, le=lim.MAX_TOKENS)
+    avg_output_tokens: int = Field(default=240, gt=0, le=lim.MAX_TOKENS)
     kv_high_water: float = Field(default=0.3, gt=0, le=1, description="Share of KV cache a node plans to fill.")
-    kv_block_tokens: int = Field(default=16, gt=0, description="vLLM block size; capacity is whole blocks.")
+    kv_block_tokens: int = Field(
+        default=16, gt=0, le=lim.MAX_TOKENS, description="vLLM block size; capacity is whole blocks."
+    )
     iterations: int = Field(default=10, gt=0, le=1000, description="Rounds of the speed fixed-point estimate.")
     dense_factor: float = Field(
-        default=1.2, gt=0, description="Use max_layers as typical when typical capacity < factor x layers.")
+        default=1.2, gt=0, le=lim.MAX_LAYERS,
+        description="Use max_layers as typical when typical capacity < factor x layers.")
 
 
 class ClusterSpec(_Strict):
@@ -204,8 +236,22 @@ class ClusterSpec(_Strict):
                 raise ValueError(f"nodes[{i}].type: unknown machine type {g.type!r} (known: {sorted(types)})")
             if g.region is not None and g.region not in regions:
                 raise ValueError(f"nodes[{i}].region: unknown region {g.region!r} (known: {sorted(regions)})")
+        total = sum(g.count for g in self.nodes)
+        if total > lim.MAX_CLUSTER_NODES:
+            raise ValueError(f"nodes: {total} nodes in all, more than placement handles ({lim.MAX_CLUSTER_NODES})")
+        gpus = {t.name: t.gpus for t in self.machine_types}
+        total = sum(g.count * gpus[g.type] for g in self.nodes)
+        if total > lim.MAX_CLUSTER_GPUS:
+            raise ValueError(f"nodes: {total} GPUs in all, more than placement handles ({lim.MAX_CLUSTER_GPUS})")
+        layers = {m.name: m.num_layers for m in self.models}
+        for i, t in enumerate(self.machine_types):
+            for name, calib in t.models.items():
+                slowest = _slowest_layer_s(calib.layer_profile)
+                if slowest * layers[name] > lim.MAX_PROFILE_TIME_S:
+                    raise ValueError(f"machine_types[{i}].models.{name}.layer_profile: {layers[name]} layers of "
+                                     f"{slowest:g} s take more than {lim.MAX_PROFILE_TIME_S:g} s")
         names = _node_names(self)
-        dupes = sorted({n for n in names if names.count(n) > 1})
+        dupes = sorted(n for n, k in Counter(names).items() if k > 1)
         if dupes:
             raise ValueError(f"nodes: duplicate node name(s) {dupes[:5]}; give each group its own prefix")
         known = set(names) | regions
@@ -214,6 +260,15 @@ class ClusterSpec(_Strict):
                 if getattr(link, end) not in known:
                     raise ValueError(f"network.links[{i}].{end}: unknown node or region {getattr(link, end)!r}")
         return self
+
+
+def _slowest_layer_s(profile: PerformanceProfile | None) -> float:
+    """The largest time or time coefficient of a per-layer profile (0 without one)."""
+    if profile is None:
+        return 0.0
+    if isinstance(profile, TabulatedProfile):
+        return max([p.time_s for p in profile.decode_points + profile.prefill_points] + [profile.decode_per_kv_token_s])
+    return max(v for k, v in profile.model_dump().items() if k.endswith("_s"))
 
 
 def _node_names(spec: ClusterSpec) -> list[str]:

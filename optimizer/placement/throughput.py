@@ -165,9 +165,13 @@ class NodeThroughputModel:
     def _compute_tps(self, m: MachineModel, k: int, speed: dict[str, float]) -> float:
         s = self.settings
         big_l = self.model.num_layers
-        layer_time = {name: 1.0 / v for name, v in speed.items()}
-        held = sum(x.count * x.typical_layers for x in self.machines.values())
-        mean_layer_time = sum(x.count * x.typical_layers * layer_time[x.name] for x in self.machines.values()) / held
+        # Machine types that serve nothing (no room for KV, or no time measured) hold no share of a token.
+        layer_time = {name: 1.0 / v for name, v in speed.items() if v > 0 and math.isfinite(1.0 / v)}
+        serving = [x for x in self.machines.values() if x.name in layer_time]
+        if m.name not in layer_time:
+            return 0.0
+        held = sum(x.count * x.typical_layers for x in serving)
+        mean_layer_time = sum(x.count * x.typical_layers * layer_time[x.name] for x in serving) / held
         own = k * layer_time[m.name]
         share = own / (max(big_l - k, 0) * mean_layer_time + own)
         per_layer = int(s.kv_high_water * self.kv_tokens_per_layer(m, k))
@@ -177,6 +181,8 @@ class NodeThroughputModel:
         prompts = per_layer / seq * share / s.avg_output_tokens
         prompt_tokens = round(prompts * s.avg_input_tokens)
         decode_tokens = round(per_layer / seq * share)
+        if not prompts > 0:
+            return 0.0
         if prompts > 1:
             prompts, prompt_tokens, decode_tokens = 1.0, s.avg_input_tokens, s.avg_output_tokens
         if prompts >= 1:
