@@ -13,7 +13,6 @@ import json
 import time
 
 import pytest
-import yaml
 from conftest_metrics import FakePrometheus
 from operator_harness import (
     H100_PROFILE,
@@ -45,6 +44,19 @@ def make_controller(api, namespace: str, settings: dict | None = None, collect=N
     gateway = KubeGateway(api, retry=RetryPolicy(attempts=5, first_delay_s=0.05, max_delay_s=0.4))
     return Controller(ControllerDeps(gateway=gateway, settings=store, exporter=Exporter(),
                                      collect=collect or Demand().collect, **deps))
+
+
+def wva_manifest(namespace: str, name: str, target: str, model: str, *, acc_count: int,
+                 variant_cost: str | None = None) -> dict:
+    """An llm-d WVA README-style manifest (its older modelProfile block), apiVersion changed only."""
+    spec = {"scaleTargetRef": {"kind": "Deployment", "name": target}, "modelID": model,
+            **({"variantCost": variant_cost} if variant_cost else {}),
+            "modelProfile": {"accelerators": [{
+                "acc": "A100-80G", "accCount": acc_count, "maxBatchSize": 256,
+                "perfParms": {"decodeParms": {"alpha": "20.58", "beta": "0.41"},
+                              "prefillParms": {"gamma": "5.2", "delta": "0.1"}}}]}}
+    return {"apiVersion": "autoscaling.variant-autoscaler.io/v1alpha1", "kind": "VariantAutoscaling",
+            "metadata": {"name": name, "namespace": namespace}, "spec": spec}
 
 
 def cycle(controller: Controller):
@@ -265,31 +277,9 @@ def test_missing_target_sets_target_resolved_false(kube, kube_api):
 
 def test_wva_manifest_with_only_the_api_version_changed_is_reconciled(kube, kube_api):
     """The llm-d WVA README example (plus its older modelProfile block), apiVersion changed only."""
-    manifest = f"""
-apiVersion: autoscaling.variant-autoscaler.io/v1alpha1
-kind: VariantAutoscaling
-metadata:
-  name: llama-8b-autoscaler
-  namespace: {kube.ns}
-spec:
-  scaleTargetRef:
-    kind: Deployment
-    name: llama-8b
-  modelID: "meta/llama-3.1-8b"
-  variantCost: "10.0"
-  modelProfile:
-    accelerators:
-      - acc: "A100-80G"
-        accCount: 1
-        perfParms:
-          decodeParms: {{alpha: "20.58", beta: "0.41"}}
-          prefillParms: {{gamma: "5.2", delta: "0.1"}}
-        maxBatchSize: 256
-"""
-    import yaml
-
     kube.deploy("llama-8b", 1)
-    kube.apply_variant(yaml.safe_load(manifest))
+    kube.apply_variant(wva_manifest(kube.ns, "llama-8b-autoscaler", "llama-8b", "meta/llama-3.1-8b", acc_count=1,
+                                    variant_cost="10.0"))
     settings = settings_dict(models=[], accelerators=[{"name": "A100-80G", "cost_per_hour": 2.5}],
                              default_slo={"ttft_s": 2.0, "itl_s": 0.1})
     report = cycle(make_controller(kube_api, kube.ns, settings, collect=Demand({"meta/llama-3.1-8b": 100.0}).collect))
@@ -501,22 +491,7 @@ def test_a_newer_duplicate_va_never_takes_a_target_over_from_the_older_one(kube,
 
 def test_a_wva_acc_count_is_honoured_over_the_crd_default(kube, kube_api):
     """An llm-d WVA manifest whose replica takes 4 GPUs (accCount: 4) is costed and counted as 4 GPUs a replica."""
-    manifest = yaml.safe_load(f"""
-apiVersion: autoscaling.variant-autoscaler.io/v1alpha1
-kind: VariantAutoscaling
-metadata: {{name: llama-70b, namespace: {kube.ns}}}
-spec:
-  scaleTargetRef: {{kind: Deployment, name: llama-70b}}
-  modelID: "meta/llama-3.1-70b"
-  modelProfile:
-    accelerators:
-      - acc: "A100-80G"
-        accCount: 4
-        perfParms:
-          decodeParms: {{alpha: "20.58", beta: "0.41"}}
-          prefillParms: {{gamma: "5.2", delta: "0.1"}}
-        maxBatchSize: 256
-""")
+    manifest = wva_manifest(kube.ns, "llama-70b", "llama-70b", "meta/llama-3.1-70b", acc_count=4)
     kube.deploy("llama-70b", 1)
     stored = kube.apply_variant(manifest)
     assert "acceleratorCount" not in stored["spec"]

@@ -33,6 +33,30 @@ def _scale_writers(cluster, namespace: str, deployment: str) -> list[str]:
             if r.method == "PUT" and r.path == f"/apis/apps/v1/namespaces/{namespace}/deployments/{deployment}/scale"]
 
 
+@pytest.fixture
+def kopf_proxy(emulated_cluster, tmp_path):
+    """A fault proxy in front of the cluster and a kubeconfig that points an operator through it."""
+    proxy = emulated_cluster.call(FaultProxy(upstream=emulated_cluster.url).start)
+    kubeconfig = tmp_path / "proxy.kubeconfig"
+    kubeconfig.write_text(kubeconfig_text(proxy.url, emulated_cluster.token))
+    try:
+        yield proxy, kubeconfig
+    finally:
+        emulated_cluster.call(proxy.stop)
+
+
+def _settings_file(tmp_path, namespace: str, **over):
+    """settings.yaml watching `namespace`, with a Prometheus that is not there (these tests need no metrics)."""
+    path = tmp_path / "settings.yaml"
+    path.write_text(yaml.safe_dump(settings_dict(watched_namespaces=[namespace], **{
+        "prometheus": {"url": f"http://127.0.0.1:{free_port()}", "timeout_s": 0.5}, **over})))
+    return path
+
+
+def _metrics(port: int) -> str:
+    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+
+
 def test_only_the_highest_priority_replica_actuates_and_the_other_takes_over(
         emulated_cluster, kube_api, kube_namespace, tmp_path):
     kube = Kube(kube_api, kube_namespace)
@@ -110,51 +134,37 @@ def test_the_peering_rule_is_kopfs(status, mine, active):
     assert peer_is_active(status, mine) is active
 
 
-def test_dropped_watches_and_5xx_on_reconnect_are_retried(emulated_cluster, kube_api, kube_namespace, tmp_path):
+def test_dropped_watches_and_5xx_on_reconnect_are_retried(emulated_cluster, kube_api, kube_namespace, tmp_path, kopf_proxy):
     kube = Kube(kube_api, kube_namespace)
     kube.deploy("watch-l4", 1)
     kube.apply_variant(variant("watch-l4", "watch-l4", profile=L4_PROFILE, min_replicas=1))
-    proxy = emulated_cluster.call(FaultProxy(upstream=emulated_cluster.url).start)
-    kubeconfig = tmp_path / "proxy.kubeconfig"
-    kubeconfig.write_text(kubeconfig_text(proxy.url, emulated_cluster.token))
-    path = tmp_path / "settings.yaml"
-    path.write_text(yaml.safe_dump(settings_dict(interval_s=600, watched_namespaces=[kube_namespace],
-                                                 prometheus={"url": f"http://127.0.0.1:{free_port()}",
-                                                             "timeout_s": 0.5})))
+    proxy, kubeconfig = kopf_proxy
+    path = _settings_file(tmp_path, kube_namespace, interval_s=600)
     options = RunOptions(settings_file=path, kubeconfig=kubeconfig, metrics_host="127.0.0.1", metrics_port=0,
                          standalone=True, namespaces=(kube_namespace,), instance="watch-test")
     va_watch = rf"/namespaces/{kube_namespace}/variantautoscalings$"
-    try:
-        with OperatorThread(options):
-            wait_until(lambda: kube.condition("watch-l4", "TargetResolved"), timeout_s=20, what="a first cycle")
-            rule = proxy.add(FaultRule(method="GET", path=va_watch, watch=True, status=503, times=3))
-            dropped = emulated_cluster.call(proxy.drop_watches)
-            assert dropped >= 1
-            _set_min(kube, 2, "watch-l4")
-            # the loop sleeps 600 s between cycles: only the re-established watch can wake it
-            wait_until(lambda: kube.replicas("watch-l4") == 2, timeout_s=40, what="the change seen through a new watch")
-            assert rule.hits == 3
-            watches = [r.status for r in proxy.log if r.injected is not None or
-                       ("watch=true" in r.query and r.path.endswith("/variantautoscalings"))]
-            assert watches.count(503) == 3 and 200 in watches[watches.index(503):]
-    finally:
-        emulated_cluster.call(proxy.stop)
+    with OperatorThread(options):
+        wait_until(lambda: kube.condition("watch-l4", "TargetResolved"), timeout_s=20, what="a first cycle")
+        rule = proxy.add(FaultRule(method="GET", path=va_watch, watch=True, status=503, times=3))
+        wait_until(lambda: emulated_cluster.call(proxy.drop_watches) >= 1, timeout_s=20, what="a watch to cut")
+        _set_min(kube, 2, "watch-l4")
+        # the loop sleeps 600 s between cycles: only the re-established watch can wake it
+        wait_until(lambda: kube.replicas("watch-l4") == 2, timeout_s=40, what="the change seen through a new watch")
+        assert rule.hits == 3
+        watches = [r.status for r in proxy.log if r.injected is not None or
+                   ("watch=true" in r.query and r.path.endswith("/variantautoscalings"))]
+        assert watches.count(503) == 3 and 200 in watches[watches.index(503):]
 
 
 def test_an_api_server_down_longer_than_the_backoffs_never_ends_the_operator(
-        emulated_cluster, kube_api, kube_namespace, tmp_path):
+        emulated_cluster, kube_api, kube_namespace, tmp_path, kopf_proxy):
     """Watch reconnects answered 503 many more times than there are backoffs: kopf used to give the
     request up and the process exited (rc=1); now the last backoff repeats until the API answers."""
     kube = Kube(kube_api, kube_namespace)
     kube.deploy("outage-l4", 1)
     kube.apply_variant(variant("outage-l4", "outage-l4", profile=L4_PROFILE, min_replicas=1))
-    proxy = emulated_cluster.call(FaultProxy(upstream=emulated_cluster.url).start)
-    kubeconfig = tmp_path / "proxy.kubeconfig"
-    kubeconfig.write_text(kubeconfig_text(proxy.url, emulated_cluster.token))
-    path = tmp_path / "settings.yaml"
-    path.write_text(yaml.safe_dump(settings_dict(interval_s=600, watched_namespaces=[kube_namespace],
-                                                 prometheus={"url": f"http://127.0.0.1:{free_port()}",
-                                                             "timeout_s": 0.5})))
+    proxy, kubeconfig = kopf_proxy
+    path = _settings_file(tmp_path, kube_namespace, interval_s=600)
     port = free_port()
     backoffs = (0.1, 0.2, 0.3)
     options = RunOptions(settings_file=path, kubeconfig=kubeconfig, metrics_host="127.0.0.1", metrics_port=port,
@@ -162,23 +172,20 @@ def test_an_api_server_down_longer_than_the_backoffs_never_ends_the_operator(
                          api_error_backoffs_s=backoffs)
     va_watch = rf"/namespaces/{kube_namespace}/variantautoscalings$"
     failures = 4 * (len(backoffs) + 1)
-    try:
-        with OperatorThread(options) as op:
-            wait_until(lambda: kube.condition("outage-l4", "TargetResolved"), timeout_s=20, what="a first cycle")
-            rule = proxy.add(FaultRule(method="GET", path=va_watch, watch=True, status=503, times=failures))
-            assert emulated_cluster.call(proxy.drop_watches) >= 1
-            _set_min(kube, 2, "outage-l4")
-            wait_until(lambda: kube.replicas("outage-l4") == 2, timeout_s=40,
-                       what="the change seen through the watch once the API answers again")
-            assert rule.hits == failures
-            assert op.error is None
-            metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-            [retried] = [line for line in metrics.splitlines()
-                         if line.startswith('variant_autoscaler_cycle_errors_total{reason="KubernetesApiRetried"}')]
-            assert float(retried.split()[-1]) >= failures
+    with OperatorThread(options) as op:
+        wait_until(lambda: kube.condition("outage-l4", "TargetResolved"), timeout_s=20, what="a first cycle")
+        rule = proxy.add(FaultRule(method="GET", path=va_watch, watch=True, status=503, times=failures))
+        wait_until(lambda: emulated_cluster.call(proxy.drop_watches) >= 1, timeout_s=20, what="a watch to cut")
+        _set_min(kube, 2, "outage-l4")
+        wait_until(lambda: kube.replicas("outage-l4") == 2, timeout_s=40,
+                   what="the change seen through the watch once the API answers again")
+        assert rule.hits == failures
         assert op.error is None
-    finally:
-        emulated_cluster.call(proxy.stop)
+        metrics = _metrics(port)
+        [retried] = [line for line in metrics.splitlines()
+                     if line.startswith('variant_autoscaler_cycle_errors_total{reason="KubernetesApiRetried"}')]
+        assert float(retried.split()[-1]) >= failures
+    assert op.error is None
 
 
 def test_credentials_never_reach_logs_events_or_status(emulated_cluster, kube_api, kube_namespace, caplog):
@@ -211,7 +218,7 @@ def test_credentials_never_reach_logs_events_or_status(emulated_cluster, kube_ap
             wait_until(lambda n=seen: len([r for r in caplog.records
                                            if r.getMessage().startswith("invalid settings")]) > n,
                        timeout_s=30, what="the invalid settings to be logged")
-        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        metrics = _metrics(port)
     assert op.error is None
     errors = [r.getMessage() for r in caplog.records if r.getMessage().startswith("invalid settings")]
     assert any("line" in e and "mapping values" in e for e in errors), errors
@@ -239,7 +246,7 @@ def test_the_second_cycle_uses_the_interval_from_the_settings_configmap(emulated
                          standalone=True, namespaces=(kube_namespace,), instance="interval-test")
 
     def cycles() -> float:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        text = _metrics(port)
         return next(float(line.split()[-1]) for line in text.splitlines()
                     if line.startswith("variant_autoscaler_cycle_duration_seconds_count"))
 
@@ -262,19 +269,14 @@ def test_listeners_default_to_the_pod_ip_or_loopback():
 
 
 def test_readiness_fails_while_the_control_loop_is_stuck_and_recovers(emulated_cluster, kube_api, kube_namespace,
-                                                                     tmp_path):
+                                                                     tmp_path, kopf_proxy):
     """A pods list that hangs 15 s wedges a cycle: /healthz (the readiness probe) answers 503 until a
     cycle succeeds again, while a plain liveness of the HTTP server would still say ok."""
     kube = Kube(kube_api, kube_namespace)
     kube.deploy("stuck-l4", 1)
     kube.apply_variant(variant("stuck-l4", "stuck-l4", profile=L4_PROFILE, min_replicas=1))
-    proxy = emulated_cluster.call(FaultProxy(upstream=emulated_cluster.url).start)
-    kubeconfig = tmp_path / "proxy.kubeconfig"
-    kubeconfig.write_text(kubeconfig_text(proxy.url, emulated_cluster.token))
-    path = tmp_path / "settings.yaml"
-    path.write_text(yaml.safe_dump(settings_dict(interval_s=1, watched_namespaces=[kube_namespace],
-                                                 prometheus={"url": f"http://127.0.0.1:{free_port()}",
-                                                             "timeout_s": 0.5})))
+    proxy, kubeconfig = kopf_proxy
+    path = _settings_file(tmp_path, kube_namespace, interval_s=1)
     port = free_port()
     options = RunOptions(settings_file=path, kubeconfig=kubeconfig, metrics_port=port, standalone=True,
                          namespaces=(kube_namespace,), instance="ready-test")
@@ -285,34 +287,26 @@ def test_readiness_fails_while_the_control_loop_is_stuck_and_recovers(emulated_c
         except urllib.error.HTTPError as err:
             return err.code
 
-    try:
-        with OperatorThread(options) as op:
-            wait_until(lambda: healthz() == 200, timeout_s=20, what="ready after a successful cycle")
-            rule = proxy.add(FaultRule(method="GET", path=rf"/namespaces/{kube_namespace}/pods$", status=None,
-                                       delay_s=15, times=1))
-            wait_until(lambda: healthz() == 503, timeout_s=20, what="unready while the cycle hangs")
-            assert rule.hits == 1
-            wait_until(lambda: healthz() == 200, timeout_s=30, what="ready again once a cycle succeeds")
-        assert op.error is None
-    finally:
-        emulated_cluster.call(proxy.stop)
+    with OperatorThread(options) as op:
+        wait_until(lambda: healthz() == 200, timeout_s=20, what="ready after a successful cycle")
+        rule = proxy.add(FaultRule(method="GET", path=rf"/namespaces/{kube_namespace}/pods$", status=None,
+                                   delay_s=15, times=1))
+        wait_until(lambda: healthz() == 503, timeout_s=20, what="unready while the cycle hangs")
+        assert rule.hits == 1
+        wait_until(lambda: healthz() == 200, timeout_s=30, what="ready again once a cycle succeeds")
+    assert op.error is None
 
 
 def test_two_replicas_with_the_same_priority_settle_on_one_winner(emulated_cluster, kube_api, kube_namespace,
-                                                                  tmp_path):
+                                                                  tmp_path, kopf_proxy):
     """Both given --priority 7 (kopf alone pauses both forever): the smaller identity keeps 7, the
     other steps down to 6, and changes are applied by exactly one of them. One talks through the
     fault proxy, so its peering writes cross it too."""
     kube = Kube(kube_api, kube_namespace)
     kube.deploy("tie-l4", 1)
     kube.apply_variant(variant("tie-l4", "tie-l4", profile=L4_PROFILE, min_replicas=2))
-    proxy = emulated_cluster.call(FaultProxy(upstream=emulated_cluster.url).start)
-    proxied = tmp_path / "proxy.kubeconfig"
-    proxied.write_text(kubeconfig_text(proxy.url, emulated_cluster.token))
-    path = tmp_path / "settings.yaml"
-    path.write_text(yaml.safe_dump(settings_dict(interval_s=1, watched_namespaces=[kube_namespace],
-                                                 prometheus={"url": f"http://127.0.0.1:{free_port()}",
-                                                             "timeout_s": 0.5})))
+    proxy, proxied = kopf_proxy
+    path = _settings_file(tmp_path, kube_namespace, interval_s=1)
 
     def options(instance: str, kubeconfig) -> RunOptions:
         return RunOptions(settings_file=path, kubeconfig=kubeconfig, metrics_host="127.0.0.1", metrics_port=0,
@@ -326,19 +320,16 @@ def test_two_replicas_with_the_same_priority_settle_on_one_winner(emulated_clust
             return {}
         return {k: v["priority"] for k, v in (body.get("status") or {}).items()}
 
-    try:
-        with OperatorThread(options("tie-a", emulated_cluster.kubeconfig_path)) as a, \
-                OperatorThread(options("tie-b", proxied)) as b:
-            wait_until(lambda: peers() == {"tie-a": 7, "tie-b": 6}, timeout_s=30, what="tie-b to step down")
-            wait_until(lambda: kube.replicas("tie-l4") == 2, timeout_s=30, what="the winner to scale")
-            _set_min(kube, 3, "tie-l4")
-            wait_until(lambda: kube.replicas("tie-l4") == 3, timeout_s=30, what="a change applied after the tie")
-            writers = set(_scale_writers(emulated_cluster, kube_namespace, "tie-l4"))
-            assert writers == {"variant-autoscaler/tie-a"}, writers
-            assert any(r.method == "PATCH" and r.path.endswith("/kopfpeerings/va-tie") for r in proxy.log)
-        assert a.error is None and b.error is None
-    finally:
-        emulated_cluster.call(proxy.stop)
+    with OperatorThread(options("tie-a", emulated_cluster.kubeconfig_path)) as a, \
+            OperatorThread(options("tie-b", proxied)) as b:
+        wait_until(lambda: peers() == {"tie-a": 7, "tie-b": 6}, timeout_s=30, what="tie-b to step down")
+        wait_until(lambda: kube.replicas("tie-l4") == 2, timeout_s=30, what="the winner to scale")
+        _set_min(kube, 3, "tie-l4")
+        wait_until(lambda: kube.replicas("tie-l4") == 3, timeout_s=30, what="a change applied after the tie")
+        writers = set(_scale_writers(emulated_cluster, kube_namespace, "tie-l4"))
+        assert writers == {"variant-autoscaler/tie-a"}, writers
+        assert any(r.method == "PATCH" and r.path.endswith("/kopfpeerings/va-tie") for r in proxy.log)
+    assert a.error is None and b.error is None
 
 
 def test_a_priority_tie_goes_to_the_smallest_identity():
