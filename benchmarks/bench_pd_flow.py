@@ -3,8 +3,9 @@ scipy's own Dinic, measured side by side in one run.
 
 Graphs: the real Helix placement graph (100 nodes, 105 edges, ../shared/data/maxflow) and random
 layered P->D graphs (source -> k prefill groups -> k decode groups -> sink, real-valued capacities,
-a random subset of P->D KV links) of 1k, 10k and 100k edges. Targets (issue 17): analysis <= 3x
-scipy's max-flow time at 100k edges and <= 5 ms on the Helix graph.
+a random subset of P->D KV links) of 1k, 10k and 100k edges, plus the 100k graph in whole units
+(one integer phase instead of two). Targets (issue 17): analysis <= 3x scipy's max-flow time at
+100k edges and <= 5 ms on the Helix graph.
 
 Columns, each the best of several runs (machine load only slows runs down):
   build        FlowGraph validation + compiled arrays, once per graph (not part of the analysis)
@@ -44,15 +45,23 @@ LAYERED = {1_000: (40, 920), 10_000: (200, 9_600), 100_000: (980, 98_040)}
 NX_AT_100K = ("preflow_push", "boykov_kolmogorov", "shortest_augmenting_path")
 
 
-def layered_pd_graph(n_edges: int, seed: int = 0) -> FlowGraph:
-    """source -> P_i (5..50 req/s) -> D_j over random KV links (0.5..5 req/s) -> sink (5..50 req/s)."""
+def layered_pd_graph(n_edges: int, seed: int = 0, whole: bool = False) -> FlowGraph:
+    """source -> P_i (5..50 req/s) -> D_j over random KV links (0.5..5 req/s) -> sink (5..50 req/s).
+
+    ``whole``: capacities in whole units (50..500, 5..50, 50..500), which the engine's first
+    integer phase represents exactly; real-valued ones need a second, refining phase.
+    """
     k, links = LAYERED[n_edges]
     rng = np.random.default_rng(seed)
     pairs = rng.choice(k * k, size=links, replace=False)
-    edges = [{"u": "source", "v": f"P{i}", "capacity": c} for i, c in enumerate(rng.uniform(5, 50, k).tolist())]
+
+    def draw(lo, hi, size):
+        return (rng.integers(10 * lo, 10 * hi + 1, size) if whole else rng.uniform(lo, hi, size)).tolist()
+
+    edges = [{"u": "source", "v": f"P{i}", "capacity": c} for i, c in enumerate(draw(5, 50, k))]
     edges += [{"u": f"P{p // k}", "v": f"D{p % k}", "capacity": c}
-              for p, c in zip(pairs.tolist(), rng.uniform(0.5, 5, links).tolist(), strict=True)]
-    edges += [{"u": f"D{j}", "v": "sink", "capacity": c} for j, c in enumerate(rng.uniform(5, 50, k).tolist())]
+              for p, c in zip(pairs.tolist(), draw(0.5, 5, links), strict=True)]
+    edges += [{"u": f"D{j}", "v": "sink", "capacity": c} for j, c in enumerate(draw(5, 50, k))]
     return FlowGraph.model_validate({"source": "source", "sink": "sink", "edges": edges})
 
 
@@ -93,6 +102,7 @@ def measure(name: str, graph: FlowGraph, build_s: float, repeats: int, nx_names)
     assert abs(res.flow_value * q - value) <= len(graph.edges) * q
     nx_best = min(nx_times, key=nx_times.get)
     return {"graph": name, "nodes": len(graph._compiled.names), "edges": len(graph.edges), "build_s": build_s,
+            "phases": graph._compiled.solve().phases,
             "analysis_s": analysis_s, "edges_s": edges_s, "value_s": value_s, "nx_best": nx_best,
             "nx_s": nx_times[nx_best], "scipy_s": scipy_s, "max_flow": a.max_flow, "gap": a.max_flow_gap,
             "bottleneck": a.bottleneck, "options": a.scale_options_total,
@@ -107,9 +117,10 @@ def graphs(sizes):
     else:
         print(f"(../shared not present: {HELIX} is missing; Helix row skipped)")
     for n in sizes:
-        t = time.perf_counter()
-        g = layered_pd_graph(n)
-        yield f"layered P/D {n // 1000}k", g, time.perf_counter() - t
+        for whole in (False, True) if n == max(LAYERED) else (False,):
+            t = time.perf_counter()
+            g = layered_pd_graph(n, whole=whole)
+            yield f"layered P/D {n // 1000}k{', whole units' if whole else ''}", g, time.perf_counter() - t
 
 
 def ms(x: float) -> str:
@@ -122,15 +133,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args()
     print("| graph | nodes | edges | build (once) | project analysis | + edge list | project flow value "
-          "| networkx best | scipy Dinic | analysis / scipy | max flow (gap) | bottleneck | scale options "
-          "(re-solved) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| networkx best | scipy Dinic | analysis / scipy | phases | max flow (gap) | bottleneck "
+          "| scale options (re-solved) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, graph, build_s in graphs(args.sizes):
         nx_names = NX_AT_100K if len(graph.edges) > 20_000 else sorted(ALGORITHMS)
         r = measure(name, graph, build_s, args.repeats, nx_names)
         print(f"| {r['graph']} | {r['nodes']} | {r['edges']} | {ms(r['build_s'])} | {ms(r['analysis_s'])} "
               f"| {ms(r['edges_s'])} | {ms(r['value_s'])} | {ms(r['nx_s'])} ({r['nx_best']}) | {ms(r['scipy_s'])} "
-              f"| {r['analysis_s'] / r['scipy_s']:.2f}x | {r['max_flow']:.6g} ({r['gap']:.1e}) | {r['bottleneck']} "
+              f"| {r['analysis_s'] / r['scipy_s']:.2f}x | {r['phases']} | {r['max_flow']:.6g} ({r['gap']:.1e}) "
+              f"| {r['bottleneck']} "
               f"| {r['options']} ({r['probed']}) |", flush=True)
 
 

@@ -20,20 +20,25 @@ from scipy.sparse.csgraph import connected_components, depth_first_order
 from optimizer.scaled_max_flow import ArcLayout
 
 
-def flow_can_vary(layout: ArcLayout, forward: np.ndarray, backward: np.ndarray) -> np.ndarray:
-    """Per edge: some other maximum flow puts a different flow on it (a residual cycle through it)."""
-    arcs = layout.arcs(forward, backward)
+def flow_can_vary(layout: ArcLayout, forward: np.ndarray, backward: np.ndarray,
+                  arcs: np.ndarray | None = None) -> np.ndarray:
+    """Per edge: some other maximum flow puts a different flow on it (a residual cycle through it).
+
+    ``arcs``: ``layout.arcs(forward, backward)`` when the caller has it already.
+    """
+    arcs = layout.arcs(forward, backward) if arcs is None else arcs
     _, label = connected_components(layout.subgraph(arcs), directed=True, connection="strong")
     inside = label[layout.tail] == label[layout.head]
     both = forward & backward
     varies = inside & (forward ^ backward)
     if both.any():
-        varies[both] = ~_bridges(layout, label, arcs, np.flatnonzero(both))
+        varies[both] = ~_bridges(layout, label, inside & (forward | backward), np.flatnonzero(both))
     return varies
 
 
-def _bridges(layout: ArcLayout, label: np.ndarray, arcs: np.ndarray, asked: np.ndarray) -> np.ndarray:
-    """For the ``asked`` edges: is each a bridge of the undirected graph of its component's arcs?
+def _bridges(layout: ArcLayout, label: np.ndarray, link: np.ndarray, asked: np.ndarray) -> np.ndarray:
+    """For the ``asked`` edges: is each a bridge of the undirected graph of the ``link`` edges (the
+    edges with a residual arc inside their component)?
 
     One depth-first search from a virtual root joined to one node of every component covers them
     all; each non-tree link of an undirected DFS joins a node to an ancestor, so a tree edge is a
@@ -41,12 +46,9 @@ def _bridges(layout: ArcLayout, label: np.ndarray, arcs: np.ndarray, asked: np.n
     """
     n = layout.n_nodes
     tail, head = layout.tail, layout.head
-    links = np.flatnonzero((label[tail] == label[head]) & (arcs[layout.pos_fwd] | arcs[layout.pos_bwd]))
+    links = np.flatnonzero(link)
     a, b = tail[links], head[links]
-    structural = np.zeros(len(layout.indices), dtype=bool)
-    structural[layout.pos_fwd[links]] = True
-    structural[layout.pos_bwd[links]] = True
-    graph = layout.subgraph(structural)
+    graph = layout.subgraph(layout.arcs(link, link))
     one_node = np.full(n, -1)  # per component: one of its nodes
     one_node[label[a]] = a
     roots = one_node[one_node >= 0].astype(np.int32)

@@ -430,12 +430,12 @@ def analyze(graph: FlowGraph) -> FlowAnalysis:
     result = c.solve()
     forward, backward = result.forward, result.backward
     source_side = result.source_side
-    sink_side = lay.reach(lay.arcs(forward, backward), c.sink, backward=True)
+    sink_side = lay.reach(result.arcs, c.sink, backward=True)
     tail_s, head_s = source_side[lay.tail], source_side[lay.head]
     tail_t, head_t = sink_side[lay.tail], sink_side[lay.head]
     source_cut = np.flatnonzero(c.on_path & tail_s & ~head_s)
     sink_cut = np.flatnonzero(c.on_path & ~tail_t & head_t)
-    varies = flow_can_vary(lay, forward, backward)
+    varies = flow_can_vary(lay, forward, backward, result.arcs)
     facts = _Facts(compiled=c, value=result.value, flow=result.flow, saturated=~forward, varies=varies,
                    source_cut=source_cut, sink_cut=sink_cut)
     cut_stages = np.unique(c.stage_code[np.concatenate([source_cut, sink_cut])])

@@ -58,6 +58,7 @@ class ArcLayout:
     t_indptr: np.ndarray
     t_indices: np.ndarray
     has_twins: bool  # some u->v and v->u edges both exist (they share arcs)
+    from_edges: np.ndarray  # without twins: arc -> index into (forward values..., backward values...)
 
     @classmethod
     def from_edges(cls, n_nodes: int, tail: np.ndarray, head: np.ndarray) -> ArcLayout:
@@ -65,12 +66,17 @@ class ArcLayout:
         keys = np.concatenate([tail * n_nodes + head, head * n_nodes + tail])
         unique, where = np.unique(keys, return_inverse=True)
         rows, cols = unique // n_nodes, unique % n_nodes
-        to_transposed = np.lexsort((rows, cols))
+        to_transposed = np.lexsort((rows, cols)).astype(np.int32)
         m = len(tail)
-        return cls(n_nodes=n_nodes, tail=tail, head=head, indptr=_indptr(rows, n_nodes),
-                   indices=cols.astype(np.int32), pos_fwd=where[:m], pos_bwd=where[m:],
+        has_twins = len(unique) < 2 * m
+        from_edges = np.empty(len(unique), dtype=np.int32)  # without twins, each arc is one edge direction
+        if not has_twins:
+            from_edges[where] = np.arange(2 * m, dtype=np.int32)
+        return cls(n_nodes=n_nodes, tail=tail.astype(np.int32), head=head.astype(np.int32),
+                   indptr=_indptr(rows, n_nodes), indices=cols.astype(np.int32),
+                   pos_fwd=where[:m].astype(np.int32), pos_bwd=where[m:].astype(np.int32),
                    to_transposed=to_transposed, t_indptr=_indptr(cols, n_nodes),
-                   t_indices=rows[to_transposed].astype(np.int32), has_twins=len(unique) < 2 * m)
+                   t_indices=rows[to_transposed].astype(np.int32), has_twins=has_twins, from_edges=from_edges)
 
     def reach(self, arc_exists: np.ndarray, start: int, *, backward: bool = False) -> np.ndarray:
         """Nodes reachable from ``start`` over the structural arcs flagged in ``arc_exists``
@@ -98,10 +104,7 @@ class ArcLayout:
         if self.has_twins:
             total = np.bincount(self.pos_fwd, weights=forward, minlength=len(self.indices))
             return total + np.bincount(self.pos_bwd, weights=backward, minlength=len(self.indices))
-        total = np.empty(len(self.indices), dtype=np.result_type(forward, backward))
-        total[self.pos_fwd] = forward
-        total[self.pos_bwd] = backward
-        return total
+        return np.concatenate([forward, backward])[self.from_edges]
 
     def arcs(self, forward: np.ndarray, backward: np.ndarray) -> np.ndarray:
         """Structural arcs present when edge i offers its u->v arc (``forward``) / v->u (``backward``).
@@ -109,6 +112,8 @@ class ArcLayout:
         Each position appears once in ``pos_fwd`` and once in ``pos_bwd`` (twice only when edges
         u->v and v->u both exist), so plain scatters suffice.
         """
+        if not self.has_twins:
+            return np.concatenate([forward, backward])[self.from_edges]
         exists = np.zeros(len(self.indices), dtype=bool)
         exists[self.pos_fwd] = forward
         exists[self.pos_bwd] |= backward
@@ -129,6 +134,7 @@ class MaxFlow:
     flow: np.ndarray  # per edge, 0 <= flow <= capacity
     forward: np.ndarray  # per edge: residual u->v arc (spare of at least one unit)
     backward: np.ndarray  # per edge: residual v->u arc (flow of at least one unit)
+    arcs: np.ndarray  # per structural arc: present in the residual graph (ArcLayout.arcs)
     source_side: np.ndarray  # per node: reached from the source in the residual graph
     resolution: float  # q of the last phase; 0 when no flow was possible
     phases: int
@@ -139,29 +145,27 @@ def solve(layout: ArcLayout, capacity: np.ndarray, source: int, sink: int) -> Ma
     """Max flow from ``source`` to ``sink``; ``capacity`` per edge, ``inf`` = unlimited."""
     cap = np.asarray(capacity, dtype=np.float64)
     unlimited = np.isinf(cap)
-    on_source_side = np.zeros(layout.n_nodes, dtype=bool)
-    on_source_side[source] = True
-    on_sink_side = np.zeros(layout.n_nodes, dtype=bool)
-    on_sink_side[sink] = True
+    out_of_source = np.flatnonzero(layout.tail == source)
+    into_source = np.flatnonzero(layout.head == source)
     if unlimited.any():
         free = layout.arcs(unlimited, np.zeros_like(unlimited))
         on_source_side = layout.reach(free, source)
         if on_source_side[sink]:
             raise UnboundedFlow("some source-to-sink path has only unlimited edges")
         on_sink_side = layout.reach(free, sink, backward=True)
-    bound = min(_cut_capacity(layout, cap, on_source_side), _cut_capacity(layout, cap, ~on_sink_side))
+        bound = min(_cut_capacity(layout, cap, on_source_side), _cut_capacity(layout, cap, ~on_sink_side))
+    else:
+        bound = min(float(cap[out_of_source].sum()), float(cap[layout.head == sink].sum()))
     flow = np.zeros(len(cap))
-    upper, q, phases, value = bound, 0.0, 0, 0.0
-    forward, backward = _residual(cap, flow, q, unlimited)
-    side = on_source_side
-    if upper == 0:  # a cut of zero capacity: no flow at all, and the residual graph is the graph
-        side = layout.reach(layout.arcs(forward, backward), source)
-    out_of_source, into_source = layout.tail == source, layout.head == source
+    upper, q, phases, value, gap = bound, 0.0, 0, 0.0, math.inf
+    side = None
     while upper > 0 and phases < MAX_PHASES:
         q = 2.0 ** math.ceil(math.log2(upper / UNIT_LIMIT))
-        units = layout.per_arc(_units(cap - flow, q), _units(flow, q))
-        matrix = csr_array((np.minimum(units, ARC_CLIP_UNITS).astype(np.int32), layout.indices, layout.indptr),
-                           shape=(layout.n_nodes,) * 2)
+        spare_units = _units(cap - flow, 1.0 / q)
+        units = layout.per_arc(spare_units, _units(flow, 1.0 / q) if phases else np.zeros_like(spare_units))
+        if layout.has_twins:  # two edges' units on one arc: clip the sum again to stay in int32
+            np.minimum(units, ARC_CLIP_UNITS, out=units)
+        matrix = csr_array((units.astype(np.int32), layout.indices, layout.indptr), shape=(layout.n_nodes,) * 2)
         result = maximum_flow(matrix, source, sink, method="dinic").flow
         if not np.array_equal(result.indices, layout.indices):
             raise RuntimeError("scipy's maximum_flow returned an unexpected arc structure")
@@ -173,19 +177,29 @@ def solve(layout: ArcLayout, capacity: np.ndarray, source: int, sink: int) -> Ma
         phases += 1
         value = float(flow[out_of_source].sum() - flow[into_source].sum())
         forward, backward = _residual(cap, flow, q, unlimited)
-        side = layout.reach(layout.arcs(forward, backward), source)
+        arcs = layout.arcs(forward, backward)
+        side = layout.reach(arcs, source)
         if side[sink]:  # float round-off let a unit slip: one more phase finds it
+            gap = math.inf
             continue
-        upper = max(_cut_capacity(layout, cap, side) - value, 0.0)
+        upper = gap = max(_cut_capacity(layout, cap, side) - value, 0.0)
         if upper <= GAP_REL * max(1.0, value):
             break
-    gap = max(_cut_capacity(layout, cap, side) - value, 0.0) if not side[sink] else math.inf
-    return MaxFlow(value=value, flow=flow, forward=forward, backward=backward, source_side=side,
+    if side is None:  # a cut of zero capacity: no flow at all, and the residual graph is the graph
+        forward, backward = _residual(cap, flow, q, unlimited)
+        arcs = layout.arcs(forward, backward)
+        side = layout.reach(arcs, source)
+        gap = max(_cut_capacity(layout, cap, side) - value, 0.0)
+    return MaxFlow(value=value, flow=flow, forward=forward, backward=backward, arcs=arcs, source_side=side,
                    resolution=q, phases=phases, gap=gap)
 
 
-def _units(amount: np.ndarray, q: float) -> np.ndarray:
-    return np.minimum(np.floor(amount / q), ARC_CLIP_UNITS)
+def _units(amount: np.ndarray, per_unit: float) -> np.ndarray:
+    """Whole units (rounded down, clipped at ARC_CLIP_UNITS); ``per_unit`` = 1 / q, a power of two,
+    so the product is exact."""
+    units = amount * per_unit
+    np.floor(units, out=units)
+    return np.minimum(units, ARC_CLIP_UNITS, out=units)
 
 
 def _residual(cap, flow, q, unlimited) -> tuple[np.ndarray, np.ndarray]:

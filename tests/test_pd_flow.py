@@ -27,6 +27,9 @@ from optimizer.pd_flow import (
 )
 from optimizer.problem import InputError
 
+# an int32 overflow in the engine shows as a cast warning: make it fail
+pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "pd_flow.yaml"
 HELIX = ROOT.parent / "shared" / "data" / "maxflow" / "helix_single24_llama70b.json"
