@@ -81,7 +81,7 @@ def code_trace() -> GeneratedTrace:
 def long_context_trace() -> GeneratedTrace:
     return GeneratedTrace(
         duration_s=1800, seed=31, name="long-context conversations",
-        arrivals=FluctuatingArrivals(mean_rps=0.5, amplitude=0.3, period_s=1800),
+        arrivals=FluctuatingArrivals(mean_rps=0.2, amplitude=0.3, period_s=1800),
         input_lengths=LogNormalLengths(log_mean=9.0, log_std=0.95, min_tokens=500, max_tokens=100_000),
         output_lengths=LogNormalLengths(log_mean=5.3, log_std=0.8, min_tokens=8, max_tokens=2000))
 

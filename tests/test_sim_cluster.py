@@ -221,3 +221,15 @@ def test_heterogeneous_fleet_serves_a_trace_within_slo_when_oversized():
     assert m.dropped == 0 and m.completed == len(tr)
     assert m.slo_attainment > 0.9
     assert m.cost == pytest.approx(tr.duration_s * (2 * 4.0 + 2 * 1.0) / 3600)
+
+
+def test_weighted_router_does_not_queue_behind_a_full_replica():
+    """A pick that would wait for a batch slot goes to an allowed replica that starts it now."""
+    pool = [FakeReplica("h1", "H", 30), FakeReplica("a1", "A", 25)]
+    pool[0].waiting = 4
+    pool[1].waiting = 0
+    w = WeightedRouter()
+    w.set_guidance([RouteGuidance(model=MODEL, weights={"H": 0.99, "A": 0.01})])
+    assert {w.pick(f"{MODEL}/entry", pool, 200).id for _ in range(5)} == {"a1"}
+    pool[1].waiting = 2  # everyone queues: the plan decides again
+    assert "h1" in {w.pick(f"{MODEL}/entry", pool, 200).id for _ in range(5)}

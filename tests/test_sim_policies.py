@@ -205,3 +205,32 @@ def test_burst_allowance_ignores_the_first_minute():
     allowance = BurstAllowance(absorb_s=1.5, interval_s=15)
     allowance.observe([0.1 * k for k in range(100)], 15.0)  # 100 requests in 10 s, then nothing known
     assert allowance.ratio() == 1.0
+
+
+def test_jumps_faster_than_a_cold_start_keep_capacity_for_the_level_they_reach():
+    """A Markov-modulated 12 <-> 28 req/s hour: once an onset has been seen, the calm minutes plan
+    for the burst level (capped at the highest level seen), not for the calm one."""
+    from optimizer.simulation.burst import BurstAllowance
+    from optimizer.simulation.generators import BurstyArrivals, arrival_times
+
+    arr = arrival_times(BurstyArrivals(base_rps=12, burst_rps=28, mean_calm_s=300, mean_burst_s=120), 3600,
+                        np.random.default_rng(7))
+    allowance = BurstAllowance(absorb_s=1.5, interval_s=15, lead_time_s=48.0)
+    calm_plans = []
+    for t in np.arange(15, 3600, 15):
+        allowance.observe(arr[(arr > t - 15) & (arr <= t)].tolist(), float(t))
+        if t > 1200 and allowance.level_rps() < 14:
+            calm_plans.append(allowance.rate_rps())
+    assert calm_plans and np.median(calm_plans) > 22
+    assert max(calm_plans) <= 32, "never above the highest level the memory holds"
+
+
+def test_a_smooth_rise_is_not_a_jump():
+    from optimizer.simulation.burst import BurstAllowance
+    from optimizer.simulation.generators import DiurnalArrivals, arrival_times
+
+    arr = arrival_times(DiurnalArrivals(mean_rps=10, amplitude=0.4, period_s=1800), 1800, np.random.default_rng(1))
+    allowance = BurstAllowance(absorb_s=1.5, interval_s=15, lead_time_s=48.0)
+    for t in np.arange(15, 1800, 15):
+        allowance.observe(arr[(arr > t - 15) & (arr <= t)].tolist(), float(t))
+    assert allowance.jump_rate_rps() <= 1.1 * allowance.level_rps()

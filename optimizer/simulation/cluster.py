@@ -117,6 +117,11 @@ class HostedReplica:
     def outstanding(self) -> int:
         return self.engine.outstanding
 
+    @property
+    def waiting(self) -> int:
+        """Requests admitted but not yet in the batch (vllm:num_requests_waiting)."""
+        return self.engine.queue_len
+
 
 @dataclass
 class RunResult:

@@ -96,7 +96,8 @@ class DemandEstimator:
         self._planned: deque[tuple[float, float]] = deque()  # (time, planned rate) of the last lead time
         self._published: dict[int, tuple[float, float]] = {}  # bucket -> (input, output) last planned for
         self._since: float | None = None  # first observation
-        self.bursts = None if burst_absorb_s is None else BurstAllowance(absorb_s=burst_absorb_s, interval_s=interval_s)
+        self.bursts = None if burst_absorb_s is None else BurstAllowance(
+            absorb_s=burst_absorb_s, interval_s=interval_s, lead_time_s=lead_time_s)
 
     def bucket_of(self, input_tokens: int) -> int:
         return bisect.bisect_right(self._edges, input_tokens)

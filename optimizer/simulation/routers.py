@@ -116,7 +116,9 @@ class WeightedRouter:
     replica that is up does not take the load meant for six. With no guidance for a request it
     falls back to least-outstanding over the whole pool.
 
-    Shares are a plan, and a plan can be wrong: when the replica they pick holds more than
+    Shares are a plan, and a plan can be wrong: a request the picked replica would queue (it has
+    requests waiting for a batch slot or KV) goes to an allowed replica with none waiting; and when
+    the replica they pick holds more than
     `SPILL_RATIO` times the outstanding requests of the least loaded replica allowed for the
     bucket (plus `SPILL_SLACK`), the request goes to that one instead. Without this bound one H100
     took a share sized by an optimistic capacity estimate, ran 254 requests with 100 waiting while
@@ -170,12 +172,27 @@ class WeightedRouter:
                 chosen = max(sorted(by_variant), key=lambda v: credit[v])
                 credit[chosen] -= total
                 pick = self._inner.pick(f"{pool_key}/{chosen}", by_variant[chosen], input_tokens)
-                if pick is not None and pick.outstanding > SPILL_SLACK:
-                    least = min((r for reps in by_variant.values() for r in reps), key=lambda r: r.outstanding)
-                    if pick.outstanding > SPILL_RATIO * least.outstanding + SPILL_SLACK:
-                        return least
-                return pick
+                return self._bounded(pick, by_variant, pool)
         return self._inner.pick(pool_key, pool, input_tokens)
+
+    @staticmethod
+    def _bounded(pick, by_variant: dict[str, list], pool):
+        """The plan's pick, unless it would queue the request while another replica would start it
+        now (one allowed for the bucket first, else any of the model's), or run far ahead of the
+        least loaded replica allowed for the bucket."""
+        if pick is None:
+            return None
+        eligible = [r for reps in by_variant.values() for r in reps]
+        if getattr(pick, "waiting", 0) > 0:
+            for group in (eligible, [r for r in pool if not r.draining]):
+                idle = [r for r in group if getattr(r, "waiting", 0) == 0]
+                if idle:
+                    return min(idle, key=lambda r: (r.outstanding, getattr(r, "index", 0)))
+        if pick.outstanding > SPILL_SLACK:
+            least = min(eligible, key=lambda r: r.outstanding)
+            if pick.outstanding > SPILL_RATIO * least.outstanding + SPILL_SLACK:
+                return least
+        return pick
 
     def victims(self, replicas: Sequence[RoutableReplica], count: int) -> list[RoutableReplica]:
         return self._inner.victims(replicas, count)

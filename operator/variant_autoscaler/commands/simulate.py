@@ -87,13 +87,14 @@ def run(args: argparse.Namespace) -> int:
     if comparison.tuning:
         show("HPA tuning: each model alone on the fleet, every PD variant and target (* = chosen)",
              TUNING_COLUMNS, tuning_rows(comparison), left=2)
-    for line in verdict(comparison).lines:
-        console.print(escape(line))
     if comparison.hypervolume:
         hv = escape(", ".join(f"{k} {v:.3f}" for k, v in comparison.hypervolume.items()))
         console.print(f"normalized hypervolume (P90 {scenario.pareto.latency.upper()} vs cost): {hv}")
         hv = escape(", ".join(f"{k} {v:.3f}" for k, v in comparison.hypervolume_at_target.items()))
         console.print(f"  the same, counting only runs at >= 99 % attainment: {hv}")
+
+    for line in verdict(comparison).lines:
+        console.print(escape(line))
 
     folder = Path(args.output) if args.output else Path("reports") / f"simulate-{datetime.now():%Y%m%d-%H%M%S}"
     write_report(comparison, folder)
