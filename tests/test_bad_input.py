@@ -6,6 +6,7 @@ script, so these tests are fast; `test_plan_command.py` and friends cover the re
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -224,3 +225,33 @@ def test_variant_autoscaling_rejects_numbers_out_of_bounds(spec, field):
     with pytest.raises(InvalidResource) as info:
         parse_variant(variant_autoscaling(**spec))
     assert info.value.field == field and info.value.condition_reason == "InvalidSpec"
+
+
+# --- place on a cluster too big to search within the limit: best answer, with a status ---
+
+def test_place_on_a_thousand_nodes_returns_its_best_answer_at_the_time_limit(tmp_path, capsys):
+    """1,000 nodes: the stage-chain search alone ran for minutes before; now each search stops at its limit."""
+    doc = yaml.safe_load(SMALL_CLUSTER.read_text())
+    doc["nodes"] = [{"type": "L4", "count": 400}, {"type": "T4", "count": 600}]
+    path = tmp_path / "thousand.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    out = tmp_path / "place.json"
+    code, err, text = run_cli(["place", str(path), "--time-limit", "1", "--group-time-limit", "1", "--no-milp",
+                               "--output", str(out)], capsys)
+    assert code == 0, err
+    report = json.loads(out.read_text())
+    layers, grouping = report["layer_placement"], report["grouping"]
+    assert layers["status"] == "time_limit" and grouping["status"] == "time_limit"
+    assert text.count("stopped by the time limit: best found so far") == 2
+    covered = sorted(layer for r in layers["placement"]["ranges"] for layer in range(r["start"], r["start"] + r["layers"]))
+    assert covered == list(range(60))
+    assert 0 < layers["max_flow"] <= layers["bound"]["upper_bound"]
+    assert grouping["max_flow_rps"] > 0 and grouping["variants"]
+
+
+def test_place_on_a_small_cluster_completes(tmp_path, capsys):
+    out = tmp_path / "place.json"
+    code, err, _ = run_cli(["place", str(SMALL_CLUSTER), "--time-limit", "10", "--group-time-limit", "2",
+                            "--output", str(out)], capsys)
+    assert code == 0, err
+    assert json.loads(out.read_text())["layer_placement"]["status"] == "complete"

@@ -25,6 +25,7 @@ import math
 import random
 import time
 from collections import defaultdict
+from typing import Literal
 
 import networkx as nx
 from networkx.algorithms.community import kernighan_lin_bisection
@@ -85,6 +86,8 @@ class GroupingResult(BaseModel):
     itl_s: float | None = Field(description="Decode step at the planned batch on the busiest decode group.")
     history: list[tuple[str, float]] = Field(default_factory=list, description="(step, max flow) as it improved.")
     variants: list[Variant] = Field(default_factory=list)
+    status: Literal["complete", "time_limit"] = Field(
+        default="complete", description="time_limit: the search was cut short; the grouping is the best found.")
 
 
 def pd_max_flow(model: GroupModel, groups: list[Group]) -> float:
@@ -153,10 +156,13 @@ def spectral_partition(model: GroupModel, seed: int = 0) -> tuple[list[tuple[str
     return groups, idle
 
 
-def kl_refine(model: GroupModel, groups: list[tuple[str, ...]], seed: int = 0) -> list[tuple[str, ...]]:
+def kl_refine(model: GroupModel, groups: list[tuple[str, ...]], seed: int = 0,
+              deadline: float = math.inf) -> list[tuple[str, ...]]:
     """Kernighan-Lin on every pair of same-type groups: keep GPUs joined by fast links together."""
     groups = list(groups)
     for i, j in itertools.combinations(range(len(groups)), 2):
+        if time.monotonic() > deadline:
+            break
         a, b = groups[i], groups[j]
         if model.gpus[a[0]].accelerator != model.gpus[b[0]].accelerator:
             continue
@@ -167,14 +173,17 @@ def kl_refine(model: GroupModel, groups: list[tuple[str, ...]], seed: int = 0) -
     return groups
 
 
-def best_roles(model: GroupModel, groups: list[tuple[str, ...]]) -> tuple[list[Group], float]:
-    """Roles maximising the max flow: exhaustive for few groups, else greedy single flips."""
+def best_roles(model: GroupModel, groups: list[tuple[str, ...]],
+               deadline: float = math.inf) -> tuple[list[Group], float]:
+    """Roles maximising the max flow: exhaustive for few groups, else greedy single flips (until `deadline`)."""
     n = len(groups)
     if n < 2:
         return [(g, Role.DECODE) for g in groups], 0.0
     best: tuple[list[Group], float] = ([], -1.0)
     if n <= EXHAUSTIVE_ROLE_LIMIT:
         for mask in range(1, 2 ** n - 1):
+            if best[0] and time.monotonic() > deadline:
+                break
             cand = [(g, Role.PREFILL if mask >> i & 1 else Role.DECODE) for i, g in enumerate(groups)]
             v = pd_max_flow(model, cand)
             if v > best[1] + 1e-12:
@@ -185,6 +194,8 @@ def best_roles(model: GroupModel, groups: list[tuple[str, ...]]) -> tuple[list[G
     for _ in range(MAX_ROUNDS):
         improved = False
         for i in range(n):
+            if time.monotonic() > deadline:
+                return cand, value
             flipped = list(cand)
             flipped[i] = (cand[i][0], Role.DECODE if cand[i][1] == Role.PREFILL else Role.PREFILL)
             v = pd_max_flow(model, flipped)
@@ -282,13 +293,14 @@ def spectral_kl_grouping(model: GroupModel, *, seed: int = 0, time_limit_s: floa
     rng = random.Random(seed)
     parts, idle = spectral_partition(model, seed)
     history: list[tuple[str, float]] = []
-    groups, value = best_roles(model, parts)
+    groups, value = best_roles(model, parts, deadline)
     history.append(("spectral", value))
-    refined, refined_value = best_roles(model, kl_refine(model, parts, seed))
+    refined, refined_value = best_roles(model, kl_refine(model, parts, seed, deadline), deadline)
     if refined_value >= value:
         groups, value = refined, refined_value
     history.append(("kernighan-lin", value))
     groups, value = local_search(model, groups, value, deadline, history)
+    cut_short = time.monotonic() > deadline
     for _ in range(restarts):
         if time.monotonic() > deadline:
             break
@@ -297,7 +309,9 @@ def spectral_kl_grouping(model: GroupModel, *, seed: int = 0, time_limit_s: floa
         if v > value * (1 + 1e-9):
             groups, value = cand, v
             history.append(("restart", v))
-    return describe(model, "spectral+KL", groups, idle, history)
+    result = describe(model, "spectral+KL", groups, idle, history)
+    # Restarts run until the deadline by design; only a first descent cut short is a time-limit answer.
+    return result.model_copy(update={"status": "time_limit"}) if cut_short else result
 
 
 def random_grouping(model: GroupModel, seed: int) -> GroupingResult:

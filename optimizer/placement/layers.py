@@ -3,12 +3,17 @@
 The pipeline, each step bounded in time:
 
 1. ``stage_chain.best_chain`` -- bisection on the target flow over chains of homogeneous stages,
-   region crossings included (milliseconds to a second).
+   region crossings included (milliseconds to a second on tens of nodes; on hundreds it can take
+   minutes, so it stops at 60 % of the time limit with the best chain proven so far, or, if it
+   proved none, a greedy chain of single nodes each holding as many layers as it can).
 2. Local search on the concrete placement, every candidate scored by an independent max flow of
    the Helix-style graph (``flow_graph``): idle nodes join the bottleneck stage, layer boundaries
    move by one between neighbouring stages.
 3. ``layer_milp.prove_or_improve`` with what time is left: fixed-target MILPs that either find a
    better placement or prove a target unreachable.
+
+``status`` says whether every step ran to its end ("complete") or the time limit cut one short
+("time_limit": the placement is the best found, valid, and its max flow and bound are exact).
 
 The reported upper bound is the smaller of the closed-form capacity bound (valid for any link
 rule) and what the MILP proved (valid for exact adjacency, which is the default rule here and the
@@ -20,6 +25,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -34,7 +40,7 @@ from optimizer.placement.flow_graph import (
     solve_flow,
 )
 from optimizer.placement.layer_milp import Slot, prove_or_improve
-from optimizer.placement.stage_chain import ChainProblem, NodeClass, best_chain
+from optimizer.placement.stage_chain import ChainProblem, NodeClass, Stage, best_chain
 from optimizer.placement.throughput import NodeThroughputModel
 
 _MAX_SEARCH_ROUNDS = 50
@@ -62,6 +68,8 @@ class LayerPlacementResult(BaseModel):
     bound: BoundReport
     gap: float = Field(description="(upper bound - max flow) / upper bound.")
     method: str = Field(description="Which step produced the placement.")
+    status: Literal["complete", "time_limit"] = Field(
+        description="complete: every step ran to its end; time_limit: the limit cut the search short.")
     elapsed_s: float
     timeline: list[tuple[float, str, float]] = Field(description="(seconds, step, max flow) as it improved.")
     node_throughput: dict[str, float] = Field(description="Inference tokens/s of each used node with its layers.")
@@ -138,9 +146,30 @@ class _Scorer:
         return max_flow_value(g)
 
 
+def greedy_chain(problem: ChainProblem) -> list[Stage]:
+    """Single-node stages, fastest nodes first, each holding as many layers as it serves ([] if L is not covered)."""
+    def most_layers(machine: str) -> int:
+        row = problem.table[machine]
+        return max((k for k in range(1, len(row)) if row[k] > 0), default=0)
+
+    stages, left = [], problem.num_layers
+    by_speed = sorted(problem.classes, key=lambda c: -max(problem.table[c.machine], default=0.0))
+    for c in by_speed:
+        k = most_layers(c.machine)
+        for _ in range(c.count if k else 0):
+            if left == 0:
+                break
+            stages.append(Stage(c.machine, c.region, 1, min(k, left)))
+            left -= stages[-1].layers
+    return stages if left == 0 else []
+
+
 def _improve_chain(chain: _Chain, score, value: float, idle: list[str], layer_limit: dict[str, int],
-                   model: ModelDescription, deadline: float) -> tuple[_Chain, float]:
-    """First-improvement local search: an idle node joins a stage, or one layer moves across a boundary."""
+                   model: ModelDescription, deadline: float) -> tuple[_Chain, float, bool]:
+    """First-improvement local search: an idle node joins a stage, or one layer moves across a boundary.
+
+    Returns the chain, its score and whether the search converged (False: the deadline stopped it).
+    """
 
     def fits(names: list[str], k: int) -> bool:
         return 1 <= k and all(k <= layer_limit[n] for n in names)
@@ -157,7 +186,7 @@ def _improve_chain(chain: _Chain, score, value: float, idle: list[str], layer_li
                        for d in (1, -1) if fits(a, ka + d) and fits(b, kb - d)]
         for joined, trial in trials:
             if time.monotonic() > deadline:
-                return chain, value
+                return chain, value, False
             v = score(trial.placement(model))
             if v > value * (1 + 1e-9):
                 chain, value = trial, v
@@ -166,7 +195,7 @@ def _improve_chain(chain: _Chain, score, value: float, idle: list[str], layer_li
                 break
         else:
             break
-    return chain, value
+    return chain, value, True
 
 
 def place_layers(cluster: Cluster, model: ModelDescription, throughput: NodeThroughputModel, *,
@@ -180,21 +209,25 @@ def place_layers(cluster: Cluster, model: ModelDescription, throughput: NodeThro
     problem = chain_problem(cluster, model, throughput)
     score = _Scorer(cluster, model, throughput, partial)
 
-    target, stages = best_chain(problem)
+    target, stages, complete = best_chain(problem, deadline=began + 0.6 * time_limit_s)
+    method = "stage-chain"
+    if not stages and not complete:
+        stages, method = greedy_chain(problem), "greedy chain (stage-chain search out of time)"
     if not stages:
         raise ValueError(f"no placement of {model.name} covers all {model.num_layers} layers on {cluster.name}")
     chain = _concrete(stages, classes)
     best = chain.placement(model)
     value = score(best)
-    method = "stage-chain"
     timeline.append((time.monotonic() - began, method, value))
 
     used = {r.node for r in best.ranges}
     idle = [n.name for nodes in classes.values() for n in nodes if n.name not in used]
-    chain, improved = _improve_chain(chain, score, value, idle, layer_limit, model,
-                                     began + max(0.5, 0.3 * time_limit_s))
+    # A chain search cut short leaves the local search more of the limit to repair the chain.
+    search_until = began + (max(min(0.5, time_limit_s), 0.3 * time_limit_s) if complete else 0.8 * time_limit_s)
+    chain, improved, converged = _improve_chain(chain, score, value, idle, layer_limit, model, search_until)
+    complete = complete and converged
     if improved > value:
-        best, value, method = chain.placement(model), improved, "stage-chain + local search"
+        best, value, method = chain.placement(model), improved, method + " + local search"
         timeline.append((time.monotonic() - began, method, value))
 
     counts = {}
@@ -225,5 +258,6 @@ def place_layers(cluster: Cluster, model: ModelDescription, throughput: NodeThro
         max_flow=flow.max_flow,
         bound=BoundReport(capacity_bound=capacity, milp_bound=milp_bound, upper_bound=upper, milp_steps=steps),
         gap=(upper - flow.max_flow) / upper if upper > 0 else 0.0, method=method,
+        status="complete" if complete else "time_limit",
         elapsed_s=time.monotonic() - began, timeline=timeline, node_throughput=node_tp, flow=flow,
     )

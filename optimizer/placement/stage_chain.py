@@ -16,6 +16,7 @@ stages); the local search and the MILP look beyond it.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from itertools import permutations
 
@@ -79,11 +80,16 @@ def _members(bits: int) -> list[int]:
     return out
 
 
+class OutOfTime(Exception):
+    """The deadline passed in the middle of a feasibility check."""
+
+
 class _Solver:
     """Feasibility of one target flow F, with reconstruction of a chain reaching it."""
 
-    def __init__(self, problem: ChainProblem, flow: float):
+    def __init__(self, problem: ChainProblem, flow: float, deadline: float = math.inf):
         self.p, self.f = problem, flow
+        self.deadline = deadline
         self.L = problem.num_layers
         self.by_region: dict[str | None, list[NodeClass]] = {}
         for c in problem.classes:
@@ -102,9 +108,14 @@ class _Solver:
             self._reach[key] = self._compute_reach(machine, nodes)
         return self._reach[key]
 
+    def _check_time(self) -> None:
+        if time.monotonic() > self.deadline:
+            raise OutOfTime
+
     def _compute_reach(self, machine: str, nodes: int) -> int:
         exact = [1] + [0] * nodes
         for n in range(1, nodes + 1):
+            self._check_time()
             acc = 0
             for m in range(1, n + 1):
                 acc |= _sumset(exact[n - m], self.kset(machine, m), self.L)
@@ -137,6 +148,7 @@ class _Solver:
         first_min, last_min = max(first_min, 1), max(last_min, 1)
         out = 0
         for stages in self._end_stage_choices(classes, first_min, last_min):
+            self._check_time()
             used = [0] * len(classes)
             bits = 1
             for ci, m in stages:
@@ -202,6 +214,7 @@ class _Solver:
         classes = self.by_region[region]
         intra = self.need_pairs(region, region)
         for stages in self._end_stage_choices(classes, max(a, 1), max(b, 1)):
+            self._check_time()
             used = [0] * len(classes)
             ksets = []
             for ci, m in stages:
@@ -281,18 +294,27 @@ def candidate_flows(problem: ChainProblem) -> list[float]:
     return sorted(v for v in values if math.isfinite(v) and v > 0)
 
 
-def best_chain(problem: ChainProblem) -> tuple[float, list[Stage]]:
-    """The best chain of homogeneous stages: (the F it guarantees, its stages), or (0, [])."""
+def best_chain(problem: ChainProblem, deadline: float = math.inf) -> tuple[float, list[Stage], bool]:
+    """The best chain of homogeneous stages: (the F it guarantees, its stages, whether the search
+    finished before `deadline` (time.monotonic())); (0, [], ...) when none was found.
+
+    Out of time, the bisection stops and the best chain proven so far is returned, so the answer is
+    a valid lower bound, just not the best of the family.
+    """
     values = candidate_flows(problem)
     lo, hi = 0, len(values) - 1
     best: tuple[float, list[Stage]] = (0.0, [])
     while lo <= hi:
         mid = (lo + hi) // 2
-        solver = _Solver(problem, values[mid])
-        found = solver.feasible()
-        if found:
-            best = (values[mid], solver.build(*found))
+        solver = _Solver(problem, values[mid], deadline)
+        try:
+            found = solver.feasible()
+            stages = solver.build(*found) if found else None
+        except OutOfTime:
+            return (*best, False)
+        if stages is not None:
+            best = (values[mid], stages)
             lo = mid + 1
         else:
             hi = mid - 1
-    return best
+    return (*best, True)

@@ -119,7 +119,8 @@ def plan_fragment(cluster: Cluster, grouping: GroupingResult) -> dict:
 
 
 def print_grouping(r: GroupingResult) -> None:
-    print(f"\nP/D groups ({r.method}): max flow {r.max_flow_rps:.3f} requests/s = {r.tokens_per_s:.1f} tokens/s, "
+    status = "" if r.status == "complete" else ", stopped by the time limit: best found so far"
+    print(f"\nP/D groups ({r.method}{status}): max flow {r.max_flow_rps:.3f} requests/s = {r.tokens_per_s:.1f} tokens/s, "
           f"bottleneck: {r.bottleneck}, cost {r.cost_per_hour:.2f}/h")
     for g in r.groups:
         rate = g.prefill_rps if g.role == Role.PREFILL else g.decode_rps
@@ -140,7 +141,8 @@ def print_grouping(r: GroupingResult) -> None:
 def print_layers(r: LayerPlacementResult, cluster: Cluster) -> None:
     b = r.bound
     milp = f", MILP {b.milp_bound:.2f}" if b.milp_bound is not None else ""
-    print(f"\nlayer placement ({r.method}, {r.elapsed_s:.1f} s): max flow {r.max_flow:.2f} tokens/s; "
+    status = "" if r.status == "complete" else ", stopped by the time limit: best found so far"
+    print(f"\nlayer placement ({r.method}, {r.elapsed_s:.1f} s{status}): max flow {r.max_flow:.2f} tokens/s; "
           f"upper bound {b.upper_bound:.2f} (capacity {b.capacity_bound:.2f}{milp}); gap {r.gap:.1%}")
     print(f"  bottleneck: {r.flow.bottleneck_summary()}")
     through = {e["u"].removesuffix(".start"): e["flow"] for e in r.flow.edges if e["kind"] == "compute"}
