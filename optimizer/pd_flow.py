@@ -59,7 +59,7 @@ _STAGES: tuple[Stage, ...] = ("prefill", "kv_links", "decode", "off_path")
 _STAGE_CODE = {stage: code for code, stage in enumerate(_STAGES)}
 MAX_LISTED = 10  # edges named in one sentence of the recommendations; the rest are counted
 MAX_SCALE_OPTIONS = 20  # scale options kept in the analysis, best first
-PROBE_EDGE_BUDGET = 50_000  # scale options re-solved while (probes x edges) stays within this
+PROBE_EDGE_BUDGET = 10_000  # scale options re-solved while (probes x edges) stays within this
 _STAGE_WORDS = {
     "prefill-decode": {"prefill": "prefill", "kv_links": "KV link", "decode": "decode"},
     "generic": {"prefill": "source-side", "kv_links": "mid-graph", "decode": "sink-side"},
