@@ -139,7 +139,7 @@ def test_per_model_composite_refuses_overlap_and_mixed_intervals():
 
 
 SCENARIO = """
-name: two models, few H100
+name: two models, few H100 and A100
 fleet: {fleet}
 models:
   - model: Llama-3.1-8B
@@ -166,8 +166,8 @@ def two_model_comparison(tmp_path_factory):
     doc = yaml.safe_load(SCENARIO.format(fleet=FLEET))
     fleet = yaml.safe_load(FLEET.read_text())
     for acc in fleet["accelerators"]:
-        if acc["name"] == "H100":
-            acc["available"] = 2
+        if acc["name"] in ("H100", "A100-80G"):
+            acc["available"] = {"H100": 2, "A100-80G": 4}[acc["name"]]
     folder = tmp_path_factory.mktemp("multi")
     (folder / "fleet.yaml").write_text(yaml.safe_dump(fleet))
     doc["fleet"] = "fleet.yaml"
@@ -222,7 +222,12 @@ def test_simulate_prints_per_model_rows_and_an_honest_verdict(two_model_comparis
     out = capsys.readouterr().out
     assert "per model" in out and "HPA tuning" in out and "hpa (per-model best)" in out
     v = verdict(comparison)
-    assert v.lines and v.baseline == "hpa (per-model best)"
+    assert v.lines and v.baseline in ("hpa (per-model best)", "hpa (best fit to inventory)")
+    capped = [o.plan.label for o in comparison.outcomes
+              if o.metrics.pending_replica_s > 0 and o.plan.label != v.baseline]
+    assert capped, "2 H100 and 4 A100 for two models: some baseline must run out of them"
+    warning = next(line for line in v.lines if line.startswith("warning: the inventory capped"))
+    assert all(label in warning for label in capped)
     assert all(" -" not in line.split("costs")[-1][:3] for line in v.lines if "costs" in line)
     summary = yaml.safe_load((folder / "r" / "summary.json").read_text())
     assert [m["model"] for m in summary["models"]] == ["Llama-3.1-8B", "Qwen2.5-32B"]

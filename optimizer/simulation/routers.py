@@ -172,22 +172,22 @@ class WeightedRouter:
                 chosen = max(sorted(by_variant), key=lambda v: credit[v])
                 credit[chosen] -= total
                 pick = self._inner.pick(f"{pool_key}/{chosen}", by_variant[chosen], input_tokens)
-                return self._bounded(pick, by_variant, pool)
+                return self._bounded(pick, by_variant)
         return self._inner.pick(pool_key, pool, input_tokens)
 
     @staticmethod
-    def _bounded(pick, by_variant: dict[str, list], pool):
-        """The plan's pick, unless it would queue the request while another replica would start it
-        now (one allowed for the bucket first, else any of the model's), or run far ahead of the
-        least loaded replica allowed for the bucket."""
+    def _bounded(pick, by_variant: dict[str, list]):
+        """The plan's pick, unless it would queue the request while another replica allowed for the
+        bucket would start it now, or run far ahead of the least loaded of them. Only replicas the
+        plan allows for the bucket: spilling a long prompt onto a replica planned for short ones (a
+        PD replica beside P/D pairs, a small GPU) trades a queue for an SLO miss."""
         if pick is None:
             return None
         eligible = [r for reps in by_variant.values() for r in reps]
         if getattr(pick, "waiting", 0) > 0:
-            for group in (eligible, [r for r in pool if not r.draining]):
-                idle = [r for r in group if getattr(r, "waiting", 0) == 0]
-                if idle:
-                    return min(idle, key=lambda r: (r.outstanding, getattr(r, "index", 0)))
+            idle = [r for r in eligible if getattr(r, "waiting", 0) == 0]
+            if idle:
+                return min(idle, key=lambda r: (r.outstanding, getattr(r, "index", 0)))
         if pick.outstanding > SPILL_SLACK:
             least = min(eligible, key=lambda r: r.outstanding)
             if pick.outstanding > SPILL_RATIO * least.outstanding + SPILL_SLACK:

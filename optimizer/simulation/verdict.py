@@ -77,6 +77,11 @@ def verdict(comparison: Comparison, ours_label: str = "ours", target: float = AT
         waited = ", ".join(f"{m.model} {m.unmet_s:.0f} s" for m in best.metrics.per_model if m.unmet_s > 0)
         lines.append(f"warning: {best.plan.label} asked for replicas the inventory could not place "
                      f"({best.metrics.pending_replica_s:.0f} pending replica-seconds; short: {waited or 'n/a'})")
+    capped = [o for o in comparison.outcomes if o is not best and o.metrics.pending_replica_s > 0]
+    if capped:
+        lines.append("warning: the inventory capped " + ", ".join(
+            f"{o.plan.label} ({o.metrics.pending_replica_s:.0f} pending replica-s)" for o in capped)
+            + ": these runs asked for replicas that did not fit, so their rows show the fleet, not the policy")
     for run in (o for o in comparison.outcomes if o.plan.role == "combined"):
         picks = ", ".join(f"{m} on {v} at {f:g}x" for m, v, f in run.plan.choices)
         lines.append(f"  ({run.plan.label}: {picks}; ${run.metrics.cost:.2f}, "
