@@ -21,6 +21,11 @@ above (chunks of one prompt add up to its attention cost, e^2 - s^2 per chunk). 
 base being the curve at 0 tokens (its linear extrapolation below the first point, floored at 0):
 the fixed cost is shared, every prompt's own curve (its attention included) is not.
 
+Each profile also carries the engine's per-iteration token budget, ``max_num_batched_tokens``
+(chunked prefill, default 2048 as vLLM V1 serves; None = no chunking), because the iteration times
+above are only meaningful under the scheduler that produced them; the simulator and the capacity
+model both read it from here.
+
 ``fit_profile`` turns observed samples into a ``ParametricProfile`` with a robust least-squares
 fit, so the engine works without offline profiling too.
 """
@@ -34,6 +39,20 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from optimizer import input_limits as lim
+
+
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
+"""vLLM V1's --max-num-batched-tokens default for online serving (``EngineArgs.get_batch_defaults``,
+OpenAI API server context; V1 always chunks prefills). Recent vLLM releases use 8192 on GPUs with
+>= 70 GiB other than A100 (H100, H200, MI300X): set it per profile to match a deployment."""
+
+
+def _budget_field():
+    return Field(
+        default=DEFAULT_MAX_NUM_BATCHED_TOKENS, ge=1, le=lim.MAX_TOKENS,
+        description="Token budget of one forward pass (vLLM --max-num-batched-tokens; chunked prefill): decodes "
+        "first, prompt chunks fill the rest. None: no chunking, a whole prefill batch at once (vLLM V0).",
+    )
 
 
 class _PrefillBatch:
@@ -81,6 +100,7 @@ class ParametricProfile(_PrefillBatch, BaseModel):
     prefill_per_token_sq_s: float = Field(
         default=0.0, ge=0, le=lim.MAX_PROFILE_TIME_S, description="Attention term per token squared."
     )
+    max_num_batched_tokens: int | None = _budget_field()
 
     def decode_step_s(self, batch, context_tokens=0.0):
         """Time of one decode iteration with `batch` sequences of mean context `context_tokens`."""
@@ -123,6 +143,7 @@ class TabulatedProfile(_PrefillBatch, BaseModel):
         default=0.0, ge=0, le=lim.MAX_PROFILE_TIME_S,
         description="Added per KV-cache token read in one iteration (batch x context)."
     )
+    max_num_batched_tokens: int | None = _budget_field()
 
     @field_validator("decode_points")
     @classmethod

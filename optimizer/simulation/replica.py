@@ -4,7 +4,26 @@ Why a simulator: the analytical capacity model (``optimizer.capacity``) makes qu
 approximations; this replays requests through the iteration-level scheduler a vLLM server really
 runs, so the approximations can be checked, and the cluster simulator can host many of these.
 
-Scheduling policy (vLLM V0 default scheduler, no chunked prefill):
+Two scheduling policies, chosen by the profile's ``max_num_batched_tokens`` (or the
+``max_num_batched_tokens`` argument, which overrides it):
+
+Chunked prefill (an integer token budget; vLLM V1, the default engine since 2025, always runs it;
+the profile's default 2048 is V1's ``--max-num-batched-tokens`` default for the OpenAI API server,
+``EngineArgs.get_batch_defaults``; recent releases raise it to 8192 on >= 70 GiB GPUs other than A100):
+
+* Every iteration is one forward pass over at most ``max_num_batched_tokens`` tokens. Running
+  decodes go first, one token each; the rest of the budget goes to prefill chunks, first to
+  prompts already partly prefilled (first come first served), then to waiting requests admitted
+  while they fit (running + prefilling < ``max_batch`` and their KV reservation fits), each taking
+  min(its remaining prompt, the budget left). A prompt longer than the budget is prefilled over
+  several iterations while the batch keeps decoding, so one long prompt no longer stalls every
+  decode for its whole prefill.
+* A mixed iteration lasts ``decode_step_s(decodes, mean context)`` plus each chunk's own cost
+  p(end) - p(start) (``prefill_batch_s`` without its fixed base, which the decode step already
+  pays); an iteration with chunks only lasts ``prefill_batch_s`` of its chunks. The iteration that
+  completes a prompt yields its first token; the request decodes from the next one on.
+
+Without a budget (``None``: the vLLM V0 default scheduler, no chunked prefill):
 
 * Iterations are atomic. At each iteration boundary, if requests are waiting and at least one can
   be admitted (running + new < ``max_batch`` and its KV reservation fits), the iteration is a
@@ -47,6 +66,8 @@ import numpy as np
 from optimizer.fleet import Role
 
 _EPS_S = 1e-12
+FROM_PROFILE = object()
+"""Default of ``max_num_batched_tokens``: take the profile's (``None`` when it has none)."""
 
 
 @dataclass(slots=True, eq=False)
@@ -108,7 +129,12 @@ class Replica:
         role: Role | str = Role.BOTH,
         variant: str = "",
         max_prefill_tokens: int | None = None,
+        max_num_batched_tokens: int | None | object = FROM_PROFILE,
     ):
+        if max_num_batched_tokens is FROM_PROFILE:
+            max_num_batched_tokens = getattr(profile, "max_num_batched_tokens", None)
+        if max_num_batched_tokens is not None and int(max_num_batched_tokens) < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1 or None, got {max_num_batched_tokens}")
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if kv_capacity_tokens <= 0:
@@ -122,6 +148,7 @@ class Replica:
         self.kv_capacity_tokens = float(kv_capacity_tokens)
         self.role = Role(role)
         self.max_prefill_tokens = max_prefill_tokens
+        self.max_num_batched_tokens = None if max_num_batched_tokens is None else int(max_num_batched_tokens)
 
         # decode_step_s(b, ctx) = f(b) + k * b * ctx for both profile kinds: tabulate f once.
         self._kv_coef = float(getattr(profile, "decode_per_kv_token_s", 0.0))
@@ -137,7 +164,9 @@ class Replica:
         self._step = 0  # decode steps run so far
         self._ctx_offset = 0  # sum over running of (input + 1 - join_step); ctx sum = this + n * step
         self._kv_reserved = 0.0
-        self._prefilling: list[tuple[SimRequest, int]] = []
+        # [request, reserved KV, prompt tokens prefilled so far]
+        self._prefilling: list[list] = []
+        self._chunks: list[tuple[list, int]] = []  # (prefilling entry, end) in the iteration in flight
         self._pending: list[ReplicaEvent] = []
 
         self._iter_kind: str | None = None
@@ -184,7 +213,7 @@ class Replica:
     def kv_usage(self) -> float:
         """KV tokens actually held / capacity (what vLLM reports as kv_cache_usage_perc)."""
         held = self._ctx_offset + len(self._running) * self._step
-        held += sum(r.input_tokens for r, _ in self._prefilling)
+        held += sum(done for _, _, done in self._prefilling)
         return min(1.0, held / self.kv_capacity_tokens)
 
     @property
@@ -275,11 +304,14 @@ class Replica:
     def _start_next(self, t: float) -> None:
         self._iter_end = None
         self._iter_kind = None
+        if self.max_num_batched_tokens is not None and self.role is not Role.DECODE:
+            self._start_chunked(t)
+            return
         if self._waiting and self.role is not Role.DECODE:
             self._take_prefill_batch()
             if self._prefilling:
                 base = self._prefill_base
-                own = sum(self._prefill_time(r.input_tokens) - base for r, _ in self._prefilling)
+                own = sum(self._prefill_time(r.input_tokens) - base for r, _, _ in self._prefilling)
                 self._begin(t, "prefill", base + own)
                 return
         if self._waiting and self.role is Role.DECODE:
@@ -288,6 +320,37 @@ class Replica:
         if n:
             ctx = self._ctx_offset + n * self._step
             self._begin(t, "decode", self._decode_fixed[n] + self._kv_coef * ctx)
+
+    def _start_chunked(self, t: float) -> None:
+        """One forward pass under the token budget: decodes, then partial prefills, then new prompts."""
+        n = len(self._running)
+        room = self.max_num_batched_tokens - n
+        chunks = self._chunks
+        chunks.clear()
+        cost = 0.0
+        for entry in self._prefilling:
+            if room <= 0:
+                break
+            r, _, done = entry
+            end = min(r.input_tokens, done + room)
+            chunks.append((entry, end))
+            cost += self._prefill_time(end) - self._prefill_time(done)
+            room -= end - done
+        while room > 0 and self._waiting and self._fits(self._waiting[0], n + len(self._prefilling)):
+            r = self._waiting.popleft()
+            need = self._reservation(r)
+            self._kv_reserved += need
+            entry = [r, need, 0]
+            self._prefilling.append(entry)
+            end = min(r.input_tokens, room)
+            chunks.append((entry, end))
+            cost += self._prefill_time(end) - self._prefill_base
+            room -= end
+        if n:
+            ctx = self._ctx_offset + n * self._step
+            self._begin(t, "mixed" if chunks else "decode", self._decode_fixed[n] + self._kv_coef * ctx + cost)
+        elif chunks:
+            self._begin(t, "prefill", self._prefill_base + cost)
 
     def _begin(self, t: float, kind: str, duration: float) -> None:
         self._iter_kind = kind
@@ -312,7 +375,7 @@ class Replica:
             self._waiting.popleft()
             need = self._reservation(r)
             self._kv_reserved += need
-            self._prefilling.append((r, need))
+            self._prefilling.append([r, need, 0])
             tokens += r.input_tokens
             batch += 1
 
@@ -333,26 +396,8 @@ class Replica:
     def _finish_iteration(self, t: float, events: list[ReplicaEvent]) -> None:
         duration = t - self._iter_start
         self.busy_s += duration
-        if self._iter_kind == "prefill":
-            self.prefill_iterations += 1
-            self.prefill_time_s += duration
-            batch, self._prefilling = self._prefilling, []
-            for r, need in batch:
-                if self.role is Role.PREFILL:
-                    r.prefill_done_s = t
-                    self._kv_reserved -= need
-                    events.append(ReplicaEvent(t, EventKind.HANDOFF, r))
-                    continue
-                r.prefill_done_s = t
-                r.first_token_s = t
-                events.append(ReplicaEvent(t, EventKind.FIRST_TOKEN, r))
-                if r.output_tokens <= 1:
-                    r.completion_s = t
-                    self._kv_reserved -= need
-                    events.append(ReplicaEvent(t, EventKind.FINISHED, r))
-                else:
-                    self._join(r, need)
-        else:
+        kind = self._iter_kind
+        if kind in ("decode", "mixed"):
             n = len(self._running)
             self.decode_iterations += 1
             self.decode_time_s += duration
@@ -365,6 +410,33 @@ class Replica:
                 self._kv_reserved -= need
                 self._ctx_offset -= ctx_term
                 events.append(ReplicaEvent(t, EventKind.FINISHED, r))
+        if kind == "decode":
+            return
+        self.prefill_iterations += 1
+        self.prefill_time_s += duration
+        if self.max_num_batched_tokens is None:
+            done, self._prefilling = self._prefilling, []
+        else:
+            for entry, end in self._chunks:
+                entry[2] = end
+            self._chunks.clear()
+            done = [e for e in self._prefilling if e[2] >= e[0].input_tokens]
+            if done:
+                self._prefilling = [e for e in self._prefilling if e[2] < e[0].input_tokens]
+        for r, need, _ in done:
+            r.prefill_done_s = t
+            if self.role is Role.PREFILL:
+                self._kv_reserved -= need
+                events.append(ReplicaEvent(t, EventKind.HANDOFF, r))
+                continue
+            r.first_token_s = t
+            events.append(ReplicaEvent(t, EventKind.FIRST_TOKEN, r))
+            if r.output_tokens <= 1:
+                r.completion_s = t
+                self._kv_reserved -= need
+                events.append(ReplicaEvent(t, EventKind.FINISHED, r))
+            else:
+                self._join(r, need)
 
 
 @dataclass
@@ -415,6 +487,7 @@ def simulate_replica(
     role: Role | str = Role.BOTH,
     kv_transfer_s: float = 0.0,
     max_prefill_tokens: int | None = None,
+    max_num_batched_tokens: int | None | object = FROM_PROFILE,
 ) -> ReplicaRecords:
     """Replay requests through one replica; arrivals must be sorted.
 
@@ -432,16 +505,17 @@ def simulate_replica(
     if np.any(ins < 1) or np.any(outs < 1):
         raise ValueError("input_tokens and output_tokens must be >= 1")
     rep = Replica("sim", profile, max_batch=max_batch, kv_capacity_tokens=kv_capacity_tokens, role=role,
-                  max_prefill_tokens=max_prefill_tokens)
+                  max_prefill_tokens=max_prefill_tokens, max_num_batched_tokens=max_num_batched_tokens)
     requests = [SimRequest(i, float(a), int(n_in), int(n_out))
                 for i, (a, n_in, n_out) in enumerate(zip(arrivals.tolist(), ins.tolist(), outs.tolist(),
                                                          strict=True))]
     for r in requests:
         rep.advance(r.arrival_s)
         rep.admit(r, r.arrival_s)
-    # Bounded drain: every admitted request needs at most one prefill and output_tokens decode steps.
+    # Bounded drain: every admitted request needs at most one prefill iteration per prompt token
+    # (chunks of one token, the smallest budget) and output_tokens decode steps.
     end = math.inf
-    for _ in range(2 * (len(requests) + int(outs.sum(initial=0))) + 2):
+    for _ in range(2 * (len(requests) + int(outs.sum(initial=0)) + int(ins.sum(initial=0))) + 2):
         nxt = rep.next_event_time()
         if nxt is None:
             break
