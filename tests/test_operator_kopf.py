@@ -341,3 +341,47 @@ def test_a_priority_tie_goes_to_the_smallest_identity():
     assert not peer_is_active(status, 5), "without an identity a tie pauses everyone, as kopf does"
     dead = {"a": {"priority": 5, "lifetime": 60, "lastseen": "2000-01-01T00:00:00+00:00"}, "b": status["b"]}
     assert peer_is_active(dead, 5, identity="b")
+
+
+def test_run_with_a_namespace_never_reads_or_writes_another_namespace(emulated_cluster, kube_api, kube_namespace,
+                                                                      tmp_path):
+    """`run -n a` beside VariantAutoscalings in namespace b, with settings that watch every namespace
+    (watched_namespaces: []): the first cycle used to list VAs cluster-wide and write b's status.
+    Judged from the API server's request log: no request of the operator (kopf or the loop) names b,
+    and none lists a namespaced resource across the cluster."""
+    from kubernetes import client
+
+    other = f"{kube_namespace}-b"
+    core = client.CoreV1Api(kube_api)
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=other)))
+    mine, theirs = Kube(kube_api, kube_namespace), Kube(kube_api, other)
+    try:
+        for kube, name in ((mine, "scope-a"), (theirs, "scope-b")):
+            kube.deploy(name, 1)
+            kube.apply_variant(variant(name, name, profile=L4_PROFILE, min_replicas=2))
+        path = tmp_path / "settings.yaml"
+        path.write_text(yaml.safe_dump(settings_dict(interval_s=1, watched_namespaces=[], prometheus={
+            "url": f"http://127.0.0.1:{free_port()}", "timeout_s": 0.5})))
+        options = RunOptions(settings_file=path, kubeconfig=emulated_cluster.kubeconfig_path, metrics_host="127.0.0.1",
+                             metrics_port=0, standalone=True, namespaces=(kube_namespace,), instance="scope-test")
+        first = len(emulated_cluster.core.requests)
+        with OperatorThread(options) as op:
+            wait_until(lambda: mine.replicas("scope-a") == 2, timeout_s=30, what="the operator to scale scope-a")
+            wait_until(lambda: sum(r.resource == "variantautoscalings" and r.subresource == "status"
+                                   and r.namespace == kube_namespace and r.user_agent.startswith("variant-autoscaler/")
+                                   for r in emulated_cluster.core.requests[first:]) >= 1,
+                       timeout_s=30, what="a status write in the operator's namespace")
+            mine.apps.patch_namespaced_deployment("scope-a", kube_namespace, {"spec": {"replicas": 1}})
+            wait_until(lambda: mine.replicas("scope-a") == 2, timeout_s=30, what="a later cycle to scale it back")
+        assert op.error is None
+        calls = [r for r in emulated_cluster.core.requests[first:] if r.user_agent.startswith(("kopf/", "variant-autoscaler/"))]
+        assert calls
+        assert not [r.summary() for r in calls if r.namespace == other], "the operator touched the other namespace"
+        wide = [r.summary() for r in calls if r.namespace is None and r.resource in (
+            "variantautoscalings", "deployments", "pods", "events", "configmaps", "namespaces",
+            "customresourcedefinitions")]
+        assert not wide, f"cluster-wide requests in namespaced mode: {wide}"
+        assert not theirs.variant("scope-b").get("status") and theirs.replicas("scope-b") == 1
+        assert not theirs.events()
+    finally:
+        core.delete_namespace(other)

@@ -251,7 +251,7 @@ def test_monitoring_objects_follow_their_toggles(helm, tmp_path):
     assert dashboard["data"]["variant-autoscaler.json"] == (CHART / "files" / "dashboard.json").read_text().rstrip("\n")
 
 
-def test_watched_namespaces_get_roles_there_and_only_discovery_cluster_wide(helm, tmp_path):
+def test_watched_namespaces_get_roles_there_and_nothing_cluster_wide_but_nodes(helm, tmp_path):
     docs = render(helm, tmp_path, NON_DEFAULT)
     roles = {(r["metadata"]["namespace"], r["metadata"]["name"]) for r in find(docs, "Role")}
     assert roles == {("llm-a", "va-variant-autoscaler"), ("llm-b", "va-variant-autoscaler"),
@@ -265,9 +265,12 @@ def test_watched_namespaces_get_roles_there_and_only_discovery_cluster_wide(helm
                                        "resourceNames": ["va-variant-autoscaler-settings"], "verbs": ["get"]}]
     (cluster_role,) = find(docs, "ClusterRole")
     resources = {res for rule in cluster_role["rules"] for res in rule["resources"]}
-    assert resources == {"customresourcedefinitions", "namespaces", "nodes"}, (
-        f"namespaced mode grants {resources} cluster-wide")
-    assert all(set(rule["verbs"]) <= {"list", "watch"} for rule in cluster_role["rules"])
+    assert resources == {"nodes"}, f"namespaced mode grants {resources} cluster-wide (only discoverInventory's nodes)"
+    assert all(set(rule["verbs"]) == {"list"} for rule in cluster_role["rules"])
+    plain = render(helm, tmp_path, {"operator": {"watchNamespaces": ["llm-a"]}})
+    assert not find(plain, "ClusterRole") and not find(plain, "ClusterRoleBinding"), (
+        "watchNamespaces without discoverInventory: nothing cluster-wide")
+    assert {r["metadata"]["namespace"] for r in find(plain, "Role")} == {"llm-a", "platform"}
     (deployment,) = find(docs, "Deployment")
     args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
     assert [a for a in args if a.startswith("--namespace=")] == ["--namespace=llm-a", "--namespace=llm-b"]

@@ -166,6 +166,19 @@ class ControllerDeps:
     fit_profiles: Callable[[list[VariantSelector]], Any] | None = None
     clock: Callable[[], float] = time.time
     settings_configmap: tuple[str, str] | None = None
+    namespaces: tuple[str, ...] = ()  # `run -n`: the only namespaces this operator may read or write VAs in
+
+
+def served_namespaces(flag: tuple[str, ...] | list[str], configured: list[str]) -> list[str] | None:
+    """The namespaces whose VariantAutoscalings a cycle serves; None: all of them.
+
+    The `run -n` flag bounds everything (kopf watches only those namespaces and the chart grants Roles
+    only there); the settings' watched_namespaces narrow it further, never widen it. A flag and
+    settings with nothing in common serve nothing (an empty list), never the whole cluster.
+    """
+    if flag:
+        return [n for n in flag if not configured or n in configured]
+    return list(configured) or None
 
 
 @dataclass
@@ -221,6 +234,7 @@ class Controller:
         self._settings_error: str | None = None
         self._phases: dict[str, float] = {}
         self._mark = 0.0
+        self._scope_warned: tuple | None = None
 
     # ------------------------------------------------------------------------------------------
     async def cycle(self, resources: list[dict] | None = None) -> CycleReport:
@@ -233,12 +247,17 @@ class Controller:
             deps.exporter.cycle_duration.observe(report.duration_s)
             return report
         settings = deps.settings.current
+        scope = served_namespaces(deps.namespaces, settings.watched_namespaces)
+        if scope == [] and self._scope_warned != (deps.namespaces, tuple(settings.watched_namespaces)):
+            self._scope_warned = (deps.namespaces, tuple(settings.watched_namespaces))
+            log.warning("the settings' watched_namespaces %s share no namespace with --namespace %s: nothing is served",
+                        settings.watched_namespaces, list(deps.namespaces))
         try:
             self._phases = {}
             if resources is None:
-                resources = await deps.gateway.list_variant_autoscalings(settings.watched_namespaces or None)
+                resources = [] if scope == [] else await deps.gateway.list_variant_autoscalings(scope)
             self._phase("list", t0)
-            return await self._cycle(settings, resources, started, t0)
+            return await self._cycle(settings, scope, resources, started, t0)
         except ApiCallFailed as err:
             deps.exporter.count_error("KubernetesApiUnavailable")
             log.warning("cycle aborted, nothing written: %s", err)
@@ -286,11 +305,10 @@ class Controller:
                     log.warning("event InvalidSettings for ConfigMap %s/%s not posted: %s", namespace, name, err)
         return None if store.loaded else f"no valid settings: {error}"
 
-    async def _cycle(self, settings: OperatorSettings, resources: list[dict], started: float,
-                     t0: float) -> CycleReport:
+    async def _cycle(self, settings: OperatorSettings, scope: list[str] | None, resources: list[dict],
+                     started: float, t0: float) -> CycleReport:
         deps, memory = self.deps, self.memory
         now_text = _rfc3339(started)
-        wanted_ns = set(settings.watched_namespaces)
         outcomes: dict[str, VariantOutcome] = {}
         statuses: dict[str, tuple[ObjectRef, dict]] = {}
         events: list[tuple[ObjectRef, str, str, str, str]] = []  # ref, type, reason, message, dedupe key
@@ -300,7 +318,7 @@ class Controller:
         for obj in resources:
             meta = obj.get("metadata") or {}
             ns, name = meta.get("namespace") or "default", meta.get("name") or "?"
-            if wanted_ns and ns not in wanted_ns:
+            if scope is not None and ns not in scope:
                 continue
             key = f"{ns}/{name}"
             try:

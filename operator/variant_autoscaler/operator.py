@@ -38,7 +38,7 @@ import kopf
 from pydantic import BaseModel, ConfigDict, Field
 
 from variant_autoscaler.actuator import GROUP, PLURAL, VERSION, ApiCallFailed, KubeGateway, RetryPolicy
-from variant_autoscaler.controller import Controller, ControllerDeps, CycleReport
+from variant_autoscaler.controller import Controller, ControllerDeps, CycleReport, served_namespaces
 from variant_autoscaler.exporter import Exporter, MetricsServer
 from variant_autoscaler.settings import (
     OperatorSettings,
@@ -226,7 +226,8 @@ class Runtime:
             configmap = (options.operator_namespace, options.settings_configmap)
         self.controller = Controller(ControllerDeps(
             gateway=self.gateway, settings=self.store, exporter=self.exporter, collect=self._collect,
-            pod_load=self._pod_load, fit_profiles=self._fit, settings_configmap=configmap))
+            pod_load=self._pod_load, fit_profiles=self._fit, settings_configmap=configmap,
+            namespaces=tuple(options.namespaces)))
 
     # -- metrics side: the collector follows the settings in force
 
@@ -234,14 +235,15 @@ class Runtime:
         from variant_autoscaler.collector import Collector, CollectorSettings
 
         s = self.store.current
-        key = (s.prometheus, s.rate_window_s, s.staleness_threshold_s, s.variant_label, tuple(s.watched_namespaces))
+        scope = tuple(served_namespaces(self.options.namespaces, s.watched_namespaces) or ())
+        key = (s.prometheus, s.rate_window_s, s.staleness_threshold_s, s.variant_label, scope)
         if self._collector is None or key != self._collector_key:
             if self._collector is not None:
                 self._collector.close()
             self._collector = Collector(CollectorSettings(
                 prometheus=s.prometheus, rate_window_s=s.rate_window_s, staleness_threshold_s=s.staleness_threshold_s,
                 staleness_lookback_s=max(600.0, s.staleness_threshold_s), variant_label=s.variant_label,
-                namespaces=tuple(s.watched_namespaces)))
+                namespaces=scope))
             self._collector_key = key
         return self._collector
 
@@ -511,6 +513,12 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, variant_auto
     settings.posting.enabled = False  # our Events are written by the controller, one per change
     settings.watching.reconnect_backoff = 1.0
     settings.watching.server_timeout = 300
+    if options.namespaces:
+        # Namespaced mode needs nothing cluster-wide: kopf finds the CRD once through discovery (/apis,
+        # open to every authenticated user) instead of watching CustomResourceDefinitions, and takes the
+        # given names as they are instead of listing Namespaces. A CRD installed after the operator
+        # started is seen on its next restart.
+        settings.scanning.disabled = True
     runtime = Runtime(options, settings, identity=getattr(memo, "identity", None))
     settings.networking.error_backoffs = RetryForever(options.api_error_backoffs_s, on_retry=runtime.note_api_retry)
     runtime.index = variant_autoscalings

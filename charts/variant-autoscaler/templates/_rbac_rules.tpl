@@ -50,22 +50,21 @@ each cycle and creates it when missing. */}}
   verbs: ["get", "list", "watch", "patch", "create"]
 {{- end }}
 
-{{/* Cluster-scoped reads in every mode: kopf follows CRDs to discover its resources. */}}
-{{- define "variant-autoscaler.rules.cluster" -}}
+{{/* All-namespaces mode: kopf follows CRDs to discover its resources. With watchNamespaces the operator
+turns kopf's scanning off (it finds the CRD once through discovery, /apis, open to every authenticated
+user, and takes the namespaces by name), so this mode needs neither CRDs nor Namespaces cluster-wide. */}}
+{{- define "variant-autoscaler.rules.crds" -}}
 - apiGroups: ["apiextensions.k8s.io"]
   resources: ["customresourcedefinitions"]
   verbs: ["list", "watch"]
+{{- end }}
+
+{{/* The one cluster-scoped read of every mode, only when asked for. */}}
+{{- define "variant-autoscaler.rules.nodes" -}}
 {{- if .Values.operator.discoverInventory }}
 # Accelerator inventory from node labels and allocatable GPUs (operator.discoverInventory).
 - apiGroups: [""]
   resources: ["nodes"]
   verbs: ["list"]
 {{- end }}
-{{- end }}
-
-{{/* kopf follows the watched namespaces coming and going when it serves a list of namespaces. */}}
-{{- define "variant-autoscaler.rules.namespaceList" -}}
-- apiGroups: [""]
-  resources: ["namespaces"]
-  verbs: ["list", "watch"]
 {{- end }}
