@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import functools
 import importlib
 import pkgutil
 import sys
@@ -22,8 +23,10 @@ from variant_autoscaler import commands
 EXIT_BAD_INPUT = 2
 
 
-def _command_infos() -> list[tuple[str, str, str, str | None]]:
-    """(module, NAME, HELP, docstring) of every command, read from source without importing it."""
+@functools.cache
+def _command_infos() -> tuple[tuple[str, str, str, str | None], ...]:
+    """(module, NAME, HELP, docstring) of every command, read from source without importing it (once:
+    parsing the sources takes ~50 ms, and tests call `main` in-process thousands of times)."""
     out = []
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda i: i.name):
         if info.name.startswith("_"):
@@ -32,7 +35,7 @@ def _command_infos() -> list[tuple[str, str, str, str | None]]:
         consts = {t.id: node.value.value for node in tree.body if isinstance(node, ast.Assign)
                   and isinstance(node.value, ast.Constant) for t in node.targets if isinstance(t, ast.Name)}
         out.append((info.name, consts["NAME"], consts["HELP"], ast.get_docstring(tree, clean=False)))
-    return out
+    return tuple(out)
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
