@@ -12,7 +12,13 @@ from optimizer.fleet import Accelerator, ModelSpec, Variant
 from optimizer.problem import InputError, Problem
 from optimizer.profile import ParametricProfile
 from optimizer.simulation.cluster import ClusterOptions, ColdStart, simulate
-from optimizer.simulation.evaluation import ATTAINMENT_TARGET, best_homogeneous_hpa, compare, pick_tuned
+from optimizer.simulation.evaluation import (
+    ATTAINMENT_TARGET,
+    best_homogeneous_hpa,
+    build_policy,
+    compare,
+    pick_tuned,
+)
 from optimizer.simulation.generators import FluctuatingArrivals, GeneratedTrace, arrival_times
 from optimizer.simulation.metrics import ModelMetrics, Percentiles, summarize
 from optimizer.simulation.policies.per_model import PerModelPolicies
@@ -206,14 +212,11 @@ def test_cluster_never_bills_more_accelerators_than_exist(two_model_comparison):
     folder, comparison = two_model_comparison
     prep = comparison.prepared
     for o in comparison.outcomes:
-        from optimizer.simulation.evaluation import build_policy
-
         result = simulate(prep.problem, prep.trace, build_policy(prep, o.plan), make_router(o.plan.spec.router),
                           prep.scenario.cluster)
         for acc in prep.problem.accelerators:
             if acc.available is not None:
                 assert in_use(result, acc.name) <= acc.available, (o.plan.label, acc.name)
-        break  # one full re-run is enough to check the ledger; the others share the code path
 
 
 def test_simulate_prints_per_model_rows_and_an_honest_verdict(two_model_comparison, capsys):
