@@ -4,6 +4,11 @@ The operator rebuilds it every cycle; "cold" is the first cycle (or one where ev
 nothing cached), "warm" a cycle with unchanged inputs. Target: cold well under 1 s.
 
     .venv/bin/python -m pytest -q benchmarks/bench_capacity.py --benchmark-columns=min,median,mean,rounds
+
+It also prints how close the model is to the replica simulator: predicted vs simulated max rate
+per (example-fleet variant, length mix, percentile), the table tests/test_capacity.py holds to +/-5 %:
+
+    .venv/bin/python -m pytest -q -s benchmarks/bench_capacity.py -k accuracy
 """
 
 from __future__ import annotations
@@ -78,3 +83,18 @@ def test_capacity_table_warm_1000_variants_x_10_buckets(benchmark, problem):
     capacity_table(problem)
     table = benchmark(capacity_table, problem)
     assert len(table) == 10_000
+
+
+def test_accuracy_table_predicted_vs_simulated_max_rate():
+    import pathlib
+    import time
+
+    from optimizer.problem import load_problem
+    from optimizer.simulation.capacity_accuracy import accuracy_cells, format_table
+
+    fleet = load_problem(pathlib.Path(__file__).resolve().parents[1] / "examples" / "fleet.yaml")
+    start = time.perf_counter()
+    cells = accuracy_cells(fleet, workers=2)
+    print("\n" + format_table(cells))
+    print(f"({len(cells)} cells, 3000 requests x 8 bisection steps each, {time.perf_counter() - start:.0f} s on 2 workers)")
+    assert len(cells) == 48

@@ -40,7 +40,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from optimizer import input_limits as lim
 
-
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
 """vLLM V1's --max-num-batched-tokens default for online serving (``EngineArgs.get_batch_defaults``,
 OpenAI API server context; V1 always chunks prefills). Recent vLLM releases use 8192 on GPUs with
