@@ -89,6 +89,9 @@ class Variant(_Strict):
     max_replicas: int | None = Field(default=None, ge=0, le=lim.MAX_REPLICAS)
     current_replicas: int = Field(default=0, ge=0, le=lim.MAX_REPLICAS)
     profile: PerformanceProfile
+    cost_per_replica_per_hour: float | None = Field(
+        default=None, ge=0, le=lim.MAX_PRICE_PER_HOUR,
+        description="Price of one replica of this variant, $/h; None: the accelerator's price x accelerators_per_replica.")
 
     @model_validator(mode="after")
     def _bounds(self) -> Variant:

@@ -109,6 +109,9 @@ class Problem(BaseModel):
         return next((w for w in self.workloads if w.model == model), None)
 
     def variant_cost_per_hour(self, variant: Variant) -> float:
+        """$/h of one replica: the variant's own price when it has one, else its accelerators' price."""
+        if variant.cost_per_replica_per_hour is not None:
+            return variant.cost_per_replica_per_hour
         return self.accelerator(variant.accelerator).cost_per_hour * variant.accelerators_per_replica
 
 

@@ -161,7 +161,7 @@ def test_every_schema_field_has_a_description():
 def test_defaults_are_applied_by_the_server(kube_api, kube_namespace):
     obj = create(kube_api, kube_namespace, va("defaults", slo={"ttftSeconds": 0.5, "itlSeconds": 0.05}))
     spec = obj["spec"]
-    assert spec["variantCost"] == "10.0"
+    assert "variantCost" not in spec  # unset: the settings' price (an explicit one overrides it, so no default)
     assert spec["minReplicas"] == 1
     assert "acceleratorCount" not in spec  # unset: a WVA modelProfile accCount, else 1 (resources.py)
     assert spec["role"] == "both"
@@ -213,7 +213,15 @@ def test_required_fields_are_enforced(kube_api, kube_namespace):
     body = va("no-model")
     del body["spec"]["modelID"]
     status, message = rejection(kube_api, kube_namespace, body)
-    assert status == 422 and "spec.modelID: Required value" in message
+    assert status == 422 and "spec.modelID: Required value" in message, message
+
+
+def test_an_old_wva_manifest_without_scale_target_ref_is_accepted(kube_api, kube_namespace):
+    """The older llm-d WVA CRD had no scaleTargetRef (its target was the Deployment of the VA's name)."""
+    body = va("old-wva")
+    del body["spec"]["scaleTargetRef"]
+    obj = create(kube_api, kube_namespace, body)
+    assert "scaleTargetRef" not in obj["spec"]
 
 
 @pytest.mark.parametrize(("spec", "expected"), [
@@ -223,6 +231,8 @@ def test_required_fields_are_enforced(kube_api, kube_namespace):
     ({"slo": {"ttftSeconds": 2.0, "itlSeconds": 0.05, "e2eSeconds": 1.0}}, "e2eSeconds must be at least ttftSeconds"),
     ({"role": "decode", "variantProfile": {"maxBatchSize": 8}}, "variantProfile (llm-d WVA) models aggregated serving"),
     ({"accelerator": "H100", "acceleratorType": "A100"}, "must name the same accelerator"),
+    ({"modelName": "other/model"}, "modelID and modelName (its early llm-d WVA alias) must name the same model"),
+    ({"maxBatch": 8, "maxBatchSize": 16}, "maxBatch and maxBatchSize (its early llm-d WVA alias) must agree"),
     ({"profile": {"tabulated": {"decodePoints": [{"batch": 1, "timeSeconds": 0}, {"batch": 2, "timeSeconds": 0}],
                                 "prefillPoints": [{"tokens": 1, "timeSeconds": 0.1},
                                                   {"tokens": 2, "timeSeconds": 0.2}]}}},
@@ -290,7 +300,7 @@ def test_kubectl_get_shows_the_printer_columns(emulated_cluster, kube_api, kube_
     api = custom(kube_api)
     create(kube_api, kube_namespace, va("shown", accelerator="H100", role="decode"))
     api.patch_namespaced_custom_object_status(GROUP, VERSION, kube_namespace, PLURAL, "shown", {"status": {
-        "currentReplicas": 2, "desiredReplicas": 3, "normalizedLoad": 1.25,
+        "currentReplicas": 2, "desiredReplicas": 3, "normalizedLoad": 1.25, "replicaCostPerHour": 12.5,
         "conditions": [{"type": "OptimizationReady", "status": "True", "reason": "OptimizationSucceeded",
                         "message": "", "lastTransitionTime": "2025-01-01T00:00:00Z"}]}})
     out = emulated_cluster.kubectl("get", "va", "-n", kube_namespace)
@@ -304,7 +314,8 @@ def test_kubectl_get_shows_the_printer_columns(emulated_cluster, kube_api, kube_
     assert cells["ACCELERATOR"] == "H100" and cells["ROLE"] == "decode"
     assert (cells["CURRENT"], cells["DESIRED"], cells["LOAD"], cells["READY"]) == ("2", "3", "1.25", "True")
     wide = emulated_cluster.kubectl("get", "vas", "-n", kube_namespace, "-o", "wide")
-    assert wide.returncode == 0 and "COST" in wide.stdout.splitlines()[0] and "10.0" in wide.stdout
+    assert wide.returncode == 0 and "COST" in wide.stdout.splitlines()[0]
+    assert "12.5" in wide.stdout.splitlines()[1], "COST is the price the optimizer used (status), not a spec default"
 
 
 def test_wva_manifest_is_accepted_after_changing_only_its_api_version(emulated_cluster, kube_api, kube_namespace):

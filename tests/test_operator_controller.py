@@ -287,7 +287,7 @@ def test_wva_manifest_with_only_the_api_version_changed_is_reconciled(kube, kube
     assert out.valid and out.metrics_available
     conds = {c["type"]: (c["status"], c["reason"]) for c in kube.variant("llama-8b-autoscaler")["status"]["conditions"]}
     assert conds["TargetResolved"] == ("True", "TargetFound")
-    assert conds["OptimizationReady"] == ("True", "Optimized")
+    assert conds["OptimizationReady"] == ("True", "OptimizationSucceeded")
     assert kube.replicas("llama-8b") == out.desired_replicas >= 2
 
 
@@ -485,7 +485,7 @@ def test_a_newer_duplicate_va_never_takes_a_target_over_from_the_older_one(kube,
     dup = kube.condition("aaa-dup", "OptimizationReady")
     assert dup["status"] == "False" and dup["reason"] == "TargetConflict" and f"{kube.ns}/orig" in dup["message"]
     assert kube.events("TargetConflict", "aaa-dup")
-    assert kube.condition("orig", "OptimizationReady")["reason"] == "Optimized"
+    assert kube.condition("orig", "OptimizationReady")["reason"] == "OptimizationSucceeded"
     assert not report.variants[f"{kube.ns}/aaa-dup"].valid
 
 
@@ -594,7 +594,7 @@ def test_settings_never_fall_back_to_defaults_silently(kube, kube_api):
     kube.core.replace_namespaced_config_map("va-settings", kube.ns, {"metadata": {"name": "va-settings"},
                                                                      "data": {"settings.yaml": good}})
     assert cycle(ctrl).ok and ctrl.deps.settings.current.interval_s == 7
-    assert kube.condition("cfg2-l4", "OptimizationReady")["reason"] == "Optimized"
+    assert kube.condition("cfg2-l4", "OptimizationReady")["reason"] == "OptimizationSucceeded"
     kube.core.patch_namespaced_config_map("va-settings", kube.ns, {"data": {"settings.yaml": ""}})
     assert cycle(ctrl).ok and ctrl.deps.settings.current.interval_s == 7
     assert "empty" in ctrl.deps.settings.last_error

@@ -106,6 +106,7 @@ VOLATILE_EVENTS = frozenset({"Infeasible", "MetricsUnavailable", "NoReplacement"
 PROFILE_REFIT_S = 300.0
 STATUS_REFRESH_S = 300.0
 CARRY_DEMAND_S = 600.0  # how long a model's last measured demand stands in after a variant of it went away
+WVA_DEFAULT_VARIANT_COST = 10.0  # llm-d WVA's price of a replica when neither variantCost nor the settings give one
 
 
 class _Frozen(BaseModel):
@@ -367,7 +368,7 @@ class Controller:
                 conds = {
                     "TargetResolved": ("False", "TargetNotFound",
                                        f"{p.target.kind} {p.target.namespace}/{p.target.name} does not exist; create it "
-                                       "or fix spec.scaleTargetRef"),
+                                       "or fix spec.scaleTargetRef" + (DEFAULT_TARGET_NOTE if p.target_defaulted else "")),
                     "MetricsAvailable": ("Unknown", "TargetNotFound", "no target to collect metrics for"),
                     "OptimizationReady": ("False", "TargetNotFound", "left out of the optimization until the target exists"),
                     "Actuated": ("False", "TargetNotFound", "nothing to scale"),
@@ -722,7 +723,7 @@ class Controller:
                 out[name] = entry.to_accelerator(available=discovered.get(name) if settings.discover_inventory else None)
             else:
                 sheet = DATASHEETS[name]
-                price = (v.parsed.variant_cost or 10.0) / max(1, v.parsed.accelerator_count)
+                price = (v.parsed.variant_cost or WVA_DEFAULT_VARIANT_COST) / max(1, v.parsed.accelerator_count)
                 out[name] = sheet.accelerator(cost_per_hour=price, available=None)
         return out
 
@@ -771,7 +772,8 @@ class Controller:
                 variants.append(Variant(
                     name=key, model=p.model_id, accelerator=v.accelerator,
                     accelerators_per_replica=p.accelerator_count, max_batch=p.max_batch or settings.default_max_batch,
-                    role=p.role, min_replicas=lo, max_replicas=hi, current_replicas=cur, profile=v.profile))
+                    role=p.role, min_replicas=lo, max_replicas=hi, current_replicas=cur, profile=v.profile,
+                    cost_per_replica_per_hour=p.variant_cost))
                 keys.append(key)
             except ValidationError as err:
                 v.problem, v.problem_reason = "InvalidVariant", str(err.errors()[0]["msg"])
@@ -874,7 +876,8 @@ class Controller:
             message = (f"{v.parsed.target.kind} {v.parsed.target.name}: {result.before} -> {result.after} replicas; "
                        f"{step.reason}" + (f" ({result.conflicts} conflict(s) resolved)" if result.conflicts else ""))
             events.append((v.parsed.ref, "Normal", reason, message, (step.name, "scale", (reason, message))))
-            self.deps.exporter.count_scaling(v.parsed.ref.namespace, v.parsed.ref.name, "up" if up else "down")
+            self.deps.exporter.count_scaling(v.parsed.ref.namespace, v.parsed.ref.name, "up" if up else "down",
+                                             reason=reason, accelerator=v.accelerator or "")
             actuation[step.name] = (True, reason, message)
             scaled.add(step.name)
             self.memory.last_actuation[step.name] = _rfc3339(self.deps.clock())
@@ -925,7 +928,8 @@ class Controller:
         ok_metrics, metrics_why = model_ok.get(p.model_id, (False, "no metrics"))
         conds: dict[str, tuple[str, str, str]] = {
             "TargetResolved": ("True", "TargetFound", f"{p.target.kind} {p.target.name} has "
-                                                      f"{v.view.spec_replicas} replicas, {v.view.ready_replicas} ready"),
+                                                      f"{v.view.spec_replicas} replicas, {v.view.ready_replicas} ready"
+                               + (DEFAULT_TARGET_NOTE if p.target_defaulted else "")),
         }
         obs: VariantObservation | None = collection.variants.get(key)
         if ok_metrics:
@@ -942,7 +946,7 @@ class Controller:
             conds["OptimizationReady"] = ("False", v.problem, v.problem_reason)
             event = ("Warning", v.problem, v.problem_reason)
         elif key not in in_problem or decision is None:
-            conds["OptimizationReady"] = ("False", "OptimizerFailed", "the optimizer produced no decision this cycle")
+            conds["OptimizationReady"] = ("False", "OptimizationFailed", "the optimizer produced no decision this cycle")
         elif not ok_metrics:
             conds["OptimizationReady"] = ("False", "MetricsUnavailable",
                                           f"held at {step.target_replicas if step else v.view.spec_replicas} replicas "
@@ -960,7 +964,7 @@ class Controller:
                                                   f"with the accelerators available; best-effort allocation applied"
                                                   + (f"; limits: {decision.message}" if decision.message else ""))
         else:
-            conds["OptimizationReady"] = ("True", "Optimized",
+            conds["OptimizationReady"] = ("True", "OptimizationSucceeded",
                                           f"{v.desired} replicas of {v.accelerator} (profile from {v.profile_source})")
         if settings.actuation_mode == "metrics":
             conds["Actuated"] = ("True", "MetricsPublished", "desired replicas published for an HPA/KEDA "
@@ -976,7 +980,11 @@ class Controller:
         extra: dict[str, Any] = {
             "currentReplicas": v.view.spec_replicas,
             "readyReplicas": v.view.ready_replicas,
+            "currentAlloc": {"accelerator": v.accelerator or "", "numReplicas": v.view.spec_replicas},
         }
+        price = replica_price(v.parsed, v.accelerator, settings)
+        if price is not None:
+            extra["replicaCostPerHour"] = round(price, 6)
         if v.desired is not None:
             extra["desiredReplicas"] = v.desired
         if mobs is not None and ok_metrics:
@@ -1095,6 +1103,21 @@ class Controller:
                                 cost_per_hour=decision.cost_per_hour if decision else None,
                                 homogeneous_cost_per_hour=baseline[0] if baseline else None,
                                 homogeneous_accelerator=baseline[1] if baseline else None)
+
+
+DEFAULT_TARGET_NOTE = (" (spec.scaleTargetRef is unset: the Deployment named like this VariantAutoscaling, as the "
+                       "older llm-d WVA CRD did)")
+
+
+def replica_price(p: ParsedVariant, accelerator: str | None, settings: OperatorSettings) -> float | None:
+    """$/h of one replica as the optimizer prices it: spec.variantCost when set (it overrides the settings),
+    else the settings' accelerator price x acceleratorCount, else WVA's default for a datasheet type."""
+    if p.variant_cost is not None:
+        return p.variant_cost
+    entry = settings.accelerator(accelerator) if accelerator else None
+    if entry is not None:
+        return entry.cost_per_hour * p.accelerator_count
+    return WVA_DEFAULT_VARIANT_COST if accelerator in DATASHEETS else None
 
 
 def _holding_reason(step, desired: int | None) -> str:

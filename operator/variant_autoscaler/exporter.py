@@ -48,6 +48,8 @@ Metric names (all gauges unless noted; label sets in brackets):
   changes written to targets.
 - `wva_desired_replicas`, `wva_current_replicas`, `wva_desired_ratio` [variant_name, namespace,
   accelerator_type]: llm-d WVA-compatible; the ratio is desired / current, or desired when current is 0.
+- `wva_replica_scaling_total` (counter) [variant_name, namespace, direction, reason, accelerator_type]:
+  llm-d WVA-compatible count of the replica changes written (reason ScaledUp / ScaledDown).
 """
 
 from __future__ import annotations
@@ -95,6 +97,7 @@ METRIC_NAMES: tuple[str, ...] = (
     "wva_desired_replicas",
     "wva_current_replicas",
     "wva_desired_ratio",
+    "wva_replica_scaling_total",
 )
 """Every family name the exporter serves (histograms add _bucket/_sum/_count on the wire)."""
 
@@ -282,6 +285,9 @@ class Exporter:
         self.scaling_actions = Counter(
             f"{PREFIX}scaling_actions", "Replica changes written to scale targets.",
             ["namespace", "variant", "direction"], registry=self.registry)
+        self.wva_scaling = Counter(
+            "wva_replica_scaling", "Replica scaling operations per variant (llm-d WVA compatible).",
+            ["variant_name", "namespace", "direction", "reason", "accelerator_type"], registry=self.registry)
         self.registry.register(_SnapshotCollector(self))
 
     def _state(self) -> tuple[DecisionSnapshot, float | None, bool]:
@@ -306,8 +312,11 @@ class Exporter:
     def count_error(self, reason: str) -> None:
         self.cycle_errors.labels(reason=reason).inc()
 
-    def count_scaling(self, namespace: str, variant: str, direction: str) -> None:
+    def count_scaling(self, namespace: str, variant: str, direction: str, *, reason: str = "",
+                      accelerator: str = "") -> None:
         self.scaling_actions.labels(namespace=namespace, variant=variant, direction=direction).inc()
+        self.wva_scaling.labels(variant_name=variant, namespace=namespace, direction=direction, reason=reason,
+                                accelerator_type=accelerator).inc()
 
     def render(self) -> bytes:
         """The plain text exposition (version 0.0.4) of every metric."""

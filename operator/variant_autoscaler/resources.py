@@ -9,7 +9,10 @@ the field and a reason a person can act on; the controller turns it into a condi
 llm-d WVA manifests are accepted as they are after the apiVersion change: `acceleratorType` and
 `modelProfile.accelerators[].acc/accCount/maxBatchSize/perfParms`, `variantProfile.perfParms`
 (alpha/beta/gamma/delta in milliseconds: itl = alpha + beta*batch, ttft = gamma + delta*tokens*batch)
-and `sloClassRef` ConfigMaps in WVA's service-class format.
+and `sloClassRef` ConfigMaps in WVA's service-class format. As in WVA, the accelerator may be named
+by the label `inference.optimization/acceleratorName` (spec.accelerator wins when both are set), and
+a manifest without `scaleTargetRef` (the older WVA CRD had none) scales the Deployment named like the
+VariantAutoscaling.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from variant_autoscaler.actuator import ObjectRef, TargetRef
 from variant_autoscaler.settings import SloSettings
 
 _PROFILE = TypeAdapter(PerformanceProfile)
+ACCELERATOR_LABEL = "inference.optimization/acceleratorName"  # llm-d WVA's label naming a variant's accelerator
 _CAMEL = re.compile(r"(?<!^)(?=[A-Z])")
 
 
@@ -53,6 +57,7 @@ class ParsedVariant(BaseModel):
     generation: int = 0
     created: str = Field(default="", description="metadata.creationTimestamp (RFC 3339): the oldest VA of a target keeps it.")
     target: TargetRef
+    target_defaulted: bool = Field(default=False, description="spec.scaleTargetRef unset: the Deployment of the VA's name.")
     model_id: str
     variant_id: str | None = None
     accelerator: str | None = Field(description="None: decided from the target or the settings.")
@@ -154,18 +159,22 @@ def parse_variant(obj: dict) -> ParsedVariant:
                     uid=meta.get("uid"), kind=obj.get("kind") or "VariantAutoscaling",
                     api_version=obj.get("apiVersion") or "autoscaling.variant-autoscaler.io/v1alpha1")
     target = spec.get("scaleTargetRef")
+    target_defaulted = target is None
+    if target_defaulted:  # the older llm-d WVA CRD had no scaleTargetRef: it scaled the Deployment of the VA's name
+        target = {"kind": "Deployment", "apiVersion": "apps/v1", "name": ref.name}
     if not isinstance(target, dict) or not target.get("name"):
         raise InvalidResource("spec.scaleTargetRef.name", "required: the Deployment this variant scales")
-    model_id = spec.get("modelID")
+    model_id = spec.get("modelID") or spec.get("modelName")  # modelName: the earliest WVA manifests
     if not isinstance(model_id, str) or not model_id:
         raise InvalidResource("spec.modelID", "required: the model the target serves")
 
-    accelerator = spec.get("accelerator") or spec.get("acceleratorType")
+    labels = meta.get("labels") or {}
+    accelerator = spec.get("accelerator") or spec.get("acceleratorType") or labels.get(ACCELERATOR_LABEL) or None
     if spec.get("accelerator") and spec.get("acceleratorType") and spec["accelerator"] != spec["acceleratorType"]:
         raise InvalidResource("spec.acceleratorType", f"{spec['acceleratorType']!r} contradicts spec.accelerator "
                                                       f"{spec['accelerator']!r}")
     count = spec.get("acceleratorCount")  # no CRD default: unset lets a WVA modelProfile's accCount apply
-    max_batch = spec.get("maxBatch")
+    max_batch = spec.get("maxBatch") or spec.get("maxBatchSize")
     profile = None
     profile_ref = None
 
@@ -174,7 +183,8 @@ def parse_variant(obj: dict) -> ParsedVariant:
         chosen = [a for a in legacy if a.get("acc") == accelerator] if accelerator else legacy
         if accelerator is None and len(legacy) > 1:
             raise InvalidResource("spec.modelProfile.accelerators",
-                                  f"lists {len(legacy)} accelerators; set spec.accelerator to pick one")
+                                  f"lists {len(legacy)} accelerators; set spec.accelerator (or the label "
+                                  f"{ACCELERATOR_LABEL}) to pick one")
         if chosen:
             entry = chosen[0]
             accelerator = accelerator or entry.get("acc")
@@ -254,7 +264,7 @@ def parse_variant(obj: dict) -> ParsedVariant:
     return ParsedVariant(
         ref=ref, generation=int(meta.get("generation") or 0), created=str(meta.get("creationTimestamp") or ""),
         target=TargetRef(namespace=ref.namespace, name=target["name"], kind=target.get("kind") or "Deployment",
-                         api_version=target.get("apiVersion") or "apps/v1"),
+                         api_version=target.get("apiVersion") or "apps/v1"), target_defaulted=target_defaulted,
         model_id=model_id, variant_id=spec.get("variantID"), accelerator=accelerator, accelerator_count=count,
         role=role, max_batch=max_batch, min_replicas=min_r, max_replicas=max_r, variant_cost=cost,
         priority=float(priority) if priority is not None else None, slo=slo, slo_class_ref=slo_class_ref,
