@@ -46,3 +46,15 @@ def test_every_make_target_in_the_readme_exists():
     targets = set(re.findall(r"^([a-z][\w-]*):", makefile, flags=re.M))
     for name in set(re.findall(r"`make ([a-z][\w-]*)", README)):
         assert name in targets, name
+
+
+def test_failure_behaviour_table_is_the_fault_matrix():
+    """README's table comes from tests/test_fault_matrix.py's run: one row per matrix row, same words, a measured time."""
+    from test_fault_matrix import HEADER, ROWS
+
+    begin, end = "<!-- FAULT-MATRIX:BEGIN (scripts/fault_matrix_readme.py) -->", "<!-- FAULT-MATRIX:END -->"
+    table = README.split(begin, 1)[1].split(end, 1)[0].strip().splitlines()
+    assert table[0] == HEADER
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in table[2:]]
+    assert [tuple(r[:3]) for r in rows] == list(ROWS.values())
+    assert all(re.fullmatch(r"\d+\.\d s \(\d+ cycles of \d+ s\)", r[3]) for r in rows), rows

@@ -1,0 +1,211 @@
+"""The fault matrix (issue 10 part 2): one test per fault, each against the real Prometheus (scraping
+emulated vLLM pods under load), the real CRD server and the emulated core API, with the operator
+(kopf + the loop) running in a thread.
+
+Every row asserts the four invariants while the fault lasts and after it clears: the operator is up,
+no Deployment goes below its minReplicas (nor to zero), /metrics answers, and the VA's conditions say
+in words what happened. It then measures the recovery time after the fault clears (asserted loosely:
+within RECOVERY_CYCLES cycles) and writes it to reports/fault-matrix.md, the table that README's
+"Failure behaviour" section is generated from (scripts/fault_matrix_readme.py; test_readme checks it).
+
+Faults on Prometheus come from a fault proxy between the operator and the real Prometheus; faults on
+the API from a fault proxy between the operator and the emulated cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest_metrics import BackgroundLoop
+from operator_harness import L4_PROFILE, TINY_MODEL, Kube, OperatorThread, settings_dict, variant, wait_until
+from test_operator_e2e import MIX, _annotations, _event, model_pods, prometheus  # noqa: F401 - shared fixtures
+from variant_autoscaler.emulation.cluster import kubeconfig_text
+from variant_autoscaler.emulation.fault_proxy import FaultProxy, FaultRule
+from variant_autoscaler.emulation.load import LoadSpec, generate_load
+from variant_autoscaler.emulation.prometheus import free_port
+from variant_autoscaler.operator import RunOptions
+
+MODEL = TINY_MODEL["name"]
+INTERVAL_S = 1
+RECOVERY_CYCLES = 20
+REPORT = Path(__file__).resolve().parents[1] / "reports" / "fault-matrix.md"
+HEADER = "| fault | what the operator does | what the user sees | recovery (measured) |"
+
+# test name -> (fault, what the operator does, what the user sees); the README table's first columns
+ROWS: dict[str, tuple[str, str, str]] = {
+    "test_prometheus_down": (
+        "Prometheus down (connections dropped)",
+        "holds every replica count; no scale-down on the first readings after the gap",
+        "MetricsAvailable False, reason PrometheusError, message quoting the connection error; Warning Event "
+        "MetricsUnavailable"),
+    "test_prometheus_slower_than_the_query_timeout": (
+        "Prometheus slower than the query timeout",
+        "gives each query up at prometheus.timeout_s and holds replicas",
+        "MetricsAvailable False, reason PrometheusError, message saying no answer came within the timeout"),
+    "test_api_5xx_on_scale_for_a_while": (
+        "API answers 503 to every scale request for a while",
+        "retries with backoff each cycle, keeps the current replicas, scales once the API answers",
+        "Actuated False, reason ScaleFailed, message with the HTTP status; Warning Event ScaleFailed"),
+}
+RESULTS: dict[str, float] = {}
+
+
+def _write_report() -> None:
+    REPORT.parent.mkdir(parents=True, exist_ok=True)
+    lines = [HEADER, "| --- | --- | --- | --- |"]
+    for test, (fault, does, sees) in ROWS.items():
+        if test in RESULTS:
+            took = RESULTS[test]
+            lines.append(f"| {fault} | {does} | {sees} | {took:.1f} s ({took / INTERVAL_S:.0f} cycles of "
+                         f"{INTERVAL_S} s) |")
+    REPORT.write_text("\n".join(lines) + "\n")
+
+
+class Stack:
+    """One namespace with a served model (fm-l4, minReplicas 1), its operator, and the two fault proxies."""
+
+    def __init__(self, kube: Kube, op: OperatorThread, port: int, prom_proxy: FaultProxy, api_proxy: FaultProxy,
+                 cluster):
+        self.kube, self.op, self.port, self.prom_proxy, self.api_proxy, self.cluster = \
+            kube, op, port, prom_proxy, api_proxy, cluster
+
+    def invariants(self) -> None:
+        """The four invariants; called on every poll while a fault lasts and while it recovers."""
+        assert self.op.error is None and self.op._thread.is_alive(), f"operator ended: {self.op.error!r}"
+        assert self.kube.replicas("fm-l4") >= 1, "fm-l4 went below its minReplicas"
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as resp:
+            assert resp.status == 200 and b"variant_autoscaler_" in resp.read()
+        for cond in (self.kube.variant("fm-l4").get("status") or {}).get("conditions") or []:
+            assert len(cond["message"].split()) >= 3, cond
+
+    def wait(self, predicate, *, what: str, timeout_s: float = 60):
+        def checked():
+            self.invariants()
+            return predicate()
+        return wait_until(checked, timeout_s=timeout_s, what=what, interval_s=0.25)
+
+    def condition(self, kind: str) -> dict:
+        return self.kube.condition("fm-l4", kind) or {}
+
+    def healthy(self) -> bool:
+        conds = {k: self.condition(k) for k in ("MetricsAvailable", "Actuated", "OptimizationReady")}
+        return (conds["MetricsAvailable"].get("status") == "True" and conds["Actuated"].get("status") == "True"
+                and conds["OptimizationReady"].get("reason") == "Optimized")
+
+    def recover(self, test: str) -> float:
+        """After the fault is cleared: seconds until the variant is healthy again, recorded for the report."""
+        start = time.monotonic()
+        self.wait(self.healthy, what="recovery after the fault cleared", timeout_s=RECOVERY_CYCLES * INTERVAL_S + 30)
+        took = time.monotonic() - start
+        RESULTS[test] = took
+        _write_report()
+        return took
+
+
+@pytest.fixture(scope="module")
+def stack(emulated_cluster, kube_api, model_pods, prometheus, tmp_path_factory):  # noqa: F811
+    from kubernetes import client
+
+    pods, gateway = model_pods
+    ns = f"fm-{int(time.time() * 1000) % 10**8}"
+    core = client.CoreV1Api(kube_api)
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=ns)))
+    kube = Kube(kube_api, ns)
+    kube.deploy("fm-l4", 1, _annotations(L4_PROFILE))
+    kube.apply_variant(variant("fm-l4", "fm-l4", accelerator="L4", profile=L4_PROFILE, min_replicas=1,
+                               max_replicas=4))
+    prom_proxy = emulated_cluster.call(FaultProxy(upstream=prometheus.url).start)
+    api_proxy = emulated_cluster.call(FaultProxy(upstream=emulated_cluster.url).start)
+    tmp = tmp_path_factory.mktemp("fault-matrix")
+    kubeconfig = tmp / "proxy.kubeconfig"
+    kubeconfig.write_text(kubeconfig_text(api_proxy.url, emulated_cluster.token))
+    settings = tmp / "settings.yaml"
+    settings.write_text(yaml.safe_dump(settings_dict(
+        interval_s=INTERVAL_S, watched_namespaces=[ns], accelerators=[{"name": "L4", "cost_per_hour": 1.0,
+                                                                        "available": 6}],
+        prometheus={"url": prom_proxy.url, "timeout_s": 1})))
+    port = free_port()
+    options = RunOptions(settings_file=settings, kubeconfig=kubeconfig, metrics_host="127.0.0.1", metrics_port=port,
+                         standalone=True, namespaces=(ns,), instance="fault-matrix")
+    loads = BackgroundLoop()
+    stop = loads.run(_event())
+    spec = LoadSpec(targets=[gateway.url], model=MODEL, phases=[{"duration_s": 590, "rate_rps": 1.5}], mix=MIX,
+                    arrivals="uniform", drain_timeout_s=5, max_requests=5000, max_duration_s=600)
+    load = loads.submit(generate_load(spec, stop))
+    op = OperatorThread(options).__enter__()
+    s = Stack(kube, op, port, prom_proxy, api_proxy, emulated_cluster)
+    try:
+        s.wait(s.healthy, what="a healthy steady state (metrics from the real Prometheus)", timeout_s=90)
+        yield s
+    finally:
+        op.stop()
+        loads.loop.call_soon_threadsafe(stop.set)
+        try:
+            load.result(timeout=30)
+        finally:
+            loads.close()
+            emulated_cluster.call(prom_proxy.stop)
+            emulated_cluster.call(api_proxy.stop)
+            core.delete_namespace(ns)
+    assert op.error is None
+
+
+def _until_cleared(rule: FaultRule) -> None:
+    rule.times = rule.hits  # matches no more requests from now on
+
+
+def test_prometheus_down(stack):
+    rule = stack.prom_proxy.add(FaultRule(path=r"^/api/v1/", status=0, times=10**6))
+    cond = stack.wait(lambda: (c := stack.condition("MetricsAvailable")).get("reason") == "PrometheusError" and c,
+                      what="MetricsAvailable False while Prometheus is down")
+    assert cond["status"] == "False" and "held" in cond["message"]
+    assert stack.kube.events("MetricsUnavailable", "fm-l4")
+    stack.wait(lambda: rule.hits >= 5 * 4, what="several cycles without Prometheus")
+    _until_cleared(rule)
+    stack.recover("test_prometheus_down")
+
+
+def test_prometheus_slower_than_the_query_timeout(stack):
+    rule = stack.prom_proxy.add(FaultRule(path=r"^/api/v1/", status=None, delay_s=3, times=10**6))
+    cond = stack.wait(lambda: (c := stack.condition("MetricsAvailable")).get("reason") == "PrometheusError" and c,
+                      what="MetricsAvailable False while Prometheus is slow")
+    assert cond["status"] == "False" and "within" in cond["message"], cond
+    replicas = stack.kube.replicas("fm-l4")
+    stack.wait(lambda: rule.hits >= 5 * 4, what="several cycles with a slow Prometheus")
+    assert stack.kube.replicas("fm-l4") == replicas
+    _until_cleared(rule)
+    stack.recover("test_prometheus_slower_than_the_query_timeout")
+
+
+def test_api_5xx_on_scale_for_a_while(stack):
+    rule = stack.api_proxy.add(FaultRule(method="PUT", path=r"/deployments/fm-l4/scale$", status=503, times=10**6))
+    body = stack.kube.variant("fm-l4")
+    body["spec"]["minReplicas"] = 2
+    stack.kube.custom.replace_namespaced_custom_object("autoscaling.variant-autoscaler.io", "v1alpha1", stack.kube.ns,
+                                                       "variantautoscalings", "fm-l4", body)
+    cond = stack.wait(lambda: (c := stack.condition("Actuated")).get("reason") == "ScaleFailed" and c,
+                      what="Actuated ScaleFailed while the API refuses scale writes")
+    assert cond["status"] == "False" and "503" in cond["message"], cond
+    assert stack.kube.replicas("fm-l4") == 1
+    [event] = stack.kube.events("ScaleFailed", "fm-l4")
+    assert event.type == "Warning"
+    _until_cleared(rule)
+    stack.recover("test_api_5xx_on_scale_for_a_while")
+    assert stack.kube.replicas("fm-l4") == 2
+    body = stack.kube.variant("fm-l4")
+    body["spec"]["minReplicas"] = 1
+    stack.kube.custom.replace_namespaced_custom_object("autoscaling.variant-autoscaler.io", "v1alpha1", stack.kube.ns,
+                                                       "variantautoscalings", "fm-l4", body)
+
+
+def test_results_table_lists_every_row():
+    """Runs last: every row wrote its measured recovery time into reports/fault-matrix.md."""
+    text = REPORT.read_text()
+    for fault, _, _ in ROWS.values():
+        assert f"| {fault} |" in text, fault
+    assert json.dumps(RESULTS) and set(RESULTS) == set(ROWS)
