@@ -283,3 +283,16 @@ def test_fluctuating_bursts_raise_the_five_second_peak():
         counts, _ = np.histogram(t, bins=np.arange(0, 1801, 5))
         peaks.append(counts.max() / 5)
     assert peaks[1] > 2.5 * peaks[0]
+
+
+def test_a_fleet_that_starves_one_model_is_not_at_target():
+    from optimizer.simulation.evaluation import meets_target
+    from optimizer.simulation.metrics import RunMetrics
+
+    starved = RunMetrics.model_construct(slo_attainment=0.993, cost=40.0, per_model=[_share(0.999, 10.0),
+                                                                                   _share(0.96, 30.0)])
+    fine = RunMetrics.model_construct(slo_attainment=0.995, cost=50.0, per_model=[_share(0.999, 10.0),
+                                                                                _share(0.991, 40.0)])
+    assert not meets_target(starved) and meets_target(fine)
+    ok, line = compare_runs("ours", fine, "HPAs", starved)
+    assert not ok and "HPAs misses the 99.00 % target" in line and "m 96.00 %" in line

@@ -173,7 +173,9 @@ def plan_runs(prep: Prepared) -> list[RunPlan]:
 
 
 def meets_target(metrics: RunMetrics, target: float = ATTAINMENT_TARGET) -> bool:
-    return metrics.slo_attainment >= target
+    """At the target overall and, with several models, for every model: a fleet that starves one model
+    to serve the others does not meet anyone's SLO."""
+    return metrics.slo_attainment >= target and all(m.slo_attainment >= target for m in metrics.per_model)
 
 
 def pick_tuned(runs: list[RunOutcome], target: float = ATTAINMENT_TARGET) -> RunOutcome:

@@ -40,18 +40,31 @@ def cost_sentence(who: str, ours_cost: float, other: str, other_cost: float) -> 
     return f"{who} costs {100 * abs(diff):.1f} % {word} than {other} (${ours_cost:.2f} vs ${other_cost:.2f})"
 
 
+def _at_target(m: RunMetrics | ModelMetrics, target: float) -> bool:
+    return meets_target(m, target) if isinstance(m, RunMetrics) else m.slo_attainment >= target
+
+
+def _worst(m: RunMetrics | ModelMetrics) -> str:
+    models = getattr(m, "per_model", [])
+    if not models:
+        return ""
+    worst = min(models, key=lambda x: x.slo_attainment)
+    return f", {worst.model} {_pct(worst.slo_attainment)}"
+
+
 def compare_runs(who: str, ours: RunMetrics | ModelMetrics, other: str, base: RunMetrics | ModelMetrics,
                  target: float = ATTAINMENT_TARGET) -> tuple[bool, str]:
     """(comparable, sentence) for two runs (or one model's share of two runs)."""
-    ok_ours, ok_base = ours.slo_attainment >= target, base.slo_attainment >= target
+    ok_ours, ok_base = _at_target(ours, target), _at_target(base, target)
     att = f"SLO attainment {_pct(ours.slo_attainment)} vs {_pct(base.slo_attainment)}"
     if ok_ours and ok_base:
         return True, f"{cost_sentence(who, ours.cost, other, base.cost)}, {att}"
     if ok_ours:
-        return False, (f"{other} misses the {_pct(target)} target ({_pct(base.slo_attainment)}); {who} reaches "
+        return False, (f"{other} misses the {_pct(target)} target ({_pct(base.slo_attainment)}"
+                       f"{_worst(base)}); {who} reaches "
                        f"{_pct(ours.slo_attainment)} at ${ours.cost:.2f} (vs ${base.cost:.2f})")
     if ok_base:
-        return False, (f"{who} misses the {_pct(target)} target ({_pct(ours.slo_attainment)} vs "
+        return False, (f"{who} misses the {_pct(target)} target ({_pct(ours.slo_attainment)}{_worst(ours)} vs "
                        f"{_pct(base.slo_attainment)} for {other}): no cost saving is claimed "
                        f"(${ours.cost:.2f} vs ${base.cost:.2f})")
     return False, (f"neither reaches the {_pct(target)} target ({who} {_pct(ours.slo_attainment)} at "
