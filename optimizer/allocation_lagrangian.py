@@ -13,11 +13,13 @@ term as prices rise, because usage is never negative. The loop:
 1. The LP relaxation of the whole problem gives the starting prices (its coupling duals), every
    model's LP value at them, and the exact optimum of every model whose LP replica counts are
    already integral.
-2. Every other model gets its own MILP at those prices, largest possible rounding loss first, in
+2. Every other model first gets a cheap rounding (optimizer.allocation_rounding): its priced cost
+   above the model's LP value bounds what the model's MILP can gain, more tightly than rounding
+   every count up. A rounding within the per-model gap of the LP value is proven good enough and
+   needs no MILP; the others get their own MILP at those prices, largest possible gain first, in
    worker processes where cores allow, stopping early once the gap is reached. Meanwhile each gets
-   rounded columns (optimizer.allocation_rounding): one as cheap as the rounding can make it, one
-   rounded so that all models' columns fit the stock together, so a clock-stopped run still serves
-   the demand.
+   one more rounding, rounded so that all models' columns fit the stock together, so a
+   clock-stopped run still serves the demand.
 3. Primal side: a master MILP picks one known column per model so that the coupling rows hold, at
    least true cost. A column that serves nothing exists for every model, so it is always feasible.
 4. While the gap (master - best bound) / master is above target, move the prices and re-solve the
@@ -34,7 +36,7 @@ built once and re-solved with only its replica costs re-priced.
 
 Deterministic: per-model searches stop on node counts, results are consumed in submission order,
 and the time limit stops the loop between steps (reported as status "time_limit"): the roundings
-that fit the stock together come first and are always built (they are the answer's floor); the
+that fit the stock together are always built (they are the answer's floor); the
 cheap roundings, the waits for workers' results and the price rounds stop at the deadline.
 """
 
@@ -83,7 +85,7 @@ def solve_lagrangian(form: Formulation, time_limit_s: float, relative_gap: float
     block_gap = max(relative_gap / 4, 1e-6)
 
     prices, lp_x = _lp_relaxation(form)
-    states, pending, fractional = [], [], []
+    states, fractional, loss = [], [], {}
     for i, block in enumerate(form.blocks):
         fallback = _column(_serve_nothing(form, block), block, usage[i])
         x = lp_x[i]
@@ -98,22 +100,28 @@ def solve_lagrangian(form: Formulation, time_limit_s: float, relative_gap: float
         states.append(_BlockState([fallback], 0, lp_value, False))
         fractional.append(i)
         # rounding every count up is feasible, so this bounds what the model's MILP can gain
-        pending.append((float(priced[block.col_n] @ (np.ceil(n - 1e-7) - n)), i))
-    pending = [i for _, i in sorted(pending, key=lambda t: (-t[0], t[1]))]
+        loss[i] = float(priced[block.col_n] @ (np.ceil(n - 1e-7) - n))
     rounds = 0
     timed_out = False
+    # cheap roundings first (a few ms each): what one costs above the LP value bounds the model's MILP
+    # gain more tightly than rounding up does, so the MILPs that can close most of the gap go first,
+    # and a rounding within the per-model gap of its LP value needs no MILP at all
+    for i in fractional:
+        if time.perf_counter() > deadline:
+            break
+        block = form.blocks[i]
+        priced = form.priced_cost(block, prices)
+        rounded = round_block(block, lp_x[i], priced, form.variant_current[block.variants])
+        states[i].columns.append(_column(rounded, block, usage[i]))
+        states[i].current = len(states[i].columns) - 1
+        loss[i] = min(loss[i], float(priced @ rounded) - states[i].bound)
+        states[i].exact = loss[i] <= block_gap * abs(states[i].bound) + 1e-9
+    pending = sorted((i for i in fractional if not states[i].exact), key=lambda i: (-loss[i], i))
     with BlockPool(form, block_gap, workers) as pool:
-        # workers start on these while the roundings are built
+        # workers start on these while the roundings that fit the stock together are built
         results = pool.solve(pending, prices, deadline)
-        # the roundings that fit the stock together come first: they are what a clock-stopped run serves
+        # those come whatever the clock says: they are what a clock-stopped run serves
         joint = _jointly_feasible_roundings(form, states, fractional, lp_x, prices, usage, rhs)
-        for i in fractional:
-            if time.perf_counter() > deadline:
-                break
-            block = form.blocks[i]
-            rounded = round_block(block, lp_x[i], form.priced_cost(block, prices), form.variant_current[block.variants])
-            states[i].columns.append(_column(rounded, block, usage[i]))
-            states[i].current = len(states[i].columns) - 1
         for i, column in joint.items():
             states[i].columns.append(column)
             if states[i].current == 0:  # no cheap rounding in time: the joint one is the best known
@@ -187,7 +195,8 @@ def _jointly_feasible_roundings(form, states, fractional, lp_x, prices, usage, r
         return columns
     floors = {i: np.maximum(np.floor(lp_x[i][form.blocks[i].col_n] + 1e-7), form.blocks[i].col_lb[form.blocks[i].col_n])
               for i in fractional}
-    left = rhs - sum((st.columns[st.current].usage for i, st in enumerate(states) if st.exact), np.zeros(len(rhs)))
+    integral = set(range(len(states))) - set(fractional)  # their only columns besides serve-nothing are their LP's
+    left = rhs - sum((states[i].columns[states[i].current].usage for i in integral), np.zeros(len(rhs)))
     left = left - sum((usage[i] @ floors[i] for i in fractional), np.zeros(len(rhs)))
     left = np.maximum(left, 0.0)
     order = sorted(fractional, key=lambda i: (-form.blocks[i].unmet_penalty_per_rps * form.blocks[i].rates.sum(), i))
