@@ -112,7 +112,8 @@ def test_load_rise_scales_up_the_cheapest_variant_then_down_after_stabilization(
     assert status["desiredReplicas"] == l4
     assert status["capacityPerReplicaRps"] > 0
     assert {c["type"]: c["status"] for c in status["conditions"]} == {
-        "TargetResolved": "True", "MetricsAvailable": "True", "OptimizationReady": "True", "Actuated": "True"}
+        "TargetResolved": "True", "MetricsAvailable": "True", "OptimizationReady": "True", "Actuated": "True",
+        "Ready": "True"}
 
     kube.wait_ready("chat-l4", l4)
     demand.set(MODEL, 0.5)
@@ -599,3 +600,20 @@ def test_settings_never_fall_back_to_defaults_silently(kube, kube_api):
     assert cycle(ctrl).ok and ctrl.deps.settings.current.interval_s == 7
     assert "empty" in ctrl.deps.settings.last_error
     assert len(kube.events("InvalidSettings", "va-settings")) == 2
+
+
+def test_ready_summarises_the_conditions_and_events_name_the_variants_own_pods(kube, kube_api):
+    """Two variants of one model without metrics: each one's condition and Event quote its own Deployment's
+    pods (chat-t4's Event named chat-l4's pods), and Ready is False with the first failing condition's reason."""
+    kube.deploy("own-l4", 1)
+    kube.deploy("own-t4", 1)
+    for name, acc in (("own-l4", "L4"), ("own-t4", "T4")):
+        kube.apply_variant(variant(name, name, accelerator=acc, profile=L4_PROFILE))
+    cycle(make_controller(kube_api, kube.ns, collect=Demand({}).collect))
+    for name, other in (("own-l4", "own-t4"), ("own-t4", "own-l4")):
+        ready, metrics = kube.condition(name, "Ready"), kube.condition(name, "MetricsAvailable")
+        assert ready["status"] == "False" and ready["reason"] == metrics["reason"], ready
+        assert ready["message"].startswith("MetricsAvailable: ")
+        assert repr(name) in metrics["message"] and repr(other) not in metrics["message"], metrics
+        for e in kube.events("MetricsUnavailable", name):
+            assert repr(other) not in e.message, e.message

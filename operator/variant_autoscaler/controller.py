@@ -101,10 +101,22 @@ from variant_autoscaler.settings import (
 log = logging.getLogger("variant_autoscaler.controller")
 
 CONDITIONS = ("TargetResolved", "MetricsAvailable", "OptimizationReady", "Actuated")
+READY = "Ready"  # the summary (kubectl wait --for=condition=Ready va/NAME): True when all of CONDITIONS are
+
+
+def with_ready(conds: dict[str, tuple[str, str, str]]) -> dict[str, tuple[str, str, str]]:
+    """The specific conditions plus the `Ready` summary: True (reason Ready) when every one is True,
+    else the status, reason and message of the first one that is not."""
+    for kind in CONDITIONS:
+        status, reason, message = conds[kind]
+        if status != "True":
+            return {**conds, READY: ("False" if status == "False" else "Unknown", reason, f"{kind}: {message}")}
+    return {**conds, READY: ("True", "Ready", "target found, metrics available, optimized and actuated")}
 EVENT_REPEAT_S = 600.0
 VOLATILE_EVENTS = frozenset({"Infeasible", "MetricsUnavailable", "NoReplacement"})
 PROFILE_REFIT_S = 300.0
 STATUS_REFRESH_S = 300.0
+CARRY_NOTE = "; a variant of "  # starts the part of a model's metrics reason that says its demand is carried
 CARRY_DEMAND_S = 600.0  # how long a model's last measured demand stands in after a variant of it went away
 WVA_DEFAULT_VARIANT_COST = 10.0  # llm-d WVA's price of a replica when neither variantCost nor the settings give one
 
@@ -509,8 +521,9 @@ class Controller:
             "Actuated": ("False", reason, "nothing is scaled for an invalid resource"),
         }
         previous = status.get("conditions") or []
+        conds = with_ready(conds)
         body = {"observedGeneration": generation,
-                "conditions": [_condition(previous, c, *conds[c], generation, now_text) for c in CONDITIONS]}
+                "conditions": [_condition(previous, c, *conds[c], generation, now_text) for c in (*CONDITIONS, READY)]}
         statuses[key] = (ref, body)
         self._event(events, key, ref, "Warning", "InvalidSpec" if reason == "InvalidSpec" else reason, message,
                     dedupe="spec")
@@ -531,8 +544,10 @@ class Controller:
     def _finish(self, key, p: ParsedVariant, conds, now_text, statuses, events, outcomes, *, extra: dict,
                 event: tuple[str, str, str] | None) -> None:
         previous = p.status.get("conditions") or []
+        conds = with_ready(conds)
         body = {"observedGeneration": p.generation, **extra,
-                "conditions": [_condition(previous, c, *conds[c], p.generation, now_text) for c in CONDITIONS]}
+                "conditions": [_condition(previous, c, *conds[c], p.generation, now_text)
+                               for c in (*CONDITIONS, READY)]}
         statuses[key] = (p.ref, body)
         if event is not None:
             self._event(events, key, p.ref, event[0], event[1], event[2], dedupe="state")
@@ -639,7 +654,7 @@ class Controller:
             if not last[1].arrival_rate_rps:
                 continue
             carried[m] = last[1]
-            model_ok[m] = (False, f"{why}; a variant of {m} went away, so the others are planned on its last "
+            model_ok[m] = (False, f"{why}{CARRY_NOTE}{m} went away, so the others are planned on its last "
                                   f"measured demand ({last[1].arrival_rate_rps:.2f} req/s, {now - last[0]:.0f} s ago) "
                                   "and may only scale up until metrics return")
         return carried
@@ -932,6 +947,9 @@ class Controller:
                                + (DEFAULT_TARGET_NOTE if p.target_defaulted else "")),
         }
         obs: VariantObservation | None = collection.variants.get(key)
+        if not ok_metrics and obs is not None and not obs.available and obs.reason:
+            # this variant's own pods, not every variant's of the model (issue 13); keep a carried-demand note
+            metrics_why = obs.reason + (metrics_why[metrics_why.index(CARRY_NOTE):] if CARRY_NOTE in metrics_why else "")
         if ok_metrics:
             conds["MetricsAvailable"] = ("True", "MetricsFound", metrics_why)
         else:
