@@ -617,3 +617,23 @@ def test_ready_summarises_the_conditions_and_events_name_the_variants_own_pods(k
         assert repr(name) in metrics["message"] and repr(other) not in metrics["message"], metrics
         for e in kube.events("MetricsUnavailable", name):
             assert repr(other) not in e.message, e.message
+
+
+def test_a_paused_variant_is_never_scaled_and_resumes_when_the_annotation_goes(kube, kube_api):
+    """autoscaling.variant-autoscaler.io/paused: "true" (as KEDA's autoscaling.keda.sh/paused): demand that
+    needs several replicas leaves the target where it is, Actuated says Paused; removing it scales again."""
+    kube.deploy("pause-l4", 1)
+    body = variant("pause-l4", "pause-l4", profile=L4_PROFILE)
+    body["metadata"]["annotations"] = {"autoscaling.variant-autoscaler.io/paused": "true"}
+    kube.apply_variant(body)
+    ctrl = make_controller(kube_api, kube.ns, collect=Demand({MODEL: 6.0}).collect)
+    cycle(ctrl)
+    assert kube.replicas("pause-l4") == 1
+    cond = kube.condition("pause-l4", "Actuated")
+    assert (cond["status"], cond["reason"]) == ("False", "Paused") and "stays at 1" in cond["message"]
+    assert kube.condition("pause-l4", "Ready")["reason"] == "Paused"
+    kube.custom.patch_namespaced_custom_object("autoscaling.variant-autoscaler.io", "v1alpha1", kube.ns,
+                                               "variantautoscalings", "pause-l4",
+                                               {"metadata": {"annotations": {"autoscaling.variant-autoscaler.io/paused": None}}})
+    cycle(ctrl)
+    assert kube.replicas("pause-l4") >= 3

@@ -83,6 +83,7 @@ from variant_autoscaler.exporter import (
     VariantReading,
 )
 from variant_autoscaler.resources import (
+    PAUSED_ANNOTATION,
     InvalidResource,
     ParsedVariant,
     parse_variant,
@@ -780,7 +781,9 @@ class Controller:
             p = v.parsed
             cur = v.view.spec_replicas
             lo, hi = p.min_replicas, p.max_replicas
-            if p.model_id in held:
+            if p.paused:  # the user holds this target where it is; the others plan around it
+                lo = hi = cur
+            elif p.model_id in held:
                 lo = hi = max(cur, p.min_replicas) if p.max_replicas is None else min(max(cur, p.min_replicas),
                                                                                         p.max_replicas)
             try:
@@ -865,6 +868,11 @@ class Controller:
         async def one(step) -> None:
             v = live[step.name]
             have = v.view.spec_replicas
+            if v.parsed.paused:
+                actuation[step.name] = (False, "Paused", f"annotation {PAUSED_ANNOTATION}=true: {v.parsed.target.kind} "
+                                                         f"{v.parsed.target.name} stays at {have} replicas; the "
+                                                         "optimizer counts them and plans the other variants around them")
+                return
             if "demand_unserved" in step.limited_by:
                 self._event(events, step.name, v.parsed.ref, "Warning", "NoReplacement",
                             f"{v.parsed.model_id}: demand is not fully served within the inventory, so "
@@ -984,7 +992,7 @@ class Controller:
         else:
             conds["OptimizationReady"] = ("True", "OptimizationSucceeded",
                                           f"{v.desired} replicas of {v.accelerator} (profile from {v.profile_source})")
-        if settings.actuation_mode == "metrics":
+        if settings.actuation_mode == "metrics" and not p.paused:
             conds["Actuated"] = ("True", "MetricsPublished", "desired replicas published for an HPA/KEDA "
                                                              "(wva_desired_replicas)")
         elif key in actuation:

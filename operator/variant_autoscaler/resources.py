@@ -30,6 +30,7 @@ from variant_autoscaler.actuator import ObjectRef, TargetRef
 from variant_autoscaler.settings import SloSettings
 
 _PROFILE = TypeAdapter(PerformanceProfile)
+PAUSED_ANNOTATION = "autoscaling.variant-autoscaler.io/paused"  # "true": never scale this target (as KEDA's paused)
 ACCELERATOR_LABEL = "inference.optimization/acceleratorName"  # llm-d WVA's label naming a variant's accelerator
 _CAMEL = re.compile(r"(?<!^)(?=[A-Z])")
 
@@ -57,6 +58,7 @@ class ParsedVariant(BaseModel):
     generation: int = 0
     created: str = Field(default="", description="metadata.creationTimestamp (RFC 3339): the oldest VA of a target keeps it.")
     target: TargetRef
+    paused: bool = Field(default=False, description=f"metadata.annotations[{PAUSED_ANNOTATION!r}] is true.")
     target_defaulted: bool = Field(default=False, description="spec.scaleTargetRef unset: the Deployment of the VA's name.")
     model_id: str
     variant_id: str | None = None
@@ -265,6 +267,7 @@ def parse_variant(obj: dict) -> ParsedVariant:
         ref=ref, generation=int(meta.get("generation") or 0), created=str(meta.get("creationTimestamp") or ""),
         target=TargetRef(namespace=ref.namespace, name=target["name"], kind=target.get("kind") or "Deployment",
                          api_version=target.get("apiVersion") or "apps/v1"), target_defaulted=target_defaulted,
+        paused=str((meta.get("annotations") or {}).get(PAUSED_ANNOTATION, "")).lower() == "true",
         model_id=model_id, variant_id=spec.get("variantID"), accelerator=accelerator, accelerator_count=count,
         role=role, max_batch=max_batch, min_replicas=min_r, max_replicas=max_r, variant_cost=cost,
         priority=float(priority) if priority is not None else None, slo=slo, slo_class_ref=slo_class_ref,
