@@ -637,3 +637,26 @@ def test_a_paused_variant_is_never_scaled_and_resumes_when_the_annotation_goes(k
                                                {"metadata": {"annotations": {"autoscaling.variant-autoscaler.io/paused": None}}})
     cycle(ctrl)
     assert kube.replicas("pause-l4") >= 3
+
+
+def test_an_unchanged_status_is_not_patched_again(kube, kube_api, emulated_cluster):
+    """A second cycle that decides the same thing sends no status PATCH (read from the API's request log);
+    a changed decision does."""
+    kube.deploy("same-l4", 2)
+    kube.apply_variant(variant("same-l4", "same-l4", profile=L4_PROFILE))
+    demand = Demand({MODEL: 3.0})
+    ctrl = make_controller(kube_api, kube.ns, collect=demand.collect)
+
+    def status_patches() -> int:
+        return sum(r.method == "PATCH" and r.subresource == "status" and r.namespace == kube.ns
+                   and r.name == "same-l4" for r in emulated_cluster.core.requests)
+    cycle(ctrl)
+    kube.wait_ready("same-l4", kube.replicas("same-l4"))
+    cycle(ctrl)
+    settled = status_patches()
+    cycle(ctrl)
+    cycle(ctrl)
+    assert status_patches() == settled, "an unchanged status was written again"
+    demand.set(MODEL, 8.0)
+    cycle(ctrl)
+    assert status_patches() == settled + 1
