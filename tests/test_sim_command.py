@@ -98,3 +98,19 @@ def test_single_model_example_scenario_is_valid():
 def test_bad_arguments(tmp_path, capsys, args):
     assert main(["simulate", *args, "-o", str(tmp_path / "r")]) == 2
     assert "--jobs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("old", "new", "field"), [
+    ("- kind: wva", "- kind: wva\n    interval_s: 1.0e-300", "policies[3].interval_s"),
+    ("duration_s: 420", "duration_s: .inf", "trace.generated.duration_s"),
+    ("seed: 1", "seed: -1", "trace.generated.seed"),
+    ("warmup_s: 60", "warmup_s: .nan", "cluster.warmup_s"),
+])
+def test_scenario_numbers_are_finite_and_bounded(tmp_path, capsys, old, new, field):
+    scenario = tmp_path / "bad.yaml"
+    text = SMALL.format(fleet=ROOT / "examples" / "fleet.yaml")
+    assert old in text
+    scenario.write_text(text.replace(old, new))
+    assert main(["simulate", str(scenario), "-o", str(tmp_path / "r"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"error: {scenario}: {field.split('.')[0]}"), err

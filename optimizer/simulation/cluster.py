@@ -34,9 +34,10 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from optimizer.fleet import Role, Variant
+from optimizer.input_limits import STRICT
 from optimizer.kv_memory import kv_capacity_tokens
 from optimizer.problem import Problem
 from optimizer.simulation.accounting import CostLedger
@@ -61,7 +62,7 @@ class ColdStart(BaseModel):
     8B model is ready in ~48 s, a 140 GB 70B model in ~110 s, which is what vLLM deployments see.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = STRICT
 
     base_s: float = Field(default=40.0, ge=0)
     load_gb_per_s: float = Field(default=2.0, gt=0)
@@ -72,7 +73,7 @@ class ColdStart(BaseModel):
 
 
 class ClusterOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = STRICT
 
     cold_start: ColdStart = Field(default_factory=ColdStart)
     kv_link_gb_s: float | None = Field(

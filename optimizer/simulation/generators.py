@@ -17,13 +17,14 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
+from optimizer.input_limits import STRICT
 from optimizer.simulation.traces import Trace
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = STRICT
 
 
 class LogNormalLengths(_Strict):
@@ -209,10 +210,10 @@ class GeneratedTrace(_Strict):
 
     source: Literal["generated"] = "generated"
     arrivals: ArrivalProcess
-    duration_s: float = Field(gt=0)
+    duration_s: float = Field(gt=0, le=7 * 86_400.0)
     input_lengths: LogNormalLengths = AZURE_CONV_INPUT
     output_lengths: LogNormalLengths = AZURE_CONV_OUTPUT
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=2**63 - 1)
     model: str = "default"
     name: str | None = None
 

@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from optimizer.capacity import capacity_table
 from optimizer.fleet import Role
+from optimizer.input_limits import MAX_DURATION_S, MAX_REPLICAS, STRICT
 from optimizer.problem import InputError, Problem, format_validation_error, load_problem, read_document
 from optimizer.simulation.cluster import ClusterOptions
 from optimizer.simulation.demand import DEFAULT_INPUT_EDGES, bucket_label
@@ -29,9 +30,13 @@ from optimizer.simulation.generators import GeneratedTrace
 from optimizer.simulation.traces import Trace, load_trace
 from optimizer.workload import SLO, LengthBucket, Workload
 
+MIN_INTERVAL_S = 0.1
+"""A decision interval below this would mean an unbounded number of ticks, not a faster policy."""
+MAX_TRACE_S = 7 * 86_400.0
+
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = STRICT
 
 
 class FileTrace(_Strict):
@@ -40,9 +45,9 @@ class FileTrace(_Strict):
     source: Literal["file"] = "file"
     path: str
     format: Literal["azure", "mooncake", "vidur"] | None = None
-    speedup: float = Field(default=1.0, gt=0, description="Replay at k x the recorded rate.")
-    start_s: float = Field(default=0.0, ge=0, description="Skip the requests before this (recorded time).")
-    duration_s: float | None = Field(default=None, gt=0, description="Keep this much recorded time.")
+    speedup: float = Field(default=1.0, gt=0, le=1e4, description="Replay at k x the recorded rate.")
+    start_s: float = Field(default=0.0, ge=0, le=MAX_TRACE_S, description="Skip the requests before this (recorded time).")
+    duration_s: float | None = Field(default=None, gt=0, le=MAX_TRACE_S, description="Keep this much recorded time.")
 
     def build(self, base_dir: Path, model: str) -> Trace:
         path = Path(self.path)
@@ -63,7 +68,8 @@ class StaticPeakSpec(_Strict):
     kind: Literal["static-peak"] = "static-peak"
     name: str | None = None
     variant: str | None = Field(default=None, description="None: the variant that covers the peak cheapest.")
-    replicas: int | None = Field(default=None, gt=0, description="None: enough for the trace's peak minute.")
+    replicas: int | None = Field(default=None, gt=0, le=MAX_REPLICAS,
+                                 description="None: enough for the trace's peak minute.")
     router: RouterName = "least-outstanding"
 
 
@@ -79,13 +85,14 @@ class HpaSpec(_Strict):
     name: str | None = None
     variant: str | None = Field(default=None, description="None: one HPA run per PD variant (homogeneous fleets).")
     metric: Literal["concurrency", "queue", "kv_usage"] = "concurrency"
-    target: float | None = Field(default=None, gt=0, description="None: target_fraction x concurrency at SLO capacity.")
+    target: float | None = Field(default=None, gt=0, le=1e5,
+                                 description="None: target_fraction x concurrency at SLO capacity.")
     target_fraction: float = Field(default=0.8, gt=0, le=2)
     target_fractions: list[Annotated[float, Field(gt=0, le=2)]] | None = Field(
         default=None, min_length=1, max_length=10,
         description="Tune over these fractions (overrides target_fraction); the cheapest run at target wins.")
-    interval_s: float = Field(default=15.0, gt=0)
-    stabilization_s: float = Field(default=300.0, ge=0)
+    interval_s: float = Field(default=15.0, ge=MIN_INTERVAL_S, le=MAX_DURATION_S)
+    stabilization_s: float = Field(default=300.0, ge=0, le=MAX_DURATION_S)
     router: RouterName = "least-outstanding"
 
 
@@ -93,16 +100,16 @@ class InferLineSpec(_Strict):
     kind: Literal["inferline"] = "inferline"
     name: str | None = None
     variant: str | None = Field(default=None, description="None: the PD variant with the lowest cost per request.")
-    base_window_s: float = Field(default=2.0, gt=0)
-    horizon_s: float = Field(default=60.0, gt=0)
-    interval_s: float = Field(default=15.0, gt=0)
+    base_window_s: float = Field(default=2.0, gt=0, le=MAX_DURATION_S)
+    horizon_s: float = Field(default=60.0, gt=0, le=MAX_DURATION_S)
+    interval_s: float = Field(default=15.0, ge=MIN_INTERVAL_S, le=MAX_DURATION_S)
     router: RouterName = "least-outstanding"
 
 
 class SaturationSpec(_Strict):
     kind: Literal["wva"] = "wva"
     name: str | None = None
-    interval_s: float = Field(default=30.0, gt=0)
+    interval_s: float = Field(default=30.0, ge=MIN_INTERVAL_S, le=MAX_DURATION_S)
     router: RouterName = "least-outstanding"
 
 
@@ -123,14 +130,16 @@ class OursSpec(_Strict):
         default=None, ge=0, le=10,
         description="Share of a replica's own $/h charged per replica added or removed; None: 0.2 when "
                     "change_penalty is unset, else 0.")
-    interval_s: float = Field(default=15.0, gt=0)
+    interval_s: float = Field(default=15.0, ge=MIN_INTERVAL_S, le=MAX_DURATION_S)
     scale_down_delay_s: float = Field(default=60.0, ge=0, le=86400,
                                       description="Demand must stay lower this long (the planned rate is the "
                                                   "busiest stretch of this window).")
     scale_down_window_s: float = Field(default=120.0, ge=0, le=86400,
                                        description="HPA-style per-variant stabilization (the HPA's default).")
-    lead_time_s: float | None = Field(default=None, ge=0, description="None: the slowest variant's cold start.")
-    rate_windows_s: list[float] = Field(default_factory=lambda: [60.0], min_length=1,
+    lead_time_s: float | None = Field(default=None, ge=0, le=MAX_DURATION_S,
+                                      description="None: the slowest variant's cold start.")
+    rate_windows_s: list[Annotated[float, Field(gt=0, le=MAX_DURATION_S)]] = Field(
+        default_factory=lambda: [60.0], min_length=1, max_length=20,
                                         description="Windows of the arrival-rate envelope the plan covers.")
     burst_headroom: bool = Field(default=True, description="Size for the traffic's own second-scale bursts "
                                                            "(optimizer.simulation.burst).")
@@ -146,7 +155,7 @@ PolicySpec = Annotated[StaticPeakSpec | HpaSpec | InferLineSpec | SaturationSpec
 class ParetoSpec(_Strict):
     """Ours at several service levels: the latency-cost front and its normalized hypervolume."""
 
-    service_levels: list[float] = Field(default_factory=lambda: [0.55, 0.7, 0.85, 1.0], min_length=1)
+    service_levels: list[float] = Field(default_factory=lambda: [0.55, 0.7, 0.85, 1.0], min_length=1, max_length=20)
     latency: Literal["ttft", "itl", "e2e"] = "e2e"
     cost_reference: float | None = Field(default=None, gt=0, description="None: the dearest run's cost.")
     latency_reference: float | None = Field(default=None, gt=0, description="None: the slowest run's P90.")
@@ -177,9 +186,10 @@ class Scenario(_Strict):
         description="Several models sharing the fleet's inventory, each with its own trace and SLO "
                     "(multi-model form, instead of model/slo/trace).")
     cluster: ClusterOptions = Field(default_factory=ClusterOptions)
-    policies: list[PolicySpec] = Field(min_length=1)
+    policies: list[PolicySpec] = Field(min_length=1, max_length=50)
     pareto: ParetoSpec | None = Field(default_factory=ParetoSpec)
-    input_edges: list[int] = Field(default_factory=lambda: list(DEFAULT_INPUT_EDGES),
+    input_edges: list[Annotated[int, Field(ge=1, le=10_000_000)]] = Field(
+        default_factory=lambda: list(DEFAULT_INPUT_EDGES), max_length=50,
                                    description="Prompt-length bucket edges (tokens) for routing and planning.")
 
     @model_validator(mode="after")
