@@ -82,7 +82,7 @@ def solve_lagrangian(form: Formulation, time_limit_s: float, relative_gap: float
     deadline = time.perf_counter() + max(time_limit_s - FINISH_S, 0.05)
     usage = [form.coupling_usage(b) for b in form.blocks]
     rhs = form.coupling_rhs
-    block_gap = max(relative_gap / 4, 1e-6)
+    block_gap = max(relative_gap / 4, 1e-10)
 
     prices, lp_x = _lp_relaxation(form)
     states, fractional, loss = [], [], {}

@@ -210,6 +210,20 @@ def test_decomposition_bound_is_below_the_true_optimum():
         assert (dec.status in ("optimal", "within_gap")) == (dec.gap <= gap + 1e-12)
 
 
+def test_decomposition_bound_holds_against_a_long_monolithic_solve_on_twenty_models():
+    """Mid-sized: 20 models on one scarce stock. The per-model MILPs stop at their gap; their bound
+    was once taken as the objective (OR-Tools reports it so), and the decomposition then claimed
+    51477.80 as a lower bound of a problem whose optimum is 51474.59."""
+    prob, capacity = many_models(1, n_models=20, **EXACT)
+    exact = allocate(prob, capacity, method="monolithic")
+    assert exact.status == "optimal"
+    for gap in (0.01, 1e-9):
+        opts = prob.options.model_copy(update={"relative_gap": gap})
+        dec = allocate(prob, capacity, options=opts, method="decomposition")
+        assert dec.lower_bound <= exact.objective + 1e-6
+        assert dec.objective >= exact.objective - 1e-6
+
+
 def test_more_demand_never_costs_less():
     prob, capacity = many_models(3, n_models=4, **EXACT)
     costs = []
