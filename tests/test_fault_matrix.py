@@ -95,7 +95,7 @@ class Stack:
     def healthy(self) -> bool:
         conds = {k: self.condition(k) for k in ("MetricsAvailable", "Actuated", "OptimizationReady")}
         return (conds["MetricsAvailable"].get("status") == "True" and conds["Actuated"].get("status") == "True"
-                and conds["OptimizationReady"].get("reason") == "Optimized")
+                and conds["OptimizationReady"].get("status") == "True")
 
     def recover(self, test: str) -> float:
         """After the fault is cleared: seconds until the variant is healthy again, recorded for the report."""
