@@ -51,6 +51,22 @@ ROWS: dict[str, tuple[str, str, str]] = {
         "API answers 503 to every scale request for a while",
         "retries with backoff each cycle, keeps the current replicas, scales once the API answers",
         "Actuated False, reason ScaleFailed, message with the HTTP status; Warning Event ScaleFailed"),
+    "test_prometheus_answering_empty_vectors": (
+        "Prometheus answering empty vectors",
+        "treats the model as without series and holds its replicas",
+        "MetricsAvailable False, reason MetricsMissing, message saying which pods were looked for"),
+    "test_prometheus_answering_garbage_json": (
+        "Prometheus answering garbage JSON",
+        "gives the cycle's metrics up and holds replicas",
+        "MetricsAvailable False, reason PrometheusError, message saying the answer could not be read"),
+    "test_watch_stream_dropped": (
+        "watch streams cut, reconnects answered 503",
+        "kopf reconnects with backoff; the loop keeps running on its interval",
+        "nothing: conditions stay True; a spec change is applied as usual"),
+    "test_target_deleted_and_recreated": (
+        "target Deployment deleted while managed, then recreated",
+        "stops scaling it; picks it up again once it exists",
+        "TargetResolved False, reason TargetNotFound, message naming the Deployment; Warning Event TargetNotFound"),
 }
 RESULTS: dict[str, float] = {}
 
@@ -141,6 +157,7 @@ def stack(emulated_cluster, kube_api, model_pods, prometheus, tmp_path_factory):
     s = Stack(kube, op, port, prom_proxy, api_proxy, emulated_cluster)
     try:
         s.wait(s.healthy, what="a healthy steady state (metrics from the real Prometheus)", timeout_s=90)
+        _STACK[:] = [s]
         yield s
     finally:
         op.stop()
@@ -201,6 +218,96 @@ def test_api_5xx_on_scale_for_a_while(stack):
     body["spec"]["minReplicas"] = 1
     stack.kube.custom.replace_namespaced_custom_object("autoscaling.variant-autoscaler.io", "v1alpha1", stack.kube.ns,
                                                        "variantautoscalings", "fm-l4", body)
+
+
+def _rewrite_samples(value: str | None):
+    """A transform for the proxy: every sample of a Prometheus answer set to `value` (None: no samples at all)."""
+    def transform(body: bytes) -> bytes:
+        doc = json.loads(body)
+        result = (doc.get("data") or {}).get("result")
+        if isinstance(result, list):
+            if value is None:
+                result.clear()
+            for series in result:
+                if "value" in series:
+                    series["value"][1] = value
+                for point in series.get("values") or []:
+                    point[1] = value
+        return json.dumps(doc).encode()
+    return transform
+
+
+def _prometheus_answer_row(test: str, rule: FaultRule, reason: str, words: str) -> None:
+    stack = _STACK[0]
+    stack.prom_proxy.add(rule)
+    cond = stack.wait(lambda: (c := stack.condition("MetricsAvailable")).get("reason") == reason and c,
+                      what=f"MetricsAvailable {reason}")
+    assert cond["status"] == "False" and words in cond["message"], cond
+    replicas = stack.kube.replicas("fm-l4")
+    hits = rule.hits
+    stack.wait(lambda: rule.hits >= hits + 20, what="several cycles with the fault")
+    assert stack.kube.replicas("fm-l4") == replicas
+    _until_cleared(rule)
+    stack.recover(test)
+
+
+_STACK: list[Stack] = []
+
+
+def test_prometheus_answering_empty_vectors(stack):
+    _prometheus_answer_row("test_prometheus_answering_empty_vectors",
+                           FaultRule(path=r"^/api/v1/", status=None, transform=_rewrite_samples(None), times=10**6),
+                           "MetricsMissing", "fm-l4")
+
+
+def test_prometheus_answering_garbage_json(stack):
+    _prometheus_answer_row("test_prometheus_answering_garbage_json",
+                           FaultRule(path=r"^/api/v1/", status=200, body=b'{"status": "success", "data": {"resul',
+                                     times=10**6),
+                           "PrometheusError", "Prometheus")
+
+
+def _set_min(stack: Stack, replicas: int) -> None:
+    body = stack.kube.variant("fm-l4")
+    body["spec"]["minReplicas"] = replicas
+    stack.kube.custom.replace_namespaced_custom_object("autoscaling.variant-autoscaler.io", "v1alpha1", stack.kube.ns,
+                                                       "variantautoscalings", "fm-l4", body)
+
+
+def _metrics(stack: Stack) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{stack.port}/metrics", timeout=5) as resp:
+        return resp.read().decode()
+
+
+def test_watch_stream_dropped(stack):
+    ns = stack.kube.ns
+    rule = stack.api_proxy.add(FaultRule(method="GET", path=rf"/namespaces/{ns}/variantautoscalings$", watch=True,
+                                         status=503, times=3))
+    stack.wait(lambda: stack.cluster.call(stack.api_proxy.drop_watches) >= 1, what="a watch to cut")
+    start = len(stack.api_proxy.log)
+    stack.wait(lambda: rule.hits == 3, what="three failed reconnects")
+    stack.wait(lambda: any(r.status == 200 and "watch=true" in r.query and r.path.endswith("/variantautoscalings")
+                           for r in stack.api_proxy.log[start:]), what="the watch re-established")
+    assert stack.healthy()
+    stack.recover("test_watch_stream_dropped")
+
+
+def test_target_deleted_and_recreated(stack):
+    from operator_harness import deployment
+
+    stack.kube.apps.delete_namespaced_deployment("fm-l4", stack.kube.ns)
+    floor_check = stack.invariants
+    stack.invariants = lambda: None  # the Deployment is gone: only the operator-side invariants apply
+    try:
+        cond = wait_until(lambda: (c := stack.condition("TargetResolved")).get("reason") == "TargetNotFound" and c,
+                          timeout_s=60, what="TargetNotFound")
+        assert stack.op.error is None and 'variant_autoscaler_' in _metrics(stack)
+        assert cond["status"] == "False" and "fm-l4" in cond["message"]
+        assert stack.kube.events("TargetNotFound", "fm-l4")
+        stack.kube.apps.create_namespaced_deployment(stack.kube.ns, deployment("fm-l4", 1, _annotations(L4_PROFILE)))
+    finally:
+        stack.invariants = floor_check
+    stack.recover("test_target_deleted_and_recreated")
 
 
 def test_results_table_lists_every_row():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -25,7 +26,8 @@ class FaultRule:
     """Fail `times` requests matching method and path regex (and `watch` if set) with `status`.
 
     status 0 closes the connection without an answer, None passes it on; `delay_s` stalls before answering or
-    passing on.
+    passing on. `body` replaces the injected answer's Status body (e.g. garbage for a Prometheus client);
+    `transform` rewrites the body of an answer passed on (e.g. every sample turned NaN).
     """
 
     method: str = "*"
@@ -34,6 +36,8 @@ class FaultRule:
     times: int = 1
     watch: bool | None = None
     delay_s: float = 0.0
+    body: bytes | None = None
+    transform: Callable[[bytes], bytes] | None = None
     hits: int = 0
 
     def matches(self, method: str, path: str, is_watch: bool) -> bool:
@@ -132,8 +136,8 @@ class FaultProxy:
                 raise ConnectionResetError("injected connection drop")
             if rule.status:
                 record.status = rule.status
-                return web.Response(status=rule.status, body=status_body(rule.status),
-                                    content_type="application/json")
+                return web.Response(status=rule.status, body=status_body(rule.status) if rule.body is None
+                                    else rule.body, content_type="application/json")
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
         # a body without Content-Type goes on without one: aiohttp would label it octet-stream, which the
         # API server refuses (415), while it reads an unlabelled body as JSON
@@ -144,7 +148,10 @@ class FaultProxy:
             record.status = up.status
             out_headers = {k: v for k, v in up.headers.items() if k.lower() not in HOP_HEADERS}
             if not is_watch:
-                return web.Response(status=up.status, body=await up.read(), headers=out_headers)
+                answer = await up.read()
+                if rule is not None and rule.transform is not None:
+                    answer = rule.transform(answer)
+                return web.Response(status=up.status, body=answer, headers=out_headers)
             resp = web.StreamResponse(status=up.status, headers=out_headers)
             await resp.prepare(request)
             self._streams.add(resp)
