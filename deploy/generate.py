@@ -14,6 +14,7 @@ Needs the real helm binary (`make system-deps` puts it in bin/helm).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -129,6 +130,18 @@ def _in_cluster_prometheus(scrape: dict, groups: list[dict]) -> str:
     return "---\n".join(yaml.safe_dump(d, sort_keys=False) for d in docs)
 
 
+def keda_sample(helm: Path) -> str:
+    """The chart's KEDA ScaledObjects for the sample VariantAutoscalings (deploy/samples/), one per variant."""
+    vas = [d for d in yaml.safe_load_all((DEPLOY / "samples" / "variantautoscalings.yaml").read_text()) if d]
+    objects = [{"name": va["metadata"]["name"], "namespace": va["metadata"]["namespace"],
+                "deployment": va["spec"]["scaleTargetRef"]["name"],
+                "minReplicas": va["spec"].get("minReplicas", 1), "maxReplicas": va["spec"]["maxReplicas"]}
+               for va in vas if va.get("kind") == "VariantAutoscaling"]
+    return _plain(helm_template(helm, "--set", "operator.actuationMode=metrics", "--set", "keda.enabled=true",
+                                "--set-json", f"keda.scaledObjects={json.dumps(objects)}",
+                                "--show-only", "templates/keda-scaledobjects.yaml"))
+
+
 def render_all(helm: Path) -> dict[Path, str]:
     """Every generated file (absolute path -> content)."""
     out: dict[Path, str] = {}
@@ -152,6 +165,10 @@ def render_all(helm: Path) -> dict[Path, str]:
         + "# A minimal Prometheus in namespace monitoring for trying the samples (scripts/kind-e2e.sh);\n"
         + "# production clusters use their own Prometheus with scrape-vllm.yaml and alerts.yaml.\n"
         + _in_cluster_prometheus(scrape, groups))
+    out[DEPLOY / "keda" / "scaledobjects.yaml"] = (
+        HEADER.format(source="charts/variant-autoscaler (keda.*) for deploy/samples/variantautoscalings.yaml")
+        + "# Metrics mode with KEDA: one ScaledObject per sample variant (README \"Using with KEDA\").\n"
+        + keda_sample(helm))
     out[DEPLOY / "grafana" / "variant-autoscaler-dashboard.json"] = (CHART / "files" / "dashboard.json").read_text()
     return out
 
