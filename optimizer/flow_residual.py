@@ -21,13 +21,15 @@ from optimizer.scaled_max_flow import ArcLayout
 
 
 def flow_can_vary(layout: ArcLayout, forward: np.ndarray, backward: np.ndarray,
-                  arcs: np.ndarray | None = None) -> np.ndarray:
+                  residual_graph: csr_array | None = None) -> np.ndarray:
     """Per edge: some other maximum flow puts a different flow on it (a residual cycle through it).
 
-    ``arcs``: ``layout.arcs(forward, backward)`` when the caller has it already.
+    ``residual_graph``: ``layout.subgraph(layout.arcs(forward, backward))`` when the caller has it
+    already (the solver does).
     """
-    arcs = layout.arcs(forward, backward) if arcs is None else arcs
-    _, label = connected_components(layout.subgraph(arcs), directed=True, connection="strong")
+    if residual_graph is None:
+        residual_graph = layout.subgraph(layout.arcs(forward, backward))
+    _, label = connected_components(residual_graph, directed=True, connection="strong")
     inside = label[layout.tail] == label[layout.head]
     both = forward & backward
     varies = inside & (forward ^ backward)
@@ -64,7 +66,7 @@ def _bridges(layout: ArcLayout, label: np.ndarray, link: np.ndarray, asked: np.n
     cover -= np.bincount(np.where(a_deeper, b, a), minlength=n + 1)
     children = order[1:][pred[order[1:]] != n]
     cover[children] -= 1
-    np.add.at(cover, pred[children], 1)
+    cover += np.bincount(pred[children], minlength=n + 1)
     sums, parent = cover.tolist(), pred.tolist()
     for x in reversed(order[1:].tolist()):  # subtree sums, children before parents
         if parent[x] >= 0:

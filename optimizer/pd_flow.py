@@ -435,7 +435,7 @@ def analyze(graph: FlowGraph) -> FlowAnalysis:
     tail_t, head_t = sink_side[lay.tail], sink_side[lay.head]
     source_cut = np.flatnonzero(c.on_path & tail_s & ~head_s)
     sink_cut = np.flatnonzero(c.on_path & ~tail_t & head_t)
-    varies = flow_can_vary(lay, forward, backward, result.arcs)
+    varies = flow_can_vary(lay, forward, backward, result.residual_graph)
     facts = _Facts(compiled=c, value=result.value, flow=result.flow, saturated=~forward, varies=varies,
                    source_cut=source_cut, sink_cut=sink_cut)
     cut_stages = np.unique(c.stage_code[np.concatenate([source_cut, sink_cut])])

@@ -58,6 +58,10 @@ class ArcLayout:
     t_indptr: np.ndarray
     t_indices: np.ndarray
     has_twins: bool  # some u->v and v->u edges both exist (they share arcs)
+    # edges sorted by (tail, head): their u->v arcs alone form a CSR (``fwd_indptr``), from which
+    # scipy adds the reverse arcs itself, so the first phase hands over half the arcs; None otherwise
+    fwd_indptr: np.ndarray | None
+    ones: np.ndarray  # float64 ones, one per arc: the data of subgraphs (scipy's traversals want float64)
     from_edges: np.ndarray  # without twins: arc -> index into (forward values..., backward values...)
 
     @classmethod
@@ -72,16 +76,21 @@ class ArcLayout:
         from_edges = np.empty(len(unique), dtype=np.int32)  # without twins, each arc is one edge direction
         if not has_twins:
             from_edges[where] = np.arange(2 * m, dtype=np.int32)
+        in_order = bool(np.all(keys[1:m] > keys[:m - 1]))
         return cls(n_nodes=n_nodes, tail=tail.astype(np.int32), head=head.astype(np.int32),
                    indptr=_indptr(rows, n_nodes), indices=cols.astype(np.int32),
                    pos_fwd=where[:m].astype(np.int32), pos_bwd=where[m:].astype(np.int32),
                    to_transposed=to_transposed, t_indptr=_indptr(cols, n_nodes),
-                   t_indices=rows[to_transposed].astype(np.int32), has_twins=has_twins, from_edges=from_edges)
+                   t_indices=rows[to_transposed].astype(np.int32), has_twins=has_twins, from_edges=from_edges,
+                   fwd_indptr=_indptr(tail, n_nodes) if in_order else None, ones=np.ones(len(unique)))
 
     def reach(self, arc_exists: np.ndarray, start: int, *, backward: bool = False) -> np.ndarray:
         """Nodes reachable from ``start`` over the structural arcs flagged in ``arc_exists``
         (with ``backward``: the nodes that reach ``start``). Returns a boolean mask per node."""
-        graph = self.subgraph(arc_exists, transposed=backward)
+        return self.reach_in(self.subgraph(arc_exists, transposed=backward), start)
+
+    def reach_in(self, graph: csr_array, start: int) -> np.ndarray:
+        """Nodes reachable from ``start`` in ``graph`` (a ``subgraph``), as a boolean mask per node."""
         mask = np.zeros(self.n_nodes, dtype=bool)
         mask[breadth_first_order(graph, start, directed=True, return_predecessors=False)] = True
         return mask
@@ -96,8 +105,7 @@ class ArcLayout:
         kept_before = np.zeros(len(arc_exists) + 1, dtype=np.int32)
         np.cumsum(arc_exists, out=kept_before[1:])
         kept = indices[arc_exists]
-        return csr_array((np.ones(len(kept), dtype=np.int8), kept, kept_before[indptr]),
-                         shape=(self.n_nodes,) * 2)
+        return csr_array((self.ones[:len(kept)], kept, kept_before[indptr]), shape=(self.n_nodes,) * 2)
 
     def per_arc(self, forward: np.ndarray, backward: np.ndarray) -> np.ndarray:
         """Per structural arc: the sum of edge values on it (``forward`` on u->v, ``backward`` on v->u)."""
@@ -135,6 +143,7 @@ class MaxFlow:
     forward: np.ndarray  # per edge: residual u->v arc (spare of at least one unit)
     backward: np.ndarray  # per edge: residual v->u arc (flow of at least one unit)
     arcs: np.ndarray  # per structural arc: present in the residual graph (ArcLayout.arcs)
+    residual_graph: csr_array  # those arcs as a graph (ArcLayout.subgraph), for further traversals
     source_side: np.ndarray  # per node: reached from the source in the residual graph
     resolution: float  # q of the last phase; 0 when no flow was possible
     phases: int
@@ -162,23 +171,25 @@ def solve(layout: ArcLayout, capacity: np.ndarray, source: int, sink: int) -> Ma
     while upper > 0 and phases < MAX_PHASES:
         q = 2.0 ** math.ceil(math.log2(upper / UNIT_LIMIT))
         spare_units = _units(cap - flow, 1.0 / q)
-        units = layout.per_arc(spare_units, _units(flow, 1.0 / q) if phases else np.zeros_like(spare_units))
-        if layout.has_twins:  # two edges' units on one arc: clip the sum again to stay in int32
-            np.minimum(units, ARC_CLIP_UNITS, out=units)
-        matrix = csr_array((units.astype(np.int32), layout.indices, layout.indptr), shape=(layout.n_nodes,) * 2)
-        result = maximum_flow(matrix, source, sink, method="dinic").flow
+        cancel_units = _units(flow, 1.0 / q) if phases else None
+        result = maximum_flow(_unit_matrix(layout, spare_units, cancel_units), source, sink, method="dinic").flow
         if not np.array_equal(result.indices, layout.indices):
             raise RuntimeError("scipy's maximum_flow returned an unexpected arc structure")
         if layout.has_twins:  # the net flow of a pair moves; it goes on the edge in its direction
             net = layout.per_arc(flow, -flow) + result.data * q
             flow = np.clip(net[layout.pos_fwd], 0.0, cap)
+            forward, backward = _residual(cap, flow, q, unlimited)
         else:
-            flow = np.clip(flow + result.data[layout.pos_fwd] * q, 0.0, cap)
+            moved = result.data[layout.pos_fwd]  # this phase's net flow per edge, in units
+            flow = np.clip(flow + moved * q, 0.0, cap)
+            # the residual arcs as the solver left them, in whole units: exact, no float comparison
+            forward = moved < spare_units
+            backward = moved > 0 if cancel_units is None else moved > -cancel_units
         phases += 1
         value = float(flow[out_of_source].sum() - flow[into_source].sum())
-        forward, backward = _residual(cap, flow, q, unlimited)
         arcs = layout.arcs(forward, backward)
-        side = layout.reach(arcs, source)
+        residual_graph = layout.subgraph(arcs)
+        side = layout.reach_in(residual_graph, source)
         if side[sink]:  # float round-off let a unit slip: one more phase finds it
             gap = math.inf
             continue
@@ -188,10 +199,26 @@ def solve(layout: ArcLayout, capacity: np.ndarray, source: int, sink: int) -> Ma
     if side is None:  # a cut of zero capacity: no flow at all, and the residual graph is the graph
         forward, backward = _residual(cap, flow, q, unlimited)
         arcs = layout.arcs(forward, backward)
-        side = layout.reach(arcs, source)
+        residual_graph = layout.subgraph(arcs)
+        side = layout.reach_in(residual_graph, source)
         gap = max(_cut_capacity(layout, cap, side) - value, 0.0)
-    return MaxFlow(value=value, flow=flow, forward=forward, backward=backward, arcs=arcs, source_side=side,
-                   resolution=q, phases=phases, gap=gap)
+    return MaxFlow(value=value, flow=flow, forward=forward, backward=backward, arcs=arcs,
+                   residual_graph=residual_graph, source_side=side, resolution=q, phases=phases, gap=gap)
+
+
+def _unit_matrix(layout: ArcLayout, spare_units: np.ndarray, cancel_units: np.ndarray | None) -> csr_array:
+    """The int32 capacity matrix of one phase: ``spare_units`` on u->v, ``cancel_units`` on v->u.
+
+    With no flow yet (``cancel_units`` None) and edges in CSR order, only the u->v arcs are handed
+    over: scipy adds the reverse arcs itself, so building the full structure here would be wasted.
+    """
+    shape = (layout.n_nodes,) * 2
+    if cancel_units is None and layout.fwd_indptr is not None:
+        return csr_array((spare_units.astype(np.int32), layout.head, layout.fwd_indptr), shape=shape)
+    units = layout.per_arc(spare_units, np.zeros_like(spare_units) if cancel_units is None else cancel_units)
+    if layout.has_twins:  # two edges' units on one arc: clip the sum again to stay in int32
+        np.minimum(units, ARC_CLIP_UNITS, out=units)
+    return csr_array((units.astype(np.int32), layout.indices, layout.indptr), shape=shape)
 
 
 def _units(amount: np.ndarray, per_unit: float) -> np.ndarray:
