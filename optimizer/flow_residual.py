@@ -50,13 +50,9 @@ def _bridges(layout: ArcLayout, label: np.ndarray, link: np.ndarray, asked: np.n
     tail, head = layout.tail, layout.head
     links = np.flatnonzero(link)
     a, b = tail[links], head[links]
-    graph = layout.subgraph(layout.arcs(link, link))
     one_node = np.full(n, -1)  # per component: one of its nodes
     one_node[label[a]] = a
-    roots = one_node[one_node >= 0].astype(np.int32)
-    indptr = np.concatenate([graph.indptr, [graph.indptr[-1] + len(roots)]]).astype(np.int32)
-    indices = np.concatenate([graph.indices, roots]).astype(np.int32)
-    rooted = csr_array((np.ones(len(indices), dtype=np.int8), indices, indptr), shape=(n + 1, n + 1))
+    rooted = layout.subgraph(layout.arcs(link, link), root_of=one_node[one_node >= 0])
     order, pred = depth_first_order(rooted, n, directed=True, return_predecessors=True)
     disc = np.zeros(n + 1, dtype=np.int64)
     disc[order] = np.arange(len(order))

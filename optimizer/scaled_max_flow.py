@@ -95,8 +95,13 @@ class ArcLayout:
         mask[breadth_first_order(graph, start, directed=True, return_predecessors=False)] = True
         return mask
 
-    def subgraph(self, arc_exists: np.ndarray, *, transposed: bool = False) -> csr_array:
-        """The flagged structural arcs as a CSR graph (scipy's traversals take explicit zeros as arcs)."""
+    def subgraph(self, arc_exists: np.ndarray, *, transposed: bool = False,
+                 root_of: np.ndarray | None = None) -> csr_array:
+        """The flagged structural arcs as a CSR graph (scipy's traversals take explicit zeros as arcs).
+
+        ``root_of``: also a virtual node ``n_nodes`` with an arc to each of these nodes, so that one
+        traversal from it covers every part they lie in.
+        """
         if transposed:
             arc_exists = arc_exists[self.to_transposed]
             indptr, indices = self.t_indptr, self.t_indices
@@ -104,8 +109,13 @@ class ArcLayout:
             indptr, indices = self.indptr, self.indices
         kept_before = np.zeros(len(arc_exists) + 1, dtype=np.int32)
         np.cumsum(arc_exists, out=kept_before[1:])
-        kept = indices[arc_exists]
-        return csr_array((self.ones[:len(kept)], kept, kept_before[indptr]), shape=(self.n_nodes,) * 2)
+        kept, ptr, n = indices[arc_exists], kept_before[indptr], self.n_nodes
+        if root_of is not None:
+            kept = np.concatenate([kept, root_of.astype(np.int32)])
+            ptr = np.append(ptr, np.int32(len(kept)))
+            n += 1
+        ones = self.ones if len(kept) <= len(self.ones) else np.ones(len(kept))
+        return csr_array((ones[:len(kept)], kept, ptr), shape=(n, n))
 
     def per_arc(self, forward: np.ndarray, backward: np.ndarray) -> np.ndarray:
         """Per structural arc: the sum of edge values on it (``forward`` on u->v, ``backward`` on v->u)."""
@@ -170,7 +180,7 @@ def solve(layout: ArcLayout, capacity: np.ndarray, source: int, sink: int) -> Ma
     side = None
     while upper > 0 and phases < MAX_PHASES:
         q = 2.0 ** math.ceil(math.log2(upper / UNIT_LIMIT))
-        spare_units = _units(cap - flow, 1.0 / q)
+        spare_units = _units(cap - flow if phases else cap, 1.0 / q)
         cancel_units = _units(flow, 1.0 / q) if phases else None
         result = maximum_flow(_unit_matrix(layout, spare_units, cancel_units), source, sink, method="dinic").flow
         if not np.array_equal(result.indices, layout.indices):
@@ -181,7 +191,8 @@ def solve(layout: ArcLayout, capacity: np.ndarray, source: int, sink: int) -> Ma
             forward, backward = _residual(cap, flow, q, unlimited)
         else:
             moved = result.data[layout.pos_fwd]  # this phase's net flow per edge, in units
-            flow = np.clip(flow + moved * q, 0.0, cap)
+            # at most the rounded-down spare: within capacity, except for round-off when adding on
+            flow = np.clip(flow + moved * q, 0.0, cap) if phases else moved * q
             # the residual arcs as the solver left them, in whole units: exact, no float comparison
             forward = moved < spare_units
             backward = moved > 0 if cancel_units is None else moved > -cancel_units
