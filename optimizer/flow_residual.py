@@ -50,16 +50,15 @@ def _bridges(layout: ArcLayout, label: np.ndarray, link: np.ndarray, asked: np.n
     tail, head = layout.tail, layout.head
     links = np.flatnonzero(link)
     a, b = tail[links], head[links]
-    one_node = np.full(n, -1)  # per component: one of its nodes
-    one_node[label[a]] = a
-    rooted = layout.subgraph(layout.arcs(link, link), root_of=one_node[one_node >= 0])
+    _, one_node = np.unique(label, return_index=True)  # per component: one of its nodes (over nodes, not links)
+    rooted = layout.subgraph(layout.arcs(link, link), root_of=one_node)
     order, pred = depth_first_order(rooted, n, directed=True, return_predecessors=True)
     disc = np.zeros(n + 1, dtype=np.int64)
     disc[order] = np.arange(len(order))
     a_deeper = disc[a] > disc[b]
     # +1 at the deeper end, -1 at the higher end of every link; then take the tree links back out
-    cover = np.bincount(np.where(a_deeper, a, b), minlength=n + 1)
-    cover -= np.bincount(np.where(a_deeper, b, a), minlength=n + 1)
+    deeper = np.where(a_deeper, a, b)
+    cover = np.bincount(deeper, minlength=n + 1) - np.bincount(a + b - deeper, minlength=n + 1)
     children = order[1:][pred[order[1:]] != n]
     cover[children] -= 1
     cover += np.bincount(pred[children], minlength=n + 1)
