@@ -82,7 +82,7 @@ class ArcLayout:
                    pos_fwd=where[:m].astype(np.int32), pos_bwd=where[m:].astype(np.int32),
                    to_transposed=to_transposed, t_indptr=_indptr(cols, n_nodes),
                    t_indices=rows[to_transposed].astype(np.int32), has_twins=has_twins, from_edges=from_edges,
-                   fwd_indptr=_indptr(tail, n_nodes) if in_order else None, ones=np.ones(len(unique)))
+                   fwd_indptr=_indptr(tail, n_nodes) if in_order else None, ones=_read_only(np.ones(len(unique))))
 
     def reach(self, arc_exists: np.ndarray, start: int, *, backward: bool = False) -> np.ndarray:
         """Nodes reachable from ``start`` over the structural arcs flagged in ``arc_exists``
@@ -251,3 +251,9 @@ def _cut_capacity(layout: ArcLayout, cap: np.ndarray, inside: np.ndarray) -> flo
     return float(cap[leaving].sum())
 
 
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    """Shared by every subgraph a layout hands out, so no holder may write to it."""
+    array.flags.writeable = False
+    return array
