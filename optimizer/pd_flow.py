@@ -171,6 +171,17 @@ class CompiledGraph:
         self.stages, self.positions, self.layout_kind = _stages(graph, ends)
         self.stage_code = np.array([_STAGE_CODE[st] for st in self.stages], dtype=np.int8)
         self.on_path = self.stage_code != _STAGE_CODE["off_path"]
+        # per-graph facts the recommendations read on every analysis, counted once here
+        self.unlimited = np.isinf(self.capacity)
+        self.stage_count = np.bincount(self.stage_code, minlength=len(_STAGES))
+        self.finite_stages = np.bincount(self.stage_code[self.on_path & ~self.unlimited], minlength=len(_STAGES))
+        self.finite_off_kv = np.flatnonzero(~self.unlimited & (self.stage_code != _STAGE_CODE["kv_links"]))
+
+    @cached_property
+    def unlimited_reach(self) -> tuple[np.ndarray, np.ndarray]:
+        """Nodes the source reaches, and nodes that reach the sink, over unlimited edges alone."""
+        free = self.layout.arcs(self.unlimited, np.zeros_like(self.unlimited))
+        return self.layout.reach(free, self.source), self.layout.reach(free, self.sink, backward=True)
 
     @classmethod
     def of(cls, graph: FlowGraph, hops: dict[str, int]) -> CompiledGraph:
@@ -510,11 +521,8 @@ def _scale_options(c: CompiledGraph, result: MaxFlow, sink_side: np.ndarray,
     if not len(candidates):
         return [], 0
     lay = c.layout
-    unlimited = np.isinf(c.capacity)
-    if unlimited.any():
-        free = lay.arcs(unlimited, np.zeros_like(unlimited))
-        from_source = lay.reach(free, c.source)
-        to_sink = lay.reach(free, c.sink, backward=True)
+    if c.unlimited.any():
+        from_source, to_sink = c.unlimited_reach
         unbounded = from_source[lay.tail[candidates]] & to_sink[lay.head[candidates]]
     else:
         unbounded = (lay.tail[candidates] == c.source) & (lay.head[candidates] == c.sink)
@@ -570,7 +578,7 @@ def _resource_name(layout: Layout, u: str, v: str, stage: Stage) -> str:
 def _cut_phrase(f: _Facts, cut: np.ndarray) -> str:
     c = f.compiled
     stages = np.unique(c.stage_code[cut])
-    if len(stages) == 1 and np.count_nonzero(c.stage_code == stages[0]) == len(cut):
+    if len(stages) == 1 and c.stage_count[stages[0]] == len(cut):
         return f"all {_STAGE_WORDS[c.layout_kind][_STAGES[stages[0]]]} edges are saturated ({f.names(cut)})"
     return f"every source-to-sink path crosses a saturated edge among {f.names(cut)}"
 
@@ -606,15 +614,14 @@ def _recommendations(f: _Facts, bottleneck: Bottleneck, options: list[ScaleOptio
         out.append(f"No single resource raises throughput on its own: the cut nearest the source "
                    f"({f.names(f.source_cut)}) and the cut nearest the sink ({f.names(f.sink_cut)}) are both "
                    f"saturated; scale them together.")
-    present = np.bincount(c.stage_code[c.on_path & np.isfinite(c.capacity)], minlength=len(_STAGES))
-    for code in np.flatnonzero(present).tolist():
+    for code in np.flatnonzero(c.finite_stages).tolist():
         for cut in (f.source_cut, f.sink_cut):
             if not np.any(c.stage_code[cut] == code):
                 out.append(f"Adding {words[_STAGES[code]]} capacity will not raise throughput: "
                            f"{_cut_phrase(f, cut)}.")
                 break
     if kind == "prefill-decode":
-        spare = np.flatnonzero(np.isfinite(c.capacity) & ~f.saturated & (c.stage_code != _STAGE_CODE["kv_links"]))
+        spare = c.finite_off_kv[~f.saturated[c.finite_off_kv]]
         if len(spare):
             shown = [f"{_resource_name(kind, *c.ends[i], c.stages[i])} {_num(c.capacity[i] - f.flow[i])}"
                      for i in spare[:MAX_LISTED].tolist()]
