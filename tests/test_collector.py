@@ -69,7 +69,14 @@ PLANS = [
               {"variant": "qwen-fit"}) for i, (pod, (rate, prompt)) in enumerate(FIT_LOADS.items())],
     PodPlan("phi-t4-9a8b7c6d5-iiiii", "edge", _server("phi"), _uniform(2.0, [{"prompt_tokens": 50, "max_tokens": 10}]),
             {"variant": "phi-t4"}),
+    # Lengths drawn at random (seeded) from a spread inside two prompt buckets: each window holds a
+    # different mix, so the estimated cell means move from window to window.
+    PodPlan("gemma-a10-4e5f6a7b8-jjjjj", "prod", _server("gemma"),
+            {"phases": [{"duration_s": 300, "rate_rps": 8.0}], "arrivals": "poisson", "seed": 11, "drain_timeout_s": 5,
+             "mix": [{"prompt_tokens": p, "max_tokens": m} for p in (230, 310, 420, 560, 870) for m in (24, 45)]},
+            {"variant": "gemma-a10"}),
 ]
+GEMMA = VariantSelector(name="prod/gemma-a10", namespace="prod", model="gemma", deployment="gemma-a10")
 
 SELECTORS = [
     VariantSelector(name="prod/llama-a100", namespace="prod", model="llama", deployment="llama-a100"),
@@ -148,6 +155,28 @@ def test_token_distribution_of_two_lengths_recovers_them():
     dist = token_distribution(_histogram(values, one_two_five_buckets(8192)), 425.0)
     assert [d.share for d in dist] == pytest.approx([0.5, 0.5])
     assert dist[0].tokens == pytest.approx(150, rel=0.15) and dist[1].tokens == pytest.approx(700, rel=0.15)
+
+
+def test_mix_names_come_from_the_edges_not_the_means():
+    """Ten cycles of lognormal traffic whose median drifts 380 -> 470 tokens: the cell means move
+    (the old `in435xout17` names churned every cycle), the cell names stay the histogram's edges."""
+    rng = random.Random(3)
+    bounds = one_two_five_buckets(100_000)
+    label_sets, means = [], set()
+    for cycle in range(10):
+        prompts = [round(math.exp(rng.gauss(math.log(380 + 10 * cycle), 0.2))) + 1 for _ in range(3000)]
+        outputs = [round(math.exp(rng.gauss(math.log(30), 0.15))) + 1 for _ in range(3000)]
+        inputs = token_distribution(_histogram(prompts, bounds), sum(prompts) / len(prompts))
+        gens = token_distribution(_histogram(outputs, bounds), sum(outputs) / len(outputs))
+        mix = joint_length_mix(inputs, gens, min_share=0.01)
+        label_sets.append({b.label for b in mix})
+        means |= {round(b.input_tokens) for b in mix}
+        for b in mix:  # every mean lies within the edges its name gives
+            lo, hi = (float(x) for x in b.label.split("x")[0][2:].split("-"))
+            assert lo <= b.input_tokens <= hi, b
+    assert all(s == label_sets[0] for s in label_sets), label_sets
+    assert label_sets[0] == {"in200-500xout20-50", "in500-1000xout20-50"}, label_sets[0]
+    assert len(means) >= 10, f"means barely moved: {sorted(means)}"
 
 
 def test_joint_mix_is_the_product_of_marginals_and_sums_to_one():
@@ -249,7 +278,7 @@ def test_vllm_names_with_colons_are_queryable_in_prometheus(stack):
     series = stack.prometheus.wait_for("vllm:num_requests_running", min_results=len(PLANS), timeout_s=30)
     pods = {s["metric"]["pod"] for s in series}
     assert pods == {p.pod for p in PLANS}
-    assert all(s["metric"]["model_name"] in {"llama", "mistral", "qwen", "phi"} for s in series)
+    assert all(s["metric"]["model_name"] in {"llama", "mistral", "qwen", "phi", "gemma"} for s in series)
     assert stack.prometheus.query("vllm_num_requests_running") == [], "names must not be mangled to underscores"
 
 
@@ -293,6 +322,7 @@ def test_arrival_rate_and_token_means_match_the_load(warm, collector):
 def test_length_mix_has_the_four_cells_of_the_two_classes(warm, collector):
     mix = collector.collect(SELECTORS).variants["prod/llama-a100"].length_mix
     assert len(mix) == 4
+    assert {b.label for b in mix} == LLAMA_CELLS, "cells are named by vLLM's 1-2-5 edges around 150/700 and 30/80"
     for bucket in mix:
         assert bucket.share == pytest.approx(0.25, abs=0.08)
         assert min(abs(bucket.input_tokens / t - 1) for t in (150, 700)) < 0.15
@@ -333,6 +363,20 @@ def test_one_query_per_metric_whatever_the_number_of_variants(stack, warm, colle
     assert middle - before == len(logged) - middle == one.queries, "Prometheus's query log agrees"
     assert not any("extra-" in q or "llama-a100" in q for q in logged[middle:]), "no per-variant PromQL"
     assert len(lots.variants) == 55
+
+
+LLAMA_CELLS = {"in100-200xout20-50", "in100-200xout50-100", "in500-1000xout20-50", "in500-1000xout50-100"}
+
+
+def test_length_mix_labels_stay_fixed_while_the_window_moves(stack, warm, collector):
+    """Ten evaluations 1 s apart (ten cycles' windows over live traffic): the estimated cell means
+    move with the requests inside each window, the names (the exported `bucket` label) do not."""
+    now = time.time() - 1
+    mixes = [collector.collect([GEMMA], at=now - k).models["gemma"].length_mix for k in range(10)]
+    cells = {"in200-500xout20-50", "in500-1000xout20-50"}
+    assert all({b.label for b in mix} == cells for mix in mixes), [[b.label for b in m] for m in mixes]
+    means = {(b.label, b.input_tokens) for mix in mixes for b in mix}
+    assert len(means) >= 4, f"the windows' means did not move, the test shows nothing: {sorted(means)}"
 
 
 def test_bucket_grouping_by_pod_deployment_or_label_gives_the_same_answers(stack, warm, collector):

@@ -30,7 +30,8 @@ Metric names (all gauges unless noted; label sets in brackets):
 - `variant_autoscaler_model_arrival_rate_rps` [model]: observed requests/s.
 - `variant_autoscaler_unmet_demand_rps` [model]: demand the decided allocation cannot serve at SLO.
 - `variant_autoscaler_routing_weight` [model, bucket, namespace, variant]: share of the model's
-  requests of one length bucket to send to a variant.
+  requests of one length bucket to send to a variant. `bucket` names a fixed cell by its histogram
+  edges (`in200-500xout20-50`, see histogram_estimates), so a series keeps its key across cycles.
 - `variant_autoscaler_inventory_in_use` / `variant_autoscaler_inventory_available` [accelerator]:
   accelerators the decision uses / the cluster has (no series when unlimited).
 - `variant_autoscaler_cost_per_hour`: cost of the decided allocation.

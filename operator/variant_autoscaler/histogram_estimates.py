@@ -12,9 +12,20 @@ The length mix: vLLM exports prompt and generation token counts as two separate 
 `_sum` series does: we place each bucket's requests at one point a common fraction of the way
 through it (in log space) and solve for the fraction that reproduces the observed mean. Every
 point stays inside its bucket (so the estimate is never worse than the histogram allows) and the
-mean, which drives token throughput, is exact. Points are then merged onto a log2 grid. The
-joint input x output mix assumes independence: the two marginal histograms carry no information
-about their correlation, and independence is the maximum-entropy joint with those marginals.
+mean, which drives token throughput, is exact. Histogram buckets are then merged onto a log2
+grid. The joint input x output mix assumes independence: the two marginal histograms carry no
+information about their correlation, and independence is the maximum-entropy joint with those
+marginals.
+
+Cell names are fixed by the histogram's bucket edges, never by the observed means: a histogram
+bucket `(lo, hi]` joins the log2 cell of its geometric centre (`floor(log2(sqrt(lo * hi)))`, the
+lowest bucket starting at `lowest`, the +Inf bucket spanning `(lo, 2 lo]`), and a cell is named by
+the outermost edges of all the buckets that join it (`200-500`, `0-2`, `5000-inf`). With vLLM's
+1-2-5 edges every bucket is its own cell. The edges come from the model server's configuration,
+so a cell keeps its name (and a metric series keyed by it keeps its labels) from cycle to cycle
+while the traffic inside it moves; the mean of a cell still follows the traffic and always lies
+within its named edges. Which cells appear still depends on traffic (a cell under `min_share`
+is dropped), but a cell that stays keeps its name.
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ class TokenShare(BaseModel):
 
     tokens: float = Field(gt=0)
     share: float = Field(gt=0, le=1)
+    cell: str | None = Field(default=None, description="Fixed name from the histogram's edges ('200-500').")
 
 
 def _cleaned(buckets: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -79,11 +91,17 @@ def _quantile(q: float, b: list[tuple[float, float]]) -> float:
     return start + (end - start) * ((rank - below) / count)
 
 
+def _edge(x: float) -> str:
+    return "inf" if math.isinf(x) else f"{x:.0f}" if x == round(x) else f"{x:g}"
+
+
 def token_distribution(buckets: list[tuple[float, float]], mean_tokens: float | None,
                        lowest: float = 1.0) -> list[TokenShare]:
     """Distribution of token counts on a log2 grid, calibrated to `mean_tokens` (see module doc)."""
     b = _cleaned(buckets)
-    intervals: list[tuple[float, float, float]] = []
+    # (placement interval lo, hi, count, fixed cell); the cell depends on the edges alone.
+    intervals: list[tuple[float, float, float, int]] = []
+    cell_edges: dict[int, tuple[float, float]] = {}
     below, prev = 0.0, None
     for le, cumulative in b:
         count = cumulative - below
@@ -94,17 +112,18 @@ def token_distribution(buckets: list[tuple[float, float]], mean_tokens: float | 
         else:
             lo = max(lowest, prev if prev is not None else lowest)
             hi = max(le, lo)
+        cell = math.floor(math.log2(math.sqrt(lo * hi)) + 1e-9)
+        edge_lo = prev if prev is not None else 0.0
+        known = cell_edges.get(cell)
+        cell_edges[cell] = (min(known[0], edge_lo), max(known[1], le)) if known else (edge_lo, le)
         prev = le if not math.isinf(le) else prev
         if count > 0:
-            intervals.append((lo, hi, count))
-    total = sum(c for _, _, c in intervals)
+            intervals.append((lo, hi, count, cell))
+    total = sum(c for _, _, c, _ in intervals)
     if total <= 0:
         return []
 
-    logs = [(math.log(lo), math.log(hi) - math.log(lo), c) for lo, hi, c in intervals]
-
-    def points(frac: float) -> list[tuple[float, float]]:
-        return [(math.exp(start + frac * width), c) for start, width, c in logs]
+    logs = [(math.log(lo), math.log(hi) - math.log(lo), c) for lo, hi, c, _ in intervals]
 
     def mean_at(frac: float) -> float:
         return sum(math.exp(start + frac * width) * c for start, width, c in logs) / total
@@ -124,26 +143,30 @@ def token_distribution(buckets: list[tuple[float, float]], mean_tokens: float | 
                 else:
                     hi_f = frac
     grid: dict[int, list[float]] = {}
-    for x, c in points(frac):
-        cell = grid.setdefault(math.floor(math.log2(x) + 1e-9), [0.0, 0.0])
-        cell[0] += c
-        cell[1] += x * c
-    return [TokenShare(tokens=s / c, share=c / total) for _, (c, s) in sorted(grid.items())]
+    for (start, width, c), (_, _, _, cell) in zip(logs, intervals, strict=True):
+        x = math.exp(start + frac * width)
+        acc = grid.setdefault(cell, [0.0, 0.0])
+        acc[0] += c
+        acc[1] += x * c
+    return [TokenShare(tokens=s / c, share=c / total, cell=f"{_edge(cell_edges[k][0])}-{_edge(cell_edges[k][1])}")
+            for k, (c, s) in sorted(grid.items())]
 
 
 def joint_length_mix(inputs: list[TokenShare], outputs: list[TokenShare], *, min_share: float = 0.01,
                      max_buckets: int = 16) -> list[LengthBucket]:
     """Input x output buckets assuming independence; cells under `min_share` dropped, shares renormalised."""
-    cells = sorted(((i.share * o.share, i.tokens, o.tokens) for i in inputs for o in outputs), reverse=True)
+    cells = sorted(((i.share * o.share, i, o) for i in inputs for o in outputs), key=lambda c: c[0], reverse=True)
     if not cells:
         return []
     kept = [c for c in cells if c[0] >= min_share][:max_buckets] or cells[:1]
     total = sum(c[0] for c in kept)
     out, names = [], set()
     for s, i, o in kept:
-        name = f"in{round(i)}xout{round(o)}"
-        if name in names:  # two log2 cells whose means round alike (either side of a power of two)
-            name = f"in{i:.1f}xout{o:.1f}#{len(out)}"
+        name = (f"in{i.cell}xout{o.cell}" if i.cell and o.cell  # fixed: from the edges
+                else f"in{round(i.tokens)}xout{round(o.tokens)}")
+        if name in names:  # cell-less shares whose means round alike
+            name = f"in{i.tokens:.1f}xout{o.tokens:.1f}#{len(out)}"
         names.add(name)
-        out.append(LengthBucket(input_tokens=round(i, 1), output_tokens=round(o, 1), share=s / total, name=name))
+        out.append(LengthBucket(input_tokens=round(i.tokens, 1), output_tokens=round(o.tokens, 1), share=s / total,
+                                name=name))
     return out
