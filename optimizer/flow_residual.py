@@ -53,12 +53,20 @@ def _bridges(layout: ArcLayout, label: np.ndarray, link: np.ndarray, asked: np.n
     _, one_node = np.unique(label, return_index=True)  # per component: one of its nodes (over nodes, not links)
     rooted = layout.subgraph(layout.arcs(link, link), root_of=one_node)
     order, pred = depth_first_order(rooted, n, directed=True, return_predecessors=True)
-    disc = np.zeros(n + 1, dtype=np.int64)
-    disc[order] = np.arange(len(order))
-    a_deeper = disc[a] > disc[b]
-    # +1 at the deeper end, -1 at the higher end of every link; then take the tree links back out
-    deeper = np.where(a_deeper, a, b)
-    cover = np.bincount(deeper, minlength=n + 1) - np.bincount(a + b - deeper, minlength=n + 1)
+    u, v = tail[asked], head[asked]
+    child = np.where(pred[u] == v, u, np.where(pred[v] == u, v, -1))  # the lower end of a tree edge
+    if not np.any(child >= 0):  # every asked edge closes a cycle of the tree: none is a bridge
+        return np.zeros(len(asked), dtype=bool)
+    disc = np.zeros(n + 1, dtype=np.int32)
+    disc[order] = np.arange(len(order), dtype=np.int32)
+    deeper = np.where(disc[a] > disc[b], a, b)
+    # +1 at the deeper end, -1 at the higher end of every link; then take the tree links back out.
+    # Without twins every link is one arc in each end's row, so the higher ends are degree - deeper.
+    cover = 2 * np.bincount(deeper, minlength=n + 1)
+    if layout.has_twins:
+        cover -= np.bincount(a, minlength=n + 1) + np.bincount(b, minlength=n + 1)
+    else:
+        cover[:n] -= np.diff(rooted.indptr[:n + 1])
     children = order[1:][pred[order[1:]] != n]
     cover[children] -= 1
     cover += np.bincount(pred[children], minlength=n + 1)
@@ -67,8 +75,6 @@ def _bridges(layout: ArcLayout, label: np.ndarray, link: np.ndarray, asked: np.n
         if parent[x] >= 0:
             sums[parent[x]] += sums[x]
     crossing = np.asarray(sums)
-    u, v = tail[asked], head[asked]
-    child = np.where(pred[u] == v, u, np.where(pred[v] == u, v, -1))
     return (child >= 0) & (crossing[child] == 0)
 
 
