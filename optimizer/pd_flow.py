@@ -529,20 +529,17 @@ def _scale_options(c: CompiledGraph, result: MaxFlow, sink_side: np.ndarray,
     bound = gain_upper_bounds(lay, c.capacity, result.flow, result.forward, result.backward,
                               result.source_side, sink_side, candidates, c.source, c.sink)
     probes = PROBE_EDGE_BUDGET // len(c.ends)
-    exact: list[tuple[float, str, str, int, float | None]] = []  # (-gain, u, v, edge, new max flow)
-    bounded: list[int] = []  # candidate positions, highest bound first
-    for k in np.argsort(-bound, kind="stable").tolist():
-        i = int(candidates[k])
-        if unbounded[k]:
-            exact.append((-math.inf, *c.ends[i], i, None))
-        elif probes > 0:
-            probes -= 1
-            relaxed = c.capacity.copy()
-            relaxed[i] = np.inf
-            new = c.solve(relaxed).value
-            exact.append((-max(new - result.value, 0.0), *c.ends[i], i, new))
-        else:
-            bounded.append(k)
+    order = np.argsort(-bound, kind="stable")  # candidate positions, highest bound first
+    free = unbounded[order]
+    rest = order[~free]
+    bounded = rest[probes:].tolist()  # not re-solved: they keep the bound
+    exact: list[tuple[float, str, str, int, float | None]] = [  # (-gain, u, v, edge, new max flow)
+        (-math.inf, *c.ends[i], i, None) for i in candidates[order[free]].tolist()]
+    for i in candidates[rest[:probes]].tolist():
+        relaxed = c.capacity.copy()
+        relaxed[i] = np.inf
+        new = c.solve(relaxed).value
+        exact.append((-max(new - result.value, 0.0), *c.ends[i], i, new))
     exact.sort()
     options = [_option(c, i, new, result.value, is_bound=False) for *_, i, new in exact[:MAX_SCALE_OPTIONS]]
     for k in bounded[:MAX_SCALE_OPTIONS - len(options)]:

@@ -164,7 +164,8 @@ def solve(layout: ArcLayout, capacity: np.ndarray, source: int, sink: int) -> Ma
     """Max flow from ``source`` to ``sink``; ``capacity`` per edge, ``inf`` = unlimited."""
     cap = np.asarray(capacity, dtype=np.float64)
     unlimited = np.isinf(cap)
-    out_of_source = np.flatnonzero(layout.tail == source)
+    out_of_source = (np.arange(layout.fwd_indptr[source], layout.fwd_indptr[source + 1])
+                     if layout.fwd_indptr is not None else np.flatnonzero(layout.tail == source))
     into_source = np.flatnonzero(layout.head == source)
     if unlimited.any():
         free = layout.arcs(unlimited, np.zeros_like(unlimited))
