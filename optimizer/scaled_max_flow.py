@@ -226,11 +226,15 @@ def _unit_matrix(layout: ArcLayout, spare_units: np.ndarray, cancel_units: np.nd
     """
     shape = (layout.n_nodes,) * 2
     if cancel_units is None and layout.fwd_indptr is not None:
-        return csr_array((spare_units.astype(np.int32), layout.head, layout.fwd_indptr), shape=shape)
-    units = layout.per_arc(spare_units, np.zeros_like(spare_units) if cancel_units is None else cancel_units)
-    if layout.has_twins:  # two edges' units on one arc: clip the sum again to stay in int32
-        np.minimum(units, ARC_CLIP_UNITS, out=units)
-    return csr_array((units.astype(np.int32), layout.indices, layout.indptr), shape=shape)
+        matrix = csr_array((spare_units.astype(np.int32), layout.head, layout.fwd_indptr), shape=shape)
+    else:
+        units = layout.per_arc(spare_units, np.zeros_like(spare_units) if cancel_units is None else cancel_units)
+        if layout.has_twins:  # two edges' units on one arc: clip the sum again to stay in int32
+            np.minimum(units, ARC_CLIP_UNITS, out=units)
+        matrix = csr_array((units.astype(np.int32), layout.indices, layout.indptr), shape=shape)
+    # both structures are sorted by row, then column, without repeats: spare scipy the check
+    matrix.has_canonical_format = True
+    return matrix
 
 
 def _units(amount: np.ndarray, per_unit: float) -> np.ndarray:
