@@ -302,6 +302,8 @@ def test_kubectl_get_shows_the_printer_columns(emulated_cluster, kube_api, kube_
     api.patch_namespaced_custom_object_status(GROUP, VERSION, kube_namespace, PLURAL, "shown", {"status": {
         "currentReplicas": 2, "desiredReplicas": 3, "normalizedLoad": 1.25, "replicaCostPerHour": 12.5,
         "conditions": [{"type": "OptimizationReady", "status": "True", "reason": "OptimizationSucceeded",
+                        "message": "", "lastTransitionTime": "2025-01-01T00:00:00Z"},
+                       {"type": "Ready", "status": "True", "reason": "Ready",
                         "message": "", "lastTransitionTime": "2025-01-01T00:00:00Z"}]}})
     out = emulated_cluster.kubectl("get", "va", "-n", kube_namespace)
     assert out.returncode == 0, out.stderr

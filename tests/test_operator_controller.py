@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
+from pathlib import Path
 
 import pytest
+import yaml
 from conftest_metrics import FakePrometheus
 from operator_harness import (
     H100_PROFILE,
@@ -27,14 +30,16 @@ from operator_harness import (
 )
 from variant_autoscaler.actuator import DELETION_COST_ANNOTATION, KubeGateway, RetryPolicy
 from variant_autoscaler.collector import Collector, CollectorSettings, PrometheusSettings
-from variant_autoscaler.controller import Controller, ControllerDeps
+from variant_autoscaler.controller import READY, Controller, ControllerDeps
 from variant_autoscaler.emulation.cluster import kubeconfig_text
 from variant_autoscaler.emulation.fault_proxy import FaultProxy, FaultRule
 from variant_autoscaler.emulation.prometheus import free_port
 from variant_autoscaler.exporter import Exporter
+from variant_autoscaler.resources import PAUSED_ANNOTATION
 from variant_autoscaler.settings import OperatorSettings, SettingsStore
 
 MODEL = TINY_MODEL["name"]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def make_controller(api, namespace: str, settings: dict | None = None, collect=None, **deps) -> Controller:
@@ -274,6 +279,34 @@ def test_missing_target_sets_target_resolved_false(kube, kube_api):
     assert cond["status"] == "False" and cond["reason"] == "TargetNotFound"
     assert "no-such-deployment" in cond["message"]
     assert kube.events("TargetNotFound", "orphan")
+
+
+def test_ready_column_shows_the_ready_condition_the_operator_writes(kube, kube_api, emulated_cluster):
+    """`kubectl get va` READY reads the `Ready` summary (the condition `kubectl wait` waits for), and
+    the OPTIMIZED column (-o wide) the specific OptimizationReady: a paused VA optimizes but is not Ready."""
+    crd = yaml.safe_load((REPO / "crds" / "variantautoscalings.yaml").read_text())
+    columns = {c["name"]: c["jsonPath"] for c in crd["spec"]["versions"][0]["additionalPrinterColumns"]}
+    assert columns["Ready"] == f".status.conditions[?(@.type=='{READY}')].status"
+    assert columns["Optimized"] == ".status.conditions[?(@.type=='OptimizationReady')].status"
+    kube.deploy("col-l4", 1)
+    kube.apply_variant(variant("col-l4", "col-l4", profile=L4_PROFILE))
+    kube.apply_variant(variant("col-orphan", "no-such-deployment", profile=L4_PROFILE))
+    kube.deploy("col-paused", 1)
+    paused = variant("col-paused", "col-paused", profile=L4_PROFILE)
+    paused["metadata"]["annotations"] = {PAUSED_ANNOTATION: "true"}
+    kube.apply_variant(paused)
+    cycle(make_controller(kube_api, kube.ns, collect=Demand({MODEL: 1.0}).collect))
+    out = emulated_cluster.kubectl("get", "va", "-n", kube.ns, "-o", "wide")
+    assert out.returncode == 0, out.stderr
+    header, *rows = out.stdout.splitlines()
+    starts = [m.start() for m in re.finditer(r"\S+", header)]  # cells may be empty: cut at the header's offsets
+    cut = [(header[a:b].strip(), a, b) for a, b in zip(starts, [*starts[1:], None], strict=True)]
+    shown = {row.split()[0]: {name: row[a:b].strip() for name, a, b in cut} for row in rows}
+    for name in ("col-l4", "col-orphan", "col-paused"):
+        conds = {c["type"]: c["status"] for c in kube.variant(name)["status"]["conditions"]}
+        assert (shown[name]["READY"], shown[name]["OPTIMIZED"]) == (conds[READY], conds["OptimizationReady"]), name
+    assert [shown[n]["READY"] for n in ("col-l4", "col-orphan", "col-paused")] == ["True", "False", "False"]
+    assert shown["col-paused"]["OPTIMIZED"] == "True", "where they differ: OptimizationReady alone says True"
 
 
 def test_wva_manifest_with_only_the_api_version_changed_is_reconciled(kube, kube_api):
