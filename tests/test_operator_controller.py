@@ -672,6 +672,28 @@ def test_a_paused_variant_is_never_scaled_and_resumes_when_the_annotation_goes(k
     assert kube.replicas("pause-l4") >= 3
 
 
+def test_a_paused_variant_in_metrics_mode_says_paused_and_publishes_its_current_replicas(kube, kube_api):
+    """Metrics mode: the HPA/KEDA scales on wva_desired_replicas, so pausing holds that series at the
+    target's replicas, and Actuated/Ready say Paused as in direct mode (not NotActuated)."""
+    kube.deploy("mpause-l4", 1)
+    body = variant("mpause-l4", "mpause-l4", profile=L4_PROFILE)
+    body["metadata"]["annotations"] = {PAUSED_ANNOTATION: "true"}
+    kube.apply_variant(body)
+    kube.deploy("mfree-l4", 1)
+    kube.apply_variant(variant("mfree-l4", "mfree-l4", profile=L4_PROFILE))
+    ctrl = make_controller(kube_api, kube.ns, settings_dict(actuation_mode="metrics"),
+                           collect=Demand({MODEL: 6.0}).collect)
+    cycle(ctrl)
+    cond = kube.condition("mpause-l4", "Actuated")
+    assert (cond["status"], cond["reason"]) == ("False", "Paused") and "held at its 1 replicas" in cond["message"]
+    assert (kube.condition("mpause-l4", "Ready")["status"], kube.condition("mpause-l4", "Ready")["reason"]) == \
+        ("False", "Paused")
+    assert kube.condition("mfree-l4", "Actuated")["reason"] == "MetricsPublished"
+    text = ctrl.deps.exporter.render().decode()
+    assert f'wva_desired_replicas{{accelerator_type="L4",namespace="{kube.ns}",variant_name="mpause-l4"}} 1.0' in text
+    assert kube.replicas("mpause-l4") == 1 and kube.variant("mfree-l4")["status"]["desiredReplicas"] >= 2
+
+
 def test_an_unchanged_status_is_not_patched_again(kube, kube_api, emulated_cluster):
     """A second cycle that decides the same thing sends no status PATCH (read from the API's request log);
     a changed decision does."""

@@ -869,9 +869,7 @@ class Controller:
             v = live[step.name]
             have = v.view.spec_replicas
             if v.parsed.paused:
-                actuation[step.name] = (False, "Paused", f"annotation {PAUSED_ANNOTATION}=true: {v.parsed.target.kind} "
-                                                         f"{v.parsed.target.name} stays at {have} replicas; the "
-                                                         "optimizer counts them and plans the other variants around them")
+                actuation[step.name] = (False, "Paused", _paused_message(v.parsed, have, "direct"))
                 return
             if "demand_unserved" in step.limited_by:
                 self._event(events, step.name, v.parsed.ref, "Warning", "NoReplacement",
@@ -992,7 +990,9 @@ class Controller:
         else:
             conds["OptimizationReady"] = ("True", "OptimizationSucceeded",
                                           f"{v.desired} replicas of {v.accelerator} (profile from {v.profile_source})")
-        if settings.actuation_mode == "metrics" and not p.paused:
+        if p.paused:  # the same in both modes; in metrics mode the published desired replicas hold too
+            conds["Actuated"] = ("False", "Paused", _paused_message(p, v.view.spec_replicas, settings.actuation_mode))
+        elif settings.actuation_mode == "metrics":
             conds["Actuated"] = ("True", "MetricsPublished", "desired replicas published for an HPA/KEDA "
                                                              "(wva_desired_replicas)")
         elif key in actuation:
@@ -1144,6 +1144,14 @@ def replica_price(p: ParsedVariant, accelerator: str | None, settings: OperatorS
     if entry is not None:
         return entry.cost_per_hour * p.accelerator_count
     return WVA_DEFAULT_VARIANT_COST if accelerator in DATASHEETS else None
+
+
+def _paused_message(p, have: int, mode: str) -> str:
+    """Why a paused VA's target does not move, worded for the mode, so both modes say Paused alike."""
+    held = (f"{p.target.kind} {p.target.name} stays at {have} replicas" if mode == "direct" else
+            f"wva_desired_replicas for {p.target.kind} {p.target.name} is held at its {have} replicas")
+    return (f"annotation {PAUSED_ANNOTATION}=true: {held}; the optimizer counts them and plans the other "
+            "variants around them")
 
 
 def _holding_reason(step, desired: int | None) -> str:
