@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
 import time
 from pathlib import Path
@@ -418,12 +419,16 @@ def test_observations_helper_matches_the_collector_contract():
     assert w.arrival_rate_rps == 3.0 and w.buckets[0].input_tokens == 100
 
 
-def test_negative_metric_values_are_invalid_data_and_hold_replicas(kube, kube_api):
-    """A well-formed Prometheus answer of -5 req/s is wrong data, not zero demand: held like missing metrics."""
+@pytest.mark.parametrize(("value", "shown"), [(-5.0, "completed = -5"), (math.nan, "completed = nan"),
+                                             (math.inf, "completed = inf")])
+def test_impossible_metric_values_are_invalid_data_and_hold_replicas(kube, kube_api, value, shown):
+    """A well-formed Prometheus answer of -5, NaN or +Inf req/s is wrong data, not zero demand nor missing
+    series: held like missing metrics, with a reason that quotes the value (NaN was once skipped silently and
+    the variant reported as having no series at all)."""
     kube.deploy("neg-l4", 3)
     kube.apply_variant(variant("neg-l4", "neg-l4", accelerator="L4", profile=L4_PROFILE, min_replicas=1))
     pod = {"namespace": kube.ns, "pod": "neg-l4-5d8f9c7b6-abcde", "model_name": MODEL}
-    fake = FakePrometheus("samples", samples=lambda query: [(pod, -5.0)] if "request_success_total" in query else [])
+    fake = FakePrometheus("samples", samples=lambda query: [(pod, value)] if "request_success_total" in query else [])
     collector = Collector(CollectorSettings(prometheus=PrometheusSettings(url=fake.url, timeout_s=2),
                                             rate_window_s=10, staleness_threshold_s=10))
     try:
@@ -436,7 +441,7 @@ def test_negative_metric_values_are_invalid_data_and_hold_replicas(kube, kube_ap
     assert not report.variants[f"{kube.ns}/neg-l4"].metrics_available
     cond = kube.condition("neg-l4", "MetricsAvailable")
     assert cond["status"] == "False" and cond["reason"] == "MetricsInvalid"
-    assert "completed = -5" in cond["message"] and "neg-l4-5d8f9c7b6-abcde" in cond["message"]
+    assert shown in cond["message"] and "neg-l4-5d8f9c7b6-abcde" in cond["message"]
     assert kube.events("MetricsUnavailable", "neg-l4")
     assert 'variant_autoscaler_cycle_errors_total{reason="MetricsInvalid"} 1.0' in ctrl.deps.exporter.render().decode()
 

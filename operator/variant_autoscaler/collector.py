@@ -28,7 +28,7 @@ Failures never raise: Prometheus down, slow, answering an error or garbage all g
 `CollectionResult(available=False, reason=...)`, so the operator can keep its last decision and
 set `MetricsAvailable=False` with that reason. Per variant, `status` is `ok`, `stale` (newest
 sample older than the threshold: the scrape stopped, the pod hangs, Prometheus lags), `invalid`
-(impossible values such as a negative rate or gauge: wrong data is not zero demand) or `missing`.
+(impossible values such as a negative or NaN rate or gauge: wrong data is not zero demand) or `missing`.
 """
 
 from __future__ import annotations
@@ -620,11 +620,11 @@ class Collector:
                 continue
             is_bucket = name.endswith("_buckets")
             for labels, value in samples:
-                if value != value or value in (math.inf, -math.inf):
-                    continue
-                if value < 0 and name not in SIGNED_QUERIES:
-                    # counters' rates, gauges of counts and fractions are never negative: the data is
-                    # wrong (a broken exporter or recording rule), not zero demand
+                if value != value or value in (math.inf, -math.inf) or (value < 0 and name not in SIGNED_QUERIES):
+                    # counters' rates, gauges of counts and fractions are never negative, and none of these
+                    # queries divides, so none is ever NaN or infinite: the data is wrong (a broken exporter
+                    # or recording rule), not zero demand. Skipping such samples instead made a variant whose
+                    # every value was NaN look like one without series (MetricsMissing, "no vLLM series").
                     where = self._bucket_key(grouping, labels) if is_bucket else self.series_key(labels)
                     target = buckets if is_bucket else pods
                     data = target.get(where)
@@ -696,7 +696,8 @@ class Collector:
             status, reason = "missing", (f"no vLLM series for {sel.describe()} in the last "
                                          f"{s.staleness_lookback_s:g} s")
         elif invalid:
-            status, reason = "invalid", (f"Prometheus answered impossible (negative) values for {sel.describe()}: "
+            status, reason = "invalid", (f"Prometheus answered impossible (negative or non-finite) values for "
+                                         f"{sel.describe()}: "
                                          f"{'; '.join(invalid[:5])}" + (f" and {len(invalid) - 5} more"
                                                                         if len(invalid) > 5 else ""))
         elif newest is not None and newest > s.staleness_threshold_s:
