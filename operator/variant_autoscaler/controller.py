@@ -222,6 +222,7 @@ class _Memory:
     live_models: dict[str, str] = field(default_factory=dict)  # variant key -> model, last cycle's live variants
     last_good: dict[str, tuple[float, ModelObservation]] = field(default_factory=dict)  # model -> last metrics
     carry_since: dict[str, float] = field(default_factory=dict)  # model -> when one of its variants went away
+    status_failing: set[str] = field(default_factory=set)  # variant keys whose last status write failed
 
 
 def _rfc3339(t: float) -> str:
@@ -1057,9 +1058,20 @@ class Controller:
             try:
                 if await gw.patch_status(ref, body):
                     self.memory.last_status[key] = (now, material(body))
+                self.memory.status_failing.discard(key)
             except ApiCallFailed as err:
                 self.deps.exporter.count_error("StatusWriteFailed")
                 log.warning("status of %s not written: %s", key, err)
+                if key in self.memory.status_failing:
+                    return
+                # no Condition can say it while status writes fail: one Warning Event per episode does
+                try:
+                    await gw.emit_event(ref, "Warning", "StatusWriteFailed",
+                                        f"status not written: {err}; decisions and scaling go on, and the status "
+                                        "is written again every cycle until the API accepts it")
+                    self.memory.status_failing.add(key)
+                except ApiCallFailed as event_err:
+                    log.warning("event StatusWriteFailed for %s not posted: %s", key, event_err)
 
         async def event(ref, kind, reason, message, dedupe) -> None:
             try:
@@ -1072,6 +1084,7 @@ class Controller:
 
         await asyncio.gather(*(status(k, r, b) for k, (r, b) in statuses.items()),
                              *(event(*e) for e in events))
+        self.memory.status_failing &= set(statuses)
         gone = set(self.memory.last_status) - set(statuses)
         for key in gone:
             self.memory.last_status.pop(key, None)
