@@ -51,6 +51,15 @@ ROWS: dict[str, tuple[str, str, str]] = {
         "API answers 503 to every scale request for a while",
         "retries with backoff each cycle, keeps the current replicas, scales once the API answers",
         "Actuated False, reason ScaleFailed, message with the HTTP status; Warning Event ScaleFailed"),
+    "test_api_409_on_scale": (
+        "API answers 409 Conflict to scale writes (someone else changed the Deployment)",
+        "re-reads the Scale and repeats the write against the fresh resourceVersion, never blindly",
+        "Actuated True, message saying how many conflicts were resolved"),
+    "test_api_5xx_on_status_writes_for_a_while": (
+        "API answers 503 to every VariantAutoscaling status write for a while",
+        "keeps deciding and scaling; retries the status every cycle",
+        "Warning Event StatusWriteFailed (once) with the HTTP status; cycle_errors_total{reason=StatusWriteFailed} "
+        "on /metrics; the status catches up once the API answers"),
     "test_prometheus_answering_empty_vectors": (
         "Prometheus answering empty vectors",
         "treats the model as without series and holds its replicas",
@@ -59,6 +68,10 @@ ROWS: dict[str, tuple[str, str, str]] = {
         "Prometheus answering garbage JSON",
         "gives the cycle's metrics up and holds replicas",
         "MetricsAvailable False, reason PrometheusError, message saying the answer could not be read"),
+    "test_prometheus_answering_nan": (
+        "Prometheus answering NaN for every sample",
+        "treats the readings as wrong data (not zero demand, not missing series) and holds replicas",
+        "MetricsAvailable False, reason MetricsInvalid, message quoting the non-finite values and the pods"),
     "test_watch_stream_dropped": (
         "watch streams cut, reconnects answered 503",
         "kopf reconnects with backoff; the loop keeps running on its interval",
@@ -199,12 +212,21 @@ def test_prometheus_slower_than_the_query_timeout(stack):
     stack.recover("test_prometheus_slower_than_the_query_timeout")
 
 
-def test_api_5xx_on_scale_for_a_while(stack):
-    rule = stack.api_proxy.add(FaultRule(method="PUT", path=r"/deployments/fm-l4/scale$", status=503, times=10**6))
+def _set_min(stack: Stack, replicas: int) -> None:
     body = stack.kube.variant("fm-l4")
-    body["spec"]["minReplicas"] = 2
+    body["spec"]["minReplicas"] = replicas
     stack.kube.custom.replace_namespaced_custom_object("autoscaling.variant-autoscaler.io", "v1alpha1", stack.kube.ns,
                                                        "variantautoscalings", "fm-l4", body)
+
+
+def _metrics(stack: Stack) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{stack.port}/metrics", timeout=5) as resp:
+        return resp.read().decode()
+
+
+def test_api_5xx_on_scale_for_a_while(stack):
+    rule = stack.api_proxy.add(FaultRule(method="PUT", path=r"/deployments/fm-l4/scale$", status=503, times=10**6))
+    _set_min(stack, 2)
     cond = stack.wait(lambda: (c := stack.condition("Actuated")).get("reason") == "ScaleFailed" and c,
                       what="Actuated ScaleFailed while the API refuses scale writes")
     assert cond["status"] == "False" and "503" in cond["message"], cond
@@ -214,10 +236,50 @@ def test_api_5xx_on_scale_for_a_while(stack):
     _until_cleared(rule)
     stack.recover("test_api_5xx_on_scale_for_a_while")
     assert stack.kube.replicas("fm-l4") == 2
-    body = stack.kube.variant("fm-l4")
-    body["spec"]["minReplicas"] = 1
-    stack.kube.custom.replace_namespaced_custom_object("autoscaling.variant-autoscaler.io", "v1alpha1", stack.kube.ns,
-                                                       "variantautoscalings", "fm-l4", body)
+    _set_min(stack, 1)
+
+
+def test_api_409_on_scale(stack):
+    """Someone else writes the Deployment between the operator's read and write of the Scale: two 409s in a row.
+    The operator re-reads and repeats the write against the fresh resourceVersion (never a blind write) and
+    says how many conflicts it resolved."""
+    now = stack.kube.replicas("fm-l4")
+    want = now + 1  # relative: the rows before may have left 1 or 2 replicas (scale-down takes its cycles)
+    rule = stack.api_proxy.add(FaultRule(method="PUT", path=r"/deployments/fm-l4/scale$", status=409, times=2))
+    _set_min(stack, want)
+    cond = stack.wait(lambda: stack.kube.replicas("fm-l4") == want and "conflict" in
+                      (c := stack.condition("Actuated")).get("message", "") and c,
+                      what="the scale applied after the conflicts")
+    assert rule.hits == 2 and cond["status"] == "True" and "2 conflict(s) resolved" in cond["message"], cond
+    puts = [r for r in stack.api_proxy.log if r.method == "PUT" and r.path.endswith("/deployments/fm-l4/scale")]
+    assert [r.status for r in puts[-3:]] == [409, 409, 200], [r.status for r in puts[-3:]]
+    stack.recover("test_api_409_on_scale")
+    assert stack.kube.replicas("fm-l4") == want
+    _set_min(stack, 1)
+
+
+def test_api_5xx_on_status_writes_for_a_while(stack):
+    """The status subresource answers 503: the loop still decides and scales; since no Condition can be written,
+    a Warning Event says so (once), /metrics counts the failed writes, and the status catches up afterwards."""
+    ns = stack.kube.ns
+    rule = stack.api_proxy.add(FaultRule(method="PATCH", path=rf"/namespaces/{ns}/variantautoscalings/fm-l4/status$",
+                                         status=503, times=10**6))
+    want = stack.kube.replicas("fm-l4") + 1
+    _set_min(stack, want)
+    generation = stack.kube.variant("fm-l4")["metadata"]["generation"]
+    [event] = stack.wait(lambda: stack.kube.events("StatusWriteFailed", "fm-l4"), what="a StatusWriteFailed Event")
+    assert event.type == "Warning" and "503" in event.message, event.message
+    stack.wait(lambda: stack.kube.replicas("fm-l4") == want, what="the scale applied while status writes fail")
+    assert (stack.kube.variant("fm-l4").get("status") or {}).get("observedGeneration") != generation
+    assert 'variant_autoscaler_cycle_errors_total{reason="StatusWriteFailed"}' in _metrics(stack)
+    hits = rule.hits
+    stack.wait(lambda: rule.hits >= hits + 3, what="several cycles of failed status writes")
+    assert len(stack.kube.events("StatusWriteFailed", "fm-l4")) == 1, "one Event per episode, not one per cycle"
+    _until_cleared(rule)
+    stack.wait(lambda: (stack.kube.variant("fm-l4").get("status") or {}).get("observedGeneration") == generation,
+               what="the status caught up")
+    stack.recover("test_api_5xx_on_status_writes_for_a_while")
+    _set_min(stack, 1)
 
 
 def _rewrite_samples(value: str | None):
@@ -267,16 +329,10 @@ def test_prometheus_answering_garbage_json(stack):
                            "PrometheusError", "Prometheus")
 
 
-def _set_min(stack: Stack, replicas: int) -> None:
-    body = stack.kube.variant("fm-l4")
-    body["spec"]["minReplicas"] = replicas
-    stack.kube.custom.replace_namespaced_custom_object("autoscaling.variant-autoscaler.io", "v1alpha1", stack.kube.ns,
-                                                       "variantautoscalings", "fm-l4", body)
-
-
-def _metrics(stack: Stack) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{stack.port}/metrics", timeout=5) as resp:
-        return resp.read().decode()
+def test_prometheus_answering_nan(stack):
+    _prometheus_answer_row("test_prometheus_answering_nan",
+                           FaultRule(path=r"^/api/v1/", status=None, transform=_rewrite_samples("NaN"), times=10**6),
+                           "MetricsInvalid", "non-finite")
 
 
 def test_watch_stream_dropped(stack):
