@@ -127,6 +127,13 @@ def _scenario(kube, options, gateway, metrics_url, l4_key, kube_namespace, load,
                                                  ("variant_name", "chat-l4")))] >= 3
         assert 2.0 < metrics[("variant_autoscaler_model_arrival_rate_rps", (("model", MODEL),))] < 8.0
         assert metrics[("variant_autoscaler_active", ())] == 1.0
+        pool = {stage: metrics.get(("variant_autoscaler_pool_saturation", (("inference_pool", MODEL),
+                                                                           ("namespace", kube_namespace),
+                                                                           ("stage", stage))))
+                for stage in ("prefill", "decode", "effective")}
+        # Only the L4 variant has ready replicas: the pool's saturation is its normalized load, every stage.
+        l4_load = metrics[("variant_autoscaler_variant_normalized_load", l4_key)]
+        assert pool == {stage: pytest.approx(l4_load) for stage in pool} and l4_load > 0
         t4_cap = metrics.get(("variant_autoscaler_capacity_per_replica_rps",
                               (("accelerator", "T4"), ("model", MODEL), ("namespace", kube_namespace),
                                ("role", "both"), ("variant", "chat-t4"))))

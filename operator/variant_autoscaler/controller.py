@@ -90,6 +90,7 @@ from variant_autoscaler.resources import (
     profile_from_document,
     wva_slo_class,
 )
+from variant_autoscaler.saturation import StageLoad, pool_saturation
 from variant_autoscaler.settings import (
     GPU_PRODUCT_LABEL,
     OperatorSettings,
@@ -1131,6 +1132,11 @@ class Controller:
                 if var in live and w > 0:
                     routing.append(RoutingWeight(model=m, bucket=b, namespace=live[var].parsed.ref.namespace,
                                                  variant=live[var].parsed.ref.name, weight=min(1.0, w)))
+        pools = pool_saturation(
+            StageLoad(namespace=v.parsed.ref.namespace, pool=v.parsed.inference_pool or v.parsed.model_id,
+                      model=v.parsed.model_id, role=v.parsed.role_name, used_replicas=load[k]["used"],
+                      ready_replicas=v.view.ready_replicas, fresh=model_ok.get(v.parsed.model_id, (False, ""))[0])
+            for k, v in live.items() if k in load)
         accelerators = []
         if problem is not None:
             for a in problem.accelerators:
@@ -1138,7 +1144,8 @@ class Controller:
                              if live[s.name].accelerator == a.name)
                 accelerators.append(AcceleratorUse(accelerator=a.name, in_use=in_use, available=a.available))
         baseline = homogeneous_baseline(problem, capacity) if problem is not None and decision is not None else None
-        return DecisionSnapshot(variants=variants, models=models, routing=routing, accelerators=accelerators,
+        return DecisionSnapshot(variants=variants, models=models, routing=routing, pools=pools,
+                                accelerators=accelerators,
                                 cost_per_hour=decision.cost_per_hour if decision else None,
                                 homogeneous_cost_per_hour=baseline[0] if baseline else None,
                                 homogeneous_accelerator=baseline[1] if baseline else None)

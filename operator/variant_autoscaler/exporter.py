@@ -29,6 +29,9 @@ Metric names (all gauges unless noted; label sets in brackets):
   replicas (all variants together).
 - `variant_autoscaler_model_arrival_rate_rps` [model]: observed requests/s.
 - `variant_autoscaler_unmet_demand_rps` [model]: demand the decided allocation cannot serve at SLO.
+- `variant_autoscaler_pool_saturation` [namespace, inference_pool, stage (prefill|decode|effective)]: the
+  llm-d router flow-control contract (`variant_autoscaler.saturation`): routed demand / SLO capacity of
+  the pool's ready replicas; >= 1.0 means stop dispatching; 1.0 when the pool's metrics are stale.
 - `variant_autoscaler_routing_weight` [model, bucket, namespace, variant]: share of the model's
   requests of one length bucket to send to a variant. `bucket` names a fixed cell by its histogram
   edges (`in200-500xout20-50`, see histogram_estimates), so a series keeps its key across cycles.
@@ -64,6 +67,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from pydantic import BaseModel, ConfigDict, Field
 
+from variant_autoscaler.saturation import PoolSaturation
+
 PREFIX = "variant_autoscaler_"
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 VARIANT_LABELS = ("namespace", "variant", "model", "accelerator", "role")
@@ -82,6 +87,7 @@ METRIC_NAMES: tuple[str, ...] = (
     f"{PREFIX}model_normalized_load",
     f"{PREFIX}model_arrival_rate_rps",
     f"{PREFIX}unmet_demand_rps",
+    f"{PREFIX}pool_saturation",
     f"{PREFIX}routing_weight",
     f"{PREFIX}inventory_in_use",
     f"{PREFIX}inventory_available",
@@ -156,6 +162,7 @@ class DecisionSnapshot(_Frozen):
     variants: list[VariantReading] = Field(default_factory=list)
     models: list[ModelReading] = Field(default_factory=list)
     routing: list[RoutingWeight] = Field(default_factory=list)
+    pools: list[PoolSaturation] = Field(default_factory=list)
     accelerators: list[AcceleratorUse] = Field(default_factory=list)
     cost_per_hour: float | None = Field(default=None, ge=0)
     homogeneous_cost_per_hour: float | None = Field(
@@ -239,6 +246,12 @@ class _SnapshotCollector:
         for r in snap.routing:
             routing.add_metric([r.model, r.bucket, r.namespace, r.variant], r.weight)
 
+        saturation = family(f"{PREFIX}pool_saturation",
+                            "Routed demand / SLO capacity of the pool's ready replicas, per stage (llm-d router "
+                            "flow control: >= 1 stop dispatching; 1 when stale).", ["namespace", "inference_pool", "stage"])
+        for s in snap.pools:
+            saturation.add_metric([s.namespace, s.pool, s.stage], s.saturation)
+
         in_use = family(f"{PREFIX}inventory_in_use", "Accelerators the decision occupies.", ["accelerator"])
         have = family(f"{PREFIX}inventory_available", "Accelerators the cluster has (absent = unlimited).",
                       ["accelerator"])
@@ -262,7 +275,7 @@ class _SnapshotCollector:
         act = GaugeMetricFamily(f"{PREFIX}active", "1 on the operator replica that runs the control loop.")
         act.add_metric([], 1.0 if active else 0.0)
         yield from (desired, optimal, current, ready, vload, cap, avail, mload, rate, unmet, target, observed,
-                    routing, in_use, have, cost, baseline, last, act, wdes, wcur, wratio)
+                    routing, saturation, in_use, have, cost, baseline, last, act, wdes, wcur, wratio)
 
 
 class Exporter:

@@ -31,6 +31,7 @@ from variant_autoscaler.settings import SloSettings
 
 _PROFILE = TypeAdapter(PerformanceProfile)
 PAUSED_ANNOTATION = "autoscaling.variant-autoscaler.io/paused"  # "true": never scale this target (as KEDA's paused)
+INFERENCE_POOL_ANNOTATION = "autoscaling.variant-autoscaler.io/inference-pool"  # the pool's saturation label
 ACCELERATOR_LABEL = "inference.optimization/acceleratorName"  # llm-d WVA's label naming a variant's accelerator
 _CAMEL = re.compile(r"(?<!^)(?=[A-Z])")
 
@@ -60,6 +61,9 @@ class ParsedVariant(BaseModel):
     target: TargetRef
     paused: bool = Field(default=False, description=f"metadata.annotations[{PAUSED_ANNOTATION!r}] is true.")
     target_defaulted: bool = Field(default=False, description="spec.scaleTargetRef unset: the Deployment of the VA's name.")
+    inference_pool: str | None = Field(
+        default=None, description=f"metadata.annotations[{INFERENCE_POOL_ANNOTATION!r}]: the request scheduler's "
+                                  "InferencePool serving this variant (None: one pool per model and namespace).")
     model_id: str
     variant_id: str | None = None
     accelerator: str | None = Field(description="None: decided from the target or the settings.")
@@ -263,11 +267,17 @@ def parse_variant(obj: dict) -> ParsedVariant:
         raise InvalidResource("spec.priority", f"must be a number from {lim.MIN_PRIORITY:g} to {lim.MAX_PRIORITY:g}, "
                                                f"got {priority!r}")
 
+    pool = str((meta.get("annotations") or {}).get(INFERENCE_POOL_ANNOTATION) or "").strip() or None
+    if pool is not None and len(pool) > 253:
+        raise InvalidResource(f"metadata.annotations[{INFERENCE_POOL_ANNOTATION}]",
+                              f"an InferencePool name has at most 253 characters, got {len(pool)}")
+
     return ParsedVariant(
         ref=ref, generation=int(meta.get("generation") or 0), created=str(meta.get("creationTimestamp") or ""),
         target=TargetRef(namespace=ref.namespace, name=target["name"], kind=target.get("kind") or "Deployment",
                          api_version=target.get("apiVersion") or "apps/v1"), target_defaulted=target_defaulted,
         paused=str((meta.get("annotations") or {}).get(PAUSED_ANNOTATION, "")).lower() == "true",
+        inference_pool=pool,
         model_id=model_id, variant_id=spec.get("variantID"), accelerator=accelerator, accelerator_count=count,
         role=role, max_batch=max_batch, min_replicas=min_r, max_replicas=max_r, variant_cost=cost,
         priority=float(priority) if priority is not None else None, slo=slo, slo_class_ref=slo_class_ref,
