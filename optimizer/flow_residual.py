@@ -79,13 +79,16 @@ def _bridges(layout: ArcLayout, label: np.ndarray, link: np.ndarray, asked: np.n
 
 
 def gain_upper_bounds(layout: ArcLayout, capacity: np.ndarray, flow: np.ndarray, forward: np.ndarray,
-                      backward: np.ndarray, source_side: np.ndarray, sink_side: np.ndarray,
-                      candidates: np.ndarray, source: int, sink: int) -> np.ndarray:
+                      backward: np.ndarray, source_ends: tuple[np.ndarray, np.ndarray],
+                      sink_ends: tuple[np.ndarray, np.ndarray], candidates: np.ndarray,
+                      source: int, sink: int) -> np.ndarray:
     """For each candidate edge u->v (u on the source side, v on the sink side): an upper bound on
     the max-flow gain if it were unlimited, ``inf`` where the residual around it is unlimited.
 
-    All extra flow would cross the edge, arriving at u over residual arcs from the source side and
-    leaving v over residual arcs into the sink side, so it is at most either sum.
+    ``source_ends`` / ``sink_ends``: per edge, whether its tail and its head are on the source
+    side / the sink side (the caller has them from the cuts). All extra flow would cross the edge,
+    arriving at u over residual arcs from the source side and leaving v over residual arcs into
+    the sink side, so it is at most either sum.
     """
     n = layout.n_nodes
     tail, head = layout.tail, layout.head
@@ -95,13 +98,14 @@ def gain_upper_bounds(layout: ArcLayout, capacity: np.ndarray, flow: np.ndarray,
     # residual arcs x -> y: forward (tail -> head, spare) and backward (head -> tail, flow)
     into = np.full(n, np.inf)
     if np.any(u != source):
-        into = np.bincount(head, weights=np.where(source_side[tail], spare, 0.0), minlength=n)
-        into += np.bincount(tail, weights=np.where(source_side[head], back, 0.0), minlength=n)
+        tail_in, head_in = source_ends
+        into = np.bincount(head, weights=np.where(tail_in, spare, 0.0), minlength=n)
+        into += np.bincount(tail, weights=np.where(head_in, back, 0.0), minlength=n)
         into[source] = np.inf
     out = np.full(n, np.inf)
     if np.any(v != sink):
-        out = np.bincount(tail, weights=np.where(sink_side[head], spare, 0.0), minlength=n)
-        out += np.bincount(head, weights=np.where(sink_side[tail], back, 0.0), minlength=n)
+        tail_in, head_in = sink_ends
+        out = np.bincount(tail, weights=np.where(head_in, spare, 0.0), minlength=n)
+        out += np.bincount(head, weights=np.where(tail_in, back, 0.0), minlength=n)
         out[sink] = np.inf
     return np.minimum(into[u], out[v])
-

@@ -452,7 +452,7 @@ def analyze(graph: FlowGraph) -> FlowAnalysis:
     cut_stages = np.unique(c.stage_code[np.concatenate([source_cut, sink_cut])])
     bottleneck: Bottleneck = _STAGES[cut_stages[0]] if len(cut_stages) == 1 else "mixed"
     candidates = np.flatnonzero(c.on_path & tail_s & head_t)
-    options, n_options = _scale_options(c, result, sink_side, candidates)
+    options, n_options = _scale_options(c, result, (tail_s, head_s), (tail_t, head_t), candidates)
     analysis = FlowAnalysis(
         source=graph.source, sink=graph.sink, layout=c.layout_kind, max_flow=result.value,
         max_flow_gap=result.gap, min_cut_capacity=float(np.sum(c.capacity[source_cut])),
@@ -507,9 +507,12 @@ def _stages(graph: FlowGraph, ends) -> tuple[list[Stage], list[float | None], La
     return stages, positions, "prefill-decode" if pd else "generic"
 
 
-def _scale_options(c: CompiledGraph, result: MaxFlow, sink_side: np.ndarray,
+def _scale_options(c: CompiledGraph, result: MaxFlow, source_ends: tuple[np.ndarray, np.ndarray],
+                   sink_ends: tuple[np.ndarray, np.ndarray],
                    candidates: np.ndarray) -> tuple[list[ScaleOption], int]:
     """Edges on every minimum cut (tail reached from the source, head reaching the sink), best first.
+
+    ``source_ends`` / ``sink_ends``: per edge, tail and head on the source / sink side.
 
     Unlimited, such an edge lets more flow through until another resource limits it. The gain is
     unbounded when the source reaches its tail, and its head the sink, over unlimited edges alone;
@@ -527,7 +530,7 @@ def _scale_options(c: CompiledGraph, result: MaxFlow, sink_side: np.ndarray,
     else:
         unbounded = (lay.tail[candidates] == c.source) & (lay.head[candidates] == c.sink)
     bound = gain_upper_bounds(lay, c.capacity, result.flow, result.forward, result.backward,
-                              result.source_side, sink_side, candidates, c.source, c.sink)
+                              source_ends, sink_ends, candidates, c.source, c.sink)
     probes = PROBE_EDGE_BUDGET // len(c.ends)
     order = np.argsort(-bound, kind="stable")  # candidate positions, highest bound first
     free = unbounded[order]
