@@ -18,7 +18,14 @@ zero. Each cycle this planner moves every variant one step, under these rules, i
    scale-down window, so one quiet minute does not undo the capacity a busy one needed. A variant
    seen for the first time counts its current replicas as a recommendation, so an operator restart
    does not skip the scale-down window.
-4. Max change per cycle, both ways.
+   A variant's own `scale_up` / `scale_down` rules (the HPA's spec.behavior) replace the global
+   windows for it.
+4. Rate policies (per variant, the HPA's spec.behavior policies): over each policy's period, a
+   `Pods` policy allows `value` replicas of change and a `Percent` policy `value` % of the replicas
+   the variant had when the period began (scale-up rounds up, scale-down down, as the HPA);
+   `select_policy` Max takes the policy allowing the largest change, Min the smallest, Disabled
+   forbids that direction. The changes this planner wrote are remembered for the longest period.
+   Then max change per cycle, both ways.
 5. Inventory. Scale-ups are granted only from accelerators that no pod holds: occupied is
    max(replicas asked for, pods that exist), so pending pods and pods still terminating count.
    Variants below their minimum are served first, then the others in the order given.
@@ -45,12 +52,51 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Limit = Literal[
     "metrics_unavailable", "metrics_recovering", "stabilization", "max_change", "min_replicas", "max_replicas", "inventory",
-    "waiting_for_ready", "rolling_swap", "demand_unserved", "demand_carried",
+    "waiting_for_ready", "rolling_swap", "demand_unserved", "demand_carried", "rate_policy",
 ]
+MAX_STABILIZATION_WINDOW_S = 3600  # the HPA's bounds: stabilizationWindowSeconds <= 3600
+MAX_POLICY_PERIOD_S = 1800  # periodSeconds in (0, 1800]
 
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ScalingPolicy(_Frozen):
+    """One HPA rate policy: at most `value` replicas (Pods) or `value` % (Percent) per `period_s`."""
+
+    type: Literal["Pods", "Percent"]
+    value: int = Field(gt=0)
+    period_s: float = Field(gt=0, le=MAX_POLICY_PERIOD_S)
+
+
+class ScalingRules(_Frozen):
+    """One direction of the HPA's spec.behavior; None fields fall back to the global policy."""
+
+    stabilization_window_s: float | None = Field(default=None, ge=0, le=MAX_STABILIZATION_WINDOW_S)
+    select_policy: Literal["Max", "Min", "Disabled"] = "Max"
+    policies: tuple[ScalingPolicy, ...] = ()
+
+    def limit(self, current: int, changes: tuple[tuple[float, int], ...], now_s: float, up: bool) -> int | None:
+        """The furthest replicas this direction allows now (None: no policy), as the HPA computes it:
+        each policy from the replicas at the start of its period (current minus this direction's
+        changes within it)."""
+        if self.select_policy == "Disabled":
+            return current
+        bounds = []
+        for pol in self.policies:
+            moved = sum(d for t, d in changes if t > now_s - pol.period_s and (d > 0) == up)
+            start = current - moved
+            if pol.type == "Pods":
+                bounds.append(start + pol.value if up else start - pol.value)
+            else:
+                bounds.append(math.ceil(start * (1 + pol.value / 100)) if up
+                              else math.floor(start * (1 - pol.value / 100)))
+        if not bounds:
+            return None
+        widest = max if up else min
+        pick = widest if self.select_policy == "Max" else (min if up else max)
+        return max(0, pick(bounds))
 
 
 class VariantState(_Frozen):
@@ -71,6 +117,8 @@ class VariantState(_Frozen):
                                                             "model's last measured demand: held, yet may scale up.")
     demand_unserved: bool = Field(default=False, description="The allocation leaves part of this variant's model's "
                                                              "demand unserved: its ready replicas are not drained.")
+    scale_up: ScalingRules | None = Field(default=None, description="Per-variant behavior.scaleUp (HPA semantics).")
+    scale_down: ScalingRules | None = Field(default=None, description="Per-variant behavior.scaleDown.")
 
     @model_validator(mode="after")
     def _bounds(self) -> VariantState:
@@ -109,6 +157,9 @@ class StabilizationHistory(_Frozen):
     metrics_back_since: dict[str, float | None] = Field(
         default_factory=dict, description="Variants in or just after a metrics gap: None while held, else when "
                                           "metrics returned; dropped once a full fresh-data window has passed.")
+    changes: dict[str, tuple[tuple[float, int], ...]] = Field(
+        default_factory=dict, description="(time s, replicas written minus current) within the longest rate-policy "
+                                          "period, for variants with rate policies.")
 
 
 class TransitionStep(_Frozen):
@@ -156,7 +207,11 @@ def plan_transition(
     names = [v.name for v in variants]
     if len(set(names)) != len(names):
         raise ValueError(f"variant names must be unique, got duplicates {sorted({n for n in names if names.count(n) > 1})}")
-    keep_s = max(policy.scale_up_window_s, policy.scale_down_window_s)
+    def window(rules: ScalingRules | None, default: float) -> float:
+        return default if rules is None or rules.stabilization_window_s is None else rules.stabilization_window_s
+
+    up_window = {v.name: window(v.scale_up, policy.scale_up_window_s) for v in variants}
+    down_window = {v.name: window(v.scale_down, policy.scale_down_window_s) for v in variants}
     new_history: dict[str, tuple[tuple[float, int], ...]] = {}
     first_seen: dict[str, tuple[float, int]] = {}
     back_since: dict[str, float | None] = {}
@@ -167,6 +222,7 @@ def plan_transition(
         lim = limits[v.name]
         seed = history.first_seen.get(v.name, (now_s, v.current_replicas))
         first_seen[v.name] = seed
+        keep_s = max(up_window[v.name], down_window[v.name])
         past = tuple(r for r in history.recommendations.get(v.name, ()) if r[0] >= now_s - keep_s)
         rec = v.clamp(v.desired_replicas)
         if rec != v.desired_replicas:
@@ -190,9 +246,9 @@ def plan_transition(
                 recovering = True
         seen = past + ((now_s, rec),)
         new_history[v.name] = seen
-        up_rec = min(r for t, r in seen if t >= now_s - policy.scale_up_window_s)
-        down_candidates = [r for t, r in seen if t >= now_s - policy.scale_down_window_s]
-        if seed[0] > now_s - policy.scale_down_window_s:
+        up_rec = min(r for t, r in seen if t >= now_s - up_window[v.name])
+        down_candidates = [r for t, r in seen if t >= now_s - down_window[v.name]]
+        if seed[0] > now_s - down_window[v.name]:
             down_candidates.append(seed[1])
         down_rec = max(down_candidates)
         if recovering and down_rec < v.current_replicas:
@@ -206,6 +262,12 @@ def plan_transition(
             target = v.current_replicas
         if target != rec:
             lim.append("stabilization")
+        rules = v.scale_up if target > v.current_replicas else v.scale_down if target < v.current_replicas else None
+        bound = rules.limit(v.current_replicas, history.changes.get(v.name, ()), now_s, target > v.current_replicas) \
+            if rules is not None else None
+        if bound is not None and (target > bound if target > v.current_replicas else target < bound):
+            target = bound
+            lim.append("rate_policy")
         if policy.max_change_per_cycle is not None:
             step = policy.max_change_per_cycle
             limited = min(max(target, v.current_replicas - step), v.current_replicas + step)
@@ -219,8 +281,13 @@ def plan_transition(
     _drain_only_with_replacement(variants, targets, limits)
 
     steps = []
+    changes: dict[str, tuple[tuple[float, int], ...]] = {}
     for v in variants:
         t = v.clamp(targets[v.name])
+        periods = [p.period_s for r in (v.scale_up, v.scale_down) if r is not None for p in r.policies]
+        if periods:
+            kept = tuple(c for c in history.changes.get(v.name, ()) if c[0] > now_s - max(periods))
+            changes[v.name] = kept + (((now_s, t - v.current_replicas),) if t != v.current_replicas else ())
         steps.append(TransitionStep(
             name=v.name, current_replicas=v.current_replicas, ready_replicas=v.ready_replicas,
             desired_replicas=v.desired_replicas, stabilized_replicas=stabilized[v.name], target_replicas=t,
@@ -228,7 +295,7 @@ def plan_transition(
         ))
     return TransitionPlan(steps=tuple(steps),
                           history=StabilizationHistory(recommendations=new_history, first_seen=first_seen,
-                                                       metrics_back_since=back_since))
+                                                       metrics_back_since=back_since, changes=changes))
 
 
 def _grant_scale_ups(variants, inventory, stabilized, limits) -> dict[str, int]:
@@ -306,6 +373,7 @@ _WHY = {
     "metrics_recovering": "metrics just returned after a gap: no scale-down until a full rate window of fresh data",
     "stabilization": "held by the stabilization window",
     "max_change": "limited by the max change per cycle",
+    "rate_policy": "limited by the variant's behavior rate policy",
     "min_replicas": "raised to minReplicas",
     "max_replicas": "capped at maxReplicas",
     "inventory": "limited by free accelerators",

@@ -699,6 +699,44 @@ def test_a_paused_variant_in_metrics_mode_says_paused_and_publishes_its_current_
     assert kube.replicas("mpause-l4") == 1 and kube.variant("mfree-l4")["status"]["desiredReplicas"] >= 2
 
 
+def test_behavior_paces_a_variant_with_hpa_rate_policies_and_windows(kube, kube_api):
+    """spec.behavior as the HPA's: scaleUp at most 1 Pod per 600 s (so 1 -> 2, then held within the
+    period, Actuated says RatePolicy), scaleDown with a 0 s window although the settings say 300 s
+    (so it drops at once). The CRD server rejects out-of-bounds values with its own error."""
+    from kubernetes.client.exceptions import ApiException
+
+    kube.deploy("beh-l4", 1)
+    body = variant("beh-l4", "beh-l4", profile=L4_PROFILE)
+    body["spec"]["behavior"] = {"scaleUp": {"policies": [{"type": "Pods", "value": 1, "periodSeconds": 600}]},
+                                "scaleDown": {"stabilizationWindowSeconds": 0}}
+    stored = kube.apply_variant(body)["spec"]["behavior"]
+    assert stored["scaleUp"]["selectPolicy"] == "Max", "the schema defaults selectPolicy as the HPA does"
+    demand = Demand({MODEL: 6.0})
+    ctrl = make_controller(kube_api, kube.ns, settings_dict(scale_down_window_s=300), collect=demand.collect)
+    first = cycle(ctrl)
+    assert first.variants[f"{kube.ns}/beh-l4"].desired_replicas >= 3
+    assert kube.replicas("beh-l4") == 2
+    assert "rate policy" in kube.condition("beh-l4", "Actuated")["message"]
+    kube.wait_ready("beh-l4", 2)
+    cycle(ctrl)
+    cond = kube.condition("beh-l4", "Actuated")
+    assert kube.replicas("beh-l4") == 2 and cond["reason"] == "RatePolicy", cond
+    demand.set(MODEL, 0.3)
+    cycle(ctrl)
+    assert kube.replicas("beh-l4") == 1, "scaleDown.stabilizationWindowSeconds 0 overrides the 300 s setting"
+    for bad, words in (({"scaleUp": {"policies": [{"type": "Pods", "value": 0, "periodSeconds": 60}]}},
+                        "should be greater than or equal to 1"),
+                       ({"scaleDown": {"stabilizationWindowSeconds": 3601}}, "should be less than or equal to 3600"),
+                       ({"scaleUp": {"policies": [{"type": "Pods", "value": 1, "periodSeconds": 1801}]}},
+                        "should be less than or equal to 1800"),
+                       ({"scaleUp": {"selectPolicy": "Fastest"}}, "supported values")):
+        broken = variant("beh-bad", "beh-l4", profile=L4_PROFILE)
+        broken["spec"]["behavior"] = bad
+        with pytest.raises(ApiException) as info:
+            kube.apply_variant(broken)
+        assert info.value.status == 422 and words in info.value.body, info.value.body
+
+
 def test_an_unchanged_status_is_not_patched_again(kube, kube_api, emulated_cluster):
     """A second cycle that decides the same thing sends no status PATCH (read from the API's request log);
     a changed decision does."""

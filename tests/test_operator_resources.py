@@ -64,6 +64,11 @@ def test_inline_profiles_in_crd_and_optimizer_forms_agree():
     ({"role": "router"}, "spec.role"),
     ({"profile": {"parametric": {"decodeBaseSeconds": -1, "prefillPerTokenSeconds": 1}}}, "spec.profile"),
     ({"slo": {"ttftSeconds": 0, "itlSeconds": 0.1}}, "spec.slo.ttft_s"),
+    ({"behavior": {"scaleUp": {"policies": [{"type": "Pods", "value": 1, "periodSeconds": 0}]}}},
+     "spec.behavior.scaleUp.policies[0].periodSeconds"),
+    ({"behavior": {"scaleDown": {"stabilizationWindowSeconds": -1}}}, "spec.behavior.scaleDown.stabilizationWindowSeconds"),
+    ({"behavior": {"scaleDown": {"window": 5}}}, "spec.behavior.scaleDown.window"),
+    ({"behavior": [1]}, "spec.behavior"),
 ])
 def test_invalid_specs_name_the_field(spec, field):
     with pytest.raises(InvalidResource) as info:

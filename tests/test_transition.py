@@ -7,6 +7,8 @@ import random
 import pytest
 
 from optimizer.transition import (
+    ScalingPolicy,
+    ScalingRules,
     StabilizationHistory,
     TransitionPolicy,
     VariantState,
@@ -142,6 +144,43 @@ def test_max_change_per_cycle_limits_both_directions():
     assert p.step("up").target_replicas == 3
     assert p.step("down").target_replicas == 7
     assert "max_change" in p.step("up").limited_by
+
+
+def test_per_variant_behavior_windows_replace_the_global_ones():
+    """behavior.scaleDown.stabilizationWindowSeconds 0 on one variant: it scales down at once while
+    its neighbour waits for the global 300 s window."""
+    policy = TransitionPolicy(scale_up_window_s=0, scale_down_window_s=300)
+    fast = ScalingRules(stabilization_window_s=0)
+    h = plan([state("a", group="a", cur=5, desired=5, scale_down=fast), state("b", group="b", cur=5, desired=5)],
+             policy=policy, now=1000).history
+    p = plan([state("a", group="a", cur=5, desired=2, scale_down=fast), state("b", group="b", cur=5, desired=2)],
+             policy=policy, history=h, now=1010)
+    assert p.step("a").target_replicas == 2 and p.step("b").target_replicas == 5
+
+
+def test_rate_policies_follow_the_hpa_arithmetic():
+    """Pods 2 / 60 s or Percent 50 / 60 s, selectPolicy Max: from 4 replicas up to max(6, 6) = 6; within
+    the same period, the 2 already added count, so the next cycle may not go further; after the
+    period it may. Min takes the smaller, Disabled forbids the direction; scale-down Percent floors."""
+    rules = ScalingRules(policies=(ScalingPolicy(type="Pods", value=2, period_s=60),
+                                   ScalingPolicy(type="Percent", value=50, period_s=60)))
+    p = plan([state("a", cur=4, desired=20, scale_up=rules)], now=0)
+    assert p.step("a").target_replicas == 6 and "rate_policy" in p.step("a").limited_by
+    p = plan([state("a", cur=6, desired=20, scale_up=rules)], history=p.history, now=30)
+    assert p.step("a").target_replicas == 6, "2 added at t=0 are within the 60 s period: start 4, limit 6"
+    p = plan([state("a", cur=6, desired=20, scale_up=rules)], history=p.history, now=61)
+    assert p.step("a").target_replicas == 9, "new period from 6: Pods 8, Percent 9, Max -> 9"
+    low = rules.model_copy(update={"select_policy": "Min"})
+    assert plan([state("a", cur=6, desired=20, scale_up=low)]).step("a").target_replicas == 8
+    off = ScalingRules(select_policy="Disabled")
+    assert plan([state("a", cur=6, desired=20, scale_up=off)]).step("a").target_replicas == 6
+    assert plan([state("a", cur=6, desired=1, scale_up=off)]).step("a").target_replicas == 1, "only scale-up is off"
+    down = ScalingRules(policies=(ScalingPolicy(type="Percent", value=30, period_s=60),))
+    assert plan([state("a", cur=5, desired=0, min_replicas=0, scale_down=down)]).step("a").target_replicas == 3
+    with pytest.raises(ValueError):
+        ScalingPolicy(type="Pods", value=0, period_s=60)
+    with pytest.raises(ValueError):
+        ScalingRules(stabilization_window_s=3601)
 
 
 def test_bounds_are_hard():

@@ -464,7 +464,7 @@ class Controller:
                 accelerators_per_replica=v.parsed.accelerator_count, current_replicas=cur,
                 ready_replicas=v.view.ready_replicas, pods=v.view.pod_count, desired_replicas=desired,
                 min_replicas=v.parsed.min_replicas, max_replicas=v.parsed.max_replicas, metrics_available=has_metrics,
-                demand_carried=carry,
+                demand_carried=carry, scale_up=v.parsed.scale_up, scale_down=v.parsed.scale_down,
                 demand_unserved=has_metrics and decision.unmet_demand_rps.get(v.parsed.model_id, 0.0) > 1e-6))
         for a in settings.accelerators:
             inventory.setdefault(a.name, a.available if a.available is not None else self._discovered.get(a.name))
@@ -1179,7 +1179,8 @@ def _holding_reason(step, desired: int | None) -> str:
     for limit, reason in (("metrics_unavailable", "HeldWithoutMetrics"), ("metrics_recovering", "MetricsRecovering"),
                           ("demand_unserved", "NoReplacement"), ("waiting_for_ready", "WaitingForReplacement"),
                           ("rolling_swap", "RollingSwap"), ("stabilization", "Stabilizing"),
-                          ("inventory", "InventoryExhausted"), ("max_change", "MaxChangePerCycle")):
+                          ("inventory", "InventoryExhausted"), ("max_change", "MaxChangePerCycle"),
+                          ("rate_policy", "RatePolicy")):
         if limit in step.limited_by:
             return reason
     return "AtDesired" if desired is None or step.target_replicas == desired else "Holding"

@@ -26,6 +26,7 @@ from optimizer import input_limits as lim
 from optimizer.fleet import Role
 from optimizer.problem import format_validation_error
 from optimizer.profile import ParametricProfile, PerformanceProfile, TabulatedProfile
+from optimizer.transition import ScalingRules
 from variant_autoscaler.actuator import ObjectRef, TargetRef
 from variant_autoscaler.settings import SloSettings
 
@@ -78,6 +79,8 @@ class ParsedVariant(BaseModel):
     slo_class_ref: ConfigMapKeyRef | None = None
     profile: PerformanceProfile | None = None
     profile_ref: ConfigMapKeyRef | None = None
+    scale_up: ScalingRules | None = Field(default=None, description="spec.behavior.scaleUp, HPA semantics.")
+    scale_down: ScalingRules | None = Field(default=None, description="spec.behavior.scaleDown.")
     status: dict = Field(default_factory=dict)
 
     @property
@@ -87,6 +90,35 @@ class ParsedVariant(BaseModel):
     @property
     def role_name(self) -> str:
         return {Role.PREFILL: "prefill", Role.DECODE: "decode", Role.BOTH: "both"}[self.role]
+
+
+_BEHAVIOR_FIELDS = {"stabilizationWindowSeconds": "stabilization_window_s", "selectPolicy": "select_policy",
+                    "policies": "policies"}
+_POLICY_FIELDS = {"type": "type", "value": "value", "periodSeconds": "period_s"}
+
+
+def scaling_rules(doc: object, where: str) -> ScalingRules | None:
+    """One direction of spec.behavior (the HPA's camelCase fields) as the planner's rules. The CRD
+    schema already bounds it; this repeats the checks for servers that skip validation."""
+    if doc is None:
+        return None
+    if not isinstance(doc, dict):
+        raise InvalidResource(where, f"expected a mapping, got {type(doc).__name__}")
+    unknown = sorted(set(doc) - set(_BEHAVIOR_FIELDS))
+    if unknown:
+        raise InvalidResource(f"{where}.{unknown[0]}", f"unknown field; known: {', '.join(_BEHAVIOR_FIELDS)}")
+    policies = doc.get("policies") or []
+    if not isinstance(policies, list) or not all(isinstance(p, dict) for p in policies):
+        raise InvalidResource(f"{where}.policies", "expected a list of {type, value, periodSeconds}")
+    body = {_BEHAVIOR_FIELDS[k]: v for k, v in doc.items() if k != "policies"}
+    body["policies"] = [{_POLICY_FIELDS.get(k, k): v for k, v in p.items()} for p in policies]
+    try:
+        return ScalingRules.model_validate(body)
+    except ValidationError as err:
+        field, reason = format_validation_error(err)[0]
+        back = {v: k for k, v in {**_BEHAVIOR_FIELDS, **_POLICY_FIELDS}.items()}
+        field = ".".join(back.get(part, part) for part in field.split("."))
+        raise InvalidResource(f"{where}.{field}", reason) from None
 
 
 def _snake(name: str) -> str:
@@ -271,6 +303,11 @@ def parse_variant(obj: dict) -> ParsedVariant:
     if pool is not None and len(pool) > 253:
         raise InvalidResource(f"metadata.annotations[{INFERENCE_POOL_ANNOTATION}]",
                               f"an InferencePool name has at most 253 characters, got {len(pool)}")
+    behavior = spec.get("behavior") or {}
+    if not isinstance(behavior, dict):
+        raise InvalidResource("spec.behavior", f"expected a mapping, got {type(behavior).__name__}")
+    scale_up = scaling_rules(behavior.get("scaleUp"), "spec.behavior.scaleUp")
+    scale_down = scaling_rules(behavior.get("scaleDown"), "spec.behavior.scaleDown")
 
     return ParsedVariant(
         ref=ref, generation=int(meta.get("generation") or 0), created=str(meta.get("creationTimestamp") or ""),
@@ -281,5 +318,6 @@ def parse_variant(obj: dict) -> ParsedVariant:
         model_id=model_id, variant_id=spec.get("variantID"), accelerator=accelerator, accelerator_count=count,
         role=role, max_batch=max_batch, min_replicas=min_r, max_replicas=max_r, variant_cost=cost,
         priority=float(priority) if priority is not None else None, slo=slo, slo_class_ref=slo_class_ref,
-        profile=profile, profile_ref=profile_ref, status=obj.get("status") or {},
+        profile=profile, profile_ref=profile_ref, scale_up=scale_up, scale_down=scale_down,
+        status=obj.get("status") or {},
     )
