@@ -226,6 +226,17 @@ class _Memory:
     status_failing: set[str] = field(default_factory=set)  # variant keys whose last status write failed
 
 
+def over_inventory(states: list[VariantState], inventory: dict[str, int | None]) -> dict[str, str]:
+    """Accelerators of which more are in use than the inventory says exist (it shrank, or a node went away):
+    a note for the Actuated condition, since holding what runs would otherwise read as an ordinary hold."""
+    used: dict[str, int] = {}
+    for st in states:
+        used[st.accelerator] = used.get(st.accelerator, 0) + st.current_replicas * st.accelerators_per_replica
+    return {a: (f"inventory: {n} {a} in use but {inventory[a]} available; nothing running is removed to fit, "
+                f"and scale-ups of {a} wait for free accelerators (minReplicas is still honoured)")
+            for a, n in used.items() if inventory.get(a) is not None and n > inventory[a]}
+
+
 def _rfc3339(t: float) -> str:
     return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -247,6 +258,7 @@ class Controller:
         self._discovered: dict[str, int] = {}
         self._model_owner: dict[str, str] = {}
         self._steps: dict = {}
+        self._over_inventory: dict[str, str] = {}  # accelerator -> why more of it runs than the inventory has
         self._settings_error: str | None = None
         self._phases: dict[str, float] = {}
         self._mark = 0.0
@@ -474,6 +486,7 @@ class Controller:
                                   fresh_data_window_s=settings.rate_window_s)
         plan = plan_transition(states, inventory, policy, memory.history, started)
         memory.history = plan.history
+        self._over_inventory = over_inventory(states, inventory)
         for st in states:
             if st.metrics_available:
                 memory.last_desired[st.name] = st.desired_replicas
@@ -999,7 +1012,9 @@ class Controller:
                                                              "(wva_desired_replicas)")
         elif key in actuation:
             ok, reason, msg = actuation[key]
-            conds["Actuated"] = ("True" if ok else "False", reason, msg)
+            conds["Actuated"] = ("True" if ok else "False", reason,
+                                 msg + (f"; {self._over_inventory[v.accelerator]}"
+                                        if v.accelerator in self._over_inventory else ""))
         else:
             conds["Actuated"] = ("False", "NotActuated", "not part of this cycle's plan")
         info = load.get(key, {})
