@@ -33,6 +33,7 @@ from variant_autoscaler.operator import RunOptions
 MODEL = TINY_MODEL["name"]
 INTERVAL_S = 1
 RECOVERY_CYCLES = 20
+SETTINGS_CM = "fm-settings"
 REPORT = Path(__file__).resolve().parents[1] / "reports" / "fault-matrix.md"
 HEADER = "| fault | what the operator does | what the user sees | recovery (measured) |"
 
@@ -72,6 +73,19 @@ ROWS: dict[str, tuple[str, str, str]] = {
         "Prometheus answering NaN for every sample",
         "treats the readings as wrong data (not zero demand, not missing series) and holds replicas",
         "MetricsAvailable False, reason MetricsInvalid, message quoting the non-finite values and the pods"),
+    "test_settings_configmap_turned_invalid": (
+        "settings ConfigMap turned invalid (a negative interval)",
+        "keeps the last good settings and goes on; takes the next valid ConfigMap",
+        "Warning Event InvalidSettings on the ConfigMap naming the field; cycle_errors_total{reason=InvalidSettings}; "
+        "VA conditions unchanged"),
+    "test_inventory_shrinks_below_current_use": (
+        "inventory shrinks below current use (2 L4 replicas run, inventory says 1)",
+        "removes nothing that runs; minReplicas stays the floor; scale-ups wait for free accelerators",
+        "Actuated message saying how many are in use and how many available, and that nothing running is removed"),
+    "test_demand_above_inventory": (
+        "demand above what the inventory can serve",
+        "keeps what runs, scales no further than the inventory, best-effort allocation",
+        "OptimizationReady True, reason BestEffort, message with the shortfall in req/s; Warning Event Infeasible"),
     "test_watch_stream_dropped": (
         "watch streams cut, reconnects answered 503",
         "kopf reconnects with backoff; the loop keeps running on its interval",
@@ -153,14 +167,16 @@ def stack(emulated_cluster, kube_api, model_pods, prometheus, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fault-matrix")
     kubeconfig = tmp / "proxy.kubeconfig"
     kubeconfig.write_text(kubeconfig_text(api_proxy.url, emulated_cluster.token))
-    settings = tmp / "settings.yaml"
-    settings.write_text(yaml.safe_dump(settings_dict(
-        interval_s=INTERVAL_S, watched_namespaces=[ns], accelerators=[{"name": "L4", "cost_per_hour": 1.0,
-                                                                        "available": 6}],
-        prometheus={"url": prom_proxy.url, "timeout_s": 1})))
+    # settings from a ConfigMap (re-read every cycle), so that rows can shrink the inventory or break them
+    settings = settings_dict(interval_s=INTERVAL_S, watched_namespaces=[ns],
+                             accelerators=[{"name": "L4", "cost_per_hour": 1.0, "available": 6}],
+                             prometheus={"url": prom_proxy.url, "timeout_s": 1})
+    core.create_namespaced_config_map(ns, client.V1ConfigMap(metadata=client.V1ObjectMeta(name=SETTINGS_CM),
+                                                             data={"settings.yaml": yaml.safe_dump(settings)}))
     port = free_port()
-    options = RunOptions(settings_file=settings, kubeconfig=kubeconfig, metrics_host="127.0.0.1", metrics_port=port,
-                         standalone=True, namespaces=(ns,), instance="fault-matrix")
+    options = RunOptions(settings_configmap=SETTINGS_CM, operator_namespace=ns, kubeconfig=kubeconfig,
+                         metrics_host="127.0.0.1", metrics_port=port, standalone=True, namespaces=(ns,),
+                         instance="fault-matrix")
     loads = BackgroundLoop()
     stop = loads.run(_event())
     spec = LoadSpec(targets=[gateway.url], model=MODEL, phases=[{"duration_s": 590, "rate_rps": 1.5}], mix=MIX,
@@ -168,6 +184,7 @@ def stack(emulated_cluster, kube_api, model_pods, prometheus, tmp_path_factory):
     load = loads.submit(generate_load(spec, stop))
     op = OperatorThread(options).__enter__()
     s = Stack(kube, op, port, prom_proxy, api_proxy, emulated_cluster)
+    s.settings = settings
     try:
         s.wait(s.healthy, what="a healthy steady state (metrics from the real Prometheus)", timeout_s=90)
         _STACK[:] = [s]
@@ -364,6 +381,73 @@ def test_target_deleted_and_recreated(stack):
     finally:
         stack.invariants = floor_check
     stack.recover("test_target_deleted_and_recreated")
+
+
+def _put_settings(stack: Stack, text: str) -> None:
+    stack.kube.core.patch_namespaced_config_map(SETTINGS_CM, stack.kube.ns, {"data": {"settings.yaml": text}})
+
+
+def _with_l4(stack: Stack, available: int) -> str:
+    return yaml.safe_dump({**stack.settings, "accelerators": [{"name": "L4", "cost_per_hour": 1.0,
+                                                               "available": available}]})
+
+
+def test_settings_configmap_turned_invalid(stack):
+    """The settings ConfigMap gets a negative interval: the last good settings stay in force, the loop goes on,
+    a Warning Event on the ConfigMap names the field; a valid ConfigMap is taken up again."""
+    before = stack.kube.replicas("fm-l4")
+    _put_settings(stack, yaml.safe_dump({**stack.settings, "interval_s": -5}))
+    [event] = stack.wait(lambda: [e for e in stack.kube.events("InvalidSettings", SETTINGS_CM)],
+                         what="an InvalidSettings Event on the ConfigMap")
+    assert event.type == "Warning" and "interval_s" in event.message and "last good" in event.message, event.message
+    assert 'variant_autoscaler_cycle_errors_total{reason="InvalidSettings"}' in _metrics(stack)
+    assert stack.healthy() and stack.kube.replicas("fm-l4") == before  # still running on the last good settings
+    _put_settings(stack, yaml.safe_dump(stack.settings))
+    stack.recover("test_settings_configmap_turned_invalid")
+    assert len(stack.kube.events("InvalidSettings", SETTINGS_CM)) == 1
+
+
+def test_inventory_shrinks_below_current_use(stack):
+    """Two L4 replicas run, then the inventory says one L4: nothing running is removed to fit (the floor is
+    minReplicas 2), and the conditions say the inventory is short."""
+    _set_min(stack, 2)
+    stack.wait(lambda: stack.kube.replicas("fm-l4") == 2 and stack.healthy(), what="two replicas running")
+    _put_settings(stack, _with_l4(stack, 1))
+    cond = stack.wait(lambda: "inventory:" in (c := stack.condition("Actuated")).get("message", "") and c,
+                      what="Actuated naming the short inventory")
+    assert cond["status"] == "True" and "2 L4 in use but 1 available" in cond["message"], cond
+    assert "nothing running is removed" in cond["message"], cond
+    hits = len(stack.api_proxy.log)
+    stack.wait(lambda: len(stack.api_proxy.log) >= hits + 40, what="several cycles with the short inventory")
+    assert stack.kube.replicas("fm-l4") == 2
+    _put_settings(stack, yaml.safe_dump(stack.settings))
+    _set_min(stack, 1)
+    stack.recover("test_inventory_shrinks_below_current_use")
+
+
+def test_demand_above_inventory(stack):
+    """One L4 in the inventory, and a VA profile that needs several replicas for the load: the running replica
+    stays, no scale-up beyond the inventory, a best-effort condition and an Infeasible Event name the shortfall."""
+    _put_settings(stack, _with_l4(stack, 1))
+    stack.wait(lambda: stack.kube.replicas("fm-l4") == 1, what="one replica", timeout_s=60)
+    body = stack.kube.variant("fm-l4")
+    slow = {**L4_PROFILE, "decodePerSeqSeconds": 0.025}  # ~0.4 req/s a replica at the SLO: 1.5 req/s needs ~4
+    body["spec"]["profile"] = {"parametric": slow}
+    stack.kube.custom.replace_namespaced_custom_object("autoscaling.variant-autoscaler.io", "v1alpha1", stack.kube.ns,
+                                                       "variantautoscalings", "fm-l4", body)
+    cond = stack.wait(lambda: (c := stack.condition("OptimizationReady")).get("reason") == "BestEffort" and c,
+                      what="OptimizationReady BestEffort")
+    assert "short by" in cond["message"], cond
+    assert stack.kube.events("Infeasible", "fm-l4")
+    hits = len(stack.api_proxy.log)
+    stack.wait(lambda: len(stack.api_proxy.log) >= hits + 40, what="several cycles above the inventory")
+    assert stack.kube.replicas("fm-l4") == 1
+    body = stack.kube.variant("fm-l4")
+    body["spec"]["profile"] = {"parametric": L4_PROFILE}
+    stack.kube.custom.replace_namespaced_custom_object("autoscaling.variant-autoscaler.io", "v1alpha1", stack.kube.ns,
+                                                       "variantautoscalings", "fm-l4", body)
+    _put_settings(stack, yaml.safe_dump(stack.settings))
+    stack.recover("test_demand_above_inventory")
 
 
 def test_results_table_lists_every_row():
