@@ -229,11 +229,14 @@ def test_prometheus_slower_than_the_query_timeout(stack):
     stack.recover("test_prometheus_slower_than_the_query_timeout")
 
 
+def _patch_spec(stack: Stack, spec: dict) -> None:
+    """A merge patch (no resourceVersion): a get-then-replace races the operator's status writes (409)."""
+    stack.kube.custom.patch_namespaced_custom_object("autoscaling.variant-autoscaler.io", "v1alpha1", stack.kube.ns,
+                                                     "variantautoscalings", "fm-l4", {"spec": spec})
+
+
 def _set_min(stack: Stack, replicas: int) -> None:
-    body = stack.kube.variant("fm-l4")
-    body["spec"]["minReplicas"] = replicas
-    stack.kube.custom.replace_namespaced_custom_object("autoscaling.variant-autoscaler.io", "v1alpha1", stack.kube.ns,
-                                                       "variantautoscalings", "fm-l4", body)
+    _patch_spec(stack, {"minReplicas": replicas})
 
 
 def _metrics(stack: Stack) -> str:
@@ -430,11 +433,8 @@ def test_demand_above_inventory(stack):
     stays, no scale-up beyond the inventory, a best-effort condition and an Infeasible Event name the shortfall."""
     _put_settings(stack, _with_l4(stack, 1))
     stack.wait(lambda: stack.kube.replicas("fm-l4") == 1, what="one replica", timeout_s=60)
-    body = stack.kube.variant("fm-l4")
     slow = {**L4_PROFILE, "decodePerSeqSeconds": 0.025}  # ~0.4 req/s a replica at the SLO: 1.5 req/s needs ~4
-    body["spec"]["profile"] = {"parametric": slow}
-    stack.kube.custom.replace_namespaced_custom_object("autoscaling.variant-autoscaler.io", "v1alpha1", stack.kube.ns,
-                                                       "variantautoscalings", "fm-l4", body)
+    _patch_spec(stack, {"profile": {"parametric": slow}})
     cond = stack.wait(lambda: (c := stack.condition("OptimizationReady")).get("reason") == "BestEffort" and c,
                       what="OptimizationReady BestEffort")
     assert "short by" in cond["message"], cond
@@ -442,10 +442,7 @@ def test_demand_above_inventory(stack):
     hits = len(stack.api_proxy.log)
     stack.wait(lambda: len(stack.api_proxy.log) >= hits + 40, what="several cycles above the inventory")
     assert stack.kube.replicas("fm-l4") == 1
-    body = stack.kube.variant("fm-l4")
-    body["spec"]["profile"] = {"parametric": L4_PROFILE}
-    stack.kube.custom.replace_namespaced_custom_object("autoscaling.variant-autoscaler.io", "v1alpha1", stack.kube.ns,
-                                                       "variantautoscalings", "fm-l4", body)
+    _patch_spec(stack, {"profile": {"parametric": L4_PROFILE}})
     _put_settings(stack, yaml.safe_dump(stack.settings))
     stack.recover("test_demand_above_inventory")
 
