@@ -86,6 +86,13 @@ ROWS: dict[str, tuple[str, str, str]] = {
         "demand above what the inventory can serve",
         "keeps what runs, scales no further than the inventory, best-effort allocation",
         "OptimizationReady True, reason BestEffort, message with the shortfall in req/s; Warning Event Infeasible"),
+    "test_many_invalid_variantautoscalings_at_once": (
+        "22 kinds of invalid VariantAutoscaling created at once",
+        "17 kinds are refused by the CRD schema (422); the other 5 are not acted on; the valid variant is still "
+        "served",
+        "the server's 422 message for the refused ones; a False Condition on each accepted one: InvalidSpec "
+        "(maxReplicas 10^9), TargetNotFound, UnsupportedTargetKind, TargetConflict (a second VA on a managed "
+        "Deployment)"),
     "test_watch_stream_dropped": (
         "watch streams cut, reconnects answered 503",
         "kopf reconnects with backoff; the loop keeps running on its interval",
@@ -445,6 +452,82 @@ def test_demand_above_inventory(stack):
     _patch_spec(stack, {"profile": {"parametric": L4_PROFILE}})
     _put_settings(stack, yaml.safe_dump(stack.settings))
     stack.recover("test_demand_above_inventory")
+
+
+# spec overrides (None deletes the field) for >= 20 kinds of invalid VariantAutoscaling; the server's schema
+# rejects some, the operator must give each of the rest a Condition saying what is wrong
+INVALID_SPECS: dict[str, dict] = {
+    "min-above-max": {"minReplicas": 3, "maxReplicas": 2},
+    "negative-min": {"minReplicas": -1},
+    "min-as-text": {"minReplicas": "two"},
+    "huge-max": {"maxReplicas": 10**9},
+    "no-model": {"modelID": None},
+    "empty-model": {"modelID": ""},
+    "unknown-model": {"modelID": "no/such-model"},
+    "unknown-accelerator": {"accelerator": "Z99"},
+    "empty-accelerator": {"accelerator": ""},
+    "no-target-name": {"scaleTargetRef": {"kind": "Deployment"}},
+    "missing-target": {"scaleTargetRef": {"kind": "Deployment", "name": "fm-nowhere"}},
+    "unsupported-kind": {"scaleTargetRef": {"kind": "CronJob", "name": "fm-l4"}},
+    "target-as-text": {"scaleTargetRef": "fm-l4"},
+    "negative-ttft": {"slo": {"ttftSeconds": -1, "itlSeconds": 0.09, "percentile": 90}},
+    "percentile-over-100": {"slo": {"ttftSeconds": 0.6, "itlSeconds": 0.09, "percentile": 150}},
+    "zero-itl": {"slo": {"ttftSeconds": 0.6, "itlSeconds": 0, "percentile": 90}},
+    "negative-profile": {"profile": {"parametric": {**L4_PROFILE, "decodeBaseSeconds": -0.04}}},
+    "nan-profile-text": {"profile": {"parametric": {**L4_PROFILE, "decodePerSeqSeconds": "NaN"}}},
+    "empty-profile": {"profile": {}},
+    "zero-max-batch": {"maxBatch": 0},
+    "bad-behavior-policy": {"behavior": {"scaleUp": {"policies": [{"type": "Pods", "value": 0, "periodSeconds": 60}]}}},
+    "bad-select-policy": {"behavior": {"scaleDown": {"selectPolicy": "Sometimes"}}},
+}
+
+
+def test_many_invalid_variantautoscalings_at_once(stack):
+    """22 kinds of invalid VariantAutoscaling created at once on the real CRD server: what the schema rejects
+    is refused there (422, with its message); every one it accepts gets a False Condition with a reason in words;
+    the valid variant goes on being served."""
+    from kubernetes.client.exceptions import ApiException
+
+    base = variant("x", "fm-l4", accelerator="L4", profile=L4_PROFILE, min_replicas=1, max_replicas=4)["spec"]
+    rejected, accepted = {}, []
+    for name, over in INVALID_SPECS.items():
+        spec = {k: v for k, v in {**base, **over}.items() if v is not None}
+        body = {"apiVersion": "autoscaling.variant-autoscaler.io/v1alpha1", "kind": "VariantAutoscaling",
+                "metadata": {"name": f"bad-{name}"}, "spec": spec}
+        try:
+            stack.kube.custom.create_namespaced_custom_object("autoscaling.variant-autoscaler.io", "v1alpha1",
+                                                              stack.kube.ns, "variantautoscalings", body)
+            accepted.append(f"bad-{name}")
+        except ApiException as err:
+            assert err.status == 422, (name, err.status, err.body)
+            rejected[name] = json.loads(err.body)["message"]
+    assert len(INVALID_SPECS) >= 20 and rejected and accepted, (rejected, accepted)
+
+    def explained(name: str) -> dict | None:
+        conds = (stack.kube.variant(name).get("status") or {}).get("conditions") or []
+        bad = [c for c in conds if c["status"] == "False" and c["type"] != "Ready"]
+        return bad[0] if bad and all(len(c["message"].split()) >= 3 for c in bad) else None
+
+    try:
+        got = stack.wait(lambda: (c := {n: explained(n) for n in accepted}) and all(c.values()) and c,
+                         what="a False Condition on every accepted invalid VA")
+        assert stack.healthy() and stack.kube.replicas("fm-l4") >= 1
+        REASONS.update({n: f"{c['type']} {c['reason']}" for n, c in got.items()})
+    finally:
+        for name in accepted:
+            stack.kube.custom.delete_namespaced_custom_object("autoscaling.variant-autoscaler.io", "v1alpha1",
+                                                              stack.kube.ns, "variantautoscalings", name)
+    # the table's words: which kinds the schema refuses and what the operator says about the rest
+    assert (len(rejected), len(accepted)) == (17, 5), (sorted(rejected), REASONS)
+    assert REASONS["bad-missing-target"] == "TargetResolved TargetNotFound"
+    assert REASONS["bad-unsupported-kind"] == "OptimizationReady UnsupportedTargetKind"
+    assert REASONS["bad-huge-max"] == "OptimizationReady InvalidSpec"
+    # a second VA on fm-l4's Deployment (unknown model or accelerator) is refused as a conflict, never obeyed
+    assert REASONS["bad-unknown-model"] == REASONS["bad-unknown-accelerator"] == "OptimizationReady TargetConflict"
+    stack.recover("test_many_invalid_variantautoscalings_at_once")
+
+
+REASONS: dict[str, str] = {}
 
 
 def test_results_table_lists_every_row():
