@@ -25,7 +25,7 @@ CHART = REPO / "charts" / "variant-autoscaler"
 DEPLOY = REPO / "deploy"
 SAMPLES = DEPLOY / "samples"
 GROUP, VERSION, PLURAL = "autoscaling.variant-autoscaler.io", "v1alpha1", "variantautoscalings"
-CUSTOM_GROUPS = ("monitoring.coreos.com/", "kopf.dev/", "autoscaling.variant-autoscaler.io/",
+CUSTOM_GROUPS = ("monitoring.coreos.com/", "kopf.dev/", "autoscaling.variant-autoscaler.io/", "keda.sh/",
                  "apiextensions.k8s.io/")
 KUBERNETES_VERSION = "1.27"
 
