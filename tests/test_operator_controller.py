@@ -737,6 +737,54 @@ def test_behavior_paces_a_variant_with_hpa_rate_policies_and_windows(kube, kube_
         assert info.value.status == 422 and words in info.value.body, info.value.body
 
 
+def _hpa(name: str, target: str) -> dict:
+    return {"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler", "metadata": {"name": name},
+            "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": target},
+                     "minReplicas": 1, "maxReplicas": 10,
+                     "metrics": [{"type": "Resource", "resource": {"name": "cpu", "target": {
+                         "type": "Utilization", "averageUtilization": 80}}}]}}
+
+
+def test_an_hpa_on_the_same_deployment_is_not_fought_in_direct_mode(kube, kube_api, emulated_cluster):
+    """An autoscaling/v2 HPA already scales the VA's Deployment: in direct mode the operator does not
+    write its replicas, says ConflictingAutoscaler (condition, Actuated reason, Ready, one Event) and
+    names the HPA; an HPA on another Deployment changes nothing; deleting the HPA hands the target
+    back. In metrics mode an HPA is the expected actuator: no conflict, and HPAs are not even listed."""
+    from kubernetes import client
+
+    hpas = client.AutoscalingV2Api(kube_api)
+    kube.deploy("hpa-l4", 1)
+    kube.apply_variant(variant("hpa-l4", "hpa-l4", profile=L4_PROFILE))
+    hpas.create_namespaced_horizontal_pod_autoscaler(kube.ns, _hpa("cpu-scaler", "hpa-l4"))
+    hpas.create_namespaced_horizontal_pod_autoscaler(kube.ns, _hpa("elsewhere", "some-other-deployment"))
+    ctrl = make_controller(kube_api, kube.ns, collect=Demand({MODEL: 6.0}).collect)
+    report = cycle(ctrl)
+    assert report.variants[f"{kube.ns}/hpa-l4"].desired_replicas == 1, "held where the HPA keeps it"
+    assert kube.replicas("hpa-l4") == 1
+    conflict = kube.condition("hpa-l4", "ConflictingAutoscaler")
+    assert conflict["status"] == "True" and f"HorizontalPodAutoscaler {kube.ns}/cpu-scaler" in conflict["message"]
+    assert kube.condition("hpa-l4", "Actuated")["reason"] == "ConflictingAutoscaler"
+    assert (kube.condition("hpa-l4", "Ready")["status"], kube.condition("hpa-l4", "Ready")["reason"]) == \
+        ("False", "ConflictingAutoscaler")
+    cycle(ctrl)
+    assert len(kube.events("ConflictingAutoscaler", "hpa-l4")) == 1 and kube.replicas("hpa-l4") == 1
+    scales = [r for r in emulated_cluster.core.requests if r.namespace == kube.ns and r.subresource == "scale"
+              and r.method in ("PUT", "PATCH")]
+    assert not scales, "the operator wrote replicas of a Deployment an HPA scales"
+
+    metrics = make_controller(kube_api, kube.ns, settings_dict(actuation_mode="metrics"),
+                              collect=Demand({MODEL: 6.0}).collect)
+    before = len(emulated_cluster.core.requests)
+    cycle(metrics)
+    assert kube.condition("hpa-l4", "ConflictingAutoscaler") is None
+    assert kube.condition("hpa-l4", "Actuated")["reason"] == "MetricsPublished"
+    assert not [r for r in list(emulated_cluster.core.requests)[before:] if r.resource == "horizontalpodautoscalers"]
+
+    hpas.delete_namespaced_horizontal_pod_autoscaler("cpu-scaler", kube.ns)
+    cycle(ctrl)
+    assert kube.replicas("hpa-l4") >= 3 and kube.condition("hpa-l4", "ConflictingAutoscaler") is None
+
+
 def test_an_unchanged_status_is_not_patched_again(kube, kube_api, emulated_cluster):
     """A second cycle that decides the same thing sends no status PATCH (read from the API's request log);
     a changed decision does."""

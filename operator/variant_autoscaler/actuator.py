@@ -302,6 +302,25 @@ class KubeGateway:
                 raise
         return await self._in_thread(call)
 
+    async def list_autoscalers(self, namespaces: list[str]) -> tuple[dict[str, list[JsonObj]], list[str]]:
+        """autoscaling/v2 HorizontalPodAutoscalers per namespace, and why some namespaces could not be
+        read (a 4xx such as 403 without the RBAC rule or 404 on an API without autoscaling/v2): those
+        are skipped, not fatal; 5xx after the retries still raise."""
+        hpas = client.AutoscalingV2Api(self.api_client)
+
+        def one(ns: str) -> list[JsonObj] | ApiCallFailed:
+            try:
+                return self._json(f"list HorizontalPodAutoscalers in {ns}",
+                                  hpas.list_namespaced_horizontal_pod_autoscaler, ns).get("items") or []
+            except ApiCallFailed as err:
+                if 400 <= err.status < 500 and err.status not in RETRYABLE_STATUS:
+                    return err
+                raise
+        results = await asyncio.gather(*(self._in_thread(lambda n=n: one(n)) for n in namespaces))
+        found = {ns: r for ns, r in zip(namespaces, results, strict=True) if not isinstance(r, ApiCallFailed)}
+        skipped = [f"{ns}: {r}" for ns, r in zip(namespaces, results, strict=True) if isinstance(r, ApiCallFailed)]
+        return found, skipped
+
     async def read_targets(self, refs: list[TargetRef]) -> dict[TargetRef, TargetView | TargetUnreadable | None]:
         """Every target's replicas and pods, with one list call per (namespace, kind) and per namespace's pods.
 

@@ -103,6 +103,7 @@ from variant_autoscaler.settings import (
 log = logging.getLogger("variant_autoscaler.controller")
 
 CONDITIONS = ("TargetResolved", "MetricsAvailable", "OptimizationReady", "Actuated")
+CONFLICT = "ConflictingAutoscaler"  # present (True) only while an HPA scales the same target in direct mode
 READY = "Ready"  # the summary (kubectl wait --for=condition=Ready va/NAME): True when all of CONDITIONS are
 
 
@@ -210,6 +211,7 @@ class _Live:
     problem: str | None = None
     problem_reason: str = ""
     desired: int | None = None
+    conflict: str | None = None  # direct mode: why another autoscaler owns the target's replicas
 
 
 @dataclass
@@ -405,6 +407,8 @@ class Controller:
                 continue
             live[key] = _Live(parsed=p, view=view)
 
+        if settings.actuation_mode == "direct" and live:
+            await self._find_conflicting_autoscalers(live)
         self._phase("targets", t0)
         # 3. metrics and the ConfigMap-backed parts of specs
         await self._resolve_references(live, settings, now_text, statuses, events, outcomes)
@@ -545,6 +549,31 @@ class Controller:
                     dedupe="spec")
         outcomes[key] = VariantOutcome(key=key, valid=False, conditions=conds)
 
+    async def _find_conflicting_autoscalers(self, live: dict[str, _Live]) -> None:
+        """Direct mode: a target that an autoscaling/v2 HPA in its namespace already scales is left to
+        that HPA (two writers of one replicas field fight: each undoes the other every cycle). HPAs
+        that cannot be listed (no RBAC rule, no autoscaling/v2, API down) leave the check out, logged."""
+        namespaces = sorted({v.parsed.ref.namespace for v in live.values()})
+        try:
+            found, skipped = await self.deps.gateway.list_autoscalers(namespaces)
+        except ApiCallFailed as err:
+            found, skipped = {}, [str(err)]
+        if skipped:
+            log.warning("HorizontalPodAutoscalers not checked for conflicts: %s", "; ".join(skipped))
+        for v in live.values():
+            t = v.parsed.target
+            group = t.api_version.rpartition("/")[0]
+            for hpa in found.get(t.namespace, []):
+                ref = (hpa.get("spec") or {}).get("scaleTargetRef") or {}
+                if (ref.get("kind"), ref.get("name")) == (t.kind, t.name) \
+                        and str(ref.get("apiVersion") or "").rpartition("/")[0] == group:
+                    name = (hpa.get("metadata") or {}).get("name")
+                    v.conflict = (f"HorizontalPodAutoscaler {t.namespace}/{name} already scales {t.kind} {t.name}: "
+                                  "the operator does not write its replicas (the optimizer counts them and plans "
+                                  "the other variants around them); delete the HPA to let the operator scale it, or "
+                                  "run in actuationMode metrics so an HPA acts on wva_desired_replicas")
+                    break
+
     def _event(self, events, key: str, ref: ObjectRef, kind: str, reason: str, message: str, *, dedupe: str) -> None:
         """Queue an Event unless this resource already got it: the same reason and message last time,
         or, for reasons whose numbers move every cycle (VOLATILE_EVENTS), the same reason within
@@ -563,7 +592,7 @@ class Controller:
         conds = with_ready(conds)
         body = {"observedGeneration": p.generation, **extra,
                 "conditions": [_condition(previous, c, *conds[c], p.generation, now_text)
-                               for c in (*CONDITIONS, READY)]}
+                               for c in (*CONDITIONS, CONFLICT, READY) if c in conds]}
         statuses[key] = (p.ref, body)
         if event is not None:
             self._event(events, key, p.ref, event[0], event[1], event[2], dedupe="state")
@@ -796,7 +825,7 @@ class Controller:
             p = v.parsed
             cur = v.view.spec_replicas
             lo, hi = p.min_replicas, p.max_replicas
-            if p.paused:  # the user holds this target where it is; the others plan around it
+            if p.paused or v.conflict:  # held where it is (by the user, or by another autoscaler)
                 lo = hi = cur
             elif p.model_id in held:
                 lo = hi = max(cur, p.min_replicas) if p.max_replicas is None else min(max(cur, p.min_replicas),
@@ -883,6 +912,9 @@ class Controller:
         async def one(step) -> None:
             v = live[step.name]
             have = v.view.spec_replicas
+            if v.conflict:
+                actuation[step.name] = (False, CONFLICT, v.conflict)
+                return
             if v.parsed.paused:
                 actuation[step.name] = (False, "Paused", _paused_message(v.parsed, have, "direct"))
                 return
@@ -1005,7 +1037,13 @@ class Controller:
         else:
             conds["OptimizationReady"] = ("True", "OptimizationSucceeded",
                                           f"{v.desired} replicas of {v.accelerator} (profile from {v.profile_source})")
-        if p.paused:  # the same in both modes; in metrics mode the published desired replicas hold too
+        if not v.conflict:
+            self.memory.events.pop((key, "conflict"), None)  # a conflict that comes back is told again
+        if v.conflict:
+            conds["Actuated"] = ("False", CONFLICT, v.conflict)
+            conds[CONFLICT] = ("True", "HorizontalPodAutoscalerFound", v.conflict)
+            self._event(events, key, p.ref, "Warning", CONFLICT, v.conflict, dedupe="conflict")
+        elif p.paused:  # the same in both modes; in metrics mode the published desired replicas hold too
             conds["Actuated"] = ("False", "Paused", _paused_message(p, v.view.spec_replicas, settings.actuation_mode))
         elif settings.actuation_mode == "metrics":
             conds["Actuated"] = ("True", "MetricsPublished", "desired replicas published for an HPA/KEDA "

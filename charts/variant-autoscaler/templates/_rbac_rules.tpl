@@ -29,6 +29,13 @@ with these rules exactly: a new API call without a rule, or a rule nothing uses,
   resources: ["statefulsets/scale"]
   verbs: ["get", "update"]
 {{- end }}
+{{- if ne .Values.operator.actuationMode "metrics" }}
+# Direct mode: HorizontalPodAutoscalers are listed so a target an HPA already scales is left to it
+# (condition ConflictingAutoscaler) instead of fought over.
+- apiGroups: ["autoscaling"]
+  resources: ["horizontalpodautoscalers"]
+  verbs: ["list"]
+{{- end }}
 # Pods: listed per target; annotated with controller.kubernetes.io/pod-deletion-cost before a scale-down.
 - apiGroups: [""]
   resources: ["pods"]

@@ -12,8 +12,9 @@ operator and the tests touch are held here, in memory, with the semantics client
   streams (`?watch=true`) resuming from a resourceVersion (410 Gone when too old), with
   timeoutSeconds and the watch-list protocol (sendInitialEvents + the initial-events-end bookmark);
 * merge patch, JSON patch and strategic merge patch (lists merged by their Kubernetes merge keys);
-* the `status` subresource (pods, deployments, namespaces, services) and the Deployment `scale`
-  subresource speaking autoscaling/v1 Scale;
+* the `status` subresource (pods, deployments, namespaces, services, HPAs) and the Deployment
+  `scale` subresource speaking autoscaling/v1 Scale; autoscaling/v2 HorizontalPodAutoscalers are
+  stored and served (nothing acts on them: no HPA controller runs);
 * discovery merged with the CRD server's, `/version`, server-side Tables for `kubectl get`, and
   TokenReview/SubjectAccessReview answers so the CRD server can delegate auth here.
 
@@ -157,6 +158,8 @@ BUILTIN_TYPES: tuple[ResourceType, ...] = (
     ResourceType("apps", "v1", "Deployment", "deployments", True, ("deploy",), ("status", "scale"),
                  tracks_generation=True, categories=("all",)),
     ResourceType("coordination.k8s.io", "v1", "Lease", "leases", True),
+    ResourceType("autoscaling", "v2", "HorizontalPodAutoscaler", "horizontalpodautoscalers", True, ("hpa",),
+                 ("status",), categories=("all",)),
     ResourceType("authentication.k8s.io", "v1", "TokenReview", "tokenreviews", False, verbs=CREATE_ONLY),
     ResourceType("authorization.k8s.io", "v1", "SubjectAccessReview", "subjectaccessreviews", False,
                  verbs=CREATE_ONLY),
