@@ -40,12 +40,13 @@ The capacity model is told how spread the request lengths are within each prompt
 rounded to 0.1 so that cached solutions stay valid): at p99 the short answers and the long
 prompts of a bucket are what break the SLO, not its mean request.
 
-Two guards keep a transition from losing capacity the planner did not count on. A scale-down is
-held while the replicas that would stay ready serve less than the planned rate (or than the
-target fleet serves, when inventory caps it). And when a swap frees accelerators by stepping the
+Two guards keep a transition from losing capacity the planner did not count on, each per model
+(one model's spare replicas serve none of another's requests). A scale-down is held while the
+model's replicas that would stay ready serve less than its planned rate (or than its target
+fleet serves, when inventory caps it). And when a swap frees accelerators by stepping the
 old variant down (the planner's rolling swap, e.g. an H100 PD replica making room for an H100
 prefill replica), the gap it leaves is bridged first by replicas of the cheapest variant that
-still has accelerators free, which the allocation removes once the swap is done.
+still has accelerators free (the same model's), which the allocation removes once the swap is done.
 """
 
 from __future__ import annotations
