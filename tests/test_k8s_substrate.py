@@ -626,3 +626,61 @@ def test_cluster_module_serves_until_sigterm(emulated_cluster, tmp_path):
     assert code == 0
     assert f"export KUBECONFIG={kubeconfig}" in proc.stderr.read()
     assert not kubeconfig.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# What a new user types first against `make live` (issue 13 item 5).
+
+
+def test_kubectl_create_namespace_posts_protobuf_and_works(emulated_cluster, kube_api):
+    """`kubectl create namespace` sends a protobuf body only; the emulated API reads it."""
+    core, _, _ = apis(kube_api)
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    out = emulated_cluster.kubectl("create", "namespace", name)
+    try:
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == f"namespace/{name} created"
+        created = core.read_namespace(name)
+        assert created.status.phase == "Active"
+        assert created.metadata.labels["kubernetes.io/metadata.name"] == name
+        recorded = [r for r in emulated_cluster.core.requests if r.method == "POST" and r.resource == "namespaces"
+                    and "protobuf" in r.content_type]
+        assert recorded, "kubectl no longer posts protobuf; this test no longer covers the decoder"
+    finally:
+        core.delete_namespace(name)
+
+
+def test_events_with_offset_times_are_stored_in_z_form_and_kubectl_lists_them(emulated_cluster, kube_api,
+                                                                                kube_namespace):
+    """Python clients (kopf) send `+00:00`; the real API answers `Z`, and `kubectl get events` reads it."""
+    core, _, _ = apis(kube_api)
+    body = {"apiVersion": "v1", "kind": "Event", "metadata": {"generateName": "offset."},
+            "involvedObject": {"kind": "Pod", "name": "p", "namespace": kube_namespace},
+            "reason": "OffsetTimes", "message": "sent with +00:00", "type": "Normal",
+            "firstTimestamp": "2026-12-07T08:00:00+00:00", "lastTimestamp": "2026-12-07T09:30:00.25+01:00",
+            "eventTime": "2026-12-07T08:00:00.123456+00:00"}
+    created = core.create_namespaced_event(kube_namespace, body)
+    stored = json.loads(emulated_cluster.kubectl("get", "event", created.metadata.name, "-n", kube_namespace,
+                                                 "-o", "json", check=True).stdout)
+    assert stored["firstTimestamp"] == "2026-12-07T08:00:00Z"
+    assert stored["lastTimestamp"] == "2026-12-07T08:30:00Z"
+    assert stored["eventTime"] == "2026-12-07T08:00:00.123456Z"
+    out = emulated_cluster.kubectl("get", "events", "-n", kube_namespace)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[0].split() == ["LAST", "SEEN", "TYPE", "REASON", "OBJECT", "MESSAGE"]
+    assert "OffsetTimes" in out.stdout and "pod/p" in out.stdout
+
+    bad = {**body, "metadata": {"name": "bad-time", "namespace": kube_namespace}, "lastTimestamp": "yesterday"}
+    refused = emulated_cluster.kubectl("create", "--validate=false", "-f", "-", input=json.dumps(bad))
+    assert refused.returncode != 0 and "lastTimestamp" in refused.stderr and "RFC 3339" in refused.stderr
+
+
+def test_server_side_apply_of_builtin_types_says_to_drop_the_flag(emulated_cluster, kube_namespace):
+    """deploy/README tells `make live` users to apply without --server-side; the API says the same."""
+    config_map = json.dumps({"apiVersion": "v1", "kind": "ConfigMap",
+                             "metadata": {"name": "applied", "namespace": kube_namespace}, "data": {"k": "v"}})
+    refused = emulated_cluster.kubectl("apply", "--server-side", "-f", "-", input=config_map)
+    assert refused.returncode != 0 and "without --server-side" in refused.stderr
+    applied = emulated_cluster.kubectl("apply", "-f", "-", input=config_map)
+    assert applied.returncode == 0, applied.stderr
+    assert "configmap/applied created" in applied.stdout

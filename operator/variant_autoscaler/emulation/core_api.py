@@ -23,7 +23,9 @@ CRD server, watches chunk by chunk. Every request is recorded (`CoreApi.requests
 derive which API calls a component made, e.g. to check its RBAC rules, and `CoreApi.add_fault` /
 `drop_watches` make requests fail, stall or lose their watch streams, for clients' retry paths.
 
-Not emulated: protobuf bodies, server-side apply and OpenAPI schemas of the built-in types (kubectl
+Not emulated: protobuf bodies (except the Namespace `kubectl create namespace` posts), server-side
+apply of the built-in types (a 415 saying to drop --server-side; the CRD server applies custom
+resources server-side) and OpenAPI schemas of the built-in types (kubectl
 create/apply/get/describe/scale/delete work; `kubectl explain` works for the custom resources),
 ReplicaSets, graceful pod termination, garbage collection beyond Deployment -> Pods, and the
 deletion of custom resources with their namespace.
@@ -48,6 +50,9 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+
+from variant_autoscaler.emulation import protobuf_body
+from variant_autoscaler.emulation.protobuf_body import ProtobufUnsupported
 
 JsonObj = dict[str, Any]
 
@@ -182,14 +187,31 @@ def now_rfc3339() -> str:
 
 
 def parse_rfc3339(text: str) -> float:
-    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
+    """Seconds since the epoch of any RFC 3339 time (`Z` or an offset such as `+00:00`, with or
+    without fractions), as the real server accepts; ValueError for anything else."""
+    if not isinstance(text, str) or "T" not in text.upper():
+        raise ValueError(f"not an RFC 3339 time: {text!r}")
+    parsed = datetime.fromisoformat(text)
+    if parsed.tzinfo is None:
+        raise ValueError(f"RFC 3339 time without a zone: {text!r}")
+    return parsed.timestamp()
+
+
+def canonical_rfc3339(text: str, *, micro: bool = False) -> str:
+    """The real server's form of a time it stores: UTC with a `Z` (metav1.Time drops fractions,
+    metav1.MicroTime keeps six digits), whatever offset the client sent."""
+    moment = datetime.fromtimestamp(parse_rfc3339(text), UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ" if micro else "%Y-%m-%dT%H:%M:%SZ")
 
 
 def human_age(timestamp: str | None) -> str:
     """kubectl's short age ("5s", "3m", "2h", "4d")."""
     if not timestamp:
         return "<unknown>"
-    seconds = max(0, int(time.time() - parse_rfc3339(timestamp)))
+    try:
+        seconds = max(0, int(time.time() - parse_rfc3339(timestamp)))
+    except (ValueError, TypeError):
+        return "<invalid>"
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= 2 * size or (unit == "m" and seconds >= 120):
             return f"{seconds // size}{unit}"
@@ -635,11 +657,49 @@ def _default_pod(obj: JsonObj) -> None:
     obj.setdefault("status", {}).setdefault("phase", "Pending")
 
 
+# Event times: (path, MicroTime?). kopf and other Python clients send `+00:00` offsets; the real
+# server parses any RFC 3339 time and always answers in UTC with `Z`, so kubectl can read them.
+EVENT_TIME_FIELDS = (("firstTimestamp", False), ("lastTimestamp", False), ("eventTime", True),
+                     ("series.lastObservedTime", True))
+
+
+def _event_time_slots(obj: JsonObj) -> Iterable[tuple[JsonObj, str, bool]]:
+    for path, micro in EVENT_TIME_FIELDS:
+        *parents, leaf = path.split(".")
+        holder: Any = obj
+        for step in parents:
+            holder = holder.get(step) if isinstance(holder, dict) else None
+        if isinstance(holder, dict) and holder.get(leaf) not in (None, ""):
+            yield holder, leaf, micro
+
+
+def _default_event(obj: JsonObj) -> None:
+    for holder, leaf, micro in _event_time_slots(obj):
+        try:
+            holder[leaf] = canonical_rfc3339(holder[leaf], micro=micro)
+        except ValueError:
+            pass  # left as sent; the validator names the field
+
+
+def _validate_event(obj: JsonObj, old: JsonObj | None) -> list[tuple[str, str, str]]:
+    causes = []
+    for holder, leaf, micro in _event_time_slots(obj):
+        try:
+            canonical_rfc3339(holder[leaf], micro=micro)
+        except (ValueError, TypeError):
+            path = next(p for p, _m in EVENT_TIME_FIELDS if p.endswith(leaf))
+            causes.append((path, "FieldValueInvalid",
+                           f"Invalid value: {holder[leaf]!r}: not an RFC 3339 time (e.g. 2026-01-02T15:04:05Z)"))
+    return causes
+
+
 DEFAULTERS: dict[str, Callable[[JsonObj], None]] = {
     "Deployment": _default_deployment, "Namespace": _default_namespace, "Pod": _default_pod,
+    "Event": _default_event,
 }
 VALIDATORS: dict[str, Callable[[JsonObj, JsonObj | None], list[tuple[str, str, str]]]] = {
     "Deployment": _validate_deployment, "Pod": _validate_pod, "ConfigMap": _validate_configmap,
+    "Event": _validate_event,
 }
 
 
@@ -1076,7 +1136,7 @@ def _table_columns(rtype: ResourceType) -> list[tuple[str, str, Callable[[JsonOb
     if rtype.kind == "ConfigMap":
         return [name, ("Data", "integer", lambda o: len(o.get("data") or {}) + len(o.get("binaryData") or {})), age]
     if rtype.kind == "Event":
-        return [("Last Seen", "string", lambda o: human_age(o.get("lastTimestamp") or o["metadata"].get(
+        return [("Last Seen", "string", lambda o: human_age(o.get("lastTimestamp") or o.get("eventTime") or o["metadata"].get(
                     "creationTimestamp"))),
                 ("Type", "string", lambda o: o.get("type", "")),
                 ("Reason", "string", lambda o: o.get("reason", "")),
@@ -1500,8 +1560,20 @@ class CoreApi:
                 review = {}  # kubectl auth can-i sends protobuf; the answer does not depend on it
             return json_response(self._review(rtype, review, namespace), 201)
         if raw and "protobuf" in request.headers.get("Content-Type", ""):
-            raise ApiError(415, "UnsupportedMediaType", "the emulated core API accepts JSON bodies only "
-                           "(application/json and the JSON patch types), not protobuf")
+            # kubectl's generator commands (`kubectl create namespace`) post protobuf only
+            try:
+                if method != "POST" or api.name or api.subresource:
+                    raise ProtobufUnsupported("protobuf is read only in create requests")
+                raw = json.dumps(protobuf_body.decode(raw)).encode()
+            except (ProtobufUnsupported, UnicodeDecodeError) as err:
+                raise ApiError(415, "UnsupportedMediaType", "the emulated core API accepts JSON bodies "
+                               f"(application/json and the JSON patch types); {err}. Send YAML or JSON "
+                               "instead, e.g. `kubectl create ... --dry-run=client -o yaml | kubectl apply "
+                               "-f -`") from None
+        if "apply-patch" in request.headers.get("Content-Type", ""):
+            raise ApiError(415, "UnsupportedMediaType", "server-side apply is not emulated by the core API "
+                           "of `make live` (custom resources, served by the real CRD server, do support it): "
+                           "run `kubectl apply` without --server-side")
         if api.subresource:
             return self._subresource_request(request, rtype, api, raw, dry_run)
         if api.name is None:
