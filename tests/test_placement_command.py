@@ -66,3 +66,37 @@ def test_bandwidth_needs_exactly_one_unit(tmp_path):
     with pytest.raises(InputError) as err:
         load_cluster(bad)
     assert err.value.field == "network.default" and "exactly one" in err.value.reason
+
+
+def test_placement_figure_has_axis_labels_units_and_a_colour_legend():
+    """Both panels say what the axes are, the units, and which colour is which machine type."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from variant_autoscaler.commands.place import placement_figure
+
+    from optimizer.placement.grouping import grouping_model, spectral_kl_grouping
+    from optimizer.placement.layers import place_layers
+    from optimizer.placement.throughput import NodeThroughputModel, layer_time_sources
+
+    cluster = load_cluster(str(SMALL))
+    model = cluster.model(None)
+    times = layer_time_sources(cluster, model, None)
+    grouping = spectral_kl_grouping(grouping_model(cluster, model, times), time_limit_s=1)
+    layers = place_layers(cluster, model, NodeThroughputModel(cluster, model, times), time_limit_s=2)
+    fig = placement_figure(plt, cluster, grouping, layers)
+    try:
+        layer_ax, group_ax = fig.axes
+        machine_types = {n.machine.name for n in cluster.nodes}
+        for ax in (layer_ax, group_ax):
+            assert ax.get_xlabel() and ax.get_ylabel()
+            legend = ax.get_legend()
+            assert legend is not None and "colour = machine type" in legend.get_title().get_text()
+            labels = [t.get_text() for t in legend.get_texts()]
+            assert {f"{m} nodes" for m in machine_types} <= set(labels)
+        assert "tokens/s" in layer_ax.get_title() and "tokens/s" in layer_ax.get_ylabel()
+        assert "requests/s" in group_ax.get_title()
+        assert any("requests/s" in t.get_text() for t in group_ax.get_legend().get_texts())
+    finally:
+        plt.close(fig)

@@ -114,3 +114,33 @@ def test_scenario_numbers_are_finite_and_bounded(tmp_path, capsys, old, new, fie
     assert main(["simulate", str(scenario), "-o", str(tmp_path / "r"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith(f"error: {scenario}: {field.split('.')[0]}"), err
+
+
+def test_report_plots_read_at_a_glance(tmp_path):
+    """Latency on a log axis (one policy's minutes-long TTFT must not flatten the rest), the Pareto
+    title says which way hypervolume is better (issue 13 item 5)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from optimizer.simulation.evaluation import compare
+    from optimizer.simulation.report import report_figures
+
+    scenario = tmp_path / "small.yaml"
+    text = SMALL.format(fleet=ROOT / "examples" / "fleet.yaml").replace("duration_s: 420", "duration_s: 240")
+    scenario.write_text(text.replace("  - kind: hpa\n    variant: llama8b-a100\n  - kind: inferline\n  - kind: wva\n",
+                                     ""))
+    spec, base = load_scenario(scenario)
+    figures = report_figures(compare(prepare(spec, base, source=str(scenario)), jobs=1), plt)
+    try:
+        ttft, itl, e2e = figures["latency.png"].axes
+        assert ttft.get_title().startswith("TTFT")
+        assert [ax.get_xscale() for ax in (ttft, itl, e2e)] == ["log", "log", "log"]
+        assert "log scale" in ttft.get_xlabel()
+        (pareto,) = [ax for ax in figures["pareto.png"].axes if ax.get_title()]
+        assert "higher is better" in pareto.get_title()
+        assert pareto.get_xlabel().startswith("cost ($") and "(s, log scale)" in pareto.get_ylabel()
+    finally:
+        for fig in figures.values():
+            plt.close(fig)

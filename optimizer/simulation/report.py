@@ -141,16 +141,24 @@ def write_report(comparison: Comparison, folder: Path) -> list[Path]:
     path = folder / "table.txt"
     path.write_text(format_table(comparison) + "\n")
     written.append(path)
-    for name, draw in (("arrival_rate.png", _plot_arrivals), ("replicas.png", _plot_replicas),
-                       ("latency.png", _plot_latency), ("pareto.png", _plot_pareto)):
-        fig = draw(comparison, plt)
-        if fig is None:
-            continue
+    for name, fig in report_figures(comparison, plt).items():
         path = folder / name
         fig.savefig(path, dpi=110, bbox_inches="tight")
         plt.close(fig)
         written.append(path)
     return written
+
+
+def report_figures(comparison: Comparison, plt) -> dict:
+    """The report's figures by file name (the Pareto one only when the scenario has a front), open
+    so that callers can save them or inspect their axes."""
+    figures = {}
+    for name, draw in (("arrival_rate.png", _plot_arrivals), ("replicas.png", _plot_replicas),
+                       ("latency.png", _plot_latency), ("pareto.png", _plot_pareto)):
+        fig = draw(comparison, plt)
+        if fig is not None:
+            figures[name] = fig
+    return figures
 
 
 def _plot_arrivals(comparison: Comparison, plt):
@@ -204,6 +212,9 @@ def _plot_latency(comparison: Comparison, plt):
             ax.barh(y + (k - 1) * 0.27, vals, height=0.27, color=plt.cm.viridis(shade), label=pct.upper())
         if target is not None and len(slos) == 1:
             ax.axvline(target, color="red", lw=1, ls="--", label="SLO")
+        # log scale: one policy's queueing (a TTFT of minutes) would otherwise flatten every other bar
+        ax.set_xscale("log")
+        ax.set_xlabel("seconds (log scale)", fontsize=7)
         ax.set_title(f"{which.upper()} (s)", fontsize=9)
         ax.tick_params(labelsize=7)
     axes[0].set_yticks(y, [o.plan.label for o in outs])
@@ -234,6 +245,7 @@ def _plot_pareto(comparison: Comparison, plt):
     ax.set_yscale("log")
     ax.set_xlabel("cost ($ over the scored period)")
     ax.set_ylabel(f"P90 {spec.latency.upper()} (s, log scale)")
-    ax.set_title(f"Latency-cost front (normalized hypervolume of ours: {hv:.3f})" if hv is not None else "Latency-cost")
+    ax.set_title(f"Latency-cost front (normalized hypervolume of ours: {hv:.3f}; higher is better, 1 = ideal)"
+                 if hv is not None else "Latency-cost front (lower-left is better)")
     ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     return fig

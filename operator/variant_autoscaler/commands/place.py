@@ -161,17 +161,7 @@ def draw(path: str, cluster: Cluster, grouping: GroupingResult | None, layers: L
     import matplotlib.pyplot as plt
 
     out = Path(path)
-    palette = ["tab:red", "tab:orange", "tab:green", "tab:blue", "tab:purple", "tab:brown", "tab:pink", "tab:olive"]
-    colours = {m.name: palette[i % len(palette)] for i, m in enumerate(cluster.spec.machine_types)}
-    panels = [p for p in (layers, grouping) if p is not None]
-    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(8 * max(1, len(panels)), 7), squeeze=False)
-    i = 0
-    if layers is not None:
-        _draw_layers(axes[0][i], layers, cluster, colours)
-        i += 1
-    if grouping is not None:
-        _draw_groups(axes[0][i], grouping, colours)
-    fig.tight_layout()
+    fig = placement_figure(plt, cluster, grouping, layers)
     fig.savefig(out, dpi=110)
     plt.close(fig)
     written = [str(out)]
@@ -195,6 +185,36 @@ def draw(path: str, cluster: Cluster, grouping: GroupingResult | None, layers: L
     return written
 
 
+def placement_figure(plt, cluster: Cluster, grouping: GroupingResult | None, layers: LayerPlacementResult | None):
+    """The layer map and/or P/D group panels, each with axis labels, units and a legend saying
+    which colour is which machine type (the picture is unreadable without it)."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    palette = ["tab:red", "tab:orange", "tab:green", "tab:blue", "tab:purple", "tab:brown", "tab:pink", "tab:olive"]
+    colours = {m.name: palette[i % len(palette)] for i, m in enumerate(cluster.spec.machine_types)}
+    panels = [p for p in (layers, grouping) if p is not None]
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(8 * max(1, len(panels)), 7), squeeze=False)
+    used = {n.machine.name for n in cluster.nodes}
+    machines = [Patch(color=c, label=f"{name} nodes") for name, c in colours.items() if name in used]
+    i = 0
+    if layers is not None:
+        _draw_layers(axes[0][i], layers, cluster, colours)
+        axes[0][i].legend(handles=[*machines, Line2D([], [], color="black", lw=2,
+                                                     label="activation link (width = flow)")],
+                          title="colour = machine type; shade = share of peak flow", fontsize=7,
+                          title_fontsize=7, loc="lower right")
+        i += 1
+    if grouping is not None:
+        _draw_groups(axes[0][i], grouping, colours)
+        axes[0][i].legend(handles=[*machines, Line2D([], [], color="tab:blue", lw=3,
+                                                     label="KV transfer (width = requests/s)")],
+                          title="colour = machine type; dot size = GPUs", fontsize=7, title_fontsize=7,
+                          loc="lower center")
+    fig.tight_layout()
+    return fig
+
+
 def _draw_layers(ax, r: LayerPlacementResult, cluster: Cluster, colours: dict[str, str]) -> None:
     ranges = sorted(r.placement.ranges, key=lambda x: (x.start, x.node))
     row = {rng.node: i for i, rng in enumerate(ranges)}
@@ -210,7 +230,8 @@ def _draw_layers(ax, r: LayerPlacementResult, cluster: Cluster, colours: dict[st
             a, b = e["u"].removesuffix(".out"), e["v"].removesuffix(".in")
             end = next(x.end for x in ranges if x.node == a)
             ax.plot([end, end], [row[a], row[b]], color="black", lw=0.5 + 3 * e["flow"] / peak, alpha=0.6)
-    ax.set_xlabel("layer")
+    ax.set_xlabel("model layer index (each bar: the layers one node holds)")
+    ax.set_ylabel("node (bar label: tokens/s through it)")
     ax.set_yticks([])
     ax.set_title(f"layer placement: {r.max_flow:.1f} tokens/s (bound {r.bound.upper_bound:.1f})")
 
@@ -232,6 +253,8 @@ def _draw_groups(ax, r: GroupingResult, colours: dict[str, str]) -> None:
                 va="center", fontsize=8)
     ax.set_xlim(-0.6, 1.6)
     ax.set_xticks([0, 1], ["prefill", "decode"])
+    ax.set_xlabel("group role (lines: KV cache from prefill to decode groups)")
+    ax.set_ylabel("P/D group")
     ax.set_yticks([])
     ax.set_title(f"P/D groups: {r.max_flow_rps:.3f} requests/s, bottleneck {r.bottleneck}")
 
