@@ -58,6 +58,7 @@ from optimizer.transition import (
     plan_transition,
 )
 from optimizer.workload import SLO
+from variant_autoscaler import annotations as annotated
 from variant_autoscaler.actuator import (
     SCALABLE_KINDS,
     ApiCallFailed,
@@ -265,6 +266,7 @@ class Controller:
         self._phases: dict[str, float] = {}
         self._mark = 0.0
         self._scope_warned: tuple | None = None
+        self._annotation_skip: str | None = None
 
     # ------------------------------------------------------------------------------------------
     async def cycle(self, resources: list[dict] | None = None) -> CycleReport:
@@ -286,6 +288,8 @@ class Controller:
             self._phases = {}
             if resources is None:
                 resources = [] if scope == [] else await deps.gateway.list_variant_autoscalings(scope)
+            if settings.annotation_mode and scope != []:
+                resources = [*resources, *await self._scaled_objects(scope)]
             self._phase("list", t0)
             return await self._cycle(settings, scope, resources, started, t0)
         except ApiCallFailed as err:
@@ -294,6 +298,15 @@ class Controller:
             report = CycleReport(started_at=started, duration_s=time.monotonic() - t0, ok=False, error=str(err))
             deps.exporter.cycle_duration.observe(report.duration_s)
             return report
+
+    async def _scaled_objects(self, scope: list[str] | None) -> list[dict]:
+        """Annotation mode: the KEDA ScaledObjects in scope (the parse step keeps the managed ones).
+        Unlistable (no KEDA CRD, no RBAC rule) is logged once per reason, and the VAs go on."""
+        items, skipped = await self.deps.gateway.list_scaled_objects(scope)
+        if skipped and skipped != self._annotation_skip:
+            log.warning("annotation mode: ScaledObjects cannot be listed, none are managed: %s", skipped)
+        self._annotation_skip = skipped
+        return items
 
     def _phase(self, name: str, since: float) -> float:
         """Record the time since the previous mark (or `since`) under `name`; returns now."""
@@ -345,16 +358,26 @@ class Controller:
 
         # 1. parse
         parsed: dict[str, ParsedVariant] = {}
+        va_keys = {f"{(o.get('metadata') or {}).get('namespace') or 'default'}/{(o.get('metadata') or {}).get('name')}"
+                   for o in resources if o.get("kind") != annotated.KIND}
         for obj in resources:
             meta = obj.get("metadata") or {}
             ns, name = meta.get("namespace") or "default", meta.get("name") or "?"
             if scope is not None and ns not in scope:
                 continue
             key = f"{ns}/{name}"
+            declared = obj.get("kind") == annotated.KIND  # annotation mode: a KEDA ScaledObject
+            if declared and not annotated.is_managed(obj):
+                continue
             try:
-                parsed[key] = parse_variant(obj)
+                if declared and key in va_keys:
+                    raise InvalidResource("metadata.name", f"VariantAutoscaling {key} has the same name; the "
+                                          "variant label of the exported metrics must name one variant: rename "
+                                          "one of them", condition_reason="VariantNameConflict")
+                parsed[key] = parse_variant(annotated.variant_from_scaled_object(obj) if declared else obj)
             except InvalidResource as err:
                 ref = ObjectRef(namespace=ns, name=name, uid=meta.get("uid"),
+                                **({"kind": annotated.KIND} if declared else {}),
                                 api_version=obj.get("apiVersion") or ObjectRef.model_fields["api_version"].default)
                 self._invalid(key, ref, obj, err.condition_reason, f"{err}", int(meta.get("generation") or 0),
                               now_text, statuses, events, outcomes)
@@ -1104,6 +1127,9 @@ class Controller:
                 out["desiredOptimizedAlloc"] = {k: v for k, v in out["desiredOptimizedAlloc"].items()
                                                 if k != "lastRunTime"}
             return out
+
+        # an annotated ScaledObject's status belongs to KEDA: its variant reports by Events and /metrics
+        statuses = {k: (r, b) for k, (r, b) in statuses.items() if r.kind != annotated.KIND}
 
         async def status(key: str, ref: ObjectRef, body: dict) -> None:
             last = self.memory.last_status.get(key)

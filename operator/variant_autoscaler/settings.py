@@ -148,6 +148,9 @@ class OperatorSettings(_Strict):
         default=None, gt=0, le=lim.MAX_REPLICAS, description="Most replicas one variant moves per cycle."
     )
     watched_namespaces: list[str] = Field(default_factory=list, description="Empty: all namespaces.")
+    annotation_mode: bool = Field(
+        default=False, description="Also manage KEDA ScaledObjects marked with the llm-d-autoscaling v0.9 "
+                                   "annotations (llm-d.ai/managed: \"true\"); needs list on keda.sh scaledobjects.")
     accelerators: list[AcceleratorSettings] = Field(default_factory=list)
     discover_inventory: bool = Field(default=False, description="Count accelerators from node labels/allocatable.")
     models: list[ModelSettings] = Field(default_factory=list)
@@ -185,6 +188,10 @@ class OperatorSettings(_Strict):
         for ns in self.watched_namespaces:
             if not re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", ns):
                 raise ValueError(f"watched_namespaces: {ns!r} is not a valid namespace name")
+        if self.annotation_mode and self.actuation_mode != "metrics":
+            # KEDA scales an annotated ScaledObject's target; writing its replicas as well would fight it
+            raise ValueError("annotation_mode: needs actuation_mode: metrics (KEDA scales the targets of "
+                             "annotated ScaledObjects from variant_autoscaler_desired_replicas)")
         return self
 
     def accelerator(self, name: str) -> AcceleratorSettings | None:
