@@ -96,6 +96,7 @@ def test_helm_lint_strict_passes(helm, tmp_path, name):
     ({"prometheus": {"url": "prometheus:9090"}}, "prometheus.url"),
     ({"accelerators": [{"name": "H100"}]}, "costPerHour"),
     ({"operator": {"watchNamespaces": ["Not_A_Namespace"]}}, "operator.watchNamespaces"),
+    ({"operator": {"annotationMode": True}}, "operator.annotationMode needs operator.actuationMode=metrics"),
 ])
 def test_bad_values_fail_with_the_key_named(helm, tmp_path, values, expected):
     done = subprocess.run([str(helm), "template", "va", str(CHART), "-f", str(_values_file(tmp_path, values))],
@@ -294,6 +295,16 @@ def test_statefulset_targets_are_an_explicit_opt_in(helm, tmp_path):
         return {res for rule in role["rules"] for res in rule["resources"]}
     assert not {"statefulsets", "statefulsets/scale"} & resources({})
     assert {"statefulsets", "statefulsets/scale"} <= resources({"rbac": {"statefulSets": True}})
+
+
+def test_annotation_mode_reaches_the_settings_and_lists_scaled_objects_only_when_on(helm, tmp_path):
+    on = render(helm, tmp_path, {"operator": {"annotationMode": True, "actuationMode": "metrics"}})
+    assert settings_of(on).annotation_mode is True
+    (role,) = find(on, "ClusterRole")
+    assert {"apiGroups": ["keda.sh"], "resources": ["scaledobjects"], "verbs": ["list"]} in role["rules"]
+    (off,) = find(render(helm, tmp_path, {}), "ClusterRole")
+    assert not [r for r in off["rules"] if "keda.sh" in r["apiGroups"]]
+    assert settings_of(render(helm, tmp_path, {})).annotation_mode is False
 
 
 def test_rbac_can_be_left_to_the_cluster_admin(helm, tmp_path):

@@ -36,6 +36,12 @@ with these rules exactly: a new API call without a rule, or a rule nothing uses,
   resources: ["horizontalpodautoscalers"]
   verbs: ["list"]
 {{- end }}
+{{- if .Values.operator.annotationMode }}
+# Annotation mode: ScaledObjects marked llm-d.ai/managed are listed each cycle (read only: KEDA owns them).
+- apiGroups: ["keda.sh"]
+  resources: ["scaledobjects"]
+  verbs: ["list"]
+{{- end }}
 # Pods: listed per target; annotated with controller.kubernetes.io/pod-deletion-cost before a scale-down.
 - apiGroups: [""]
   resources: ["pods"]

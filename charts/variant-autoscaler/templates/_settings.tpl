@@ -5,6 +5,9 @@ parses the rendered file with the operator's own parser for default and non-defa
 */}}
 {{- define "variant-autoscaler.settings" -}}
 {{- $op := .Values.operator -}}
+{{- if and $op.annotationMode (ne $op.actuationMode "metrics") }}
+{{- fail "operator.annotationMode needs operator.actuationMode=metrics: KEDA scales the targets of annotated ScaledObjects" }}
+{{- end -}}
 {{- $prom := dict "url" .Values.prometheus.url "timeout_s" .Values.prometheus.timeoutSeconds "verify_tls" .Values.prometheus.tls.verify -}}
 {{- with (include "variant-autoscaler.caFile" .) }}{{ $_ := set $prom "ca_file" . }}{{ end -}}
 {{- with (include "variant-autoscaler.tokenFile" .) }}{{ $_ := set $prom "bearer_token_file" . }}{{ end -}}
@@ -24,6 +27,7 @@ parses the rendered file with the operator's own parser for default and non-defa
   "prometheus" $prom
   "accelerators" $accs
   "discover_inventory" $op.discoverInventory
+  "annotation_mode" $op.annotationMode
   "scale_up_window_s" $op.scaleUpStabilizationSeconds
   "scale_down_window_s" $op.scaleDownStabilizationSeconds
   "change_penalty" $op.changePenaltyPerReplica
