@@ -22,7 +22,8 @@ from variant_autoscaler.annotations import (
     KEDA_DEFAULT_MAX_REPLICAS,
     SCALE_TO_ZERO_RETENTION,
     VARIANT_COST,
-    variant_from_scaled_object,
+    is_managed,
+    variant_from_annotated,
 )
 from variant_autoscaler.controller import Controller, ControllerDeps
 from variant_autoscaler.exporter import Exporter
@@ -157,7 +158,7 @@ def test_annotation_problems_are_events_on_the_scaled_object_and_the_rest_goes_o
 
 
 def parsed(annotations: dict[str, str], **spec):
-    return parse_variant(variant_from_scaled_object({**scaled_object("so", "serve", annotations, **spec),
+    return parse_variant(variant_from_annotated({**scaled_object("so", "serve", annotations, **spec),
                                                      "metadata": {"name": "so", "namespace": "n",
                                                                   "annotations": annotations}}))
 
@@ -200,3 +201,81 @@ def test_annotation_mode_needs_metrics_mode():
         OperatorSettings.model_validate({"annotation_mode": True})
     assert not math.isnan(OperatorSettings.model_validate({"annotation_mode": True, "actuation_mode": "metrics"})
                           .rate_window_s)
+
+
+# ------------------------------------------------------------------------------------------------
+# The same annotations on an autoscaling/v2 HPA (v0.9's other carrier), next to a ScaledObject and a VA.
+
+
+def hpa(name: str, target: str, annotations: dict[str, str], *, min_replicas: int | None = None,
+        max_replicas: int = 5) -> dict:
+    """A v0.9 user's HPA on the llm-d WVA metric (External, AverageValue 1)."""
+    return {"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
+            "metadata": {"name": name, "annotations": annotations, "labels": {
+                "inference.optimization/acceleratorName": "L4"}},
+            "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": target},
+                     **({"minReplicas": min_replicas} if min_replicas is not None else {}),
+                     "maxReplicas": max_replicas,
+                     "metrics": [{"type": "External", "external": {
+                         "metric": {"name": "wva_desired_replicas",
+                                    "selector": {"matchLabels": {"variant_name": name}}},
+                         "target": {"type": "AverageValue", "averageValue": "1"}}}]}}
+
+
+def test_annotated_hpas_are_managed_beside_scaled_objects_and_vas(kube, kube_api):
+    from kubernetes import client
+
+    autoscaling = client.AutoscalingV2Api(kube_api)
+    for name in ("va-l4", "hpa-l4", "so-h100", "bad-hpa"):
+        kube.deploy(name, 1)
+    va = variant("va-l4", "va-l4", accelerator="L4", model=MODEL)
+    del va["spec"]["slo"]
+    kube.apply_variant(va)
+    created = autoscaling.create_namespaced_horizontal_pod_autoscaler(
+        kube.ns, hpa("hpa-l4", "hpa-l4", managed(**{VARIANT_COST: "0.75"}), max_replicas=4))
+    autoscaling.create_namespaced_horizontal_pod_autoscaler(
+        kube.ns, hpa("bad-hpa", "bad-hpa", managed(**{"llm-d.ai/gpus-per-replica": "two"})))
+    create_so(kube, scaled_object("so-h100", "so-h100", managed(),
+                                  labels={"inference.optimization/acceleratorName": "H100"}))
+    ctrl = make_controller(kube_api, kube.ns, Demand({MODEL: 30.0}))
+    report = asyncio.run(ctrl.cycle())
+
+    assert report.ok, report.error
+    keys = {k.split("/", 1)[1] for k, o in report.variants.items() if o.valid}
+    assert keys == {"va-l4", "hpa-l4", "so-h100"}
+    by = {k.split("/", 1)[1]: o for k, o in report.variants.items()}
+    assert 1 <= by["hpa-l4"].desired_replicas <= 4
+    assert report.cost_per_hour == pytest.approx(by["va-l4"].desired_replicas * PRICES["L4"]
+                                                 + by["hpa-l4"].desired_replicas * 0.75
+                                                 + by["so-h100"].desired_replicas * PRICES["H100"])
+    text = ctrl.deps.exporter.render().decode()
+    assert desired_on_metrics(text, kube.ns, "hpa-l4") == by["hpa-l4"].desired_replicas
+    assert f'wva_desired_replicas{{accelerator_type="L4",namespace="{kube.ns}",variant_name="hpa-l4"}}' in text
+    after = autoscaling.read_namespaced_horizontal_pod_autoscaler("hpa-l4", kube.ns)
+    assert after.metadata.resource_version == created.metadata.resource_version  # its status is the HPA's
+    (event,) = [e for e in kube.events("InvalidAnnotations") if e.involved_object.name == "bad-hpa"]
+    assert (event.involved_object.kind, event.involved_object.api_version) == ("HorizontalPodAutoscaler",
+                                                                               "autoscaling/v2")
+    assert "llm-d.ai/gpus-per-replica" in event.message and "two" in event.message
+
+
+def test_hpa_bounds_map_like_a_scaled_objects():
+    body = hpa("h", "serve", managed(**{"llm-d.ai/role": "prefill"}), max_replicas=7)
+    body["metadata"]["namespace"] = "n"
+    p = parse_variant(variant_from_annotated(body))
+    assert (p.ref.kind, p.ref.api_version, p.min_replicas, p.max_replicas, p.role_name) == (
+        "HorizontalPodAutoscaler", "autoscaling/v2", 1, 7, "prefill")
+    body = hpa("h", "serve", managed(**{SCALE_TO_ZERO_RETENTION: "300"}), min_replicas=0, max_replicas=3)
+    zero = parse_variant(variant_from_annotated(body))
+    assert (zero.min_replicas, zero.scale_down.stabilization_window_s) == (0, 300)
+    with pytest.raises(InvalidResource) as info:
+        variant_from_annotated(hpa("h", "serve", managed(), min_replicas=4, max_replicas=2))
+    assert info.value.field == "spec.minReplicas"
+
+
+def test_the_hpa_keda_creates_for_a_scaled_object_is_not_a_second_variant():
+    owned = hpa("keda-hpa-so", "serve", managed())
+    owned["metadata"]["ownerReferences"] = [{"apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject",
+                                             "name": "so", "uid": "u", "controller": True}]
+    assert not is_managed(owned) and is_managed(hpa("mine", "serve", managed()))
+    assert not is_managed(hpa("off", "serve", {**managed(), "llm-d.ai/managed": "True"}))  # only "true"

@@ -302,8 +302,10 @@ def test_annotation_mode_reaches_the_settings_and_lists_scaled_objects_only_when
     assert settings_of(on).annotation_mode is True
     (role,) = find(on, "ClusterRole")
     assert {"apiGroups": ["keda.sh"], "resources": ["scaledobjects"], "verbs": ["list"]} in role["rules"]
-    (off,) = find(render(helm, tmp_path, {}), "ClusterRole")
-    assert not [r for r in off["rules"] if "keda.sh" in r["apiGroups"]]
+    assert {"apiGroups": ["autoscaling"], "resources": ["horizontalpodautoscalers"], "verbs": ["list"]} \
+        in role["rules"]
+    (off,) = find(render(helm, tmp_path, {"operator": {"actuationMode": "metrics"}}), "ClusterRole")
+    assert not [r for r in off["rules"] if {"keda.sh", "autoscaling"} & set(r["apiGroups"])]
     assert settings_of(render(helm, tmp_path, {})).annotation_mode is False
 
 

@@ -321,24 +321,40 @@ class KubeGateway:
         skipped = [f"{ns}: {r}" for ns, r in zip(namespaces, results, strict=True) if isinstance(r, ApiCallFailed)]
         return found, skipped
 
-    async def list_scaled_objects(self, namespaces: list[str] | None) -> tuple[list[JsonObj], str | None]:
-        """KEDA ScaledObjects (keda.sh/v1alpha1) in `namespaces` (None: all), for annotation mode, and why
-        they could not be listed (a final 4xx: 404 where KEDA's CRD is not installed, 403 without the
-        RBAC rule): then none are managed and the VariantAutoscalings go on. 5xx still raise."""
-        def one(ns: str | None) -> list[JsonObj]:
-            where = f" in {ns}" if ns else ""
-            body = (self._json(f"list ScaledObjects{where}", self.custom.list_namespaced_custom_object,
-                               "keda.sh", "v1alpha1", ns, "scaledobjects") if ns else
-                    self._json("list ScaledObjects", self.custom.list_cluster_custom_object,
-                               "keda.sh", "v1alpha1", "scaledobjects"))
-            return body.get("items") or []
-        try:
-            lists = await asyncio.gather(*(self._in_thread(lambda n=n: one(n)) for n in (namespaces or [None])))
-        except ApiCallFailed as err:
-            if 400 <= err.status < 500 and err.status not in RETRYABLE_STATUS:
-                return [], str(err)
-            raise
-        return [item for items in lists for item in items], None
+    async def list_annotated(self, namespaces: list[str] | None) -> tuple[list[JsonObj], list[str]]:
+        """For annotation mode: KEDA ScaledObjects (keda.sh/v1alpha1) and autoscaling/v2 HPAs in
+        `namespaces` (None: all), each with its kind set, and why a kind could not be listed (a final
+        4xx: 404 where KEDA's CRD is not installed, 403 without the RBAC rule): that kind is then
+        skipped and the rest go on. 5xx (after the retries) still raise."""
+        hpas = client.AutoscalingV2Api(self.api_client)
+        sources = {
+            "ScaledObject": (lambda ns, **kw: self.custom.list_namespaced_custom_object(
+                                 "keda.sh", "v1alpha1", ns, "scaledobjects", **kw),
+                             lambda **kw: self.custom.list_cluster_custom_object(
+                                 "keda.sh", "v1alpha1", "scaledobjects", **kw)),
+            "HorizontalPodAutoscaler": (hpas.list_namespaced_horizontal_pod_autoscaler,
+                                        hpas.list_horizontal_pod_autoscaler_for_all_namespaces),
+        }
+
+        def one(kind: str, ns: str | None) -> list[JsonObj]:
+            namespaced, everywhere = sources[kind]
+            body = (self._json(f"list {kind}s in {ns}", namespaced, ns) if ns
+                    else self._json(f"list {kind}s", everywhere))
+            return [{**item, "kind": kind} for item in body.get("items") or []]
+
+        items: list[JsonObj] = []
+        skipped: list[str] = []
+        for kind in sources:
+            try:
+                lists = await asyncio.gather(*(self._in_thread(lambda k=kind, n=n: one(k, n))
+                                               for n in (namespaces or [None])))
+            except ApiCallFailed as err:
+                if 400 <= err.status < 500 and err.status not in RETRYABLE_STATUS:
+                    skipped.append(str(err))
+                    continue
+                raise
+            items += [item for found in lists for item in found]
+        return items, skipped
 
     async def read_targets(self, refs: list[TargetRef]) -> dict[TargetRef, TargetView | TargetUnreadable | None]:
         """Every target's replicas and pods, with one list call per (namespace, kind) and per namespace's pods.

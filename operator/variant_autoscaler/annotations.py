@@ -1,11 +1,13 @@
-"""Annotation mode: variants declared the llm-d-autoscaling v0.9 way, on KEDA ScaledObjects.
+"""Annotation mode: variants declared the llm-d-autoscaling v0.9 way, on KEDA ScaledObjects or HPAs.
 
-llm-d-autoscaling v0.9 removed its VariantAutoscaling CRD: a user marks the KEDA ScaledObject that
-scales a variant's Deployment with `llm-d.ai/*` annotations, and KEDA's Prometheus trigger reads the
-autoscaler's desired-replicas metric. So that those manifests work unchanged here, each managed
-ScaledObject is turned into the VariantAutoscaling-shaped dict that `resources.parse_variant` reads
-(as upstream synthesizes an in-memory VA): one variant model and one decision path for both modes.
-Its Events go to the ScaledObject (the parsed ref names it); its status is KEDA's, never written.
+llm-d-autoscaling v0.9 removed its VariantAutoscaling CRD: a user marks the KEDA ScaledObject (or
+the autoscaling/v2 HorizontalPodAutoscaler) that scales a variant's Deployment with `llm-d.ai/*`
+annotations, and KEDA's Prometheus trigger (or the HPA's external metric) reads the autoscaler's
+desired-replicas metric. So that those manifests work unchanged here, each managed object is turned
+into the VariantAutoscaling-shaped dict that `resources.parse_variant` reads (as upstream
+synthesizes an in-memory VA): one variant model and one decision path for both modes. Its Events
+go to that object (the parsed ref names it); its status is KEDA's or the HPA controller's, never
+written.
 
 | annotation | maps to | default |
 |---|---|---|
@@ -16,9 +18,10 @@ Its Events go to the ScaledObject (the parsed ref names it); its status is KEDA'
 | `llm-d.ai/role` | `spec.role` (prefill, decode, both) | both |
 | `llm-d.ai/scale-to-zero-retention` | minReplicas 0 and a scale-down window that long (at most 1h) | no scale to zero |
 
-`spec.minReplicaCount`/`maxReplicaCount` give the bounds (KEDA's own default minimum is 0, but
-without the retention annotation the minimum here is 1: never scale to zero by accident; the
-maximum defaults to KEDA's 100). `autoscaling.keda.sh/paused: "true"` pauses the variant as our
+`spec.minReplicaCount`/`maxReplicaCount` of a ScaledObject give the bounds (KEDA's own default
+minimum is 0, but without the retention annotation the minimum here is 1: never scale to zero by
+accident; the maximum defaults to KEDA's 100); an HPA's `spec.minReplicas` (default 1) and
+`spec.maxReplicas` (required by its schema) likewise. `autoscaling.keda.sh/paused: "true"` pauses the variant as our
 pause annotation does. The accelerator comes, as for a VA, from the label
 `inference.optimization/acceleratorName` on the ScaledObject, else from the target.
 """
@@ -41,7 +44,13 @@ KEDA_PAUSED = "autoscaling.keda.sh/paused"
 
 GROUP, VERSION, PLURAL, KIND = "keda.sh", "v1alpha1", "scaledobjects", "ScaledObject"
 API_VERSION = f"{GROUP}/{VERSION}"
+HPA_KIND, HPA_API_VERSION = "HorizontalPodAutoscaler", "autoscaling/v2"
+KINDS = frozenset({KIND, HPA_KIND})
+# where each kind keeps its replica bounds, and its API version for the Events' involvedObject
 KEDA_DEFAULT_MAX_REPLICAS = 100
+BOUNDS = {KIND: ("minReplicaCount", "maxReplicaCount", KEDA_DEFAULT_MAX_REPLICAS),
+          HPA_KIND: ("minReplicas", "maxReplicas", None)}
+API_VERSIONS = {KIND: API_VERSION, HPA_KIND: HPA_API_VERSION}
 MAX_RETENTION_S = 3600  # the HPA's (and spec.behavior's) longest stabilization window
 INVALID = "InvalidAnnotations"
 
@@ -50,8 +59,12 @@ _UNIT_S = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
 
 
 def is_managed(obj: dict) -> bool:
-    """True for an object that opted in: `llm-d.ai/managed: "true"` exactly, as upstream."""
-    return ((obj.get("metadata") or {}).get("annotations") or {}).get(MANAGED) == "true"
+    """True for an object that opted in: `llm-d.ai/managed: "true"` exactly, as upstream. The HPA
+    KEDA creates for a ScaledObject (owned by it) is never a variant of its own: the ScaledObject is."""
+    meta = obj.get("metadata") or {}
+    if any((o or {}).get("kind") == KIND for o in meta.get("ownerReferences") or []):
+        return False
+    return (meta.get("annotations") or {}).get(MANAGED) == "true"
 
 
 def _where(annotation: str) -> str:
@@ -84,10 +97,12 @@ def _count(spec: dict, field: str, default: int | None) -> int | None:
     return value
 
 
-def variant_from_scaled_object(obj: dict) -> dict:
-    """The VariantAutoscaling-shaped dict a managed ScaledObject declares (for `parse_variant`).
+def variant_from_annotated(obj: dict) -> dict:
+    """The VariantAutoscaling-shaped dict a managed ScaledObject or HPA declares (for `parse_variant`).
 
     Raises InvalidResource naming the annotation or field at fault (reason InvalidAnnotations)."""
+    kind = obj.get("kind") if obj.get("kind") in KINDS else KIND
+    min_field, max_field, default_max = BOUNDS[kind]
     meta = obj.get("metadata") or {}
     annotations = {str(k): str(v) for k, v in (meta.get("annotations") or {}).items()}
     spec = obj.get("spec") if isinstance(obj.get("spec"), dict) else {}
@@ -97,7 +112,7 @@ def variant_from_scaled_object(obj: dict) -> dict:
                               "target serves", condition_reason=INVALID)
     target = spec.get("scaleTargetRef")
     if not isinstance(target, dict) or not target.get("name"):
-        raise InvalidResource("spec.scaleTargetRef.name", "required: the Deployment this ScaledObject scales",
+        raise InvalidResource("spec.scaleTargetRef.name", f"required: the Deployment this {kind} scales",
                               condition_reason=INVALID)
     vspec: dict = {"modelID": model,
                    "scaleTargetRef": {"kind": target.get("kind") or "Deployment",
@@ -129,22 +144,22 @@ def variant_from_scaled_object(obj: dict) -> dict:
     if annotations.get(SCALE_TO_ZERO_RETENTION, "").strip():
         retention = parse_duration_s(annotations[SCALE_TO_ZERO_RETENTION], _where(SCALE_TO_ZERO_RETENTION),
                                      MAX_RETENTION_S)
-    low = _count(spec, "minReplicaCount", None)
-    high = _count(spec, "maxReplicaCount", KEDA_DEFAULT_MAX_REPLICAS)
+    low = _count(spec, min_field, None)
+    high = _count(spec, max_field, default_max)
     if retention is None:
         low = max(1, low or 0)  # KEDA's default 0 would scale to zero; v0.9 needs the retention annotation
     else:
         low = 0 if low is None else low
         vspec["behavior"] = {"scaleDown": {"stabilizationWindowSeconds": int(math.ceil(retention))}}
     if high is not None and low > high:
-        raise InvalidResource("spec.minReplicaCount", f"minimum {low} exceeds spec.maxReplicaCount {high}",
+        raise InvalidResource(f"spec.{min_field}", f"minimum {low} exceeds spec.{max_field} {high}",
                               condition_reason=INVALID)
     vspec["minReplicas"], vspec["maxReplicas"] = low, high
     ours = {k: v for k, v in annotations.items() if not k.startswith("llm-d.ai/")}
-    if annotations.get(KEDA_PAUSED, "").strip().lower() == "true":
+    if kind == KIND and annotations.get(KEDA_PAUSED, "").strip().lower() == "true":
         ours[PAUSED_ANNOTATION] = "true"
     return {
-        "apiVersion": API_VERSION, "kind": KIND,
+        "apiVersion": API_VERSIONS[kind], "kind": kind,
         "metadata": {key: meta[key] for key in ("name", "namespace", "uid", "generation", "creationTimestamp",
                                                 "labels") if key in meta} | {"annotations": ours},
         "spec": vspec,

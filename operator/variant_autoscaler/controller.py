@@ -266,7 +266,7 @@ class Controller:
         self._phases: dict[str, float] = {}
         self._mark = 0.0
         self._scope_warned: tuple | None = None
-        self._annotation_skip: str | None = None
+        self._annotation_skip: list[str] = []
 
     # ------------------------------------------------------------------------------------------
     async def cycle(self, resources: list[dict] | None = None) -> CycleReport:
@@ -289,7 +289,7 @@ class Controller:
             if resources is None:
                 resources = [] if scope == [] else await deps.gateway.list_variant_autoscalings(scope)
             if settings.annotation_mode and scope != []:
-                resources = [*resources, *await self._scaled_objects(scope)]
+                resources = [*resources, *await self._annotated(scope)]
             self._phase("list", t0)
             return await self._cycle(settings, scope, resources, started, t0)
         except ApiCallFailed as err:
@@ -299,12 +299,13 @@ class Controller:
             deps.exporter.cycle_duration.observe(report.duration_s)
             return report
 
-    async def _scaled_objects(self, scope: list[str] | None) -> list[dict]:
-        """Annotation mode: the KEDA ScaledObjects in scope (the parse step keeps the managed ones).
-        Unlistable (no KEDA CRD, no RBAC rule) is logged once per reason, and the VAs go on."""
-        items, skipped = await self.deps.gateway.list_scaled_objects(scope)
+    async def _annotated(self, scope: list[str] | None) -> list[dict]:
+        """Annotation mode: the ScaledObjects and HPAs in scope (the parse step keeps the managed ones).
+        A kind that cannot be listed (no KEDA CRD, no RBAC rule) is logged once per reason, and the
+        others go on."""
+        items, skipped = await self.deps.gateway.list_annotated(scope)
         if skipped and skipped != self._annotation_skip:
-            log.warning("annotation mode: ScaledObjects cannot be listed, none are managed: %s", skipped)
+            log.warning("annotation mode: not listed, so not managed: %s", "; ".join(skipped))
         self._annotation_skip = skipped
         return items
 
@@ -359,26 +360,28 @@ class Controller:
         # 1. parse
         parsed: dict[str, ParsedVariant] = {}
         va_keys = {f"{(o.get('metadata') or {}).get('namespace') or 'default'}/{(o.get('metadata') or {}).get('name')}"
-                   for o in resources if o.get("kind") != annotated.KIND}
+                   for o in resources if o.get("kind") not in annotated.KINDS}
         for obj in resources:
             meta = obj.get("metadata") or {}
             ns, name = meta.get("namespace") or "default", meta.get("name") or "?"
             if scope is not None and ns not in scope:
                 continue
             key = f"{ns}/{name}"
-            declared = obj.get("kind") == annotated.KIND  # annotation mode: a KEDA ScaledObject
+            declared = obj.get("kind") in annotated.KINDS  # annotation mode: a ScaledObject or an HPA
             if declared and not annotated.is_managed(obj):
                 continue
             try:
-                if declared and key in va_keys:
-                    raise InvalidResource("metadata.name", f"VariantAutoscaling {key} has the same name; the "
-                                          "variant label of the exported metrics must name one variant: rename "
-                                          "one of them", condition_reason="VariantNameConflict")
-                parsed[key] = parse_variant(annotated.variant_from_scaled_object(obj) if declared else obj)
+                if declared and (key in va_keys or key in parsed):
+                    other = "VariantAutoscaling" if key in va_keys else parsed[key].ref.kind
+                    raise InvalidResource("metadata.name", f"{other} {key} has the same name; the variant "
+                                          "label of the exported metrics must name one variant: rename one of "
+                                          "them", condition_reason="VariantNameConflict")
+                parsed[key] = parse_variant(annotated.variant_from_annotated(obj) if declared else obj)
             except InvalidResource as err:
                 ref = ObjectRef(namespace=ns, name=name, uid=meta.get("uid"),
-                                **({"kind": annotated.KIND} if declared else {}),
-                                api_version=obj.get("apiVersion") or ObjectRef.model_fields["api_version"].default)
+                                **({"kind": obj["kind"], "api_version": annotated.API_VERSIONS[obj["kind"]]}
+                                   if declared else {"api_version": obj.get("apiVersion")
+                                                     or ObjectRef.model_fields["api_version"].default}))
                 self._invalid(key, ref, obj, err.condition_reason, f"{err}", int(meta.get("generation") or 0),
                               now_text, statuses, events, outcomes)
         for key, p in list(parsed.items()):
@@ -1128,8 +1131,9 @@ class Controller:
                                                 if k != "lastRunTime"}
             return out
 
-        # an annotated ScaledObject's status belongs to KEDA: its variant reports by Events and /metrics
-        statuses = {k: (r, b) for k, (r, b) in statuses.items() if r.kind != annotated.KIND}
+        # an annotated ScaledObject's or HPA's status belongs to KEDA / the HPA controller: its variant
+        # reports by Events and /metrics
+        statuses = {k: (r, b) for k, (r, b) in statuses.items() if r.kind not in annotated.KINDS}
 
         async def status(key: str, ref: ObjectRef, body: dict) -> None:
             last = self.memory.last_status.get(key)

@@ -149,8 +149,9 @@ class OperatorSettings(_Strict):
     )
     watched_namespaces: list[str] = Field(default_factory=list, description="Empty: all namespaces.")
     annotation_mode: bool = Field(
-        default=False, description="Also manage KEDA ScaledObjects marked with the llm-d-autoscaling v0.9 "
-                                   "annotations (llm-d.ai/managed: \"true\"); needs list on keda.sh scaledobjects.")
+        default=False, description="Also manage KEDA ScaledObjects and autoscaling/v2 HPAs marked with the "
+                                   "llm-d-autoscaling v0.9 annotations (llm-d.ai/managed: \"true\"); needs list on "
+                                   "keda.sh scaledobjects and autoscaling horizontalpodautoscalers.")
     accelerators: list[AcceleratorSettings] = Field(default_factory=list)
     discover_inventory: bool = Field(default=False, description="Count accelerators from node labels/allocatable.")
     models: list[ModelSettings] = Field(default_factory=list)

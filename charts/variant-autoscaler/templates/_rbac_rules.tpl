@@ -29,9 +29,9 @@ with these rules exactly: a new API call without a rule, or a rule nothing uses,
   resources: ["statefulsets/scale"]
   verbs: ["get", "update"]
 {{- end }}
-{{- if ne .Values.operator.actuationMode "metrics" }}
+{{- if or (ne .Values.operator.actuationMode "metrics") .Values.operator.annotationMode }}
 # Direct mode: HorizontalPodAutoscalers are listed so a target an HPA already scales is left to it
-# (condition ConflictingAutoscaler) instead of fought over.
+# (condition ConflictingAutoscaler) instead of fought over; annotation mode: HPAs marked llm-d.ai/managed.
 - apiGroups: ["autoscaling"]
   resources: ["horizontalpodautoscalers"]
   verbs: ["list"]
