@@ -319,3 +319,39 @@ def test_watched_namespaces_mode_is_authorized_and_uses_its_own_rules(world, hel
     assert peering and not peering - used, f"peering rules never used: {sorted(peering - used)}"
     assert not any(c.namespace is None and c.resource in ("variantautoscalings", "pods", "deployments")
                    for c in calls), "watched-namespaces mode must not list namespaced resources cluster-wide"
+
+
+def test_annotation_mode_is_authorized_and_uses_its_rules(world, helm, tmp_path):
+    """operator.annotationMode (metrics mode, watched namespace): listing ScaledObjects and HPAs and
+    posting Events on them are all allowed by the rendered rules, and those rules are used."""
+    from kubernetes import client
+
+    so_crd = yaml.safe_load((REPO / "tests" / "keda" / "scaledobjects.keda.sh.yaml").read_text())
+    world.cluster.call(world.cluster.install_crds, [so_crd])
+    ns = world.namespace()
+    world.deploy(ns, "busy", MODEL_BUSY, 1)
+    client.CustomObjectsApi(world.api).create_namespaced_custom_object("keda.sh", "v1alpha1", ns, "scaledobjects", {
+        "apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject",
+        "metadata": {"name": "busy-so", "annotations": {"llm-d.ai/managed": "true"}},  # no model-id: an Event
+        "spec": {"scaleTargetRef": {"name": "busy"}, "triggers": [{"type": "prometheus", "metadata": {
+            "query": 'max(variant_autoscaler_desired_replicas{variant="busy-so"})', "threshold": "1"}}]}})
+    docs = render(helm, tmp_path, chart_values(world, operator={"watchNamespaces": [ns], "actuationMode": "metrics",
+                                                                "annotationMode": True}))
+    world.cluster.core.clear_requests()
+    with ChartOperator(world, docs):
+        wait_until(lambda: any(c.resource == "events" and c.namespace == ns for c in world.operator_calls()), 30,
+                   "the InvalidAnnotations Event on the ScaledObject")
+    calls = world.operator_calls()
+    roles = {r["metadata"]["namespace"]: r for r in kind(docs, "Role")
+             if r["metadata"]["name"] == f"{RELEASE}-variant-autoscaler"}
+    (settings_role,) = [r for r in kind(docs, "Role") if r["metadata"]["name"].endswith("-settings")]
+    (cluster_role,) = kind(docs, "ClusterRole")
+    denied = [c for c in calls if not allows(
+        [*cluster_role["rules"], *(roles[c.namespace]["rules"] if c.namespace in roles else []),
+         *(settings_role["rules"] if c.namespace == RELEASE_NAMESPACE else [])], c)]
+    assert not denied, f"calls no rule allows: {denied}"
+    used = {c.triple for c in calls}
+    for triple in (("keda.sh", "scaledobjects", "list"), ("autoscaling", "horizontalpodautoscalers", "list")):
+        assert triple in rule_triples(roles[ns]["rules"]) and triple in used, triple
+    events = client.CoreV1Api(world.api).list_namespaced_event(ns).items
+    assert any(e.reason == "InvalidAnnotations" and e.involved_object.kind == "ScaledObject" for e in events)
