@@ -684,3 +684,21 @@ def test_server_side_apply_of_builtin_types_says_to_drop_the_flag(emulated_clust
     applied = emulated_cluster.kubectl("apply", "-f", "-", input=config_map)
     assert applied.returncode == 0, applied.stderr
     assert "configmap/applied created" in applied.stdout
+
+
+def test_kubectl_create_configmap_works_and_other_protobuf_bodies_say_what_to_send(emulated_cluster, kube_api,
+                                                                                   kube_namespace, tmp_path):
+    import base64
+
+    core, _, _ = apis(kube_api)
+    blob = tmp_path / "blob.bin"
+    blob.write_bytes(b"\xff\x00\xfe")
+    out = emulated_cluster.kubectl("create", "configmap", "literal", "-n", kube_namespace, "--from-literal=a=b",
+                                   "--from-literal=settings.yaml=interval_s: 5", f"--from-file=blob={blob}")
+    assert out.returncode == 0, out.stderr
+    created = core.read_namespaced_config_map("literal", kube_namespace)
+    assert created.data == {"a": "b", "settings.yaml": "interval_s: 5"}
+    assert base64.b64decode(created.binary_data["blob"]) == b"\xff\x00\xfe"
+    refused = emulated_cluster.kubectl("create", "deployment", "gen", "-n", kube_namespace, "--image=x")
+    assert refused.returncode != 0 and "apps/v1/Deployment" in refused.stderr and "kubectl apply" in refused.stderr
+    assert "Traceback" not in refused.stderr

@@ -23,7 +23,7 @@ CRD server, watches chunk by chunk. Every request is recorded (`CoreApi.requests
 derive which API calls a component made, e.g. to check its RBAC rules, and `CoreApi.add_fault` /
 `drop_watches` make requests fail, stall or lose their watch streams, for clients' retry paths.
 
-Not emulated: protobuf bodies (except the Namespace `kubectl create namespace` posts), server-side
+Not emulated: protobuf bodies (except the Namespace and ConfigMap `kubectl create` posts), server-side
 apply of the built-in types (a 415 saying to drop --server-side; the CRD server applies custom
 resources server-side) and OpenAPI schemas of the built-in types (kubectl
 create/apply/get/describe/scale/delete work; `kubectl explain` works for the custom resources),

@@ -1,16 +1,18 @@
-"""Just enough of Kubernetes' protobuf encoding to read the one body kubectl only sends that way.
+"""Just enough of Kubernetes' protobuf encoding to read the bodies kubectl only sends that way.
 
-`kubectl create namespace NAME` (a generator command using the typed client) posts a protobuf
-Namespace, never JSON, so an emulated API that refuses protobuf answers the first command of
+`kubectl create namespace NAME` and `kubectl create configmap` (generator commands using the typed
+client) post protobuf, never JSON, so an emulated API that refuses protobuf answers the first command of
 every tutorial with 415. The encoding is the `k8s\\x00` magic, then a `runtime.Unknown` message
 whose `raw` field holds the object's protobuf (generated.proto of k8s.io/api). This module reads
 the protobuf wire format generically and maps the fields of a Namespace (metadata name,
-generateName, labels, annotations, finalizers; spec.finalizers) to the JSON the store keeps.
+generateName, labels, annotations, finalizers; spec.finalizers) and of a ConfigMap (data,
+binaryData, immutable) to the JSON the store keeps.
 Other kinds raise `ProtobufUnsupported`, so the caller can say what to send instead.
 """
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 MAGIC = b"k8s\x00"
@@ -108,7 +110,26 @@ def _namespace(raw: bytes) -> dict[str, Any]:
     return obj
 
 
-DECODERS = {("v1", "Namespace"): _namespace}
+def _config_map(raw: bytes) -> dict[str, Any]:
+    # k8s.io/api/core/v1/generated.proto ConfigMap: metadata = 1, data = 2, binaryData = 3, immutable = 4
+    obj: dict[str, Any] = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {}}
+    for number, value in fields(raw):
+        if number == 1 and isinstance(value, bytes):
+            obj["metadata"] = _object_meta(value)
+        elif number == 2:
+            key, text = _map_entry(value)
+            obj.setdefault("data", {})[key] = text
+        elif number == 3 and isinstance(value, bytes):
+            entry = dict(fields(value))
+            data = entry.get(2, b"")
+            obj.setdefault("binaryData", {})[_text(entry.get(1, b""))] = base64.b64encode(
+                data if isinstance(data, bytes) else b"").decode()
+        elif number == 4:
+            obj["immutable"] = bool(value)
+    return obj
+
+
+DECODERS = {("v1", "Namespace"): _namespace, ("v1", "ConfigMap"): _config_map}
 
 
 def decode(body: bytes) -> dict[str, Any]:
