@@ -279,3 +279,21 @@ def test_the_hpa_keda_creates_for_a_scaled_object_is_not_a_second_variant():
                                              "name": "so", "uid": "u", "controller": True}]
     assert not is_managed(owned) and is_managed(hpa("mine", "serve", managed()))
     assert not is_managed(hpa("off", "serve", {**managed(), "llm-d.ai/managed": "True"}))  # only "true"
+
+
+def test_the_readme_example_is_a_valid_scaled_object_and_maps_as_documented(kube):
+    """The annotated ScaledObject of README 'Using with KEDA' is accepted by the ScaledObject schema
+    and becomes the variant the comments say."""
+    text = (REPO / "README.md").read_text()
+    block = next(b for b in re.findall(r"```yaml\n(.*?)```", text, re.S) if "llm-d.ai/managed" in b)
+    body = yaml.safe_load(block)
+    body["metadata"]["namespace"] = kube.ns
+    stored = create_so(kube, body)
+    p = parse_variant(variant_from_annotated(stored))
+    assert (p.model_id, p.variant_cost, p.accelerator_count, p.role_name, p.accelerator) == (
+        "meta-llama/Llama-3.1-8B-Instruct", 3.5, 1, "both", "H100")
+    assert (p.min_replicas, p.max_replicas, p.scale_down.stabilization_window_s) == (0, 8, 600)
+    del stored["metadata"]["annotations"]["llm-d.ai/scale-to-zero-retention"]
+    assert parse_variant(variant_from_annotated(stored)).min_replicas == 1
+    assert stored["spec"]["triggers"][0]["metadata"]["query"] == (
+        'max(variant_autoscaler_desired_replicas{namespace="llm",variant="llama-8b-h100"})')
