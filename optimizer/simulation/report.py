@@ -200,6 +200,8 @@ def _plot_replicas(comparison: Comparison, plt):
 
 
 def _plot_latency(comparison: Comparison, plt):
+    from matplotlib import ticker
+
     outs = comparison.outcomes
     slos = comparison.prepared.problem.slos
     slo = slos[0]
@@ -214,6 +216,10 @@ def _plot_latency(comparison: Comparison, plt):
             ax.axvline(target, color="red", lw=1, ls="--", label="SLO")
         # log scale: one policy's queueing (a TTFT of minutes) would otherwise flatten every other bar
         ax.set_xscale("log")
+        # 1-2-5 ticks in plain numbers: the default minor labels (2x10^-2, 3x10^-2, ...) overlap
+        ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _pos: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
         ax.set_xlabel("seconds (log scale)", fontsize=7)
         ax.set_title(f"{which.upper()} (s)", fontsize=9)
         ax.tick_params(labelsize=7)
