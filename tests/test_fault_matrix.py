@@ -15,6 +15,7 @@ the API from a fault proxy between the operator and the emulated cluster.
 from __future__ import annotations
 
 import json
+import logging
 import time
 import urllib.request
 from pathlib import Path
@@ -117,6 +118,17 @@ def _write_report() -> None:
     REPORT.write_text("\n".join(lines) + "\n")
 
 
+class LogTap(logging.Handler):
+    """Every log line the process emits while the matrix runs (formatted as a handler would write it)."""
+
+    def __init__(self):
+        super().__init__(level=logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
 class Stack:
     """One namespace with a served model (fm-l4, minReplicas 1), its operator, and the two fault proxies."""
 
@@ -190,15 +202,18 @@ def stack(emulated_cluster, kube_api, model_pods, prometheus, tmp_path_factory):
     spec = LoadSpec(targets=[gateway.url], model=MODEL, phases=[{"duration_s": 590, "rate_rps": 1.5}], mix=MIX,
                     arrivals="uniform", drain_timeout_s=5, max_requests=5000, max_duration_s=600)
     load = loads.submit(generate_load(spec, stop))
+    tap = LogTap()
+    logging.getLogger().addHandler(tap)
     op = OperatorThread(options).__enter__()
     s = Stack(kube, op, port, prom_proxy, api_proxy, emulated_cluster)
-    s.settings = settings
+    s.settings, s.tap = settings, tap
     try:
         s.wait(s.healthy, what="a healthy steady state (metrics from the real Prometheus)", timeout_s=90)
         _STACK[:] = [s]
         yield s
     finally:
         op.stop()
+        logging.getLogger().removeHandler(tap)
         loads.loop.call_soon_threadsafe(stop.set)
         try:
             load.result(timeout=30)
@@ -539,6 +554,19 @@ def test_many_invalid_variantautoscalings_at_once(stack):
 
 
 REASONS: dict[str, str] = {}
+
+
+def test_api_token_never_in_logs_events_status_or_metrics(stack):
+    """Security basics (issue 10 part 3): after every fault above, the bearer token the operator uses
+    for the API server appears in no log line it emitted, no Event, no VariantAutoscaling status and
+    not on /metrics (faults are where error paths dump requests, so this runs last)."""
+    token = stack.cluster.token
+    assert len(token) >= 16 and stack.tap.lines, "no log lines captured: the tap is not attached"
+    assert not [line for line in stack.tap.lines if token in line]
+    events = stack.kube.core.list_namespaced_event(stack.kube.ns).items
+    assert events and not [e for e in events if token in f"{e.message} {e.reason}"]
+    assert token not in json.dumps(stack.kube.variant("fm-l4").get("status") or {})
+    assert token not in _metrics(stack)
 
 
 def test_results_table_lists_every_row():
