@@ -293,10 +293,12 @@ class EnginePolicy:
         return rates
 
     @staticmethod
-    def _serves(problem: Problem, counts: Mapping[str, int], per_replica: Mapping[str, float]) -> float:
-        """Requests/s a fleet serves: PD replicas add up, prefill and decode only as pairs."""
+    def _serves(problem: Problem, model: str, counts: Mapping[str, int], per_replica: Mapping[str, float]) -> float:
+        """Requests/s of `model` a fleet serves: PD replicas add up, prefill and decode only as pairs."""
         pd = prefill = decode = 0.0
         for v in problem.variants:
+            if v.model != model:
+                continue
             rate = counts.get(v.name, 0) * per_replica[v.name]
             if v.role is Role.BOTH:
                 pd += rate
@@ -307,36 +309,44 @@ class EnginePolicy:
         return pd + min(prefill, decode)
 
     def _keep_ready_capacity(self, problem, plan, states, ready, targets, allocation, capacity, inventory):
-        """Hold scale-downs that would leave the ready fleet short; bridge a rolling swap first."""
+        """Per model: hold scale-downs that would leave its ready fleet short; bridge a rolling swap first.
+
+        Per model, because one model's spare capacity serves none of another's requests: summed over
+        the fleet, the 8B's surplus hid the 70B's whole H100 replica stepping down in a rolling swap,
+        and the 70B served 6.4 req/s on one 0.77 req/s replica until its P/D pair was ready.
+        """
         current = {s.name: s.current_replicas for s in states}
         shrinking = [n for n, t in targets.items() if t < current[n]]
         if not shrinking:
             return targets
         per_replica = self._per_replica_rate(problem, capacity)
-        need = min(sum(w.arrival_rate_rps for w in problem.workloads),
-                   self._serves(problem, {k: int(n) for k, n in allocation.replicas.items()}, per_replica))
-        after = self._serves(problem, {n: min(t, ready[n]) for n, t in targets.items()}, per_replica)
-        if after >= need:
-            return targets
+        planned = {k: int(n) for k, n in allocation.replicas.items()}
         held = dict(targets)
-        for n in shrinking:
-            held[n] = current[n]
-        swapping = [n for n in shrinking if "rolling_swap" in plan.step(n).limited_by]
-        if swapping:
-            # What the swap leaves once every replica already starting is ready: bridge only that.
-            coming = self._serves(problem, {n: min(t, current[n]) for n, t in targets.items()}, per_replica)
-            if coming < need:
-                self._bridge(problem, states, held, need - coming, per_replica, inventory)
+        for model in sorted({self._model_of[n] for n in shrinking}):
+            w = problem.workload(model)
+            need = min(w.arrival_rate_rps if w else 0.0, self._serves(problem, model, planned, per_replica))
+            after = self._serves(problem, model, {n: min(t, ready[n]) for n, t in targets.items()}, per_replica)
+            if after >= need:
+                continue
+            ours = [n for n in shrinking if self._model_of[n] == model]
+            for n in ours:
+                held[n] = current[n]
+            if any("rolling_swap" in plan.step(n).limited_by for n in ours):
+                # What the swap leaves once every replica already starting is ready: bridge only that.
+                coming = self._serves(problem, model, {n: min(t, current[n]) for n, t in targets.items()},
+                                      per_replica)
+                if coming < need:
+                    self._bridge(problem, model, states, held, need - coming, per_replica, inventory)
         return held
 
-    def _bridge(self, problem, states, targets, gap, per_replica, inventory) -> None:
-        """Add replicas of the cheapest PD variant with free accelerators to cover `gap` req/s."""
+    def _bridge(self, problem, model, states, targets, gap, per_replica, inventory) -> None:
+        """Add replicas of `model`'s cheapest PD variant with free accelerators to cover `gap` req/s."""
         used: dict[str, int] = {}
         for s in states:
             used[s.accelerator] = used.get(s.accelerator, 0) + max(targets[s.name], s.pods or 0) * s.accelerators_per_replica
         options = []
         for v in problem.variants:
-            if v.role is not Role.BOTH or per_replica[v.name] <= 0:
+            if v.model != model or v.role is not Role.BOTH or per_replica[v.name] <= 0:
                 continue
             n = math.ceil(gap / per_replica[v.name] - 1e-9)
             limit = inventory.get(v.accelerator)
