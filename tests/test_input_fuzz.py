@@ -119,7 +119,10 @@ def mutated(draw, base: dict, *, within: tuple = (), numbers=BAD_NUMBERS, unknow
     doc = copy.deepcopy(base)
     paths = []
     for _ in range(draw(st.integers(1, 3))):
-        below = [(p, v) for p, v in nodes(doc) if p[:len(within)] == within and len(p) > len(within)]
+        # never a node an earlier mutation wrote (or one below it): mutating it again can make it valid
+        # again (rate_rps set to [1], then that list replaced by the scalar 7)
+        below = [(p, v) for p, v in nodes(doc) if p[:len(within)] == within and len(p) > len(within)
+                 and not any(p[:len(q)] == q for q in paths)]
         kinds = ["number"] * any(is_number(v) for _, v in below)
         kinds += ["unknown key"] * unknown_keys + ["scalar"] * (scalars and any(isinstance(v, dict | list)
                                                                                  for _, v in below))
