@@ -103,6 +103,17 @@ ROWS: dict[str, tuple[str, str, str]] = {
         "target Deployment deleted while managed, then recreated",
         "stops scaling it; picks it up again once it exists",
         "TargetResolved False, reason TargetNotFound, message naming the Deployment; Warning Event TargetNotFound"),
+    "test_operator_killed_mid_make_before_break_and_restarted": (
+        "operator SIGKILLed in the middle of a make-before-break swap (H100 to a cheaper L4 variant, L4 pods still "
+        "starting), then restarted",
+        "the restarted process reads the step from the cluster and resumes it: the L4 count written once, no second "
+        "scale-up, the H100 replica removed only after an L4 replica is ready",
+        "nothing but the restart: the model keeps a ready replica all along; conditions True once the swap ends"),
+    "test_two_operator_replicas_at_once": (
+        "two operator replicas at once (kopf peering, priorities 20 and 10)",
+        "only the higher-priority replica writes replicas; the other stays paused and takes over when "
+        "the first stops",
+        "variant_autoscaler_active 1 on one replica's /metrics, 0 on the other's; recovery is the takeover time"),
 }
 RESULTS: dict[str, float] = {}
 
@@ -556,6 +567,225 @@ def test_many_invalid_variantautoscalings_at_once(stack):
 REASONS: dict[str, str] = {}
 
 
+# --- operator killed in the middle of a make-before-break step, and restarted --------------------------------------
+SWAP_MODEL = {**TINY_MODEL, "name": "tiny/swap-1b"}  # a model of its own: the gateway routes only this row's load
+SWAP_READY_DELAY_S = 12  # the new variant's cold start: long enough to kill the operator while it waits
+
+
+class OperatorProcess:
+    """`variant-autoscaler run` as a child process, so that it can be SIGKILLed like a pod's container."""
+
+    def __init__(self, settings: Path, ns: str, kubeconfig: Path, log: Path):
+        import subprocess
+        import sys
+
+        self.port = free_port()
+        self.log = log
+        with log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "variant_autoscaler", "run", "--settings", str(settings), "-n", ns,
+                 "--standalone", "--kubeconfig", str(kubeconfig), "--metrics-host", "127.0.0.1",
+                 "--metrics-port", str(self.port)], stdout=out, stderr=out)
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as resp:
+            return resp.read().decode()
+
+    def up(self) -> bool:
+        try:
+            return "variant_autoscaler_" in self.metrics()
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        import signal
+
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except Exception:  # noqa: BLE001 - bounded: a stuck one is killed
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+
+def _scale_writes(cluster, ns: str, name: str) -> list[tuple[float, int]]:
+    """(time, replicas) of every scale write the operator sent for one Deployment, from the API's request log."""
+    out = []
+    for r in list(cluster.core.requests):
+        if r.method in ("PUT", "PATCH") and r.namespace == ns and r.name == name and r.subresource == "scale" \
+                and r.user_agent.startswith("variant-autoscaler/"):
+            out.append((r.time, int(json.loads(r.body)["spec"]["replicas"])))
+    return out
+
+
+def test_operator_killed_mid_make_before_break_and_restarted(emulated_cluster, kube_api, model_pods, prometheus,  # noqa: F811
+                                                              tmp_path):
+    """An H100 variant serves a model, an L4 variant of the same model is cheaper: the operator scales the L4 one
+    up and holds the H100 one until the L4 replicas are ready (make-before-break). While the L4 pods are still
+    starting the operator is SIGKILLed, then started again. The restarted one resumes the step: no second
+    scale-up of L4 for the same step (each replica count is written once and never beyond the final one), the
+    H100 replica goes only after an L4 replica is ready, the model is never without a ready replica, and the
+    new process answers /metrics and sets every condition True."""
+    from kubernetes import client
+    from operator_harness import H100_PROFILE
+    from variant_autoscaler.emulation.kubelet import START_DELAY_ANNOTATION
+    from variant_autoscaler.emulation.model_pods import model_server_annotation
+
+    pods, gateway = model_pods
+    ns = f"fm-swap-{int(time.time() * 1000) % 10**8}"
+    core = client.CoreV1Api(kube_api)
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=ns)))
+    kube = Kube(kube_api, ns)
+
+    def annotations(profile: dict, **extra) -> dict:
+        from operator_harness import server_profile
+
+        return {**model_server_annotation({"model": SWAP_MODEL["name"], "profile": server_profile(profile),
+                                           "max_batch": 32}), **extra}
+
+    kube.deploy("swap-h100", 1, annotations(H100_PROFILE))
+    kube.deploy("swap-l4", 0, annotations(L4_PROFILE, **{START_DELAY_ANNOTATION: str(SWAP_READY_DELAY_S)}))
+    for name, acc, profile in (("swap-h100", "H100", H100_PROFILE), ("swap-l4", "L4", L4_PROFILE)):
+        kube.apply_variant(variant(name, name, accelerator=acc, profile=profile, min_replicas=0, max_replicas=4,
+                                   model=SWAP_MODEL["name"]))
+    kube.wait_ready("swap-h100", 1)
+    settings = tmp_path / "settings.yaml"
+    settings.write_text(yaml.safe_dump(settings_dict(interval_s=INTERVAL_S, watched_namespaces=[ns],
+                                                     models=[TINY_MODEL, SWAP_MODEL],
+                                                     prometheus={"url": prometheus.url, "timeout_s": 2})))
+    log = tmp_path / "operator.log"
+    loads = BackgroundLoop()
+    stop = loads.run(_event())
+    spec = LoadSpec(targets=[gateway.url], model=SWAP_MODEL["name"], phases=[{"duration_s": 120, "rate_rps": 1.5}],
+                    mix=MIX, arrivals="uniform", drain_timeout_s=5, max_requests=1000, max_duration_s=130)
+    load = loads.submit(generate_load(spec, stop))
+    seen_unready_at = [0.0]  # the last poll that saw no L4 replica ready
+
+    def invariants(op: OperatorProcess) -> None:
+        assert op.proc.poll() is None, f"operator exited {op.proc.returncode}: {log.read_text()[-2000:]}"
+        l4_ready, h100 = kube.ready("swap-l4"), kube.replicas("swap-h100")
+        if l4_ready == 0:
+            seen_unready_at[0] = time.time()
+            assert h100 >= 1, "the H100 replica was removed before any L4 replica was ready"
+        assert l4_ready + kube.ready("swap-h100") >= 1, "the model was left without a ready replica"
+        for va in ("swap-h100", "swap-l4"):
+            for cond in (kube.variant(va).get("status") or {}).get("conditions") or []:
+                assert len(cond["message"].split()) >= 3, cond
+
+    def watch(op, predicate, what: str, timeout_s: float = 60):
+        return wait_until(lambda: (invariants(op), predicate())[1], timeout_s=timeout_s, what=what, interval_s=0.25)
+
+    first = OperatorProcess(settings, ns, emulated_cluster.kubeconfig_path, log)
+    second = None
+    try:
+        watch(first, lambda: kube.replicas("swap-l4") >= 1, what="the L4 variant scaled up (the swap begins)")
+        assert kube.ready("swap-l4") == 0 and kube.replicas("swap-h100") == 1, "not in the middle of the step"
+        step = _scale_writes(emulated_cluster, ns, "swap-l4")
+        first.kill()
+        second = OperatorProcess(settings, ns, emulated_cluster.kubeconfig_path, log)
+        restarted = time.monotonic()
+        watch(second, second.up, what="the restarted operator's /metrics")
+        assert kube.ready("swap-l4") == 0, "the step ended before the restart could resume it"
+
+        def swapped() -> bool:
+            conds = {c["type"]: c["status"] for c in (kube.variant("swap-l4").get("status") or {}).get(
+                "conditions") or []}
+            return (kube.replicas("swap-h100") == 0 and kube.ready("swap-l4") == kube.replicas("swap-l4") >= 1
+                    and conds.get("MetricsAvailable") == conds.get("Actuated") == "True")
+        watch(second, swapped, what="the swap completed by the restarted operator",
+              timeout_s=SWAP_READY_DELAY_S + RECOVERY_CYCLES * INTERVAL_S + 30)
+        took = time.monotonic() - restarted
+        assert "variant_autoscaler_" in second.metrics()
+        l4 = _scale_writes(emulated_cluster, ns, "swap-l4")
+        values = [v for _, v in l4]
+        assert l4[:len(step)] == step and values == sorted(set(values)), f"L4 scaled up twice for a step: {values}"
+        assert max(values) == kube.replicas("swap-l4"), f"L4 overshot and came back: {values}"
+        h100 = _scale_writes(emulated_cluster, ns, "swap-h100")
+        assert [v for _, v in h100] == [0], h100
+        assert h100[0][0] > seen_unready_at[0], "H100 scaled down while no L4 replica was ready yet"
+        RESULTS["test_operator_killed_mid_make_before_break_and_restarted"] = took
+        _write_report()
+    finally:
+        for op in (first, second):
+            if op is not None:
+                op.stop()
+        loads.loop.call_soon_threadsafe(stop.set)
+        try:
+            load.result(timeout=30)
+        finally:
+            loads.close()
+            core.delete_namespace(ns)
+
+
+def test_two_operator_replicas_at_once(emulated_cluster, kube_api, kube_namespace, tmp_path):
+    """Two replicas of the operator on one namespace with kopf peering (priorities 20 and 10): only the
+    higher one writes replicas (judged from the API's request log by User-Agent), the other reports
+    variant_autoscaler_active 0; when the active one stops, the other takes over. Recovery: from the active
+    replica's stop to the other applying a change. (tests/test_operator_kopf.py tests the same peering through
+    `kopf run -A` and a priority tie.)"""
+    kube = Kube(kube_api, kube_namespace)
+    kube.deploy("peer-l4", 1)
+    kube.apply_variant(variant("peer-l4", "peer-l4", profile=L4_PROFILE, min_replicas=2))
+    path = tmp_path / "settings.yaml"
+    path.write_text(yaml.safe_dump(settings_dict(interval_s=INTERVAL_S, watched_namespaces=[kube_namespace],
+                                                 prometheus={"url": f"http://127.0.0.1:{free_port()}",
+                                                             "timeout_s": 0.5})))
+
+    def options(instance: str, priority: int) -> RunOptions:
+        return RunOptions(settings_file=path, kubeconfig=emulated_cluster.kubeconfig_path, metrics_host="127.0.0.1",
+                          metrics_port=free_port(), namespaces=(kube_namespace,), peering="fm-peers",
+                          priority=priority, peering_grace_s=1, instance=instance)
+
+    def writers() -> list[str]:
+        return [r.user_agent for r in list(emulated_cluster.core.requests)
+                if r.method == "PUT" and r.namespace == kube_namespace and r.name == "peer-l4"
+                and r.subresource == "scale"]
+
+    def active(op: OperatorThread) -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{op.options.metrics_port}/metrics", timeout=5) as resp:
+            line = next(x for x in resp.read().decode().splitlines() if x.startswith("variant_autoscaler_active "))
+        return float(line.split()[1])
+
+    def check(ops, predicate):
+        for op in ops:
+            assert op.error is None and op._thread.is_alive(), f"operator ended: {op.error!r}"
+        assert kube.replicas("peer-l4") >= 1
+        for cond in (kube.variant("peer-l4").get("status") or {}).get("conditions") or []:
+            assert len(cond["message"].split()) >= 3, cond
+        return predicate()
+
+    with OperatorThread(options("fm-high", 20)) as high, OperatorThread(options("fm-low", 10)) as low:
+        wait_until(lambda: check((high, low), lambda: kube.replicas("peer-l4") == 2), timeout_s=40,
+                   what="the active replica to scale")
+        _set_min_of(kube, "peer-l4", 3)
+        wait_until(lambda: check((high, low), lambda: kube.replicas("peer-l4") == 3), timeout_s=30,
+                   what="the active replica to apply a change")
+        assert set(writers()) == {"variant-autoscaler/fm-high"}, writers()
+        assert (active(high), active(low)) == (1.0, 0.0)
+        high.stop()
+        stopped = time.monotonic()
+        _set_min_of(kube, "peer-l4", 4)
+        wait_until(lambda: check((low,), lambda: kube.replicas("peer-l4") == 4), timeout_s=60,
+                   what="the other replica to take over")
+        took = time.monotonic() - stopped
+        assert writers()[-1] == "variant-autoscaler/fm-low" and set(writers()) == {
+            "variant-autoscaler/fm-high", "variant-autoscaler/fm-low"}, writers()
+        assert active(low) == 1.0
+    assert high.error is None and low.error is None
+    RESULTS["test_two_operator_replicas_at_once"] = took
+    _write_report()
+
+
+def _set_min_of(kube: Kube, name: str, replicas: int) -> None:
+    kube.custom.patch_namespaced_custom_object("autoscaling.variant-autoscaler.io", "v1alpha1", kube.ns,
+                                               "variantautoscalings", name, {"spec": {"minReplicas": replicas}})
+
+
 def test_api_token_never_in_logs_events_status_or_metrics(stack):
     """Security basics (issue 10 part 3): after every fault above, the bearer token the operator uses
     for the API server appears in no log line it emitted, no Event, no VariantAutoscaling status and
@@ -575,3 +805,4 @@ def test_results_table_lists_every_row():
     for fault, _, _ in ROWS.values():
         assert f"| {fault} |" in text, fault
     assert json.dumps(RESULTS) and set(RESULTS) == set(ROWS)
+
