@@ -29,9 +29,9 @@ zero. Each cycle this planner moves every variant one step, under these rules, i
 5. Inventory. Scale-ups are granted only from accelerators that no pod holds: occupied is
    max(replicas asked for, pods that exist), so pending pods and pods still terminating count.
    Variants below their minimum are served first, then the others in the order given.
-6. Make-before-break. Variants in the same group (same model and role: they can stand in for each
-   other) scale down only when no other variant of the group has replicas that are not ready yet or
-   still wants more than it got. The one exception breaks a deadlock: when the group's growth is
+6. Make-before-break. Variants in the same group (the same model, any role: a prefill/decode pair
+   can stand in for a "both" variant and the reverse) scale down only when no other variant of the
+   group has replicas that are not ready yet or still wants more than it got. The one exception breaks a deadlock: when the group's growth is
    blocked only by inventory of the very accelerator the shrinking variant holds and nothing in the
    group is pending, the shrinking variant steps down one replica at a time (a rolling swap).
 7. Drain only when a replacement exists. When the optimizer's allocation leaves part of a model's
@@ -103,7 +103,7 @@ class VariantState(_Frozen):
     """What the planner knows of one variant this cycle."""
 
     name: str = Field(min_length=1, description="Unique key, e.g. namespace/name.")
-    group: str = Field(min_length=1, description="Variants that can replace each other (model and role).")
+    group: str = Field(min_length=1, description="Variants that can replace each other (the model).")
     accelerator: str = Field(min_length=1)
     accelerators_per_replica: int = Field(default=1, gt=0)
     current_replicas: int = Field(ge=0, description="Replicas the target asks for now (spec).")

@@ -173,6 +173,40 @@ def test_restart_mid_transition_resumes_from_the_cluster_state(kube, kube_api, e
         emulated_cluster.kubelet.start_delay_s = 0.2
 
 
+def test_a_move_from_a_both_variant_to_a_pd_pair_keeps_the_old_replicas_until_the_pair_is_ready(
+        kube, kube_api, emulated_cluster):
+    """L4 leaves the inventory; the model's only other variants are an H100 prefill/decode pair. The "both"
+    replicas stay until both halves have ready replicas (they used to go in the first cycle: make-before-break
+    grouped by model and role, so a pair never stood in for a "both" variant and the model served nothing
+    while the pair started). A fresh controller (a restart) in the middle keeps holding."""
+    emulated_cluster.kubelet.start_delay_s = 1.5
+    try:
+        for name in ("pd-both", "pd-pre", "pd-dec"):
+            kube.deploy(name, 2 if name == "pd-both" else 0)
+        kube.wait_ready("pd-both", 2)
+        kube.apply_variant(variant("pd-both", "pd-both", accelerator="L4", profile=L4_PROFILE, min_replicas=0))
+        for name, role in (("pd-pre", "prefill"), ("pd-dec", "decode")):
+            kube.apply_variant(variant(name, name, accelerator="H100", profile=H100_PROFILE, min_replicas=0,
+                                       role=role))
+        demand = Demand({MODEL: 4.0})
+        settings = settings_dict(accelerators=[{"name": "L4", "cost_per_hour": 1.0, "available": 0},
+                                               {"name": "H100", "cost_per_hour": 8.0, "available": 4}])
+        cycle(make_controller(kube_api, kube.ns, settings, collect=demand.collect))
+        pre, dec = kube.replicas("pd-pre"), kube.replicas("pd-dec")
+        assert pre >= 1 and dec >= 1 and kube.ready("pd-pre") == kube.ready("pd-dec") == 0
+        assert kube.replicas("pd-both") == 2, "the both variant went before the pair was ready"
+        assert kube.condition("pd-both", "Actuated")["reason"] == "WaitingForReplacement"
+        restarted = make_controller(kube_api, kube.ns, settings, collect=demand.collect)
+        cycle(restarted)
+        assert (kube.replicas("pd-both"), kube.replicas("pd-pre"), kube.replicas("pd-dec")) == (2, pre, dec)
+        kube.wait_ready("pd-pre", pre)
+        kube.wait_ready("pd-dec", dec)
+        cycle(restarted)
+        assert kube.replicas("pd-both") == 0 and (kube.replicas("pd-pre"), kube.replicas("pd-dec")) == (pre, dec)
+    finally:
+        emulated_cluster.kubelet.start_delay_s = 0.2
+
+
 def test_metrics_mode_only_publishes(kube, kube_api):
     kube.deploy("pub-l4", 1)
     kube.apply_variant(variant("pub-l4", "pub-l4", accelerator="L4", profile=L4_PROFILE))

@@ -502,7 +502,9 @@ class Controller:
                 desired = memory.last_desired.get(key, last if isinstance(last, int) else cur)
             v.desired = desired if key in in_problem else None
             states.append(VariantState(
-                name=key, group=f"{v.parsed.model_id}/{v.parsed.role_name}", accelerator=v.accelerator,
+                # the model, not model/role: a P/D pair replaces a "both" variant (and the reverse), so the old
+                # one must wait for the pair's replicas to be ready (make-before-break), as in the simulator
+                name=key, group=v.parsed.model_id, accelerator=v.accelerator,
                 accelerators_per_replica=v.parsed.accelerator_count, current_replicas=cur,
                 ready_replicas=v.view.ready_replicas, pods=v.view.pod_count, desired_replicas=desired,
                 min_replicas=v.parsed.min_replicas, max_replicas=v.parsed.max_replicas, metrics_available=has_metrics,
