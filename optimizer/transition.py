@@ -39,6 +39,9 @@ zero. Each cycle this planner moves every variant one step, under these rules, i
    model is removed: there is nothing to take its load, so it keeps serving (its accelerators stay
    held beyond the inventory, like a cordoned node's pods) and the step says so. Replicas that are
    not ready yet may still go, and a lowered maxReplicas applies at once.
+8. No half pair. One half of a prefill/decode pair serves nothing: a group's prefill variants get no
+   new replicas while none of its decode variants is planned any (the inventory blocked them), and
+   the reverse (the simulator's engine holds pairs the same way).
 
 Pure and deterministic: no clock, no I/O; time comes in as `now_s`.
 """
@@ -52,7 +55,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Limit = Literal[
     "metrics_unavailable", "metrics_recovering", "stabilization", "max_change", "min_replicas", "max_replicas", "inventory",
-    "waiting_for_ready", "rolling_swap", "demand_unserved", "demand_carried", "rate_policy",
+    "waiting_for_ready", "rolling_swap", "demand_unserved", "demand_carried", "rate_policy", "pair_incomplete",
 ]
 MAX_STABILIZATION_WINDOW_S = 3600  # the HPA's bounds: stabilizationWindowSeconds <= 3600
 MAX_POLICY_PERIOD_S = 1800  # periodSeconds in (0, 1800]
@@ -104,6 +107,7 @@ class VariantState(_Frozen):
 
     name: str = Field(min_length=1, description="Unique key, e.g. namespace/name.")
     group: str = Field(min_length=1, description="Variants that can replace each other (the model).")
+    role: Literal["both", "prefill", "decode"] = Field(default="both", description="A P/D half, or both.")
     accelerator: str = Field(min_length=1)
     accelerators_per_replica: int = Field(default=1, gt=0)
     current_replicas: int = Field(ge=0, description="Replicas the target asks for now (spec).")
@@ -279,6 +283,7 @@ def plan_transition(
     granted = _grant_scale_ups(variants, inventory, stabilized, limits)
     targets = _make_before_break(variants, inventory, stabilized, granted, limits)
     _drain_only_with_replacement(variants, targets, limits)
+    _no_half_pairs(variants, targets, limits)
 
     steps = []
     changes: dict[str, tuple[tuple[float, int], ...]] = {}
@@ -357,6 +362,18 @@ def _make_before_break(variants, inventory, stabilized, granted, limits) -> dict
     return targets
 
 
+def _no_half_pairs(variants, targets, limits) -> None:
+    """Rule 8: no new replicas for one half of a prefill/decode pair while the other half gets none."""
+    for group in {v.group for v in variants}:
+        halves = {role: [v for v in variants if v.group == group and v.role == role] for role in ("prefill", "decode")}
+        for role, other in (("prefill", "decode"), ("decode", "prefill")):
+            if halves[role] and not any(targets[u.name] for u in halves[other]):
+                for v in halves[role]:
+                    if targets[v.name] > v.current_replicas:
+                        targets[v.name] = v.current_replicas
+                        limits[v.name].append("pair_incomplete")
+
+
 def _drain_only_with_replacement(variants, targets, limits) -> None:
     """Rule 7: a model whose demand is not fully served keeps every ready replica (bounds excepted)."""
     for v in variants:
@@ -381,6 +398,7 @@ _WHY = {
     "rolling_swap": "stepping down one replica to free accelerators for its replacement",
     "demand_carried": "scaled up on the model's last measured demand: another variant of it went away with its "
                       "metrics",
+    "pair_incomplete": "not scaled up alone: the other half of its prefill/decode pair gets no replicas",
     "demand_unserved": "ready replicas kept: the allocation leaves demand unserved and nothing replaces them "
                        "(drain only when a replacement exists)",
 }

@@ -301,3 +301,18 @@ def test_a_carried_demand_scales_up_but_never_down():
     assert p.step("a").target_replicas == 2 and "demand_carried" in p.step("a").limited_by
     p = plan([state("a", cur=3, desired=1, metrics_available=False, demand_carried=True)])
     assert p.step("a").target_replicas == 3
+
+
+def test_one_half_of_a_pd_pair_is_not_scaled_up_alone():
+    """The optimizer wants a prefill and a decode replica, but no A100 is free for the decode half: the prefill
+    half gets no replica either (alone it serves nothing), and the model's "both" replica stays."""
+    variants = [state("both", group="m", acc="L4", cur=1, desired=0),
+                state("pre", group="m", role="prefill", acc="H100", desired=1),
+                state("dec", group="m", role="decode", acc="A100", desired=1)]
+    p = plan(variants, {"L4": 4, "H100": 4, "A100": 0})
+    assert [p.step(n).target_replicas for n in ("both", "pre", "dec")] == [1, 0, 0]
+    assert "pair_incomplete" in p.step("pre").limited_by and "inventory" in p.step("dec").limited_by
+    assert "not scaled up alone" in p.step("pre").reason
+    p = plan(variants, {"L4": 4, "H100": 4, "A100": 4})  # both halves fit: both start, "both" waits for them
+    assert [p.step(n).target_replicas for n in ("both", "pre", "dec")] == [1, 1, 1]
+

@@ -504,7 +504,7 @@ class Controller:
             states.append(VariantState(
                 # the model, not model/role: a P/D pair replaces a "both" variant (and the reverse), so the old
                 # one must wait for the pair's replicas to be ready (make-before-break), as in the simulator
-                name=key, group=v.parsed.model_id, accelerator=v.accelerator,
+                name=key, group=v.parsed.model_id, role=v.parsed.role_name, accelerator=v.accelerator,
                 accelerators_per_replica=v.parsed.accelerator_count, current_replicas=cur,
                 ready_replicas=v.view.ready_replicas, pods=v.view.pod_count, desired_replicas=desired,
                 min_replicas=v.parsed.min_replicas, max_replicas=v.parsed.max_replicas, metrics_available=has_metrics,
@@ -1265,7 +1265,7 @@ def _holding_reason(step, desired: int | None) -> str:
                           ("demand_unserved", "NoReplacement"), ("waiting_for_ready", "WaitingForReplacement"),
                           ("rolling_swap", "RollingSwap"), ("stabilization", "Stabilizing"),
                           ("inventory", "InventoryExhausted"), ("max_change", "MaxChangePerCycle"),
-                          ("rate_policy", "RatePolicy")):
+                          ("rate_policy", "RatePolicy"), ("pair_incomplete", "PairIncomplete")):
         if limit in step.limited_by:
             return reason
     return "AtDesired" if desired is None or step.target_replicas == desired else "Holding"
