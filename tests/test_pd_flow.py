@@ -26,6 +26,7 @@ from optimizer.pd_flow import (
     max_flow_value,
 )
 from optimizer.problem import InputError
+from optimizer.scaled_max_flow import NEAR_CUT_MIN_EDGES, solve
 
 # an int32 overflow in the engine shows as a cast warning: make it fail
 pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
@@ -476,21 +477,55 @@ def layered_real_graph(seed: int) -> FlowGraph:
     return graph_of(edges, "S", "T")
 
 
+def assert_solver_result_is_a_maximum_flow(graph: FlowGraph, r) -> None:
+    """The solver's own arrays: within capacity, conserved, and a source-side cut of its value."""
+    c = graph._compiled
+    tail, head = c.layout.tail, c.layout.head
+    assert np.all(r.flow >= 0) and np.all(r.flow <= c.capacity)
+    net = np.bincount(head, weights=r.flow, minlength=len(c.names)) - np.bincount(tail, weights=r.flow,
+                                                                                minlength=len(c.names))
+    inner = np.ones(len(c.names), dtype=bool)
+    inner[[c.source, c.sink]] = False
+    assert np.abs(net[inner]).max(initial=0.0) <= 1e-9
+    assert net[c.sink] == pytest.approx(r.value, rel=1e-12)
+    cut = r.source_side[tail] & ~r.source_side[head]
+    assert not r.source_side[c.sink]
+    assert c.capacity[cut].sum() == pytest.approx(r.value, rel=1e-9)
+
+
 @pytest.mark.parametrize("seed", range(20))
 def test_refining_near_the_cut_gives_the_exact_maximum(seed):
     graph = layered_real_graph(seed)
-    a = analyze(graph)
-    result = graph._compiled.solve()
-    if result.phases > 1:  # a second phase was needed: it ran near the cut
-        assert result.near_cut_phases == result.phases - 1
-    assert a.max_flow == pytest.approx(max_flow_value(graph, "preflow_push"), rel=1e-9, abs=1e-12)
-    assert a.max_flow == pytest.approx(lp_max_flow(graph), rel=1e-9)
-    assert 0 <= a.max_flow_gap <= 1e-12 * max(1.0, a.max_flow)
-    assert_is_a_maximum_flow(graph, a)
+    c = graph._compiled
+    r = solve(c.layout, c.capacity, c.source, c.sink, near_cut_min_edges=0)
+    if r.phases > 1:  # a second phase was needed: it ran near the cut
+        assert r.near_cut_phases == r.phases - 1
+    assert r.value == pytest.approx(max_flow_value(graph, "preflow_push"), rel=1e-9, abs=1e-12)
+    assert r.value == pytest.approx(lp_max_flow(graph), rel=1e-9)
+    assert r.value == pytest.approx(c.solve().value, rel=1e-12)  # the whole-graph refinement
+    assert 0 <= r.gap <= 1e-12 * max(1.0, r.value)
+    assert_solver_result_is_a_maximum_flow(graph, r)
 
 
 def test_refining_near_the_cut_is_used_on_real_capacities():
     """Most of the 20 graphs above need a refining phase, and none falls back to the whole graph."""
-    refined = [graph._compiled.solve() for graph in map(layered_real_graph, range(20))]
+    refined = [solve(g._compiled.layout, g._compiled.capacity, g._compiled.source, g._compiled.sink,
+                     near_cut_min_edges=0) for g in map(layered_real_graph, range(20))]
     assert sum(r.near_cut_phases > 0 for r in refined) >= 15
     assert all(r.phases - r.near_cut_phases <= 1 for r in refined)
+
+
+def test_analysis_of_a_graph_large_enough_to_refine_near_the_cut():
+    """Above NEAR_CUT_MIN_EDGES the analysis itself takes the near-cut refinement."""
+    rng = random.Random(11)
+    k = 240
+    edges = [("S", f"P{i}", rng.uniform(5, 50)) for i in range(k)] + [(f"D{j}", "T", rng.uniform(5, 50))
+                                                                        for j in range(k)]
+    edges += [(f"P{i}", f"D{j}", rng.uniform(0.5, 5)) for i in range(k) for j in range(k) if rng.random() < 0.55]
+    graph = graph_of(edges, "S", "T")
+    assert len(edges) >= NEAR_CUT_MIN_EDGES
+    a = analyze(graph)
+    assert graph._compiled.solve().near_cut_phases >= 1
+    assert a.max_flow == pytest.approx(max_flow_value(graph, "preflow_push"), rel=1e-9)
+    assert 0 <= a.max_flow_gap <= 1e-12 * a.max_flow
+    assert_is_a_maximum_flow(graph, a)
