@@ -109,6 +109,12 @@ ROWS: dict[str, tuple[str, str, str]] = {
         "the restarted process reads the step from the cluster and resumes it: the L4 count written once, no second "
         "scale-up, the H100 replica removed only after an L4 replica is ready",
         "nothing but the restart: the model keeps a ready replica all along; conditions True once the swap ends"),
+    "test_operator_killed_mid_swap_to_a_pd_pair_and_restarted": (
+        "operator SIGKILLed in the middle of a swap from an H100 variant to a cheaper L4 prefill/decode pair, "
+        "then restarted",
+        "both halves scaled in one cycle, never one alone; the restarted process resumes: each half written once, "
+        "the H100 replica removed only after both halves have a ready replica",
+        "nothing but the restart: the model keeps a ready replica all along; conditions True once the swap ends"),
     "test_two_operator_replicas_at_once": (
         "two operator replicas at once (kopf peering, priorities 20 and 10)",
         "only the higher-priority replica writes replicas; the other stays paused and takes over when "
@@ -631,6 +637,21 @@ def test_operator_killed_mid_make_before_break_and_restarted(emulated_cluster, k
     scale-up of L4 for the same step (each replica count is written once and never beyond the final one), the
     H100 replica goes only after an L4 replica is ready, the model is never without a ready replica, and the
     new process answers /metrics and sets every condition True."""
+    _kill_mid_swap("test_operator_killed_mid_make_before_break_and_restarted", (("swap-l4", "both"),),
+                   emulated_cluster, kube_api, model_pods, prometheus, tmp_path)
+
+
+def test_operator_killed_mid_swap_to_a_pd_pair_and_restarted(emulated_cluster, kube_api, model_pods,  # noqa: F811
+                                                            prometheus, tmp_path):  # noqa: F811
+    """The same, with an L4 prefill/decode pair as the cheaper replacement: both halves are scaled in the same
+    cycle (never one alone), the H100 replica stays until each half has a ready replica, across the restart."""
+    _kill_mid_swap("test_operator_killed_mid_swap_to_a_pd_pair_and_restarted",
+                   (("swap-pre", "prefill"), ("swap-dec", "decode")),
+                   emulated_cluster, kube_api, model_pods, prometheus, tmp_path)
+
+
+def _kill_mid_swap(test: str, new: tuple[tuple[str, str], ...], emulated_cluster, kube_api, model_pods,  # noqa: F811
+                   prometheus, tmp_path) -> None:  # noqa: F811
     from kubernetes import client
     from operator_harness import H100_PROFILE
     from variant_autoscaler.emulation.kubelet import START_DELAY_ANNOTATION
@@ -641,6 +662,7 @@ def test_operator_killed_mid_make_before_break_and_restarted(emulated_cluster, k
     core = client.CoreV1Api(kube_api)
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=ns)))
     kube = Kube(kube_api, ns)
+    names = [name for name, _ in new]
 
     def annotations(profile: dict, **extra) -> dict:
         from operator_harness import server_profile
@@ -649,10 +671,12 @@ def test_operator_killed_mid_make_before_break_and_restarted(emulated_cluster, k
                                            "max_batch": 32}), **extra}
 
     kube.deploy("swap-h100", 1, annotations(H100_PROFILE))
-    kube.deploy("swap-l4", 0, annotations(L4_PROFILE, **{START_DELAY_ANNOTATION: str(SWAP_READY_DELAY_S)}))
-    for name, acc, profile in (("swap-h100", "H100", H100_PROFILE), ("swap-l4", "L4", L4_PROFILE)):
-        kube.apply_variant(variant(name, name, accelerator=acc, profile=profile, min_replicas=0, max_replicas=4,
-                                   model=SWAP_MODEL["name"]))
+    kube.apply_variant(variant("swap-h100", "swap-h100", accelerator="H100", profile=H100_PROFILE, min_replicas=0,
+                               max_replicas=4, model=SWAP_MODEL["name"]))
+    for name, role in new:
+        kube.deploy(name, 0, annotations(L4_PROFILE, **{START_DELAY_ANNOTATION: str(SWAP_READY_DELAY_S)}))
+        kube.apply_variant(variant(name, name, accelerator="L4", profile=L4_PROFILE, min_replicas=0, max_replicas=4,
+                                   model=SWAP_MODEL["name"], role=role))
     kube.wait_ready("swap-h100", 1)
     settings = tmp_path / "settings.yaml"
     settings.write_text(yaml.safe_dump(settings_dict(interval_s=INTERVAL_S, watched_namespaces=[ns],
@@ -664,16 +688,20 @@ def test_operator_killed_mid_make_before_break_and_restarted(emulated_cluster, k
     spec = LoadSpec(targets=[gateway.url], model=SWAP_MODEL["name"], phases=[{"duration_s": 120, "rate_rps": 1.5}],
                     mix=MIX, arrivals="uniform", drain_timeout_s=5, max_requests=1000, max_duration_s=130)
     load = loads.submit(generate_load(spec, stop))
-    seen_unready_at = [0.0]  # the last poll that saw no L4 replica ready
+    seen_unready_at = [0.0]  # the last poll that saw the replacement without a ready replica (of each half)
+
+    def serving() -> int:
+        """Ready replicas of the replacement (of a pair: of its less ready half)."""
+        return min(kube.ready(n) for n in names)
 
     def invariants(op: OperatorProcess) -> None:
         assert op.proc.poll() is None, f"operator exited {op.proc.returncode}: {log.read_text()[-2000:]}"
-        l4_ready, h100 = kube.ready("swap-l4"), kube.replicas("swap-h100")
-        if l4_ready == 0:
+        new_ready, h100 = serving(), kube.replicas("swap-h100")
+        if new_ready == 0:
             seen_unready_at[0] = time.time()
-            assert h100 >= 1, "the H100 replica was removed before any L4 replica was ready"
-        assert l4_ready + kube.ready("swap-h100") >= 1, "the model was left without a ready replica"
-        for va in ("swap-h100", "swap-l4"):
+            assert h100 >= 1, "the H100 replica was removed before its replacement had a ready replica"
+        assert new_ready + kube.ready("swap-h100") >= 1, "the model was left without a ready replica"
+        for va in ("swap-h100", *names):
             for cond in (kube.variant(va).get("status") or {}).get("conditions") or []:
                 assert len(cond["message"].split()) >= 3, cond
 
@@ -683,32 +711,39 @@ def test_operator_killed_mid_make_before_break_and_restarted(emulated_cluster, k
     first = OperatorProcess(settings, ns, emulated_cluster.kubeconfig_path, log)
     second = None
     try:
-        watch(first, lambda: kube.replicas("swap-l4") >= 1, what="the L4 variant scaled up (the swap begins)")
-        assert kube.ready("swap-l4") == 0 and kube.replicas("swap-h100") == 1, "not in the middle of the step"
-        step = _scale_writes(emulated_cluster, ns, "swap-l4")
+        watch(first, lambda: all(kube.replicas(n) >= 1 for n in names), what="the replacement scaled up")
+        assert serving() == 0 and kube.replicas("swap-h100") == 1, "not in the middle of the step"
+        step = {n: _scale_writes(emulated_cluster, ns, n) for n in names}
         first.kill()
         second = OperatorProcess(settings, ns, emulated_cluster.kubeconfig_path, log)
         restarted = time.monotonic()
         watch(second, second.up, what="the restarted operator's /metrics")
-        assert kube.ready("swap-l4") == 0, "the step ended before the restart could resume it"
+        assert serving() == 0, "the step ended before the restart could resume it"
 
         def swapped() -> bool:
-            conds = {c["type"]: c["status"] for c in (kube.variant("swap-l4").get("status") or {}).get(
-                "conditions") or []}
-            return (kube.replicas("swap-h100") == 0 and kube.ready("swap-l4") == kube.replicas("swap-l4") >= 1
-                    and conds.get("MetricsAvailable") == conds.get("Actuated") == "True")
+            conds = [{c["type"]: c["status"] for c in (kube.variant(n).get("status") or {}).get("conditions") or []}
+                     for n in names]
+            return (kube.replicas("swap-h100") == 0 and all(kube.ready(n) == kube.replicas(n) >= 1 for n in names)
+                    and all(c.get("MetricsAvailable") == c.get("Actuated") == "True" for c in conds))
         watch(second, swapped, what="the swap completed by the restarted operator",
               timeout_s=SWAP_READY_DELAY_S + RECOVERY_CYCLES * INTERVAL_S + 30)
         took = time.monotonic() - restarted
         assert "variant_autoscaler_" in second.metrics()
-        l4 = _scale_writes(emulated_cluster, ns, "swap-l4")
-        values = [v for _, v in l4]
-        assert l4[:len(step)] == step and values == sorted(set(values)), f"L4 scaled up twice for a step: {values}"
-        assert max(values) == kube.replicas("swap-l4"), f"L4 overshot and came back: {values}"
+        for n in names:
+            writes = _scale_writes(emulated_cluster, ns, n)
+            values = [v for _, v in writes]
+            assert writes[:len(step[n])] == step[n] and values == sorted(set(values)), f"{n} scaled up twice: {values}"
+            assert max(values) == kube.replicas(n), f"{n} overshot and came back: {values}"
+        if len(names) == 2:  # the halves' first writes in one cycle: no VA status written between them
+            firsts = sorted(_scale_writes(emulated_cluster, ns, n)[0][0] for n in names)
+            between = [r for r in list(emulated_cluster.core.requests) if r.namespace == ns
+                       and r.subresource == "status" and r.resource == "variantautoscalings"
+                       and firsts[0] < r.time < firsts[1]]
+            assert not between, "one half of the P/D pair was scaled a cycle before the other"
         h100 = _scale_writes(emulated_cluster, ns, "swap-h100")
         assert [v for _, v in h100] == [0], h100
-        assert h100[0][0] > seen_unready_at[0], "H100 scaled down while no L4 replica was ready yet"
-        RESULTS["test_operator_killed_mid_make_before_break_and_restarted"] = took
+        assert h100[0][0] > seen_unready_at[0], "H100 scaled down while its replacement had no ready replica"
+        RESULTS[test] = took
         _write_report()
     finally:
         for op in (first, second):
