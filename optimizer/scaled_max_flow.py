@@ -195,12 +195,13 @@ def solve(layout: ArcLayout, capacity: np.ndarray, source: int, sink: int, *,
     flow = np.zeros(len(cap))
     upper, q, phases, value, gap = bound, 0.0, 0, 0.0, math.inf
     near_cut = 0
+    arcs = residual_graph = None  # the last phase's residual graph, once there is one
     side = None
     while upper > 0 and phases < MAX_PHASES:
         # after the first phase the true maximum is within ``gap``: refine near the cut alone when the
         # residual graph allows it (no twin edges), else on the whole residual structure
         near = phases and not layout.has_twins and math.isfinite(gap) and len(cap) >= near_cut_min_edges
-        refined = _refine_contracted(layout, cap, flow, source, sink, gap) if near else None
+        refined = _refine_contracted(layout, cap, flow, source, sink, gap, arcs, residual_graph) if near else None
         if refined is not None:
             flow, q = refined
             near_cut += 1
@@ -254,7 +255,7 @@ def _full_phase(layout: ArcLayout, cap: np.ndarray, flow: np.ndarray, unlimited:
 
 
 def _refine_contracted(layout: ArcLayout, cap: np.ndarray, flow: np.ndarray, source: int, sink: int,
-                       gap: float) -> tuple[np.ndarray, float] | None:
+                       gap: float, arcs: np.ndarray, residual_graph: csr_array) -> tuple[np.ndarray, float] | None:
     """One refining phase on the residual graph near the cut alone; None where it cannot apply.
 
     The flow still missing is at most ``gap``, so no arc carries more than ``gap`` of it. Nodes the
@@ -264,16 +265,20 @@ def _refine_contracted(layout: ArcLayout, cap: np.ndarray, flow: np.ndarray, sou
     arc carries at most the phase's whole flow, less than its residual), likewise into the sink.
     What is left to solve is the arcs near the cut, a few hundred instead of the whole graph.
     Needs one edge per node pair (no twins), so that a node pair names one edge.
+
+    ``arcs`` / ``residual_graph``: the previous phase's residual graph. Its breadth-first trees from
+    the source and into the sink serve as the trees, cut below any arc not wide enough, which
+    spares building the graph of wide arcs.
     """
     n, m = layout.n_nodes, len(cap)
     tail, head = layout.tail, layout.head
     width = 2.0 * gap
     spare = cap - flow
-    wide = layout.arcs(spare > width, flow > width)
-    from_source, pred_source = breadth_first_order(layout.subgraph(wide), source, directed=True,
-                                                   return_predecessors=True)
-    to_sink, pred_sink = breadth_first_order(layout.subgraph(wide, transposed=True), sink, directed=True,
+    reached, pred_source = breadth_first_order(residual_graph, source, directed=True, return_predecessors=True)
+    from_source = _wide_part(layout, reached, pred_source, source, spare, flow, width, downward=True)
+    reached, pred_sink = breadth_first_order(layout.subgraph(arcs, transposed=True), sink, directed=True,
                                              return_predecessors=True)
+    to_sink = _wide_part(layout, reached, pred_sink, sink, spare, flow, width, downward=False)
     group = np.arange(n)
     group[from_source] = source
     if np.any(group[to_sink] == source):  # a wide source-sink path: the first phase left a unit
@@ -324,10 +329,39 @@ def _refine_contracted(layout: ArcLayout, cap: np.ndarray, flow: np.ndarray, sou
         x = np.flatnonzero(carried)
         parent = pred[x]
         a, b = (parent, x) if downward else (x, parent)  # the tree arc a -> b carries the load
-        edge = layout.from_edges[np.searchsorted(layout.arc_keys, a.astype(np.int64) * n + b)]
-        on_edge = np.where(edge < m, edge, edge - m)
-        np.add.at(change, on_edge, np.where(edge < m, carried[x], -carried[x]))
+        edge, forward = _edge_of_arc(layout, a, b)
+        np.add.at(change, edge, np.where(forward, carried[x], -carried[x]))
     return np.clip(flow + change, 0.0, cap), q
+
+
+def _edge_of_arc(layout: ArcLayout, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For residual arcs a -> b (no twins): the edge each belongs to, and whether it is the edge's
+    forward arc (a -> b is the edge) rather than its backward one."""
+    m = len(layout.tail)
+    code = layout.from_edges[np.searchsorted(layout.arc_keys, a.astype(np.int64) * layout.n_nodes + b)]
+    return np.where(code < m, code, code - m), code < m
+
+
+def _wide_part(layout: ArcLayout, reached: np.ndarray, pred: np.ndarray, root: int, spare: np.ndarray,
+               flow: np.ndarray, width: float, *, downward: bool) -> np.ndarray:
+    """The nodes of a breadth-first tree (``reached``, ``pred``) whose path to ``root`` has only arcs
+    of residual above ``width``; tree arcs run parent -> child when ``downward``, else child -> parent.
+    Pushes the verdict one level down per step, so at most depth-of-tree steps."""
+    n = layout.n_nodes
+    x = reached[reached != root]
+    a, b = (pred[x], x) if downward else (x, pred[x])
+    edge, forward = _edge_of_arc(layout, a, b)
+    ok_arc = np.zeros(n, dtype=bool)
+    ok_arc[x] = np.where(forward, spare[edge], flow[edge]) > width
+    ok_arc[root] = True
+    parent = np.where(pred < 0, root, pred)
+    ok = ok_arc
+    for _ in range(n):
+        deeper = ok_arc & ok[parent]
+        if np.array_equal(deeper, ok):
+            break
+        ok = deeper
+    return np.flatnonzero(ok)
 
 
 def _tree_loads(pred: np.ndarray, root: int, demand: np.ndarray) -> np.ndarray:
