@@ -189,29 +189,35 @@ def test_an_api_server_down_longer_than_the_backoffs_never_ends_the_operator(
 
 
 def test_credentials_never_reach_logs_events_or_status(emulated_cluster, kube_api, kube_namespace, caplog):
-    """A password in the Prometheus URL and a bearer token, through a down Prometheus (its error quotes
-    the URL) and two invalid settings edits (PyYAML quotes the offending line; the URL check quotes the
+    """A password in the Prometheus URL, then a bearer token (the two together are refused), through a down
+    Prometheus (its error quotes the URL) and two invalid settings edits (PyYAML quotes the offending line; the URL check quotes the
     URL): every log line, Event, status and /metrics is searched for them."""
     password, token = "pw-5ecr3t-Zq", "tok-5ecr3t-Xy"
     kube = Kube(kube_api, kube_namespace)
     kube.deploy("cred-l4", 1)
     kube.apply_variant(variant("cred-l4", "cred-l4", profile=L4_PROFILE, min_replicas=1))
-    url = f"http://admin:{password}@127.0.0.1:{free_port()}"
+    plain = f"http://127.0.0.1:{free_port()}"
+    url = plain.replace("http://", f"http://admin:{password}@")
     good = settings_dict(interval_s=1, watched_namespaces=[kube_namespace],
-                         prometheus={"url": url, "bearer_token": token, "timeout_s": 0.5})
+                         prometheus={"url": url, "timeout_s": 0.5})
+    with_token = {**good, "prometheus": {"url": plain, "bearer_token": token, "timeout_s": 0.5}}
     kube.core.create_namespaced_config_map(kube_namespace, {"metadata": {"name": "va-settings"},
                                                             "data": {"settings.yaml": yaml.safe_dump(good)}})
     port = free_port()
     options = RunOptions(settings_configmap="va-settings", operator_namespace=kube_namespace,
                          kubeconfig=emulated_cluster.kubeconfig_path, metrics_host="127.0.0.1", metrics_port=port,
                          standalone=True, namespaces=(kube_namespace,), instance="cred-test")
-    bad_yaml = yaml.safe_dump(good).replace(f"bearer_token: {token}", f"bearer_token: {token}: oops")
+    bad_yaml = yaml.safe_dump(with_token).replace(f"bearer_token: {token}", f"bearer_token: {token}: oops")
     bad_url = yaml.safe_dump({**good, "prometheus": {"url": url.removeprefix("http://"), "bearer_token": token}})
     caplog.set_level(logging.DEBUG)
     with OperatorThread(options) as op:
         cond = wait_until(lambda: (c := kube.condition("cred-l4", "MetricsAvailable")) and "refused" in c["message"]
                           and c, timeout_s=30, what="a condition quoting the down Prometheus")
         assert "http://***@127.0.0.1" in cond["message"]
+        kube.core.patch_namespaced_config_map("va-settings", kube_namespace,
+                                              {"data": {"settings.yaml": yaml.safe_dump(with_token)}})
+        wait_until(lambda: (c := kube.condition("cred-l4", "MetricsAvailable")) and "refused" in c["message"]
+                   and "***" not in c["message"], timeout_s=30, what="a condition from the settings with the token")
         for text in (bad_yaml, bad_url):
             seen = len([r for r in caplog.records if r.getMessage().startswith("invalid settings")])
             kube.core.patch_namespaced_config_map("va-settings", kube_namespace, {"data": {"settings.yaml": text}})

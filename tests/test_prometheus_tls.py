@@ -6,8 +6,9 @@ config has no bearer-token option, so a bearer token alone is refused with 401).
 verifies Prometheus's certificate against `ca_file` and gets real answers; with another CA, with no CA
 (the system's trust store) or over plain http it fails with a reason in words; `verify_tls: false` skips
 the check; wrong credentials give 401. Through the operator: a wrong CA sets MetricsAvailable False,
-reason PrometheusError, message saying it is a TLS error; the right CA (the settings ConfigMap fixed)
-clears it; the password and the bearer token appear in no log line, Event, status or /metrics.
+reason PrometheusError, message saying it is a TLS error; a bearer token alone gives 401; the right CA and basic
+auth (the settings ConfigMap fixed) clear it; the password and the bearer token appear in no log line, Event,
+status or /metrics. URL credentials and a bearer token together are refused (the token would never be sent).
 """
 
 from __future__ import annotations
@@ -141,6 +142,13 @@ def test_wrong_credentials_are_refused_and_never_quoted(tls_prometheus, tmp_path
         assert TOKEN not in reason and PASSWORD not in reason, reason
 
 
+def test_url_credentials_and_a_bearer_token_together_are_refused():
+    """requests would replace the bearer header by the URL's basic auth: the token silently never sent."""
+    with pytest.raises(ValueError, match="basic auth would replace the token") as err:
+        PrometheusSettings(url=f"https://{USER}:{PASSWORD}@127.0.0.1:9090", bearer_token=TOKEN)
+    assert PASSWORD not in str(err.value) and TOKEN not in str(err.value)
+
+
 class _Tap(logging.Handler):
     def __init__(self):
         super().__init__(level=logging.DEBUG)
@@ -153,7 +161,7 @@ class _Tap(logging.Handler):
 def test_operator_condition_on_a_wrong_ca_then_the_right_one(tls_prometheus, emulated_cluster, kube_api,
                                                               kube_namespace):
     """The operator with TLS settings from its ConfigMap: another CA gives MetricsAvailable False, reason
-    PrometheusError, a message saying TLS; the right CA reaches Prometheus (the reason turns to
+    PrometheusError, a message saying TLS; a bearer token alone gives 401; the right CA and basic auth reach Prometheus (the reason turns to
     MetricsMissing: this Prometheus scrapes no model server). No secret reaches a log, Event, status or /metrics."""
     from kubernetes import client
 
@@ -162,11 +170,9 @@ def test_operator_condition_on_a_wrong_ca_then_the_right_one(tls_prometheus, emu
     kube.deploy("tls-l4", 1)
     kube.apply_variant(variant("tls-l4", "tls-l4", profile=L4_PROFILE, min_replicas=1))
 
-    def settings_text(ca_file: Path) -> str:
+    def settings_text(ca_file: Path, **auth) -> str:
         return yaml.safe_dump(settings_dict(interval_s=1, watched_namespaces=[kube_namespace], prometheus={
-            "url": _with_auth(url), "ca_file": str(ca_file), "timeout_s": 2,
-            # sent as a header, then replaced by the URL's basic auth (requests): configured, so it must not leak
-            "bearer_token": TOKEN}))
+            "url": _with_auth(url), "ca_file": str(ca_file), "timeout_s": 2, **auth}))
 
     kube.core.create_namespaced_config_map(kube_namespace, client.V1ConfigMap(
         metadata=client.V1ObjectMeta(name="tls-settings"), data={"settings.yaml": settings_text(other)}))
@@ -183,6 +189,14 @@ def test_operator_condition_on_a_wrong_ca_then_the_right_one(tls_prometheus, emu
             assert cond["status"] == "False" and "TLS error" in cond["message"], cond
             assert "certificate verify failed" in cond["message"], cond
             assert kube.replicas("tls-l4") == 1
+            # a bearer token alone (the right CA): this Prometheus asks for basic auth, so 401 through the operator's
+            # error path, where a token would leak if anything dumped the request
+            kube.core.patch_namespaced_config_map("tls-settings", kube_namespace, {"data": {
+                "settings.yaml": settings_text(ca, url=url, bearer_token=TOKEN)}})
+            cond = wait_until(lambda: (c := kube.condition("tls-l4", "MetricsAvailable") or {}).get("reason")
+                              == "PrometheusError" and "401" in c["message"] and c, timeout_s=30,
+                              what="PrometheusError 401 with a bearer token alone")
+            assert "TLS" not in cond["message"], cond
             kube.core.patch_namespaced_config_map("tls-settings", kube_namespace,
                                                   {"data": {"settings.yaml": settings_text(ca)}})
             cond = wait_until(lambda: (c := kube.condition("tls-l4", "MetricsAvailable") or {}).get("reason")

@@ -87,6 +87,11 @@ class PrometheusSettings(_Strict):
             raise ValueError("give bearer_token or bearer_token_file, not both")
         if not self.url.startswith(("http://", "https://")):
             raise ValueError(f"url must start with http:// or https://, got {redact_url(self.url)!r}")
+        if (self.bearer_token is not None or self.bearer_token_file is not None) and redact_url(self.url) != self.url:
+            # requests turns the URL's userinfo into a basic-auth header that replaces the bearer one: the token
+            # would silently never be sent
+            raise ValueError("give credentials in the url (basic auth) or a bearer token, not both: the url's "
+                             "basic auth would replace the token")
         return self
 
     @property
