@@ -41,16 +41,17 @@ lint: venv
 .PHONY: live
 ## live: emulated cluster + Prometheus + emulated model servers + the operator + a load ramp, 5 min (Ctrl-C stops)
 live: venv system-deps
-	$(PY) -m variant_autoscaler.emulation.live --duration $(or $(DURATION),300)
+	$(PY) -m variant_autoscaler_testbed.live --duration $(or $(DURATION),300)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .benchmarks reports
 
 # ---- packaging (charts/, deploy/, Dockerfile) --------------------------------------------------
 IMAGE ?= variant-autoscaler:$(shell sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}/\1/p' charts/variant-autoscaler/Chart.yaml)
+TESTBED_IMAGE ?= $(subst variant-autoscaler:,variant-autoscaler-testbed:,$(IMAGE))
 HELM ?= $(if $(wildcard bin/helm),bin/helm,helm)
 
-.PHONY: chart-lint manifests image kind-e2e
+.PHONY: chart-lint manifests image testbed-image kind-e2e
 
 ## chart-lint: `helm lint --strict` and a render of the chart (helm comes from `make system-deps`)
 chart-lint: system-deps
@@ -65,6 +66,10 @@ manifests: venv system-deps
 image:
 	docker build -t $(IMAGE) .
 
+## testbed-image: the operator image plus the testbed (emulated vLLM servers), for deploy/samples
+testbed-image:
+	docker build --target testbed -t $(TESTBED_IMAGE) .
+
 ## kind-e2e: kind cluster + image + helm install + samples + a scale-up check (needs Docker and kind; not run in CI)
 kind-e2e:
-	IMAGE=$(IMAGE) bash scripts/kind-e2e.sh
+	IMAGE=$(IMAGE) TESTBED_IMAGE=$(TESTBED_IMAGE) bash scripts/kind-e2e.sh

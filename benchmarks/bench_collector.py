@@ -21,7 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from variant_autoscaler.collector import Collector, CollectorSettings, PrometheusSettings, VariantSelector
-from variant_autoscaler.emulation.vllm_metrics import ITL_BUCKETS_S, TTFT_BUCKETS_S, one_two_five_buckets
+from variant_autoscaler_testbed.vllm_metrics import ITL_BUCKETS_S, TTFT_BUCKETS_S, one_two_five_buckets
 
 MODELS, VARIANTS_PER_MODEL, PODS_PER_VARIANT = 100, 10, 3
 

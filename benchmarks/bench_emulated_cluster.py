@@ -10,7 +10,7 @@ import argparse
 import statistics
 import time
 
-from variant_autoscaler.emulation.cluster import EmulatedCluster
+from variant_autoscaler_testbed.cluster import EmulatedCluster
 
 GROUP, VERSION, PLURAL = "autoscaling.variant-autoscaler.io", "v1alpha1", "variantautoscalings"
 

@@ -2,7 +2,7 @@
 
 Target (issue 4): <= 2 s per cycle excluding Prometheus latency. The collector's own work for 1,000
 variants is measured in bench_collector.py; here the cycle is fed pre-collected observations (the
-collector's own result objects, `variant_autoscaler.emulation.observations`) and does everything
+collector's own result objects, `variant_autoscaler_testbed.observations`) and does everything
 else for real, over HTTP against the emulated cluster (real CRD server on etcd): list the 1,000
 resources, read 1,000 Deployments and their pods, parse, build one joint problem (datasheet
 profiles: 10 variants per model = 5 accelerator types x 1 or 2 per replica, 4 length buckets),
@@ -101,9 +101,9 @@ def worker(kubeconfig: str, settings_file: str, cycles: int) -> dict:
     from kubernetes import config
     from variant_autoscaler.actuator import KubeGateway
     from variant_autoscaler.controller import Controller, ControllerDeps
-    from variant_autoscaler.emulation.observations import Demand
     from variant_autoscaler.exporter import Exporter
     from variant_autoscaler.settings import SettingsStore, load_settings_file
+    from variant_autoscaler_testbed.observations import Demand
 
     from optimizer.workload import LengthBucket
 
@@ -159,8 +159,8 @@ def _populate(cluster) -> float:
 def test_one_cycle_for_1000_variant_autoscalings(tmp_path):
     import pytest
     import yaml
-    from variant_autoscaler.emulation.cluster import EmulatedCluster
-    from variant_autoscaler.emulation.crd_server import SubstrateUnavailable, crd_server_binary
+    from variant_autoscaler_testbed.cluster import EmulatedCluster
+    from variant_autoscaler_testbed.crd_server import SubstrateUnavailable, crd_server_binary
 
     try:
         crd_server_binary()

@@ -5,14 +5,16 @@
 # chart configures it and watches it scale).
 #
 # What it does:
-#   1. creates a kind cluster (or reuses it), builds the operator image and loads it into the nodes;
+#   1. creates a kind cluster (or reuses it), builds the operator image and the testbed image (the
+#      Dockerfile's `testbed` target: operator + emulated vLLM servers and load generator) and loads both;
 #   2. installs a minimal Prometheus (deploy/prometheus/in-cluster-prometheus.yaml);
 #   3. `helm install`s the chart with that Prometheus and a short interval;
 #   4. applies the sample fleet (deploy/samples: emulated vLLM servers + VariantAutoscalings);
 #   5. sends load to one model and waits until the operator scales it up; prints the decisions.
 #
 # Needs: docker, kind, kubectl, helm (bin/helm from `make system-deps` works). Environment:
-#   IMAGE=variant-autoscaler:<appVersion>  CLUSTER=variant-autoscaler-e2e  KEEP_CLUSTER=1 (keep it)
+#   IMAGE=variant-autoscaler:<appVersion>  TESTBED_IMAGE=variant-autoscaler-testbed:<appVersion>
+#   CLUSTER=variant-autoscaler-e2e  KEEP_CLUSTER=1 (keep it)
 #   LOAD_RPS=40  TIMEOUT_S=600
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +22,7 @@ cd "$(dirname "$0")/.."
 CLUSTER="${CLUSTER:-variant-autoscaler-e2e}"
 APP_VERSION="$(sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}/\1/p' charts/variant-autoscaler/Chart.yaml)"
 IMAGE="${IMAGE:-variant-autoscaler:${APP_VERSION}}"
+TESTBED_IMAGE="${TESTBED_IMAGE:-variant-autoscaler-testbed:${APP_VERSION}}"
 LOAD_RPS="${LOAD_RPS:-40}"
 TIMEOUT_S="${TIMEOUT_S:-600}"
 HELM="${HELM:-$( [ -x bin/helm ] && echo bin/helm || echo helm )}"
@@ -47,9 +50,10 @@ if ! kind get clusters | grep -qx "$CLUSTER"; then
 fi
 kubectl config use-context "kind-$CLUSTER" >/dev/null
 
-say "image $IMAGE"
+say "images $IMAGE and $TESTBED_IMAGE"
 docker build -t "$IMAGE" .
-kind load docker-image "$IMAGE" --name "$CLUSTER"
+docker build --target testbed -t "$TESTBED_IMAGE" .
+kind load docker-image "$IMAGE" "$TESTBED_IMAGE" --name "$CLUSTER"
 
 say "Prometheus (deploy/prometheus/in-cluster-prometheus.yaml)"
 kubectl apply -f deploy/prometheus/in-cluster-prometheus.yaml
@@ -64,8 +68,8 @@ say "helm install (CRDs from the chart)"
   --wait --timeout 300s
 
 say "sample fleet (deploy/samples)"
-# The sample model servers run the operator image: point them at the image just loaded.
-kubectl kustomize deploy/samples | sed "s#image: variant-autoscaler:${APP_VERSION}#image: ${IMAGE}#" | kubectl apply -f -
+# The sample model servers run the testbed image: point them at the image just loaded.
+kubectl kustomize deploy/samples | sed "s#image: variant-autoscaler-testbed:${APP_VERSION}#image: ${TESTBED_IMAGE}#" | kubectl apply -f -
 kubectl -n "$SAMPLES_NS" wait --for=condition=Available deploy --all --timeout=300s
 
 replicas_of_model() {
@@ -88,12 +92,12 @@ spec:
       securityContext: {runAsNonRoot: true, runAsUser: 65532}
       containers:
         - name: load
-          image: ${IMAGE}
+          image: ${TESTBED_IMAGE}
           command: ["python", "-c"]
           args:
             - |
               import asyncio
-              from variant_autoscaler.emulation.load import LengthClass, LoadSpec, RatePhase, generate_load
+              from variant_autoscaler_testbed.load import LengthClass, LoadSpec, RatePhase, generate_load
               spec = LoadSpec(targets=["http://llama-8b.${SAMPLES_NS}:8000"], model="${MODEL}",
                               phases=[RatePhase(duration_s=${TIMEOUT_S}, rate_rps=${LOAD_RPS})],
                               mix=[LengthClass(prompt_tokens=1024, max_tokens=256)],

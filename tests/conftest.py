@@ -1,6 +1,6 @@
 """Shared pytest fixtures.
 
-Emulated Kubernetes (variant_autoscaler.emulation): `emulated_cluster` is one cluster for the whole
+Emulated Kubernetes (variant_autoscaler_testbed): `emulated_cluster` is one cluster for the whole
 session (etcd + the real CRD server + the emulated core API + the emulated kubelet, CRDs from
 crds/ installed), with $KUBECONFIG pointing at it while it runs; `kube_api` is a
 `kubernetes.client.ApiClient` for it; `kube_namespace` is a fresh namespace per test, deleted
@@ -18,8 +18,8 @@ import pytest
 @pytest.fixture(scope="session")
 def emulated_cluster():
     """The emulated cluster, started once per session (about 2 s); skipped without ../shared."""
-    from variant_autoscaler.emulation.cluster import EmulatedCluster
-    from variant_autoscaler.emulation.crd_server import SubstrateUnavailable, crd_server_binary
+    from variant_autoscaler_testbed.cluster import EmulatedCluster
+    from variant_autoscaler_testbed.crd_server import SubstrateUnavailable, crd_server_binary
 
     try:
         crd_server_binary()

@@ -23,9 +23,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from variant_autoscaler.emulation.load import LoadSpec, generate_load
-from variant_autoscaler.emulation.model_server import EmulatedModelServer, ModelServerConfig
-from variant_autoscaler.emulation.prometheus import PrometheusNotInstalled, PrometheusServer, ScrapeTarget
+from variant_autoscaler_testbed.load import LoadSpec, generate_load
+from variant_autoscaler_testbed.model_server import EmulatedModelServer, ModelServerConfig
+from variant_autoscaler_testbed.prometheus import PrometheusNotInstalled, PrometheusServer, ScrapeTarget
 
 
 class BackgroundLoop:

@@ -1,7 +1,7 @@
 """Test machinery for the operator: objects on the emulated cluster, observations, an operator thread.
 
 Imported by the operator test modules (`from operator_harness import ...`). `observations`/`Demand`
-(from variant_autoscaler.emulation.observations) are what the collector would have returned, fed to
+(from variant_autoscaler_testbed.observations) are what the collector would have returned, fed to
 the controller the way the benchmark feeds pre-collected observations; the collector itself meets
 the real Prometheus in test_collector.py and end to end in test_operator_e2e.py.
 """
@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import pytest
 from kubernetes import client
-from variant_autoscaler.emulation.observations import Demand, observations
+from variant_autoscaler_testbed.observations import Demand, observations
 
 __all__ = ["Demand", "observations"]
 

@@ -27,11 +27,11 @@ from variant_autoscaler.collector import (
     PrometheusSettings,
     VariantSelector,
 )
-from variant_autoscaler.emulation.model_server import ModelServerConfig
-from variant_autoscaler.emulation.prometheus import ScrapeTarget, free_port
-from variant_autoscaler.emulation.vllm_metrics import one_two_five_buckets
 from variant_autoscaler.histogram_estimates import histogram_quantile, joint_length_mix, token_distribution
 from variant_autoscaler.online_profile import OnlineProfileFitter
+from variant_autoscaler_testbed.model_server import ModelServerConfig
+from variant_autoscaler_testbed.prometheus import ScrapeTarget, free_port
+from variant_autoscaler_testbed.vllm_metrics import one_two_five_buckets
 
 from optimizer.profile import ParametricProfile
 

@@ -313,7 +313,7 @@ def _substitute(expr: str) -> str:
 
 
 def test_every_dashboard_query_returns_labelled_series_in_real_prometheus(live_exporter):
-    from variant_autoscaler.emulation.prometheus import PrometheusNotInstalled, PrometheusServer, ScrapeTarget
+    from variant_autoscaler_testbed.prometheus import PrometheusNotInstalled, PrometheusServer, ScrapeTarget
 
     address = live_exporter.server.url.removeprefix("http://")
     try:

@@ -25,11 +25,11 @@ import yaml
 from conftest_metrics import BackgroundLoop
 from operator_harness import L4_PROFILE, TINY_MODEL, Kube, OperatorThread, settings_dict, variant, wait_until
 from test_operator_e2e import MIX, _annotations, _event, model_pods, prometheus  # noqa: F401 - shared fixtures
-from variant_autoscaler.emulation.cluster import kubeconfig_text
-from variant_autoscaler.emulation.fault_proxy import FaultProxy, FaultRule
-from variant_autoscaler.emulation.load import LoadSpec, generate_load
-from variant_autoscaler.emulation.prometheus import free_port
 from variant_autoscaler.operator import RunOptions
+from variant_autoscaler_testbed.cluster import kubeconfig_text
+from variant_autoscaler_testbed.fault_proxy import FaultProxy, FaultRule
+from variant_autoscaler_testbed.load import LoadSpec, generate_load
+from variant_autoscaler_testbed.prometheus import free_port
 
 MODEL = TINY_MODEL["name"]
 INTERVAL_S = 1

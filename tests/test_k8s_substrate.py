@@ -12,8 +12,8 @@ import uuid
 
 import aiohttp
 import pytest
-from variant_autoscaler.emulation.core_api import CoreApi, Fault, ObjectStore
-from variant_autoscaler.emulation.kubelet import (
+from variant_autoscaler_testbed.core_api import CoreApi, Fault, ObjectStore
+from variant_autoscaler_testbed.kubelet import (
     DELETION_COST_ANNOTATION,
     PORT_ANNOTATION,
     START_DELAY_ANNOTATION,
@@ -451,7 +451,7 @@ def test_injected_faults_fail_the_matching_requests_then_disarm(emulated_cluster
 
 def test_the_fault_proxy_passes_a_body_without_content_type_on_as_it_came(emulated_cluster, kube_namespace):
     """The API server reads an unlabelled body as JSON; the proxy used to relabel it octet-stream (415)."""
-    from variant_autoscaler.emulation.fault_proxy import FaultProxy
+    from variant_autoscaler_testbed.fault_proxy import FaultProxy
 
     proxy = emulated_cluster.call(FaultProxy(upstream=emulated_cluster.url).start)
     path = f"/apis/{GROUP}/{VERSION}/namespaces/{kube_namespace}/{PLURAL}"
@@ -606,13 +606,13 @@ def test_kopf_runs_its_lifecycle_with_peering(emulated_cluster, kube_api, kube_n
 
 
 def test_cluster_module_serves_until_sigterm(emulated_cluster, tmp_path):
-    """`python -m variant_autoscaler.emulation.cluster` is what `make live` starts."""
+    """`python -m variant_autoscaler_testbed.cluster` is what `make live` starts."""
     import signal
     import subprocess
     import sys
 
     kubeconfig = tmp_path / "live.kubeconfig"
-    proc = subprocess.Popen([sys.executable, "-m", "variant_autoscaler.emulation.cluster", "--kubeconfig",
+    proc = subprocess.Popen([sys.executable, "-m", "variant_autoscaler_testbed.cluster", "--kubeconfig",
                              str(kubeconfig), "--namespace", "live"], stderr=subprocess.PIPE, text=True)
     try:
         wait_until(lambda: kubeconfig.exists() or proc.poll() is not None, "the kubeconfig", timeout_s=60)

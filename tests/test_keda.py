@@ -25,8 +25,8 @@ import pytest
 import yaml
 from chart_tools import generator
 from conftest_metrics import BackgroundLoop, wait_until
-from variant_autoscaler.emulation.prometheus import PrometheusNotInstalled, PrometheusServer, ScrapeTarget
 from variant_autoscaler.exporter import DecisionSnapshot, Exporter, MetricsServer, VariantReading
+from variant_autoscaler_testbed.prometheus import PrometheusNotInstalled, PrometheusServer, ScrapeTarget
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "deploy" / "keda" / "scaledobjects.yaml"

@@ -35,3 +35,36 @@ def test_optimizer_has_no_kubernetes_or_http_imports():
 def test_ci_runs_the_readme_test_command():
     assert "make test" in (ROOT / "README.md").read_text()
     assert (ROOT / ".ci" / "run").read_text().strip().endswith("make test")
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Every module an `import` / `from ... import` statement in the file names, at any depth."""
+    import ast
+
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            out.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module)
+    return out
+
+
+def test_operator_package_never_imports_the_testbed():
+    """The operator package is the product alone: no import statement in it, top level or inside a
+    function, names the testbed. The CLI may look the testbed's commands up by name (importlib) where
+    the testbed is installed; only cli.py mentions the package's name at all."""
+    package = ROOT / "operator" / "variant_autoscaler"
+    assert (ROOT / "operator" / "variant_autoscaler_testbed" / "__init__.py").exists()
+    assert not (package / "emulation").exists(), "the testbed lives beside the operator package, not in it"
+    for path in package.rglob("*.py"):
+        bad = {m for m in _imported_modules(path) if m.split(".")[0] == "variant_autoscaler_testbed"}
+        assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
+        if path.name != "cli.py":
+            assert "variant_autoscaler_testbed" not in path.read_text(), path.relative_to(ROOT)
+
+
+def test_nothing_imports_the_old_emulation_package():
+    for top in ("operator", "optimizer", "tests", "benchmarks", "scripts", "deploy"):
+        for path in (ROOT / top).rglob("*.py"):
+            assert not {m for m in _imported_modules(path) if m.startswith("variant_autoscaler.emulation")}, path

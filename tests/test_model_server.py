@@ -15,9 +15,9 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from variant_autoscaler.cli import main
-from variant_autoscaler.emulation.load import LoadSpec, generate_load
-from variant_autoscaler.emulation.model_server import EmulatedModelServer, ModelServerConfig
-from variant_autoscaler.emulation.prometheus import free_port
+from variant_autoscaler_testbed.load import LoadSpec, generate_load
+from variant_autoscaler_testbed.model_server import EmulatedModelServer, ModelServerConfig
+from variant_autoscaler_testbed.prometheus import free_port
 
 from optimizer.profile import ParametricProfile, ProfilePoint, TabulatedProfile
 

@@ -28,10 +28,10 @@ from operator_harness import (
     wait_until,
 )
 from prometheus_client.parser import text_string_to_metric_families
-from variant_autoscaler.emulation.load import LoadSpec, generate_load
-from variant_autoscaler.emulation.model_pods import ModelGateway, ModelPods, model_server_annotation
-from variant_autoscaler.emulation.prometheus import PrometheusNotInstalled, PrometheusServer, free_port
 from variant_autoscaler.operator import RunOptions
+from variant_autoscaler_testbed.load import LoadSpec, generate_load
+from variant_autoscaler_testbed.model_pods import ModelGateway, ModelPods, model_server_annotation
+from variant_autoscaler_testbed.prometheus import PrometheusNotInstalled, PrometheusServer, free_port
 
 MODEL = TINY_MODEL["name"]
 MIX = [{"prompt_tokens": 100, "max_tokens": 40}]
@@ -162,8 +162,8 @@ async def _event() -> asyncio.Event:
 
 
 def test_live_demo_objects_parse_and_its_ramp_fits_the_duration():
-    from variant_autoscaler.emulation.live import _objects, ramp
     from variant_autoscaler.resources import parse_variant
+    from variant_autoscaler_testbed.live import _objects, ramp
 
     deployments, variants = _objects()
     parsed = [parse_variant({**v, "metadata": {**v["metadata"], "namespace": "demo"}}) for v in variants]

@@ -20,10 +20,10 @@ import pytest
 import yaml
 from kopf.testing import KopfRunner
 from operator_harness import L4_PROFILE, Kube, OperatorThread, settings_dict, variant, wait_until
-from variant_autoscaler.emulation.cluster import kubeconfig_text
-from variant_autoscaler.emulation.fault_proxy import FaultProxy, FaultRule
-from variant_autoscaler.emulation.prometheus import free_port
 from variant_autoscaler.operator import RunOptions, registry
+from variant_autoscaler_testbed.cluster import kubeconfig_text
+from variant_autoscaler_testbed.fault_proxy import FaultProxy, FaultRule
+from variant_autoscaler_testbed.prometheus import free_port
 
 PEERING = "va-peering-test"
 

@@ -150,22 +150,108 @@ def test_build_context_holds_the_package_and_nothing_heavy():
     assert sources == expected
 
 
+def copies_of(stage: str) -> list[tuple[str, str]]:
+    """(source, destination) of each COPY from the build context (not --from) in that stage."""
+    (body,) = [b for name, b in stages() if name == stage]
+    out = []
+    for word, rest in body:
+        if word == "COPY" and not rest.startswith("--"):
+            *sources, dest = rest.split()
+            out.extend((src.rstrip("/"), dest) for src in sources)
+    return out
+
+
+def build_stage_files() -> list[str]:
+    """The build-context files the `build` stage copies into /src, the tree `pip install .` runs on."""
+    sources = [src for src, _ in copies_of("build")]
+    return [f for f in build_context() if any(f == s or f.startswith(s + "/") for s in sources)]
+
+
+def copy_build_stage(target: Path) -> None:
+    for rel in build_stage_files():
+        (target / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, target / rel)
+
+
+TESTBED = "variant_autoscaler_testbed"
+
+
+def _run_cli(tree: Path, *argv: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": f"{tree}{os.pathsep}{tree / 'operator'}",
+           "PYTHONDONTWRITEBYTECODE": "1", "MPLCONFIGDIR": str(tree / "mpl")}
+    code = ("import variant_autoscaler, optimizer, sys; "
+            "assert variant_autoscaler.__file__.startswith(sys.argv[1]), variant_autoscaler.__file__; "
+            "from variant_autoscaler.cli import main; sys.exit(main(sys.argv[2:]))")
+    # -I would drop PYTHONPATH; -S keeps the dev install's site-packages (which maps the testbed) out.
+    return subprocess.run([sys.executable, "-S", "-c", code, str(tree), *argv], capture_output=True, text=True,
+                          env={**env, "PYTHONPATH": env["PYTHONPATH"] + os.pathsep + _site_packages()},
+                          cwd=tree, timeout=120)
+
+
+def _site_packages() -> str:
+    """The dependencies' folder without its .pth files processed (they map the dev tree's packages)."""
+    import sysconfig
+
+    return sysconfig.get_paths()["purelib"]
+
+
 def test_the_image_contents_run_the_operator_command(tmp_path):
-    """Copy exactly the build context and start `variant-autoscaler run --help` from it alone."""
-    for rel in build_context():
-        target = tmp_path / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / rel, target)
-    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{tmp_path / 'operator'}",
-           "PYTHONDONTWRITEBYTECODE": "1", "MPLCONFIGDIR": str(tmp_path / "mpl")}
-    done = subprocess.run([sys.executable, "-c",
-                           "import variant_autoscaler, optimizer, sys; "
-                           "assert variant_autoscaler.__file__.startswith(sys.argv[1]), variant_autoscaler.__file__; "
-                           "from variant_autoscaler.cli import main; sys.exit(main(['run', '--help']))",
-                           str(tmp_path)],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    """Copy exactly what the build stage copies and start `variant-autoscaler run --help` from it alone."""
+    copy_build_stage(tmp_path)
+    done = _run_cli(tmp_path, "run", "--help")
     assert done.returncode == 0, done.stderr
     assert "--settings-configmap" in done.stdout
+
+
+def test_the_build_stage_copies_no_testbed_and_a_testbed_command_says_so(tmp_path):
+    files = build_stage_files()
+    assert any(f.startswith("operator/variant_autoscaler/") for f in files)
+    assert not [f for f in files if TESTBED in f], "the operator image must not hold the testbed"
+    copy_build_stage(tmp_path)
+    done = _run_cli(tmp_path, "emulate-server", "--model", "m", "--accelerator", "H100")
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("error: `emulate-server`") and TESTBED in line and "Traceback" not in done.stderr
+    listed = _run_cli(tmp_path, "--help")
+    assert listed.returncode == 0 and "emulate-server" not in listed.stdout
+
+
+def test_the_runtime_wheel_holds_no_testbed_module(tmp_path):
+    """Build the wheel `pip install .` in the build stage would install, from exactly the files that
+    stage copies, and read its contents: the operator and optimizer, no testbed module."""
+    import zipfile
+
+    tree = tmp_path / "src"
+    copy_build_stage(tree)
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                           "-w", str(tmp_path / "dist"), str(tree)],
+                          capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    (wheel,) = (tmp_path / "dist").glob("variant_autoscaler-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
+    assert tops == {"optimizer", "variant_autoscaler"}, tops
+    assert "variant_autoscaler/controller.py" in names and "variant_autoscaler/cli.py" in names
+    assert not [n for n in names if "testbed" in n or "emulat" in n.split("/")[-1]], "testbed code in the wheel"
+
+
+def test_the_testbed_target_adds_the_testbed_on_the_runtime_environment():
+    """`testbed` (for deploy/samples' model servers) = the built environment + the testbed folder on
+    PYTHONPATH, the same user as the operator image; the operator image (`runtime`) stays the last stage."""
+    names = [n for n, _ in stages()]
+    assert names[-1] == "runtime" and "testbed" in names
+    (body,) = [b for n, b in stages() if n == "testbed"]
+    ((src, dest),) = copies_of("testbed")
+    assert src == f"operator/{TESTBED}" and (REPO / src / "__init__.py").exists()
+    assert dest.endswith(f"/{TESTBED}")
+    env = " ".join(rest for w, rest in body if w == "ENV")
+    assert f"PYTHONPATH={dest.rsplit('/', 1)[0]}" in env.split()
+    (user,) = [rest for w, rest in body if w == "USER"]
+    (runtime_user,) = [rest for w, rest in stages()[-1][1] if w == "USER"]
+    assert user == runtime_user
+    samples = (REPO / "deploy" / "samples" / "model-servers.yaml").read_text()
+    images = set(re.findall(r"image: (\S+)", samples))
+    assert images == {f"variant-autoscaler-testbed:{tomllib.loads((REPO / 'pyproject.toml').read_text())['project']['version']}"}
 
 
 def test_dockerfile_is_multi_stage_with_a_bare_runtime_stage():
@@ -213,7 +299,8 @@ def test_image_and_chart_agree():
     assert chart["appVersion"] == project["version"]
 
 
-@pytest.mark.parametrize("copied", ["pyproject.toml", "README.md", "optimizer", "operator", "crds"])
+@pytest.mark.parametrize("copied", ["pyproject.toml", "README.md", "optimizer", "operator/variant_autoscaler", "crds",
+                                    "operator/variant_autoscaler_testbed"])
 def test_every_copy_source_exists(copied):
     sources = {src.rstrip("/") for w, rest in instructions() if w == "COPY" and not rest.startswith("--from")
                for src in rest.split()[:-1]}

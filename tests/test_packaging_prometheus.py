@@ -157,8 +157,8 @@ class _BackgroundServers:
     """An emulated vLLM server and the operator's exporter on 127.0.0.1, in one event loop thread."""
 
     def __enter__(self):
-        from variant_autoscaler.emulation.model_server import EmulatedModelServer, ModelServerConfig
         from variant_autoscaler.exporter import DecisionSnapshot, Exporter, MetricsServer, VariantReading
+        from variant_autoscaler_testbed.model_server import EmulatedModelServer, ModelServerConfig
 
         from optimizer.profile import ParametricProfile
 
@@ -188,7 +188,7 @@ class _BackgroundServers:
 
 
 def test_scrape_config_keeps_namespace_pod_and_vllm_names(promtool, tmp_path):
-    from variant_autoscaler.emulation.prometheus import PrometheusNotInstalled, PrometheusServer
+    from variant_autoscaler_testbed.prometheus import PrometheusNotInstalled, PrometheusServer
 
     jobs = {job["job_name"]: job for job in yaml.safe_load(SCRAPE.read_text())["scrape_configs"]}
     assert set(jobs) == {"vllm", "variant-autoscaler"}

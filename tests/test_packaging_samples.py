@@ -259,7 +259,7 @@ def test_samples_fit_the_default_settings_and_each_other(helm):
 
 def test_sample_model_server_arguments_are_accepted_by_the_cli():
     from variant_autoscaler.cli import build_parser
-    from variant_autoscaler.commands.emulate_server import build_config
+    from variant_autoscaler_testbed.commands.emulate_server import build_config
 
     parser = build_parser()
     for deployment in of_kind(sample_docs(), "Deployment"):

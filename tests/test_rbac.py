@@ -73,9 +73,9 @@ class World:
     Prometheus scraping one emulated vLLM server per pod, and a gateway to send load through."""
 
     def __init__(self):
-        from variant_autoscaler.emulation.cluster import EmulatedCluster
-        from variant_autoscaler.emulation.model_pods import ModelGateway, ModelPods
-        from variant_autoscaler.emulation.prometheus import PrometheusServer
+        from variant_autoscaler_testbed.cluster import EmulatedCluster
+        from variant_autoscaler_testbed.model_pods import ModelGateway, ModelPods
+        from variant_autoscaler_testbed.prometheus import PrometheusServer
 
         self.cluster = EmulatedCluster(namespaces=[RELEASE_NAMESPACE], start_delay_s=0.2)
         self.cluster.__enter__()
@@ -105,7 +105,7 @@ class World:
 
     def deploy(self, namespace: str, name: str, model: str, replicas: int) -> None:
         from kubernetes import client
-        from variant_autoscaler.emulation.model_pods import model_server_annotation
+        from variant_autoscaler_testbed.model_pods import model_server_annotation
 
         annotations = model_server_annotation({"model": model, "profile": SERVER_PROFILE, "max_batch": 32})
         client.AppsV1Api(self.api).create_namespaced_deployment(namespace, {
@@ -128,7 +128,7 @@ class World:
         return client.AppsV1Api(self.api).read_namespaced_deployment(name, namespace).spec.replicas
 
     def load(self, model: str, rate_rps: float, duration_s: float):
-        from variant_autoscaler.emulation.load import LengthClass, LoadSpec, RatePhase, generate_load
+        from variant_autoscaler_testbed.load import LengthClass, LoadSpec, RatePhase, generate_load
 
         spec = LoadSpec(targets=[self.gateway.url], model=model, phases=[RatePhase(duration_s=duration_s,
                                                                                     rate_rps=rate_rps)],
@@ -149,8 +149,8 @@ class World:
 
 @pytest.fixture(scope="module")
 def world():
-    from variant_autoscaler.emulation.crd_server import SubstrateUnavailable
-    from variant_autoscaler.emulation.prometheus import PrometheusNotInstalled
+    from variant_autoscaler_testbed.crd_server import SubstrateUnavailable
+    from variant_autoscaler_testbed.prometheus import PrometheusNotInstalled
 
     try:
         w = World()

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import yaml
 
-from variant_autoscaler.emulation.cluster import EmulatedCluster
-from variant_autoscaler.emulation.load import LoadSpec, generate_load
-from variant_autoscaler.emulation.model_pods import ModelGateway, ModelPods, model_server_annotation
-from variant_autoscaler.emulation.prometheus import PrometheusServer, free_port
+from variant_autoscaler_testbed.cluster import EmulatedCluster
+from variant_autoscaler_testbed.load import LoadSpec, generate_load
+from variant_autoscaler_testbed.model_pods import ModelGateway, ModelPods, model_server_annotation
+from variant_autoscaler_testbed.prometheus import PrometheusServer, free_port
 
 NAMESPACE = "demo"
 MODEL = "demo/chat-1b"
@@ -79,7 +79,6 @@ def _objects() -> tuple[list[dict], list[dict]]:
 
 async def run_live(duration_s: float, metrics_port: int, kubeconfig_out: Path | None) -> None:
     from kubernetes import client
-
     from variant_autoscaler.commands.run import run_operator
     from variant_autoscaler.operator import RunOptions
 
@@ -157,14 +156,14 @@ async def _print_replicas(apps, stop: asyncio.Event) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m variant_autoscaler.emulation.live", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m variant_autoscaler_testbed.live", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=300.0, help="seconds to run (default 300)")
     parser.add_argument("--metrics-port", type=int, default=0, help="operator /metrics port (default: a free one)")
     parser.add_argument("--kubeconfig", type=Path, help="also write the kubeconfig here (removed on exit)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("kopf", "aiohttp", "urllib3", "kubernetes", "variant_autoscaler.emulation"):
+    for noisy in ("kopf", "aiohttp", "urllib3", "kubernetes", "variant_autoscaler_testbed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     asyncio.run(run_live(args.duration, args.metrics_port or free_port(), args.kubeconfig))
     return 0

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 import aiohttp
 from aiohttp import web
 
-from variant_autoscaler.emulation.kubelet import Kubelet, PodInfo, pod_is_ready
-from variant_autoscaler.emulation.model_server import EmulatedModelServer, ModelServerConfig
-from variant_autoscaler.emulation.prometheus import PrometheusServer, ScrapeTarget
+from variant_autoscaler_testbed.kubelet import Kubelet, PodInfo, pod_is_ready
+from variant_autoscaler_testbed.model_server import EmulatedModelServer, ModelServerConfig
+from variant_autoscaler_testbed.prometheus import PrometheusServer, ScrapeTarget
 
 MODEL_SERVER_ANNOTATION = "emulation.variant-autoscaler.io/model-server"
 

@@ -7,7 +7,6 @@ the very objects `Collector.collect` returns, so nothing downstream can tell the
 
 from __future__ import annotations
 
-from optimizer.workload import LengthBucket
 from variant_autoscaler.collector import (
     CollectionResult,
     LatencyObservation,
@@ -15,6 +14,8 @@ from variant_autoscaler.collector import (
     VariantObservation,
     VariantSelector,
 )
+
+from optimizer.workload import LengthBucket
 
 
 def _latency() -> LatencyObservation:

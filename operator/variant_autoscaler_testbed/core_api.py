@@ -51,8 +51,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from variant_autoscaler.emulation import protobuf_body
-from variant_autoscaler.emulation.protobuf_body import ProtobufUnsupported
+from variant_autoscaler_testbed import protobuf_body
+from variant_autoscaler_testbed.protobuf_body import ProtobufUnsupported
 
 JsonObj = dict[str, Any]
 

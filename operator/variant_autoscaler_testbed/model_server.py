@@ -32,7 +32,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from optimizer.profile import PerformanceProfile
-from variant_autoscaler.emulation.vllm_metrics import (
+from variant_autoscaler_testbed.vllm_metrics import (
     CONTENT_TYPE,
     E2E_BUCKETS_S,
     ITL_BUCKETS_S,

@@ -23,8 +23,8 @@ from typing import Any, TypeVar
 import aiohttp
 import yaml
 
-from variant_autoscaler.emulation.core_api import CoreApi, ObjectStore
-from variant_autoscaler.emulation.crd_server import (
+from variant_autoscaler_testbed.core_api import CoreApi, ObjectStore
+from variant_autoscaler_testbed.crd_server import (
     CrdServer,
     Etcd,
     SubstrateStartError,
@@ -32,7 +32,7 @@ from variant_autoscaler.emulation.crd_server import (
     etcd_binary,
     repository_root,
 )
-from variant_autoscaler.emulation.kubelet import Kubelet, PodHook
+from variant_autoscaler_testbed.kubelet import Kubelet, PodHook
 
 T = TypeVar("T")
 
@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(
-        prog="python -m variant_autoscaler.emulation.cluster",
+        prog="python -m variant_autoscaler_testbed.cluster",
         description="Start an emulated Kubernetes cluster (real CRD server on etcd, emulated core API and "
                     "kubelet) on 127.0.0.1 with the CRDs from crds/, until Ctrl-C.")
     parser.add_argument("--kubeconfig", type=Path, help="also write the kubeconfig here (removed on exit)")

@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from variant_autoscaler.emulation.core_api import (
+from variant_autoscaler_testbed.core_api import (
     ApiError,
     JsonObj,
     ObjectStore,
@@ -37,7 +37,7 @@ from variant_autoscaler.emulation.core_api import (
     now_rfc3339,
     parse_rfc3339,
 )
-from variant_autoscaler.emulation.crd_server import free_port
+from variant_autoscaler_testbed.crd_server import free_port
 
 PORT_ANNOTATION = "emulation.variant-autoscaler.io/port"
 START_DELAY_ANNOTATION = "emulation.variant-autoscaler.io/start-delay-seconds"

@@ -55,8 +55,8 @@ class SubstrateStartError(RuntimeError):
 
 
 def repository_root() -> Path:
-    """The checkout this package lives in (operator/variant_autoscaler/emulation/ is three below it)."""
-    return Path(__file__).resolve().parents[3]
+    """The checkout this package lives in (operator/variant_autoscaler_testbed/ is two below it)."""
+    return Path(__file__).resolve().parents[2]
 
 
 def shared_dir() -> Path:

@@ -16,7 +16,7 @@ from pydantic import TypeAdapter, ValidationError
 from optimizer.datasheet import DATASHEETS, MODEL_FACTS, datasheet_profile
 from optimizer.problem import InputError, format_validation_error, read_document
 from optimizer.profile import PerformanceProfile
-from variant_autoscaler.emulation.model_server import ModelServerConfig, serve_until_cancelled
+from variant_autoscaler_testbed.model_server import ModelServerConfig, serve_until_cancelled
 
 NAME = "emulate-server"
 HELP = "run an emulated vLLM server (completions timed by a profile, vLLM metrics)"
