@@ -654,8 +654,8 @@ def _kill_mid_swap(test: str, new: tuple[tuple[str, str], ...], emulated_cluster
                    prometheus, tmp_path) -> None:  # noqa: F811
     from kubernetes import client
     from operator_harness import H100_PROFILE
-    from variant_autoscaler.emulation.kubelet import START_DELAY_ANNOTATION
-    from variant_autoscaler.emulation.model_pods import model_server_annotation
+    from variant_autoscaler_testbed.kubelet import START_DELAY_ANNOTATION
+    from variant_autoscaler_testbed.model_pods import model_server_annotation
 
     pods, gateway = model_pods
     ns = f"fm-swap-{int(time.time() * 1000) % 10**8}"

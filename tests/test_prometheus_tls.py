@@ -24,8 +24,8 @@ import pytest
 import yaml
 from operator_harness import L4_PROFILE, Kube, OperatorThread, settings_dict, variant, wait_until
 from variant_autoscaler.collector import PrometheusQueries, PrometheusSettings, QueryFailure
-from variant_autoscaler.emulation.prometheus import free_port
 from variant_autoscaler.operator import RunOptions
+from variant_autoscaler_testbed.prometheus import free_port
 
 USER, PASSWORD = "va", "tls-test-password"
 # bcrypt of PASSWORD (Python's crypt, METHOD_BLOWFISH): Prometheus's basic_auth_users takes bcrypt hashes only
