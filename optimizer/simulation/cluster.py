@@ -123,6 +123,11 @@ class HostedReplica:
         """Requests admitted but not yet in the batch (vllm:num_requests_waiting)."""
         return self.engine.queue_len
 
+    @property
+    def kv_usage(self) -> float:
+        """KV cache in use / capacity (vllm:kv_cache_usage_perc), what llm-d's saturation detector reads."""
+        return self.engine.kv_usage
+
 
 @dataclass
 class RunResult:
@@ -161,7 +166,9 @@ class RunResult:
         return len(self.arrival_s)
 
 
-_TICK, _READY, _P_ITER, _KV_ARRIVAL = 0, 1, 2, 3
+_TICK, _READY, _P_ITER, _KV_ARRIVAL, _RETRY = 0, 1, 2, 3, 4
+FLOW_RETRY_MIN_S = 0.01
+"""Shortest gap between two retries of a flow-controlled pool's held requests (bounds the events)."""
 
 
 class ClusterSimulator:
@@ -206,6 +213,12 @@ class ClusterSimulator:
         self._pending_timeline: dict[str, list[int]] = {}
         self._assignments: list[tuple[int, str, float]] = []
         self._marks: dict[str, float] = {}
+        # Flow-controlled routers (routers.OursFlowRouter, UtilizationFlowRouter) hold requests at the
+        # pool: the pending queue is their FIFO, retried on replica iterations (_RETRY), ticks and readiness.
+        self._flow = bool(getattr(router, "flow_controlled", False))
+        self._retry_at: dict[str, float] = {}
+        if self._flow:
+            router.bind(problem)
 
     # ----- helpers -----
     def _push(self, t: float, kind: int, payload) -> None:
@@ -259,6 +272,8 @@ class ClusterSimulator:
 
     def _route(self, r: SimRequest, model: str, t: float, decode: bool) -> bool:
         pool = (self._decode_pool if decode else self._entry_pool)[model]
+        if self._flow:
+            return self._hold(r, model, t, decode)
         if self._needs_load:
             for rep in tuple(pool):  # advancing may remove a drained replica from the pool
                 if rep.lazy:
@@ -271,12 +286,65 @@ class ClusterSimulator:
             raise RuntimeError(f"router {self.router.name} picked replica {rep.id}, which is marked for removal")
         if not self._needs_load or not rep.lazy:
             self._advance(rep, t)
+        self._admit(rep, r, t)
+        return True
+
+    def _admit(self, rep: HostedReplica, r: SimRequest, t: float) -> None:
         if self.options.record_assignments:
             self._assignments.append((r.id, rep.id, t))
         rep.engine.admit(r, t)
         self._advance(rep, t)  # collects what admission produced (a rejection, a one-token answer)
         self._schedule(rep)
-        return True
+
+    # ----- flow control (routers with `flow_controlled`) -----
+    def _hold(self, r: SimRequest, model: str, t: float, decode: bool) -> bool:
+        """Queue the request behind those already held for its pool (FIFO), then dispatch what the router
+        lets through. Over the router's bound the request is dropped. True when it was dispatched."""
+        key = self._pool_key(model, decode)
+        queue = self._pending.setdefault(key, deque())
+        if len(queue) >= self.router.max_held_requests:
+            self._dropped.add(r.id)
+            return False
+        queue.append((r, t))
+        self._dispatch_held(model, t, decode)
+        return not any(held is r for held, _ in self._pending.get(key, ()))
+
+    def _dispatch_held(self, model: str, t: float, decode: bool) -> None:
+        """Dispatch held requests in arrival order while the router accepts them; expire the timed-out."""
+        key = self._pool_key(model, decode)
+        queue = self._pending.get(key)
+        if not queue:
+            self._pending.pop(key, None)
+            return
+        pool = (self._decode_pool if decode else self._entry_pool)[model]
+        for rep in tuple(pool):
+            if rep.lazy:
+                self._advance(rep, t)
+        for _ in range(len(queue)):
+            r, since = queue[0]
+            if t - since > self.options.pending_timeout_s:
+                queue.popleft()
+                self._dropped.add(r.id)
+                continue
+            rep = self.router.pick(key, pool, r.input_tokens)
+            if rep is None:
+                break
+            if rep.draining:
+                raise RuntimeError(f"router {self.router.name} picked replica {rep.id}, which is marked for removal")
+            queue.popleft()
+            self._admit(rep, r, t)
+        if not queue:
+            del self._pending[key]
+            return
+        nxt = [n for rep in pool if not rep.draining and (n := rep.engine.next_event_time()) is not None]
+        if not nxt:
+            return  # no replica of the pool is up or busy: readiness or the next tick retries
+        when = max(min(nxt), t + FLOW_RETRY_MIN_S)
+        due = self._retry_at.get(key)
+        if due is not None and t <= due <= when:
+            return
+        self._retry_at[key] = when
+        self._push(when, _RETRY, (model, decode))
 
     def _reroute_rejected(self, rep: HostedReplica, r: SimRequest, t: float) -> None:
         """The request can never fit that replica's KV cache: try the largest live one, else drop."""
@@ -331,6 +399,9 @@ class ClusterSimulator:
         pools = self._decode_pool if decode else self._entry_pool
         if rep.model in pools:
             pools[rep.model].append(rep)
+        if self._flow:
+            self._dispatch_held(rep.model, t, decode)
+            return
         waiting = self._pending.pop(self._pool_key(rep.model, decode), None)
         for r, since in waiting or ():
             if t - since > self.options.pending_timeout_s:
@@ -498,6 +569,8 @@ class ClusterSimulator:
         arrivals_seen = 0
         heap = self._heap
         max_events = 50 * (n + 10) + 10 * int(end_s / interval + 10)
+        if self._flow:  # each held pool retries at most every FLOW_RETRY_MIN_S
+            max_events += 2 * len(models) * int((end_s + 10 * interval) / FLOW_RETRY_MIN_S)
         for _ in range(max_events):
             next_arrival = arr_list[i] if i < n else math.inf
             if heap and heap[0][0] <= next_arrival:
@@ -514,10 +587,21 @@ class ClusterSimulator:
                     arrivals_seen = i
                     decision = self.policy.decide(obs)
                     self._apply(decision, t, warm=False)
+                    if self._flow:
+                        for key in list(self._pending):
+                            model, stage = key.rsplit("/", 1)
+                            self._dispatch_held(model, t, stage == "decode")
                     decisions.append((t, dict(decision.desired_replicas), decision.note))
                     self._record_timeline(t, timeline_s, timeline)
                     if t + interval <= end_s + interval:
                         self._push(t + interval, _TICK, t)
+                elif kind == _RETRY:
+                    model, decode = payload
+                    key = self._pool_key(model, decode)
+                    if self._retry_at.get(key) != t:
+                        continue
+                    del self._retry_at[key]
+                    self._dispatch_held(model, t, decode)
                 elif kind == _READY:
                     self._make_ready(payload, t)
                 elif kind == _P_ITER:

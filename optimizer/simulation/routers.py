@@ -198,7 +198,145 @@ class WeightedRouter:
         return self._inner.victims(replicas, count)
 
 
-ROUTERS = {cls.name: cls for cls in (RoundRobinRouter, LeastOutstandingRouter, WeightedRouter)}
+MAX_HELD_REQUESTS = 4096
+"""Requests a flow-controlled router holds per pool; the next one is dropped (llm-d's flow control
+also bounds its queues and rejects beyond them)."""
+
+
+class _FlowControlled:
+    """Shared part of the flow-controlled routers: a pool-level saturation gate in front of dispatch.
+
+    The cluster simulator asks `pick` as usual; a pool at saturation >= 1.0 gets None, and the
+    cluster keeps the request in the pool's FIFO queue (at most `max_held_requests`), retrying the
+    head of the queue when a replica of the pool finishes an iteration, at each policy tick and when
+    a replica becomes ready, and dropping it after the cluster's pending timeout. Saturation is
+    computed on every call from the replicas' in-flight state, never once per control cycle: a
+    per-cycle value >= 1.0 would stop dispatch for a whole cycle.
+    """
+
+    reads_load = True
+    flow_controlled = True
+    max_held_requests = MAX_HELD_REQUESTS
+
+    def __init__(self):
+        self._inner = LeastOutstandingRouter()
+
+    def bind(self, problem) -> None:
+        """The cluster simulator passes its problem (fleet, workloads, SLOs) before the run."""
+
+    def saturation(self, pool: Sequence[RoutableReplica]) -> float:
+        raise NotImplementedError
+
+    def victims(self, replicas: Sequence[RoutableReplica], count: int) -> list[RoutableReplica]:
+        return self._inner.victims(replicas, count)
+
+    def set_guidance(self, routing: list[RouteGuidance], planned_replicas: dict[str, int] | None = None) -> None:
+        """Only the flow-controlled router that follows our guidance uses it (it overrides this)."""
+
+
+class UtilizationFlowRouter(_FlowControlled):
+    """llm-d's default saturation detector in front of least-outstanding dispatch.
+
+    Saturation of a pool = mean over its endpoints of max(waiting / 5, KV usage / 0.8), an endpoint
+    with stale metrics counting as 1.0 (`stale` attribute; the simulator's metrics are never stale);
+    requests are held while it is >= 1.0. Dispatch is least-outstanding, the closest of our routers
+    to llm-d's default queue and KV-utilisation scorers. Draining replicas are no endpoints.
+    """
+
+    name = "flow-utilization"
+    QUEUE_DEPTH_THRESHOLD = 5.0
+    KV_CACHE_UTIL_THRESHOLD = 0.8
+
+    def saturation(self, pool: Sequence[RoutableReplica]) -> float:
+        live = [r for r in pool if not r.draining]
+        if not live:
+            return 1.0
+        total = 0.0
+        for r in live:
+            if getattr(r, "stale", False):
+                total += 1.0
+                continue
+            total += max(getattr(r, "waiting", 0) / self.QUEUE_DEPTH_THRESHOLD,
+                         getattr(r, "kv_usage", 0.0) / self.KV_CACHE_UTIL_THRESHOLD)
+        return total / len(live)
+
+    def pick(self, pool_key: str, pool: Sequence[RoutableReplica], input_tokens: int = 0):
+        if self.saturation(pool) >= 1.0:
+            return None
+        return self._inner.pick(pool_key, pool, input_tokens)
+
+
+class OursFlowRouter(_FlowControlled):
+    """Flow control on our saturation, dispatch by our routing weights.
+
+    Saturation of a pool = outstanding requests on its ready replicas / the sum of their SLO
+    concurrency. A replica's SLO concurrency comes from the capacity model by Little's law: for a
+    bucket b alone it sustains max_rate_rps R_b at the SLO with a mean batch N_b (`batch_at_max`,
+    the mean number of sequences in flight at that rate), so a request of b stays N_b / R_b seconds;
+    for the model's bucket mix (shares f_b) the replica sustains R = 1 / sum(f_b / R_b) and holds
+    C = R x sum(f_b x N_b / R_b) requests. So 1.0 means "as many requests in flight as the replica
+    holds at its SLO capacity", the same meaning as the saturation the operator publishes (demand /
+    capacity at SLO), but measured per dispatch from in-flight state. Buckets a replica cannot serve
+    at the SLO (R_b = 0) are left out of its mix; with no estimate at all C is the variant's max_batch.
+
+    While the pool is below 1.0 a request goes where the policy's weights send it (`WeightedRouter`),
+    among the replicas still below their own concurrency (floor of C, at least 1), so no dispatch
+    puts a replica above it; if none of the replicas the weights allow has room, the least loaded
+    replica with room takes it (the weighted router's own fallback).
+    """
+
+    name = "flow-ours"
+
+    def __init__(self):
+        super().__init__()
+        self._weighted = WeightedRouter()
+        self._concurrency: dict[str, int] = {}
+
+    def bind(self, problem) -> None:
+        from optimizer.capacity import capacity_table
+
+        table = capacity_table(problem)
+        for v in problem.variants:
+            workload = problem.workload(v.model)
+            rate_inv = held = 0.0
+            for b in workload.buckets if workload is not None else ():
+                est = table.get((v.name, b.label))
+                if est is None or est.max_rate_rps <= 0:
+                    continue
+                rate_inv += b.share / est.max_rate_rps
+                held += b.share * est.batch_at_max / est.max_rate_rps
+            self._concurrency[v.name] = max(1, int(held / rate_inv)) if rate_inv > 0 else max(1, v.max_batch)
+
+    def set_concurrency(self, concurrency: dict[str, int]) -> None:
+        """SLO concurrency per variant set directly (a hand-built pool has no problem to bind)."""
+        self._concurrency = {v: max(1, int(c)) for v, c in concurrency.items()}
+
+    def concurrency(self, replica: RoutableReplica) -> int:
+        if replica.variant not in self._concurrency:
+            raise ValueError(f"no SLO concurrency for variant {replica.variant!r}: bind the router first")
+        return self._concurrency[replica.variant]
+
+    def saturation(self, pool: Sequence[RoutableReplica]) -> float:
+        live = [r for r in pool if not r.draining]
+        capacity = sum(self.concurrency(r) for r in live)
+        if capacity == 0:
+            return 1.0
+        return sum(r.outstanding for r in live) / capacity
+
+    def set_guidance(self, routing: list[RouteGuidance], planned_replicas: dict[str, int] | None = None) -> None:
+        self._weighted.set_guidance(routing, planned_replicas)
+
+    def pick(self, pool_key: str, pool: Sequence[RoutableReplica], input_tokens: int = 0):
+        if self.saturation(pool) >= 1.0:
+            return None
+        room = [r for r in pool if not r.draining and r.outstanding < self.concurrency(r)]
+        if not room:
+            return None
+        return self._weighted.pick(pool_key, room, input_tokens)
+
+
+ROUTERS = {cls.name: cls for cls in (RoundRobinRouter, LeastOutstandingRouter, WeightedRouter,
+                                     UtilizationFlowRouter, OursFlowRouter)}
 
 
 def make_router(name: str):

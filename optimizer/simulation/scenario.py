@@ -61,7 +61,7 @@ class FileTrace(_Strict):
 
 
 TraceSpec = Annotated[FileTrace | GeneratedTrace, Field(discriminator="source")]
-RouterName = Literal["round-robin", "least-outstanding", "weighted"]
+RouterName = Literal["round-robin", "least-outstanding", "weighted", "flow-ours", "flow-utilization"]
 
 
 class StaticPeakSpec(_Strict):

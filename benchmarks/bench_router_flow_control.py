@@ -1,0 +1,54 @@
+"""Does flow control on our saturation help? The default demo's `ours` policy under four routers.
+
+Issue 15 item 4. The same policy (ours, examples/scenarios/default.yaml, warm-up excluded) runs
+with:
+
+* `weighted`: ours' default router (our routing weights, least-outstanding within a variant);
+* `least-outstanding`: no flow control, no weights;
+* `flow-utilization`: llm-d's default saturation detector (mean over endpoints of
+  max(waiting/5, KV/0.8)), requests held at the pool while it is >= 1.0, least-outstanding dispatch;
+* `flow-ours`: held while outstanding / SLO concurrency (from our capacity model) is >= 1.0,
+  dispatch by our weights within replicas below their concurrency.
+
+Run: `.venv/bin/python benchmarks/bench_router_flow_control.py` (four simulations of 30 min of
+traffic, one after another). Prints cost and SLO attainment per router; the README table under
+"Using with the llm-d router" holds the figures. Nothing is asserted: flow control may not help.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from optimizer.simulation.evaluation import RunPlan, run_one
+from optimizer.simulation.scenario import OursSpec, Scenario, prepare
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT = ROOT / "examples" / "scenarios" / "default.yaml"
+ROUTER_NAMES = ("weighted", "least-outstanding", "flow-utilization", "flow-ours")
+
+
+def main(routers: tuple[str, ...] = ROUTER_NAMES) -> list[tuple[str, object]]:
+    doc = yaml.safe_load(DEFAULT.read_text())
+    doc["policies"] = [p for p in doc["policies"] if p.get("kind") == "ours"]
+    doc.pop("pareto", None)
+    prep = prepare(Scenario.model_validate(doc), DEFAULT.parent)
+    base = next(p for p in prep.scenario.policies if isinstance(p, OursSpec))
+    rows = []
+    print(f"{'router':<20}{'cost $':>9}{'$/h':>8}{'SLO att':>9}{'TTFT att':>10}{'dropped':>9}"
+          f"{'p99 TTFT s':>12}{'wall s':>8}")
+    for name in routers:
+        spec = base.model_copy(update={"router": name})
+        t0 = time.perf_counter()
+        m = run_one(prep, RunPlan(label=f"ours/{name}", spec=spec)).metrics
+        print(f"{name:<20}{m.cost:>9.2f}{m.cost_per_hour:>8.2f}{m.slo_attainment:>9.2%}{m.ttft_attainment:>10.2%}"
+              f"{m.dropped:>9d}{m.ttft_s.p99:>12.2f}{time.perf_counter() - t0:>8.0f}", flush=True)
+        rows.append((name, m))
+    return rows
+
+
+if __name__ == "__main__":
+    main(tuple(sys.argv[1:]) or ROUTER_NAMES)
