@@ -10,9 +10,11 @@ with:
 * `flow-ours`: held while outstanding / SLO concurrency (from our capacity model) is >= 1.0,
   dispatch by our weights within replicas below their concurrency.
 
-Run: `.venv/bin/python benchmarks/bench_router_flow_control.py` (four simulations of 30 min of
-traffic, one after another). Prints cost and SLO attainment per router; the README table under
-"Using with the llm-d router" holds the figures. Nothing is asserted: flow control may not help.
+Run: `.venv/bin/python benchmarks/bench_router_flow_control.py [--seed-offset K] [ROUTER...]` (four
+simulations of 30 min of traffic, one after another, ~15 s each). `--seed-offset K` adds K to each
+model's trace seed (other traffic, same shape: a check that one seed's figures are not luck).
+Prints cost and SLO attainment per router; the README table under "Using with the llm-d router"
+holds the figures. Nothing is asserted: flow control may not help.
 """
 
 from __future__ import annotations
@@ -31,8 +33,10 @@ DEFAULT = ROOT / "examples" / "scenarios" / "default.yaml"
 ROUTER_NAMES = ("weighted", "least-outstanding", "flow-utilization", "flow-ours")
 
 
-def main(routers: tuple[str, ...] = ROUTER_NAMES) -> list[tuple[str, object]]:
+def main(routers: tuple[str, ...] = ROUTER_NAMES, seed_offset: int = 0) -> list[tuple[str, object]]:
     doc = yaml.safe_load(DEFAULT.read_text())
+    for traffic in doc["models"]:
+        traffic["trace"]["seed"] += seed_offset
     doc["policies"] = [p for p in doc["policies"] if p.get("kind") == "ours"]
     doc.pop("pareto", None)
     prep = prepare(Scenario.model_validate(doc), DEFAULT.parent)
@@ -51,4 +55,13 @@ def main(routers: tuple[str, ...] = ROUTER_NAMES) -> list[tuple[str, object]]:
 
 
 if __name__ == "__main__":
-    main(tuple(sys.argv[1:]) or ROUTER_NAMES)
+    args = sys.argv[1:]
+    offset = 0
+    if args[:1] == ["--seed-offset"]:
+        if len(args) < 2 or not args[1].lstrip("-").isdigit():
+            sys.exit("--seed-offset needs an integer")
+        offset, args = int(args[1]), args[2:]
+    unknown = [a for a in args if a not in ROUTER_NAMES]
+    if unknown:
+        sys.exit(f"unknown router(s) {unknown}; known: {list(ROUTER_NAMES)}")
+    main(tuple(args) or ROUTER_NAMES, offset)

@@ -113,7 +113,7 @@ def test_bind_takes_concurrency_from_the_capacity_model_by_littles_law():
             for b in problem.workloads[0].buckets]
     assert all(e.max_rate_rps > 0 for _, e in ests)
     rate = 1.0 / sum(f / e.max_rate_rps for f, e in ests)
-    held = rate * sum(f * e.batch_at_max / e.max_rate_rps for f, e in ests)
+    held = rate * sum(f * e.e2e_s for f, e in ests)
     assert router.concurrency(Endpoint("x", "v")) == max(1, int(held))
     assert 1 <= router.concurrency(Endpoint("x", "v")) <= v.max_batch
 

@@ -271,13 +271,17 @@ class OursFlowRouter(_FlowControlled):
 
     Saturation of a pool = outstanding requests on its ready replicas / the sum of their SLO
     concurrency. A replica's SLO concurrency comes from the capacity model by Little's law: for a
-    bucket b alone it sustains max_rate_rps R_b at the SLO with a mean batch N_b (`batch_at_max`,
-    the mean number of sequences in flight at that rate), so a request of b stays N_b / R_b seconds;
-    for the model's bucket mix (shares f_b) the replica sustains R = 1 / sum(f_b / R_b) and holds
-    C = R x sum(f_b x N_b / R_b) requests. So 1.0 means "as many requests in flight as the replica
-    holds at its SLO capacity", the same meaning as the saturation the operator publishes (demand /
-    capacity at SLO), but measured per dispatch from in-flight state. Buckets a replica cannot serve
-    at the SLO (R_b = 0) are left out of its mix; with no estimate at all C is the variant's max_batch.
+    bucket b alone it sustains max_rate_rps R_b at the SLO, where a request stays L_b (the
+    estimate's latency at that rate: E2E, or TTFT for a prefill-only replica, whose requests leave
+    after their first token); for the model's bucket mix (shares f_b) the replica sustains
+    R = 1 / sum(f_b / R_b) and holds C = R x sum(f_b x L_b) requests. So 1.0 means "as many requests
+    in flight as the replica holds at its SLO capacity", the meaning of the saturation the operator
+    publishes (demand / capacity at SLO), but measured per dispatch from in-flight state. L_b is the
+    latency at the SLO percentile, not the mean, so C is an upper bound of the mean in flight at
+    capacity: the gate errs towards dispatching. (The mean decode batch `batch_at_max` is no
+    substitute: for a prefill replica it is the mean prefill batch, below 1, and would admit one
+    request at a time.) Buckets a replica cannot serve at the SLO (R_b = 0) are left out of its mix;
+    with no estimate at all C is the variant's max_batch.
 
     While the pool is below 1.0 a request goes where the policy's weights send it (`WeightedRouter`),
     among the replicas still below their own concurrency (floor of C, at least 1), so no dispatch
@@ -303,8 +307,11 @@ class OursFlowRouter(_FlowControlled):
                 est = table.get((v.name, b.label))
                 if est is None or est.max_rate_rps <= 0:
                     continue
+                latency_s = est.e2e_s if est.e2e_s is not None else est.ttft_s
+                if latency_s is None:
+                    continue
                 rate_inv += b.share / est.max_rate_rps
-                held += b.share * est.batch_at_max / est.max_rate_rps
+                held += b.share * latency_s
             self._concurrency[v.name] = max(1, int(held / rate_inv)) if rate_inv > 0 else max(1, v.max_batch)
 
     def set_concurrency(self, concurrency: dict[str, int]) -> None:
