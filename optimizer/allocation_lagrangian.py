@@ -30,9 +30,10 @@ term as prices rise, because usage is never negative. The loop:
    Otherwise the prices come from the duals of the master's LP relaxation (what inventory is worth
    given the known columns), smoothed towards the prices of the best bound so far (Wentges).
 
-Solvers (OR-Tools, see optimizer.allocation_ortools): the LP relaxation and the master's LP, whose
-duals are prices, go to GLOP; the per-model MILPs and the master MILP to HiGHS. Each model's MILP is
-built once and re-solved with only its replica costs re-priced.
+Solvers: the LP relaxation goes to HiGHS's dual simplex through SciPy (GLOP as fallback); the
+master's LP, whose duals are prices, to GLOP (OR-Tools, see optimizer.allocation_ortools); the
+per-model MILPs and the master MILP to HiGHS. Each model's MILP is built once and re-solved with
+only its replica costs re-priced.
 
 Deterministic: per-model searches stop on node counts, results are consumed in submission order,
 and the time limit stops the loop between steps (reported as status "time_limit"): the roundings
@@ -47,6 +48,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
+from scipy.optimize import linprog
 
 from optimizer.allocation_block_solver import BlockPool, quiet_stdout
 from optimizer.allocation_formulation import Formulation, ModelBlock, Solution, gap_status, proven_gap
@@ -211,18 +213,46 @@ def _jointly_feasible_roundings(form, states, fractional, lp_x, prices, usage, r
 
 
 def _lp_relaxation(form: Formulation) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Coupling-row duals of the LP relaxation and its per-block solutions."""
+    """Coupling-row duals of the LP relaxation and its per-block solutions.
+
+    HiGHS's dual simplex through SciPy: 0.22-0.27 s CPU on the 100-model benchmark instances
+    against GLOP's 0.35-0.43 s, the same LP value (to 1e-12), and the same prices where the dual is
+    unique (where it is not, either optimal dual is as good a start). The LP runs before any worker
+    has work, so this is wall time saved outright. GLOP remains the fallback should HiGHS not
+    report an optimum.
+    """
     matrix, row_lb, row_ub, offsets = stacked(form)
     cost = np.concatenate([b.cost for b in form.blocks])
     lb = np.concatenate([b.col_lb for b in form.blocks])
     ub = np.concatenate([b.col_ub for b in form.blocks])
-    with quiet_stdout():
-        res = SparseProgram(cost, lb, ub, None, matrix, row_lb, row_ub).solve_lp_with_duals()
-    if res.x is None:
-        raise RuntimeError(f"the allocation LP relaxation failed: {res.message}")
     n_coupling = len(form.coupling_rhs)
-    prices = np.maximum(-res.duals[matrix.shape[0] - n_coupling:], 0.0)
-    return prices, [res.x[offsets[i]:offsets[i + 1]] for i in range(len(form.blocks))]
+    x, prices = _lp_by_highs(cost, lb, ub, matrix, row_lb, row_ub, n_coupling)
+    if x is None:
+        with quiet_stdout():
+            res = SparseProgram(cost, lb, ub, None, matrix, row_lb, row_ub).solve_lp_with_duals()
+        if res.x is None:
+            raise RuntimeError(f"the allocation LP relaxation failed: {res.message}")
+        x, prices = res.x, np.maximum(-res.duals[matrix.shape[0] - n_coupling:], 0.0)
+    return prices, [x[offsets[i]:offsets[i + 1]] for i in range(len(form.blocks))]
+
+
+def _lp_by_highs(cost, lb, ub, matrix, row_lb, row_ub, n_coupling: int):
+    """(solution, prices of the last `n_coupling` rows), or (None, None) if HiGHS found no optimum.
+
+    The coupling rows are the last rows and all of the form `<= rhs`, so they are the last rows of
+    the `<=` part, and their prices are minus HiGHS's marginals (which are <= 0 for such rows)."""
+    eq = row_lb == row_ub
+    le = ~eq & np.isfinite(row_ub)
+    ge = ~eq & np.isfinite(row_lb)
+    a_ub = sp.vstack([matrix[le], -matrix[ge]], format="csr")
+    b_ub = np.concatenate([row_ub[le], -row_lb[ge]])
+    res = linprog(cost, A_ub=a_ub, b_ub=b_ub, A_eq=matrix[eq], b_eq=row_ub[eq],
+                  bounds=np.column_stack([lb, ub]), method="highs-ds")
+    if res.status != 0 or res.x is None:
+        return None, None
+    n_le = int(le.sum())
+    prices = np.maximum(-np.asarray(res.ineqlin.marginals[n_le - n_coupling:n_le], dtype=float), 0.0)
+    return np.asarray(res.x, dtype=float), prices
 
 
 def _record(st: _BlockState, res, block: ModelBlock, usage: np.ndarray, replace_bound: bool = False) -> None:
