@@ -141,9 +141,9 @@ def overload(seconds: float = 120.0):
     ).build()
 
 
-def run(router_name: str, timeout_s: float = 600.0):
+def run(router_name: str, timeout_s: float = 600.0, router=None):
     policy = Fixed(2)
-    router = make_router(router_name)
+    router = router or make_router(router_name)
     result = simulate(flow_fleet(), overload(), policy, router,
                       ClusterOptions(record_assignments=True, pending_timeout_s=timeout_s))
     return result, policy, router
@@ -169,6 +169,16 @@ def test_held_requests_are_dropped_after_the_pending_timeout():
     assert result.dropped.any()
     done = np.isfinite(result.completion_s)
     assert np.all(done ^ result.dropped)
+
+
+def test_the_pool_queue_is_bounded():
+    bounded, _, _ = run("flow-ours", router=OursFlowRouter(max_held_requests=20))
+    unbounded, _, _ = run("flow-ours")
+    assert not unbounded.dropped.any()
+    assert bounded.dropped.sum() > 0.1 * len(bounded.dropped), "beyond 20 held, arrivals are dropped"
+    assert np.all(np.isfinite(bounded.completion_s) ^ bounded.dropped)
+    with pytest.raises(ValueError, match="at least 1"):
+        OursFlowRouter(max_held_requests=0)
 
 
 def test_flow_routers_are_registered_and_no_default_router_changed():

@@ -216,9 +216,11 @@ class _FlowControlled:
 
     reads_load = True
     flow_controlled = True
-    max_held_requests = MAX_HELD_REQUESTS
 
-    def __init__(self):
+    def __init__(self, max_held_requests: int = MAX_HELD_REQUESTS):
+        if max_held_requests < 1:
+            raise ValueError(f"max_held_requests must be at least 1, got {max_held_requests}")
+        self.max_held_requests = max_held_requests
         self._inner = LeastOutstandingRouter()
 
     def bind(self, problem) -> None:
@@ -291,8 +293,8 @@ class OursFlowRouter(_FlowControlled):
 
     name = "flow-ours"
 
-    def __init__(self):
-        super().__init__()
+    def __init__(self, max_held_requests: int = MAX_HELD_REQUESTS):
+        super().__init__(max_held_requests)
         self._weighted = WeightedRouter()
         self._concurrency: dict[str, int] = {}
 
