@@ -68,3 +68,23 @@ def test_nothing_imports_the_old_emulation_package():
     for top in ("operator", "optimizer", "tests", "benchmarks", "scripts", "deploy"):
         for path in (ROOT / top).rglob("*.py"):
             assert not {m for m in _imported_modules(path) if m.startswith("variant_autoscaler.emulation")}, path
+
+
+def test_controller_parts_touch_only_what_their_docstrings_allow():
+    """decision.py, holds.py and status.py decide; only controller.py talks to the cluster, Prometheus
+    or the exporter. None of the three imports Kubernetes, HTTP or the operator's I/O modules."""
+    package = ROOT / "operator" / "variant_autoscaler"
+    io = {"kubernetes", "kopf", "aiohttp", "requests", "prometheus_api_client", "urllib", "http",
+          "variant_autoscaler.actuator", "variant_autoscaler.exporter", "variant_autoscaler.operator",
+          "variant_autoscaler.controller", "variant_autoscaler.settings"}
+    for name in ("decision.py", "holds.py", "status.py"):
+        path = package / name
+        imported = _imported_modules(path)
+        bad = {m for m in imported if m in io or m.split(".")[0] in io}
+        # holds.py names the controller's Live/Memory types for annotations only (TYPE_CHECKING)
+        if name == "holds.py":
+            bad.discard("variant_autoscaler.controller")
+            assert "if TYPE_CHECKING:\n    from variant_autoscaler.controller import" in path.read_text()
+        assert not bad, f"{name} imports {sorted(bad)}"
+    assert not {m for m in _imported_modules(package / "status.py") if m.startswith("variant_autoscaler")}
+    assert not {m for m in _imported_modules(package / "decision.py") if m.startswith("variant_autoscaler")}

@@ -31,10 +31,11 @@ from operator_harness import (
 )
 from variant_autoscaler.actuator import DELETION_COST_ANNOTATION, KubeGateway, RetryPolicy
 from variant_autoscaler.collector import Collector, CollectorSettings, PrometheusSettings
-from variant_autoscaler.controller import READY, Controller, ControllerDeps
+from variant_autoscaler.controller import Controller, ControllerDeps
 from variant_autoscaler.exporter import Exporter
 from variant_autoscaler.resources import PAUSED_ANNOTATION
 from variant_autoscaler.settings import OperatorSettings, SettingsStore
+from variant_autoscaler.status import READY
 from variant_autoscaler_testbed.cluster import kubeconfig_text
 from variant_autoscaler_testbed.fault_proxy import FaultProxy, FaultRule
 from variant_autoscaler_testbed.prometheus import free_port

@@ -28,24 +28,28 @@ Order of a cycle and what each failure does:
    `Actuated`), then the exporter's snapshot.
 
 Restarts are idempotent: the cycle reads where each target is now and steps from there.
+
+This module is the cycle: it reads the cluster and the metrics, builds the `Problem`, and writes what
+was decided (scale, status, Events, exporter snapshot). What it may not do is decide anything the
+modules beside it own: the `Decision` from a `Problem` is `decision`'s (a pure function), which models
+are held or planned on carried demand, and how a hold is worded, is `holds`'s, and how conditions and
+Events are composed (Ready summary, transition times, repeats left out) is `status`'s.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
-from optimizer.capacity import CapacityEstimate, capacity_table
+from optimizer.capacity import CapacityEstimate
 from optimizer.datasheet import DATASHEETS, datasheet_profile
 from optimizer.fleet import Accelerator, ModelSpec, Variant
 from optimizer.problem import AllocationOptions, Problem
@@ -75,6 +79,7 @@ from variant_autoscaler.collector import (
     VariantObservation,
     VariantSelector,
 )
+from variant_autoscaler.decision import Decision, FrozenModel, decide, homogeneous_baseline
 from variant_autoscaler.exporter import (
     AcceleratorUse,
     DecisionSnapshot,
@@ -83,8 +88,16 @@ from variant_autoscaler.exporter import (
     RoutingWeight,
     VariantReading,
 )
+from variant_autoscaler.holds import (
+    CARRY_NOTE,
+    carry_demand,
+    holding_reason,
+    models_with_metrics,
+    over_inventory,
+    paused_message,
+    pinned,
+)
 from variant_autoscaler.resources import (
-    PAUSED_ANNOTATION,
     InvalidResource,
     ParsedVariant,
     parse_variant,
@@ -100,49 +113,16 @@ from variant_autoscaler.settings import (
     accelerator_for_product,
     inventory_from_nodes,
 )
+from variant_autoscaler.status import CONFLICT, condition_list, is_repeat, rfc3339, with_ready
 
 log = logging.getLogger("variant_autoscaler.controller")
 
-CONDITIONS = ("TargetResolved", "MetricsAvailable", "OptimizationReady", "Actuated")
-CONFLICT = "ConflictingAutoscaler"  # present (True) only while an HPA scales the same target in direct mode
-READY = "Ready"  # the summary (kubectl wait --for=condition=Ready va/NAME): True when all of CONDITIONS are
-
-
-def with_ready(conds: dict[str, tuple[str, str, str]]) -> dict[str, tuple[str, str, str]]:
-    """The specific conditions plus the `Ready` summary: True (reason Ready) when every one is True,
-    else the status, reason and message of the first one that is not."""
-    for kind in CONDITIONS:
-        status, reason, message = conds[kind]
-        if status != "True":
-            return {**conds, READY: ("False" if status == "False" else "Unknown", reason, f"{kind}: {message}")}
-    return {**conds, READY: ("True", "Ready", "target found, metrics available, optimized and actuated")}
-EVENT_REPEAT_S = 600.0
-VOLATILE_EVENTS = frozenset({"Infeasible", "MetricsUnavailable", "NoReplacement"})
 PROFILE_REFIT_S = 300.0
 STATUS_REFRESH_S = 300.0
-CARRY_NOTE = "; a variant of "  # starts the part of a model's metrics reason that says its demand is carried
-CARRY_DEMAND_S = 600.0  # how long a model's last measured demand stands in after a variant of it went away
 WVA_DEFAULT_VARIANT_COST = 10.0  # llm-d WVA's price of a replica when neither variantCost nor the settings give one
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Decision(_Frozen):
-    """What the controller needs from the optimizer, whatever its internal result type."""
-
-    replicas: dict[str, int]
-    routing: dict[tuple[str, str, str], float] = Field(default_factory=dict, description="(model, bucket, variant).")
-    cost_per_hour: float = 0.0
-    unmet_demand_rps: dict[str, float] = Field(default_factory=dict)
-    status: str = "optimal"
-    message: str = ""
-    capacity_s: float = 0.0
-    solver_s: float = 0.0
-
-
-class VariantOutcome(_Frozen):
+class VariantOutcome(FrozenModel):
     key: str
     valid: bool
     target_found: bool = False
@@ -156,7 +136,7 @@ class VariantOutcome(_Frozen):
     events: list[tuple[str, str]] = Field(default_factory=list, description="(reason, message) emitted this cycle.")
 
 
-class CycleReport(_Frozen):
+class CycleReport(FrozenModel):
     started_at: float
     duration_s: float
     optimizer_s: float = 0.0
@@ -199,7 +179,7 @@ def served_namespaces(flag: tuple[str, ...] | list[str], configured: list[str]) 
 
 
 @dataclass
-class _Live:
+class Live:
     """A parsed variant whose target exists, plus what this cycle learned about it."""
 
     parsed: ParsedVariant
@@ -216,7 +196,10 @@ class _Live:
 
 
 @dataclass
-class _Memory:
+class Memory:
+    """What the controller keeps between cycles (stabilization history, Events sent, fitted profiles,
+    last statuses and demand): the only state a cycle carries over; a restart starts it empty."""
+
     history: StabilizationHistory = field(default_factory=StabilizationHistory)
     events: dict[tuple[str, str], tuple[str, str, float]] = field(default_factory=dict)
     fits: dict[str, tuple[float, PerformanceProfile]] = field(default_factory=dict)
@@ -229,35 +212,12 @@ class _Memory:
     status_failing: set[str] = field(default_factory=set)  # variant keys whose last status write failed
 
 
-def over_inventory(states: list[VariantState], inventory: dict[str, int | None]) -> dict[str, str]:
-    """Accelerators of which more are in use than the inventory says exist (it shrank, or a node went away):
-    a note for the Actuated condition, since holding what runs would otherwise read as an ordinary hold."""
-    used: dict[str, int] = {}
-    for st in states:
-        used[st.accelerator] = used.get(st.accelerator, 0) + st.current_replicas * st.accelerators_per_replica
-    return {a: (f"inventory: {n} {a} in use but {inventory[a]} available; nothing running is removed to fit, "
-                f"and scale-ups of {a} wait for free accelerators (minReplicas is still honoured)")
-            for a, n in used.items() if inventory.get(a) is not None and n > inventory[a]}
-
-
-def _rfc3339(t: float) -> str:
-    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _condition(previous: list[dict], kind: str, status: str, reason: str, message: str, generation: int,
-               now: str) -> dict:
-    old = next((c for c in previous or [] if c.get("type") == kind), None)
-    since = old.get("lastTransitionTime") if old and old.get("status") == status else now
-    return {"type": kind, "status": status, "reason": reason, "message": message[:2000],
-            "observedGeneration": generation, "lastTransitionTime": since or now}
-
-
 class Controller:
     """The control loop's state between cycles (stabilization history, events sent, fitted profiles)."""
 
     def __init__(self, deps: ControllerDeps):
         self.deps = deps
-        self.memory = _Memory()
+        self.memory = Memory()
         self._discovered: dict[str, int] = {}
         self._model_owner: dict[str, str] = {}
         self._steps: dict = {}
@@ -352,7 +312,7 @@ class Controller:
     async def _cycle(self, settings: OperatorSettings, scope: list[str] | None, resources: list[dict],
                      started: float, t0: float) -> CycleReport:
         deps, memory = self.deps, self.memory
-        now_text = _rfc3339(started)
+        now_text = rfc3339(started)
         outcomes: dict[str, VariantOutcome] = {}
         statuses: dict[str, tuple[ObjectRef, dict]] = {}
         events: list[tuple[ObjectRef, str, str, str, str]] = []  # ref, type, reason, message, dedupe key
@@ -405,7 +365,7 @@ class Controller:
         self._phase("parse", t0)
         # 2. targets
         views = await deps.gateway.read_targets([p.target for p in parsed.values()])
-        live: dict[str, _Live] = {}
+        live: dict[str, Live] = {}
         for key, p in parsed.items():
             view = views.get(p.target)
             if isinstance(view, TargetUnreadable):
@@ -431,7 +391,7 @@ class Controller:
                 self._finish(key, p, conds, now_text, statuses, events, outcomes, extra={},
                              event=("Warning", "TargetNotFound", conds["TargetResolved"][2]))
                 continue
-            live[key] = _Live(parsed=p, view=view)
+            live[key] = Live(parsed=p, view=view)
 
         if settings.actuation_mode == "direct" and live:
             await self._find_conflicting_autoscalers(live)
@@ -449,8 +409,8 @@ class Controller:
             deps.exporter.count_error("MetricsUnavailable")
         if any(obs.status == "invalid" for obs in collection.variants.values()):
             deps.exporter.count_error("MetricsInvalid")
-        model_ok = self._models_with_metrics(live, collection)
-        carried = self._carry_demand(live, collection, model_ok, started)
+        model_ok = models_with_metrics(live, collection)
+        carried = carry_demand(self.memory, live, collection, model_ok, started)
         plan_ok = {**model_ok, **{m: (True, model_ok[m][1]) for m in carried}}
         plan_collection = collection.model_copy(update={"models": {**collection.models, **carried}}) \
             if carried else collection
@@ -571,13 +531,13 @@ class Controller:
         previous = status.get("conditions") or []
         conds = with_ready(conds)
         body = {"observedGeneration": generation,
-                "conditions": [_condition(previous, c, *conds[c], generation, now_text) for c in (*CONDITIONS, READY)]}
+                "conditions": condition_list(previous, conds, generation, now_text)}
         statuses[key] = (ref, body)
         self._event(events, key, ref, "Warning", "InvalidSpec" if reason == "InvalidSpec" else reason, message,
                     dedupe="spec")
         outcomes[key] = VariantOutcome(key=key, valid=False, conditions=conds)
 
-    async def _find_conflicting_autoscalers(self, live: dict[str, _Live]) -> None:
+    async def _find_conflicting_autoscalers(self, live: dict[str, Live]) -> None:
         """Direct mode: a target that an autoscaling/v2 HPA in its namespace already scales is left to
         that HPA (two writers of one replicas field fight: each undoes the other every cycle). HPAs
         that cannot be listed (no RBAC rule, no autoscaling/v2, API down) leave the check out, logged."""
@@ -603,15 +563,9 @@ class Controller:
                     break
 
     def _event(self, events, key: str, ref: ObjectRef, kind: str, reason: str, message: str, *, dedupe: str) -> None:
-        """Queue an Event unless this resource already got it: the same reason and message last time,
-        or, for reasons whose numbers move every cycle (VOLATILE_EVENTS), the same reason within
-        EVENT_REPEAT_S."""
-        last = self.memory.events.get((key, dedupe))
-        if last is not None:
-            same_reason, same_text = last[0] == reason, last[1] == message
-            recent = self.deps.clock() - last[2] < EVENT_REPEAT_S
-            if same_reason and (same_text or (reason in VOLATILE_EVENTS and recent)):
-                return
+        """Queue an Event unless this resource already got it (`status.is_repeat`)."""
+        if is_repeat(self.memory.events.get((key, dedupe)), reason, message, self.deps.clock()):
+            return
         events.append((ref, kind, reason, message, (key, dedupe, (reason, message))))
 
     def _finish(self, key, p: ParsedVariant, conds, now_text, statuses, events, outcomes, *, extra: dict,
@@ -619,8 +573,7 @@ class Controller:
         previous = p.status.get("conditions") or []
         conds = with_ready(conds)
         body = {"observedGeneration": p.generation, **extra,
-                "conditions": [_condition(previous, c, *conds[c], p.generation, now_text)
-                               for c in (*CONDITIONS, CONFLICT, READY) if c in conds]}
+                "conditions": condition_list(previous, conds, p.generation, now_text)}
         statuses[key] = (p.ref, body)
         if event is not None:
             self._event(events, key, p.ref, event[0], event[1], event[2], dedupe="state")
@@ -629,7 +582,7 @@ class Controller:
         outcomes[key] = VariantOutcome(key=key, valid=True, target_found="TargetResolved" in conds
                                        and conds["TargetResolved"][0] == "True", conditions=conds)
 
-    async def _resolve_references(self, live: dict[str, _Live], settings, now_text, statuses, events,
+    async def _resolve_references(self, live: dict[str, Live], settings, now_text, statuses, events,
                                   outcomes) -> None:
         """Profiles and SLO classes kept in ConfigMaps: read each ConfigMap once per cycle."""
         wanted = {(v.parsed.ref.namespace, r.name) for v in live.values()
@@ -681,61 +634,9 @@ class Controller:
         return text
 
     # ------------------------------------------------------------------------------------------
-    # Metrics.
-
-    @staticmethod
-    def _models_with_metrics(live: dict[str, _Live], collection: CollectionResult) -> dict[str, tuple[bool, str]]:
-        """Per model: usable (True, why) or held (False, why a person can act on)."""
-        out: dict[str, tuple[bool, str]] = {}
-        for model in sorted({v.parsed.model_id for v in live.values()}):
-            if not collection.available:
-                out[model] = (False, f"Prometheus: {collection.reason}")
-                continue
-            obs = collection.models.get(model)
-            if obs is None or not obs.variants or obs.arrival_rate_rps is None:
-                mine = [k for k, v in live.items() if v.parsed.model_id == model and v.view.spec_replicas > 0]
-                reasons = [collection.variants[k].reason for k in mine if k in collection.variants]
-                why = "; ".join(dict.fromkeys(reasons)) or f"no replica of {model} is running, so no metrics report its demand"
-                out[model] = (False, why)
-            else:
-                out[model] = (True, f"{len(obs.variants)} variant(s) reporting")
-        return out
-
-    def _carry_demand(self, live: dict[str, _Live], collection: CollectionResult,
-                      model_ok: dict[str, tuple[bool, str]], now: float) -> dict[str, ModelObservation]:
-        """Models to plan on their last measured demand: a variant of the model went away (its target or
-        its VA deleted) and the metrics went with its pods, so the remaining variants, at 0, report
-        nothing. Without this the model is held at 0 replicas until some pod of it reports (issue 14).
-
-        Lasts while the model has no metrics, at most CARRY_DEMAND_S after the last good reading; the
-        planner only scales up on it (`VariantState.demand_carried`). The reason is added to model_ok.
-        """
-        memory = self.memory
-        for key, model in memory.live_models.items():
-            if key not in live:
-                memory.carry_since.setdefault(model, now)
-        memory.live_models = {k: v.parsed.model_id for k, v in live.items()}
-        carried: dict[str, ModelObservation] = {}
-        for m, (ok, why) in model_ok.items():
-            if ok:
-                memory.last_good[m] = (now, collection.models[m])
-                memory.carry_since.pop(m, None)
-                continue
-            last = memory.last_good.get(m)
-            if m not in memory.carry_since or last is None or now - last[0] > CARRY_DEMAND_S:
-                continue
-            if not last[1].arrival_rate_rps:
-                continue
-            carried[m] = last[1]
-            model_ok[m] = (False, f"{why}{CARRY_NOTE}{m} went away, so the others are planned on its last "
-                                  f"measured demand ({last[1].arrival_rate_rps:.2f} req/s, {now - last[0]:.0f} s ago) "
-                                  "and may only scale up until metrics return")
-        return carried
-
-    # ------------------------------------------------------------------------------------------
     # Problem building.
 
-    async def _complete_variants(self, live: dict[str, _Live], settings: OperatorSettings,
+    async def _complete_variants(self, live: dict[str, Live], settings: OperatorSettings,
                                  collection: CollectionResult) -> None:
         """Accelerator, model facts and profile of every live variant; `problem` says what is missing."""
         names = [a.name for a in settings.accelerators]
@@ -799,7 +700,7 @@ class Controller:
                     "no performance profile: set spec.profile, or let the operator fit one online (needs live "
                     "traffic), or use a known architecture on a datasheet accelerator")
 
-    def _accelerators(self, live: dict[str, _Live], settings: OperatorSettings,
+    def _accelerators(self, live: dict[str, Live], settings: OperatorSettings,
                       discovered: dict[str, int]) -> dict[str, Accelerator]:
         out: dict[str, Accelerator] = {}
         for v in live.values():
@@ -815,7 +716,7 @@ class Controller:
                 out[name] = sheet.accelerator(cost_per_hour=price, available=None)
         return out
 
-    def _build_problem(self, live: dict[str, _Live], settings: OperatorSettings, collection: CollectionResult,
+    def _build_problem(self, live: dict[str, Live], settings: OperatorSettings, collection: CollectionResult,
                        model_ok: dict[str, tuple[bool, str]]) -> tuple[Problem | None, set[str], set[str]]:
         """The joint problem; returns it, the variant keys in it and the models held at current replicas."""
         accs = self._accelerators(live, settings, self._discovered)
@@ -882,7 +783,7 @@ class Controller:
                 continue
             workloads.append(w)
         # a held model's variants are pinned; re-pin the ones whose workload vanished just above
-        variants = [self._pinned(var, live[var.name]) if var.model in held and var.min_replicas != var.max_replicas
+        variants = [pinned(var, live[var.name]) if var.model in held and var.min_replicas != var.max_replicas
                     else var for var in variants]
         if not variants:
             return None, set(), held
@@ -911,14 +812,6 @@ class Controller:
         return None, set(), held
 
     @staticmethod
-    def _pinned(var: Variant, v: _Live) -> Variant:
-        cur = var.current_replicas
-        pin = max(cur, v.parsed.min_replicas)
-        if v.parsed.max_replicas is not None:
-            pin = min(pin, v.parsed.max_replicas)
-        return var.model_copy(update={"min_replicas": pin, "max_replicas": pin})
-
-    @staticmethod
     def _culprit(err: ValidationError, variants: list[Variant]) -> int | None:
         text = str(err)
         m = re.search(r"variants\[(\d+)\]", text)
@@ -927,7 +820,7 @@ class Controller:
     # ------------------------------------------------------------------------------------------
     # Actuation.
 
-    async def _actuate(self, plan: TransitionPlan, live: dict[str, _Live], actuation, scaled, events) -> None:
+    async def _actuate(self, plan: TransitionPlan, live: dict[str, Live], actuation, scaled, events) -> None:
         downs = [s for s in plan.steps if s.target_replicas < live[s.name].view.spec_replicas]
         load: dict[tuple[str, str], float] = {}
         if downs and self.deps.pod_load is not None:
@@ -944,7 +837,7 @@ class Controller:
                 actuation[step.name] = (False, CONFLICT, v.conflict)
                 return
             if v.parsed.paused:
-                actuation[step.name] = (False, "Paused", _paused_message(v.parsed, have, "direct"))
+                actuation[step.name] = (False, "Paused", paused_message(v.parsed, have, "direct"))
                 return
             if "demand_unserved" in step.limited_by:
                 self._event(events, step.name, v.parsed.ref, "Warning", "NoReplacement",
@@ -953,7 +846,7 @@ class Controller:
                             f"replica(s) although the optimizer wants {step.desired_replicas}; they drain only when "
                             "a replacement exists", dedupe="drain")
             if step.target_replicas == have:
-                actuation[step.name] = (True, _holding_reason(step, v.desired), step.reason)
+                actuation[step.name] = (True, holding_reason(step, v.desired), step.reason)
                 return
             try:
                 if step.target_replicas < have:
@@ -976,7 +869,7 @@ class Controller:
                                              reason=reason, accelerator=v.accelerator or "")
             actuation[step.name] = (True, reason, message)
             scaled.add(step.name)
-            self.memory.last_actuation[step.name] = _rfc3339(self.deps.clock())
+            self.memory.last_actuation[step.name] = rfc3339(self.deps.clock())
 
         await asyncio.gather(*(one(s) for s in plan.steps))
 
@@ -1018,7 +911,7 @@ class Controller:
                              "load": (used / ready) if ready > 0 else (None if used > 0 else 0.0)}
         return out
 
-    def _report_live(self, key, v: _Live, settings, collection, model_ok, decision, plan, load, actuation, scaled,
+    def _report_live(self, key, v: Live, settings, collection, model_ok, decision, plan, load, actuation, scaled,
                      in_problem, now_text, statuses, events, outcomes) -> None:
         p = v.parsed
         ok_metrics, metrics_why = model_ok.get(p.model_id, (False, "no metrics"))
@@ -1072,7 +965,7 @@ class Controller:
             conds[CONFLICT] = ("True", "HorizontalPodAutoscalerFound", v.conflict)
             self._event(events, key, p.ref, "Warning", CONFLICT, v.conflict, dedupe="conflict")
         elif p.paused:  # the same in both modes; in metrics mode the published desired replicas hold too
-            conds["Actuated"] = ("False", "Paused", _paused_message(p, v.view.spec_replicas, settings.actuation_mode))
+            conds["Actuated"] = ("False", "Paused", paused_message(p, v.view.spec_replicas, settings.actuation_mode))
         elif settings.actuation_mode == "metrics":
             conds["Actuated"] = ("True", "MetricsPublished", "desired replicas published for an HPA/KEDA "
                                                              "(wva_desired_replicas)")
@@ -1249,93 +1142,3 @@ def replica_price(p: ParsedVariant, accelerator: str | None, settings: OperatorS
     if entry is not None:
         return entry.cost_per_hour * p.accelerator_count
     return WVA_DEFAULT_VARIANT_COST if accelerator in DATASHEETS else None
-
-
-def _paused_message(p, have: int, mode: str) -> str:
-    """Why a paused VA's target does not move, worded for the mode, so both modes say Paused alike."""
-    held = (f"{p.target.kind} {p.target.name} stays at {have} replicas" if mode == "direct" else
-            f"wva_desired_replicas for {p.target.kind} {p.target.name} is held at its {have} replicas")
-    return (f"annotation {PAUSED_ANNOTATION}=true: {held}; the optimizer counts them and plans the other "
-            "variants around them")
-
-
-def _holding_reason(step, desired: int | None) -> str:
-    """Why a target that is not moved this cycle stays where it is, as a condition reason."""
-    for limit, reason in (("metrics_unavailable", "HeldWithoutMetrics"), ("metrics_recovering", "MetricsRecovering"),
-                          ("demand_unserved", "NoReplacement"), ("waiting_for_ready", "WaitingForReplacement"),
-                          ("rolling_swap", "RollingSwap"), ("stabilization", "Stabilizing"),
-                          ("inventory", "InventoryExhausted"), ("max_change", "MaxChangePerCycle"),
-                          ("rate_policy", "RatePolicy"), ("pair_incomplete", "PairIncomplete")):
-        if limit in step.limited_by:
-            return reason
-    return "AtDesired" if desired is None or step.target_replicas == desired else "Holding"
-
-
-def homogeneous_baseline(problem: Problem, capacity: dict[tuple[str, str], CapacityEstimate]
-                         ) -> tuple[float, str] | None:
-    """(cost per hour, accelerator) of the cheapest way to serve all the demand with aggregated variants
-    of ONE accelerator type, inventory ignored: the baseline a mixed fleet is compared with.
-
-    Per model, the cheapest of its variants on that type, with ceil(sum over buckets of rate / capacity)
-    replicas; a type that cannot serve some model at its SLO is no baseline.
-    """
-    if not problem.workloads:
-        return None
-    by_pair: dict[tuple[str, str], list[Variant]] = {}
-    for v in problem.variants:
-        if v.role.value == "PD":
-            by_pair.setdefault((v.model, v.accelerator), []).append(v)
-    rates_of = {w.model: w.bucket_rates_rps() for w in problem.workloads}
-    best: tuple[float, str] | None = None
-    for acc in problem.accelerators:
-        total = 0.0
-        for w in problem.workloads:
-            rates = rates_of[w.model]
-            costs = []
-            for v in by_pair.get((w.model, acc.name), ()):
-                caps = [capacity.get((v.name, label)) for label in rates]
-                if any(c is None or c.max_rate_rps <= 0 for c in caps):
-                    continue
-                replicas = math.ceil(sum(r / c.max_rate_rps for r, c in zip(rates.values(), caps, strict=True)) - 1e-9)
-                costs.append(max(replicas, v.min_replicas) * problem.variant_cost_per_hour(v))
-            if not costs:
-                break
-            total += min(costs)
-        else:
-            if best is None or total < best[0]:
-                best = (total, acc.name)
-    return best
-
-
-# ----------------------------------------------------------------------------------------------
-# The optimizer, behind one function.
-
-
-def decide(problem: Problem) -> tuple[Decision, dict[tuple[str, str], CapacityEstimate]]:
-    """capacity_table + allocate, mapped to a `Decision`. No demand anywhere: every variant at its minimum."""
-    if not problem.workloads:
-        replicas = {v.name: v.min_replicas for v in problem.variants}
-        cost = sum(problem.variant_cost_per_hour(v) * replicas[v.name] for v in problem.variants)
-        return Decision(replicas=replicas, cost_per_hour=cost, message="no demand to size for"), {}
-    from optimizer.allocation import allocate
-
-    t0 = time.perf_counter()
-    capacity = capacity_table(problem)
-    t1 = time.perf_counter()
-    result = allocate(problem, {k: e.max_rate_rps for k, e in capacity.items()})
-    decision = _decision_of(result, problem)
-    return decision.model_copy(update={"capacity_s": t1 - t0, "solver_s": time.perf_counter() - t1}), capacity
-
-
-def _decision_of(result, problem: Problem) -> Decision:
-    """An `optimizer.allocation.Allocation` as the controller's `Decision` ("infeasible" = demand left unmet)."""
-    routing: dict[tuple[str, str, str], float] = {}
-    for r in result.routing:
-        key = (r.model, r.bucket, r.variant)
-        routing[key] = routing.get(key, 0.0) + float(r.weight)
-    unmet = {m: float(x) for m, x in result.unmet_demand_rps.items()}
-    status = "infeasible" if any(x > 1e-6 for x in unmet.values()) else str(result.status)
-    message = "; ".join([*result.binding_constraints, *result.notes])
-    return Decision(replicas={k: int(v) for k, v in result.replicas.items()}, routing=routing,
-                    cost_per_hour=float(result.cost_per_hour), unmet_demand_rps=unmet, status=status,
-                    message=message)
