@@ -164,6 +164,15 @@ def test_flow_ours_holds_in_fifo_order_and_keeps_replicas_within_concurrency():
     assert max(lo_policy.busiest) > limit
 
 
+def test_flow_utilization_holds_in_fifo_order_and_conserves_requests():
+    result, _, _ = run("flow-utilization")
+    ids = [rid for rid, _, _ in result.assignments]
+    assert ids == sorted(ids) and len(ids) == len(result.arrival_s)
+    when = np.array([t for _, _, t in result.assignments])
+    assert (when - result.arrival_s[ids] > 1e-9).any(), "llm-d's detector reaches 1.0 under this overload"
+    assert not result.dropped.any() and np.isfinite(result.completion_s).all()
+
+
 def test_held_requests_are_dropped_after_the_pending_timeout():
     result, _, _ = run("flow-ours", timeout_s=5.0)
     assert result.dropped.any()

@@ -301,6 +301,8 @@ class ClusterSimulator:
         """Queue the request behind those already held for its pool (FIFO), then dispatch what the router
         lets through. Over the router's bound the request is dropped. True when it was dispatched."""
         key = self._pool_key(model, decode)
+        if len(self._pending.get(key, ())) >= self.router.max_held_requests:
+            self._dispatch_held(model, t, decode)  # the head may leave now, making room
         queue = self._pending.setdefault(key, deque())
         if len(queue) >= self.router.max_held_requests:
             self._dropped.add(r.id)
