@@ -111,7 +111,9 @@ class BlockPool:
         """Results in the order of `indices`; with workers, every task is handed out before this returns.
 
         Past ``deadline`` (a ``time.perf_counter()`` instant) the results stop: no new in-process
-        solve starts, and waiting for a worker's next result gives up at the deadline.
+        solve starts, and waiting for a worker's next result gives up at the deadline; the results
+        other workers had finished by then still come (in order), rather than being thrown away
+        behind one slow model.
         """
         tasks = [(i, prices) for i in indices]
         if self._pool is None and self.workers > 1 and len(tasks) > 1 and _can_fork():
@@ -121,7 +123,7 @@ class BlockPool:
         if self._pool is None or len(tasks) <= 1:
             return (solve_block(self.models, i, p, self.gap) for i, p in tasks
                     if deadline is None or time.perf_counter() <= deadline)
-        return _until(self._pool.imap(_solve_forked, tasks, chunksize=1), len(tasks), deadline)
+        return _until([self._pool.apply_async(_solve_forked, (task,)) for task in tasks], deadline)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -136,12 +138,13 @@ class BlockPool:
         self.close()
 
 
-def _until(results, count: int, deadline: float | None) -> Iterator[BlockResult]:
-    for _ in range(count):
+def _until(pending: list, deadline: float | None) -> Iterator[BlockResult]:
+    for k, result in enumerate(pending):
         wait = None if deadline is None else max(deadline - time.perf_counter(), 0.0)
         try:
-            yield results.next(wait)
+            yield result.get(wait)
         except multiprocessing.TimeoutError:
+            yield from (later.get() for later in pending[k + 1:] if later.ready())
             return
 
 

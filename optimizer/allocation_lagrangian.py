@@ -130,15 +130,21 @@ def solve_lagrangian(form: Formulation, time_limit_s: float, relative_gap: float
                 states[i].current = len(states[i].columns) - 1
         best_bound = _bound(states, prices, rhs)
         objective, chosen = _master(states, rhs)
+        unmastered = 0  # results recorded since the last master solve
+        # past the deadline the results stop by themselves, after those workers had already finished
         for done, res in enumerate(results, start=1):
             _record(states[res.index], res, form.blocks[res.index], usage[res.index])
+            unmastered += 1
             if done % MASTER_EVERY == 0 or done == len(pending):
                 best_bound = max(best_bound, _bound(states, prices, rhs))
                 objective, chosen = _master(states, rhs)
+                unmastered = 0
                 if proven_gap(objective, best_bound) <= relative_gap:
                     break
-            if time.perf_counter() > deadline:
-                break
+        if unmastered:
+            # stopped by the clock between master solves: the last results still count (FINISH_S)
+            best_bound = max(best_bound, _bound(states, prices, rhs))
+            objective, chosen = _master(states, rhs)
         timed_out = time.perf_counter() > deadline
         best_prices, stalled = prices, 0
         while (not timed_out and rounds < MAX_ROUNDS and stalled < STALL_ROUNDS
