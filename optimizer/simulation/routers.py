@@ -123,6 +123,11 @@ class WeightedRouter:
     bucket (plus `SPILL_SLACK`), the request goes to that one instead. Without this bound one H100
     took a share sized by an optimistic capacity estimate, ran 254 requests with 100 waiting while
     four A100 replicas ran 11 each, and missed a third of its requests (the 8B Azure hour at 4x).
+    Load is compared per unit of planned share (a replica's outstanding requests over its variant's
+    weight per replica), not in raw requests: an H100 planned for 90 % of a bucket runs 30 requests
+    within the SLO where an L4 planned for 2 % of it misses with 8, and comparing raw counts spilled
+    the H100's queue onto the L4 and T4 replicas, which then missed half their requests (the default
+    demo's 8B, minutes 9-13, once the change penalty stopped charging removals).
     """
 
     name = "weighted"
@@ -172,25 +177,33 @@ class WeightedRouter:
                 chosen = max(sorted(by_variant), key=lambda v: credit[v])
                 credit[chosen] -= total
                 pick = self._inner.pick(f"{pool_key}/{chosen}", by_variant[chosen], input_tokens)
-                return self._bounded(pick, by_variant)
+                share = {v: live[v] / len(reps) for v, reps in by_variant.items()}
+                return self._bounded(pick, by_variant, share)
         return self._inner.pick(pool_key, pool, input_tokens)
 
     @staticmethod
-    def _bounded(pick, by_variant: dict[str, list]):
+    def _bounded(pick, by_variant: dict[str, list], share: dict[str, float]):
         """The plan's pick, unless it would queue the request while another replica allowed for the
-        bucket would start it now, or run far ahead of the least loaded of them. Only replicas the
-        plan allows for the bucket: spilling a long prompt onto a replica planned for short ones (a
-        PD replica beside P/D pairs, a small GPU) trades a queue for an SLO miss."""
+        bucket would start it now, or run far ahead of the least loaded of them, load counted per
+        unit of planned share (`share`: the variant's weight per replica). Only replicas the plan
+        allows for the bucket: spilling a long prompt onto a replica planned for short ones (a PD
+        replica beside P/D pairs, a small GPU) trades a queue for an SLO miss."""
         if pick is None:
             return None
         eligible = [r for reps in by_variant.values() for r in reps]
+        top = max(share.values())
+
+        def load(r) -> float:
+            """Outstanding requests scaled to the most-planned variant's share per replica."""
+            return r.outstanding * top / share[r.variant]
+
         if getattr(pick, "waiting", 0) > 0:
-            idle = [r for r in eligible if getattr(r, "waiting", 0) == 0]
+            idle = [r for r in eligible if getattr(r, "waiting", 0) == 0 and load(r) < load(pick)]
             if idle:
-                return min(idle, key=lambda r: (r.outstanding, getattr(r, "index", 0)))
-        if pick.outstanding > SPILL_SLACK:
-            least = min(eligible, key=lambda r: r.outstanding)
-            if pick.outstanding > SPILL_RATIO * least.outstanding + SPILL_SLACK:
+                return min(idle, key=lambda r: (load(r), getattr(r, "index", 0)))
+        if load(pick) > SPILL_SLACK:
+            least = min(eligible, key=load)
+            if load(pick) > SPILL_RATIO * load(least) + SPILL_SLACK:
                 return least
         return pick
 
