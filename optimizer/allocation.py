@@ -186,7 +186,9 @@ def _report(form: Formulation, sol: Solution, elapsed: float) -> Allocation:
         for j, gi in enumerate(block.variants):
             replicas[form.variants[gi].name] = int(n[j])
         cost += float(form.variant_cost[block.variants] @ n)
-        change += float(form.variant_change_penalty[block.variants] @ np.abs(n - form.variant_current[block.variants]))
+        delta = n - form.variant_current[block.variants]
+        change += float(form.variant_change_penalty[block.variants] @ np.maximum(delta, 0)
+                        + form.variant_removal_penalty[block.variants] @ np.maximum(-delta, 0))
         routing += _routes(form, block, x)
         u = np.clip(x[block.col_u], 0.0, 1.0)
         u[u < _TINY] = 0.0
@@ -249,7 +251,7 @@ def _binding(form: Formulation, n: np.ndarray, work: np.ndarray, unmet: dict[str
         if n[i] > needed and n[i] > 0:
             if n[i] == v.min_replicas:
                 out.append(f"variant {v.name} held at min_replicas ({v.min_replicas}); demand needs {needed}")
-            elif n[i] == form.variant_current[i] and form.variant_change_penalty[i] > 0:
+            elif n[i] == form.variant_current[i] and form.variant_removal_penalty[i] > 0:
                 out.append(f"variant {v.name} kept at its current {int(n[i])} replicas (demand needs {needed}): "
                            "the change penalty exceeds the saving")
     for model, rps in unmet.items():

@@ -118,7 +118,8 @@ class Formulation:
     variant_min: np.ndarray  # hard lower bound
     variant_max: np.ndarray
     variant_current: np.ndarray
-    variant_change_penalty: np.ndarray  # $/h charged per replica added or removed
+    variant_change_penalty: np.ndarray  # $/h charged per replica added
+    variant_removal_penalty: np.ndarray  # $/h charged per replica removed
     soft_min: np.ndarray  # minimum enforced only through a penalty (inventory cannot honour it)
     blocks: list[ModelBlock]
     limited: np.ndarray  # accelerator indices with finite inventory
@@ -231,6 +232,7 @@ def build_formulation(problem: Problem, capacity: Mapping, options: AllocationOp
     hi = np.maximum(hi, hard_min)
 
     v_change = options.change_penalty_per_replica + options.change_penalty_share * v_cost
+    v_removal = v_change * options.removal_penalty_weight
     dearest = float(v_cost.max(initial=0.0)) + 2 * float(v_change.max(initial=0.0))
     dearest = max(dearest, 1e-6)
     priorities = [w.priority for w in problem.workloads] or [1.0]
@@ -252,21 +254,22 @@ def build_formulation(problem: Problem, capacity: Mapping, options: AllocationOp
         rates = w.bucket_rates_rps() if w is not None else {}
         penalty = unmet_rps * (w.priority if w is not None else 1.0) / min(priorities)
         blocks.append(_block(model.name, idx, rates, penalty, variants, caps, s, hard_min, hi, v_cur, v_cost,
-                             soft, shortfall_cost, v_min, v_change))
+                             soft, shortfall_cost, v_min, v_change, v_removal))
 
     limited = np.array([a for a in range(len(names)) if math.isfinite(available[a])], dtype=int)
     return Formulation(
         problem=problem, options=options, accelerator_names=names, available=available,
         accelerator_power_w=power, variants=variants, variant_model=v_model, variant_accelerator=v_acc,
         variant_accelerators=v_k, variant_cost=v_cost, variant_power_w=v_power, variant_min=hard_min,
-        variant_max=hi, variant_current=v_cur, variant_change_penalty=v_change, soft_min=soft, blocks=blocks,
+        variant_max=hi, variant_current=v_cur, variant_change_penalty=v_change,
+        variant_removal_penalty=v_removal, soft_min=soft, blocks=blocks,
         limited=limited,
         power_cap_w=cap_w, notes=notes,
     )
 
 
 def _block(model, idx, rates, unmet_penalty, variants, caps, s, lo, hi, cur, cost, soft, shortfall_cost,
-           v_min, change_penalty) -> ModelBlock:
+           v_min, change_penalty, removal_penalty) -> ModelBlock:
     labels = tuple(b for b, r in rates.items() if r > 0)
     r = np.array([rates[b] for b in labels], dtype=float)
     nv, nb = len(idx), len(labels)
@@ -343,7 +346,7 @@ def _block(model, idx, rates, unmet_penalty, variants, caps, s, lo, hi, cur, cos
     obj[col_n] = cost[idx]
     if pen:
         obj[col_up] = change_penalty[idx]
-        obj[col_down] = change_penalty[idx]
+        obj[col_down] = removal_penalty[idx]
     obj[col_short] = shortfall_cost
     obj[col_u] = unmet_penalty * r
     return ModelBlock(

@@ -31,6 +31,14 @@ class AllocationOptions(BaseModel):
                     "penalty sized for large replicas keeps small ones forever (a $1/h L4 never pays a $5/h "
                     "penalty back); a share of each replica's price weighs every change against its own saving.",
     )
+    removal_penalty_weight: float = Field(
+        default=1.0, ge=0, le=1,
+        description="Share of the change penalty charged for a replica removed (1: as for one added). An added "
+                    "replica pays a cold start before it serves; a removed one saves its price at once, and "
+                    "scale-down delays already keep a fleet from shrinking on a dip. Charging removals as well "
+                    "doubled the price of every swap, so a fleet kept an H100 PD replica plus two A100 ones "
+                    "for a 70B rise where a P/D pair cost $20/h less.",
+    )
     power_cap_w: float | None = Field(
         default=None, gt=0, le=lim.MAX_FLEET_POWER_W, description="Upper bound on total accelerator power."
     )

@@ -285,6 +285,20 @@ def test_change_penalty_keeps_current_replicas_when_the_saving_is_smaller(penalt
         assert any("kept at its current 3 replicas" in b for b in a.binding_constraints)
 
 
+@pytest.mark.parametrize(("weight", "swapped"), [(1.0, False), (0.0, True)])
+def test_removal_penalty_weight_prices_a_swap_by_what_it_adds(weight, swapped):
+    """Two $4/h replicas serve 4 req/s; one $5/h replica of another type would too. Adding it costs a
+    penalty of 2.5 $/h (share 0.5); removing the two old ones 4 $/h more when removals pay too: then the
+    swap (5 + 2.5 + 4 > 8) is not worth it, with additions alone (5 + 2.5 < 8) it is."""
+    accs = [acc("old-gpu", 4.0), acc("new-gpu", 5.0)]
+    variants = [variant("old", "m", "old-gpu", current_replicas=2), variant("new", "m", "new-gpu")]
+    prob = problem(accs, variants, [workload("m", {"chat": 4.0})], change_penalty_share=0.5,
+                   removal_penalty_weight=weight, **EXACT)
+    a = allocate(prob, {("old", "chat"): 2.0, ("new", "chat"): 4.0})
+    assert a.replicas == ({"old": 0, "new": 1} if swapped else {"old": 2, "new": 0})
+    assert a.change_cost_per_hour == pytest.approx(2.5 if swapped else 0.0)
+
+
 def test_power_cap_is_respected_and_changes_the_choice():
     accs = [acc("hot", 1.0, power_w=700), acc("cool", 1.5, power_w=100)]
     variants = [variant("v-hot", "m", "hot"), variant("v-cool", "m", "cool")]

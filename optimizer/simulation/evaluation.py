@@ -45,7 +45,7 @@ from optimizer.simulation.scenario import (
 )
 
 DEFAULT_CHANGE_PENALTY_SHARE = 0.2
-"""Ours' default change penalty: a fifth of the replica's own $/h per replica added or removed."""
+"""Ours' default change penalty: a fifth of the replica's own $/h per replica added (removals: `removal_penalty_weight`)."""
 ATTAINMENT_TARGET = 0.99
 """SLO attainment a run must reach for its cost to count (the issue's and the field's bar)."""
 
@@ -322,7 +322,8 @@ def build_policy(prep: Prepared, plan: RunPlan):
             # $1.15/h L4 replicas of the default demo's 8B model for the whole run.
             share = DEFAULT_CHANGE_PENALTY_SHARE if spec.change_penalty is None else 0.0
         return EnginePolicy(prep.problem, service_level=plan.service_level or spec.service_level,
-                            change_penalty=penalty, change_penalty_share=share, interval_s=spec.interval_s,
+                            change_penalty=penalty, change_penalty_share=share,
+                            removal_penalty_weight=spec.removal_penalty_weight, interval_s=spec.interval_s,
                             scale_down_delay_s=spec.scale_down_delay_s,
                             scale_down_window_s=spec.scale_down_window_s, lead_time_s=lead,
                             input_edges=tuple(prep.scenario.input_edges),

@@ -5,8 +5,8 @@ one `Workload` per model from `DemandEstimator` (planned rate and prompt-length 
 SLOs, and the options that make it a policy: `service_level` (plan each replica for that share
 of its SLO capacity: lower buys latency headroom at a cost, the knob that traces the latency-cost
 front) and `change_penalty` + `change_penalty_share` ($/h, flat and as a share of the replica's
-own price, charged per replica added or removed, which keeps the fleet still when a change would
-save little). `optimizer.capacity.capacity_table` gives each (variant,
+own price, charged per replica added, and `removal_penalty_weight` of that per replica removed,
+which keeps the fleet still when a change would save little). `optimizer.capacity.capacity_table` gives each (variant,
 bucket) its capacity and `optimizer.allocation.allocate` the cheapest replicas and the routing
 shares, which go to the weighted router as guidance.
 
@@ -89,6 +89,7 @@ class EnginePolicy:
         service_level: float = 0.85,
         change_penalty: float = 0.5,
         change_penalty_share: float = 0.0,
+        removal_penalty_weight: float = 1.0,
         interval_s: float = 30.0,
         scale_down_delay_s: float = 120.0,
         scale_down_window_s: float = 0.0,
@@ -106,6 +107,7 @@ class EnginePolicy:
         self.service_level = service_level
         self.change_penalty = change_penalty
         self.change_penalty_share = change_penalty_share
+        self.removal_penalty_weight = removal_penalty_weight
         self.interval_s = interval_s
         self.scale_down_delay_s = scale_down_delay_s
         self.name = name
@@ -162,7 +164,7 @@ class EnginePolicy:
                     for v in self.base.variants]
         options = self.base.options.model_copy(update={
             "service_level": self.service_level, "change_penalty_per_replica": self.change_penalty,
-            "change_penalty_share": self.change_penalty_share})
+            "change_penalty_share": self.change_penalty_share, "removal_penalty_weight": self.removal_penalty_weight})
         return Problem(accelerators=self.base.accelerators, models=self.base.models, variants=variants,
                        workloads=workloads, slos=self.base.slos, options=options)
 
