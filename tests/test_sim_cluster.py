@@ -9,11 +9,17 @@ import pytest
 from optimizer.fleet import Accelerator, ModelSpec, Variant
 from optimizer.problem import AllocationOptions, Problem
 from optimizer.profile import ParametricProfile
-from optimizer.simulation.cluster import ClusterOptions, ColdStart, simulate
+from optimizer.simulation.cluster import ClusterOptions, ClusterSimulator, ColdStart, simulate
 from optimizer.simulation.generators import GeneratedTrace, LogNormalLengths, PoissonArrivals
 from optimizer.simulation.metrics import summarize
 from optimizer.simulation.policy import Decision, RouteGuidance
-from optimizer.simulation.routers import LeastOutstandingRouter, RoundRobinRouter, WeightedRouter, make_router
+from optimizer.simulation.routers import (
+    LeastOutstandingRouter,
+    RoundRobinRouter,
+    WeightedRouter,
+    make_router,
+    slo_concurrency,
+)
 from optimizer.simulation.traces import Trace
 from optimizer.workload import SLO
 
@@ -202,21 +208,16 @@ def test_weighted_router_follows_bucket_guidance():
 
 def test_weighted_router_spills_from_an_overloaded_replica():
     """The plan's shares hold while loads stay comparable; a replica far above the least loaded one
-    allowed for the bucket gets nothing more until it catches up. Loads are compared per unit of
-    planned share: H is planned for 0.9 on one replica, each A replica for 0.05, so an A replica
-    with 5 requests is as loaded as H with 90."""
-    pool = [FakeReplica("h1", "H", 100), FakeReplica("a1", "A", 6), FakeReplica("a2", "A", 5)]
+    allowed for the bucket gets nothing more until it catches up."""
+    pool = [FakeReplica("h1", "H", 10), FakeReplica("a1", "A", 8), FakeReplica("a2", "A", 6)]
     w = WeightedRouter()
     w.set_guidance([RouteGuidance(model=MODEL, weights={"H": 0.9, "A": 0.1})])
     picks = [w.pick(f"{MODEL}/entry", pool, 200).id for _ in range(10)]
     assert picks.count("h1") == 9, "comparable loads: the plan's shares"
-    pool[0].outstanding = 120  # raw counts would spill (> 2 x 5 + 16); per share it is far below 2 x 90 + 16
-    picks = [w.pick(f"{MODEL}/entry", pool, 200).id for _ in range(10)]
-    assert picks.count("h1") == 9, "a small replica is not flooded with a large one's normal load"
-    pool[0].outstanding = 240  # > 2 x 90 + 16
+    pool[0].outstanding = 120  # > 2 x 6 + 16
     picks = [w.pick(f"{MODEL}/entry", pool, 200).id for _ in range(10)]
     assert "h1" not in picks and picks.count("a2") >= 9
-    pool[0].outstanding = 190  # < 2 x 90 + 16 again
+    pool[0].outstanding = 27  # < 2 x 6 + 16 again
     assert "h1" in {w.pick(f"{MODEL}/entry", pool, 200).id for _ in range(10)}
 
 
@@ -243,20 +244,31 @@ def test_weighted_router_does_not_queue_behind_a_full_replica():
     pool[0].waiting = 4
     pool[1].waiting = 0
     w = WeightedRouter()
-    w.set_guidance([RouteGuidance(model=MODEL, weights={"H": 0.5, "A": 0.5})])
+    w.set_guidance([RouteGuidance(model=MODEL, weights={"H": 0.99, "A": 0.01})])
     assert {w.pick(f"{MODEL}/entry", pool, 200).id for _ in range(5)} == {"a1"}
     pool[1].waiting = 2  # everyone queues: the plan decides again
     assert "h1" in {w.pick(f"{MODEL}/entry", pool, 200).id for _ in range(5)}
 
 
-def test_weighted_router_keeps_a_small_share_replica_from_taking_a_queue():
-    """A replica planned for 1 % of a bucket takes a queued request only while it is less loaded per
-    unit of its share: an idle one does, one already holding 25 requests (2,475 per H's share) does not."""
-    pool = [FakeReplica("h1", "H", 30), FakeReplica("a1", "A", 0)]
-    pool[0].waiting = 4
-    pool[1].waiting = 0
+def test_weighted_router_spills_only_onto_replicas_below_their_slo_concurrency():
+    """An L4-like replica that holds its SLO concurrency already gets no spill however far the big
+    replica runs ahead (spilled onto, it missed 45-75 % of the requests); with room it takes them."""
+    pool = [FakeReplica("h1", "H", 120), FakeReplica("s1", "S", 8)]
     w = WeightedRouter()
-    w.set_guidance([RouteGuidance(model=MODEL, weights={"H": 0.99, "A": 0.01})])
-    assert w.pick(f"{MODEL}/entry", pool, 200).id == "a1"
-    pool[1].outstanding = 25
+    w.set_guidance([RouteGuidance(model=MODEL, weights={"H": 0.98, "S": 0.02})])
+    w.set_concurrency({"H": 64, "S": 8})
+    assert {w.pick(f"{MODEL}/entry", pool, 200).id for _ in range(20)} == {"h1"}
+    pool[1].outstanding = 3  # room again: 120 > 2 x 3 + 16
+    assert {w.pick(f"{MODEL}/entry", pool, 200).id for _ in range(5)} == {"s1"}
+    pool[0].waiting, pool[1].outstanding = 4, 8  # queued on H, S full: stays on H
     assert {w.pick(f"{MODEL}/entry", pool, 200).id for _ in range(5)} == {"h1"}
+
+
+def test_the_cluster_binds_the_weighted_router_to_slo_concurrency():
+    problem = fleet()
+    limits = slo_concurrency(problem)
+    assert set(limits) == {v.name for v in problem.variants}
+    assert all(n >= 1 for n in limits.values())
+    router = make_router("weighted")
+    ClusterSimulator(problem, poisson_trace(1.0, 30.0, seed=1), Scripted([(0, {"big": 1})]), router)
+    assert router._concurrency == limits

@@ -217,7 +217,7 @@ class ClusterSimulator:
         # pool: the pending queue is their FIFO, retried on replica iterations (_RETRY), ticks and readiness.
         self._flow = bool(getattr(router, "flow_controlled", False))
         self._retry_at: dict[str, float] = {}
-        if self._flow:
+        if hasattr(router, "bind"):
             router.bind(problem)
 
     # ----- helpers -----

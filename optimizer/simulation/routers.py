@@ -34,6 +34,28 @@ def _idle_first(replicas: Sequence[RoutableReplica], count: int, key) -> list[Ro
     return (idle + busy)[: max(0, count)]
 
 
+
+def slo_concurrency(problem) -> dict[str, int]:
+    """Per variant: requests one replica holds in flight at its SLO capacity (see `OursFlowRouter`)."""
+    from optimizer.capacity import capacity_table
+
+    table = capacity_table(problem)
+    out = {}
+    for v in problem.variants:
+        workload = problem.workload(v.model)
+        rate_inv = held = 0.0
+        for b in workload.buckets if workload is not None else ():
+            est = table.get((v.name, b.label))
+            if est is None or est.max_rate_rps <= 0:
+                continue
+            latency_s = est.e2e_s if est.e2e_s is not None else est.ttft_s
+            if latency_s is None:
+                continue
+            rate_inv += b.share / est.max_rate_rps
+            held += b.share * latency_s
+        out[v.name] = max(1, int(held / rate_inv)) if rate_inv > 0 else max(1, v.max_batch)
+    return out
+
 class RoundRobinRouter:
     """Cycles over the live replicas of a pool; on scale-down removes idle ones, then the newest."""
 
@@ -123,11 +145,13 @@ class WeightedRouter:
     bucket (plus `SPILL_SLACK`), the request goes to that one instead. Without this bound one H100
     took a share sized by an optimistic capacity estimate, ran 254 requests with 100 waiting while
     four A100 replicas ran 11 each, and missed a third of its requests (the 8B Azure hour at 4x).
-    Load is compared per unit of planned share (a replica's outstanding requests over its variant's
-    weight per replica), not in raw requests: an H100 planned for 90 % of a bucket runs 30 requests
-    within the SLO where an L4 planned for 2 % of it misses with 8, and comparing raw counts spilled
-    the H100's queue onto the L4 and T4 replicas, which then missed half their requests (the default
-    demo's 8B, minutes 9-13, once the change penalty stopped charging removals).
+    A replica takes spilled requests only while it holds fewer than its SLO concurrency
+    (`slo_concurrency`: what it holds in flight at its SLO capacity, from the capacity model, once
+    the cluster binds the router to its problem): an H100 runs 30 requests within the SLO where an L4
+    misses with 8, and spilling the H100's queue onto L4 and T4 replicas planned for 1-2 % of a
+    bucket made them miss 45-75 % of what they got (the default demo's 8B, minutes 9-13). Counting
+    load per unit of planned share instead stopped that, but also stopped the spill from the 70B's
+    H100 prefill replicas onto A100 PD replicas with room at the Azure hour's peak (99.08 -> 95.9 %).
     """
 
     name = "weighted"
@@ -138,6 +162,15 @@ class WeightedRouter:
         self._rules: dict[str, list[RouteGuidance]] = {}
         self._credit: dict[tuple[str, int], dict[str, float]] = {}
         self._planned: dict[str, int] = {}
+        self._concurrency: dict[str, int] = {}
+
+    def bind(self, problem) -> None:
+        """The cluster simulator passes its problem before the run: spill targets need room at the SLO."""
+        self._concurrency = slo_concurrency(problem)
+
+    def set_concurrency(self, concurrency: dict[str, int]) -> None:
+        """SLO concurrency per variant set directly (a hand-built pool has no problem to bind)."""
+        self._concurrency = {v: max(1, int(c)) for v, c in concurrency.items()}
 
     def set_guidance(self, routing: list[RouteGuidance], planned_replicas: dict[str, int] | None = None) -> None:
         self._planned = dict(planned_replicas or {})
@@ -177,33 +210,29 @@ class WeightedRouter:
                 chosen = max(sorted(by_variant), key=lambda v: credit[v])
                 credit[chosen] -= total
                 pick = self._inner.pick(f"{pool_key}/{chosen}", by_variant[chosen], input_tokens)
-                share = {v: live[v] / len(reps) for v, reps in by_variant.items()}
-                return self._bounded(pick, by_variant, share)
+                return self._bounded(pick, by_variant)
         return self._inner.pick(pool_key, pool, input_tokens)
 
-    @staticmethod
-    def _bounded(pick, by_variant: dict[str, list], share: dict[str, float]):
+    def _has_room(self, replica) -> bool:
+        limit = self._concurrency.get(replica.variant)
+        return limit is None or replica.outstanding < limit
+
+    def _bounded(self, pick, by_variant: dict[str, list]):
         """The plan's pick, unless it would queue the request while another replica allowed for the
-        bucket would start it now, or run far ahead of the least loaded of them, load counted per
-        unit of planned share (`share`: the variant's weight per replica). Only replicas the plan
-        allows for the bucket: spilling a long prompt onto a replica planned for short ones (a PD
-        replica beside P/D pairs, a small GPU) trades a queue for an SLO miss."""
+        bucket would start it now, or run far ahead of the least loaded of them. Only replicas the
+        plan allows for the bucket, and only while they are below their SLO concurrency: spilling a
+        long prompt onto a replica planned for short ones (a PD replica beside P/D pairs, a small
+        GPU), or onto one already as full as the SLO allows, trades a queue for an SLO miss."""
         if pick is None:
             return None
-        eligible = [r for reps in by_variant.values() for r in reps]
-        top = max(share.values())
-
-        def load(r) -> float:
-            """Outstanding requests scaled to the most-planned variant's share per replica."""
-            return r.outstanding * top / share[r.variant]
-
+        eligible = [r for reps in by_variant.values() for r in reps if r is pick or self._has_room(r)]
         if getattr(pick, "waiting", 0) > 0:
-            idle = [r for r in eligible if getattr(r, "waiting", 0) == 0 and load(r) < load(pick)]
+            idle = [r for r in eligible if getattr(r, "waiting", 0) == 0]
             if idle:
-                return min(idle, key=lambda r: (load(r), getattr(r, "index", 0)))
-        if load(pick) > SPILL_SLACK:
-            least = min(eligible, key=load)
-            if load(pick) > SPILL_RATIO * load(least) + SPILL_SLACK:
+                return min(idle, key=lambda r: (r.outstanding, getattr(r, "index", 0)))
+        if pick.outstanding > SPILL_SLACK:
+            least = min(eligible, key=lambda r: r.outstanding)
+            if pick.outstanding > SPILL_RATIO * least.outstanding + SPILL_SLACK:
                 return least
         return pick
 
@@ -312,22 +341,7 @@ class OursFlowRouter(_FlowControlled):
         self._concurrency: dict[str, int] = {}
 
     def bind(self, problem) -> None:
-        from optimizer.capacity import capacity_table
-
-        table = capacity_table(problem)
-        for v in problem.variants:
-            workload = problem.workload(v.model)
-            rate_inv = held = 0.0
-            for b in workload.buckets if workload is not None else ():
-                est = table.get((v.name, b.label))
-                if est is None or est.max_rate_rps <= 0:
-                    continue
-                latency_s = est.e2e_s if est.e2e_s is not None else est.ttft_s
-                if latency_s is None:
-                    continue
-                rate_inv += b.share / est.max_rate_rps
-                held += b.share * latency_s
-            self._concurrency[v.name] = max(1, int(held / rate_inv)) if rate_inv > 0 else max(1, v.max_batch)
+        self._concurrency.update(slo_concurrency(problem))
 
     def set_concurrency(self, concurrency: dict[str, int]) -> None:
         """SLO concurrency per variant set directly (a hand-built pool has no problem to bind)."""
