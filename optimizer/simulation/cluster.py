@@ -217,6 +217,8 @@ class ClusterSimulator:
         # pool: the pending queue is their FIFO, retried on replica iterations (_RETRY), ticks and readiness.
         self._flow = bool(getattr(router, "flow_controlled", False))
         self._retry_at: dict[str, float] = {}
+        # Routers that size by the capacity model (weighted: spill targets; flow-*: the gate) read
+        # each variant's SLO concurrency from the problem once, here.
         if hasattr(router, "bind"):
             router.bind(problem)
 
