@@ -39,9 +39,10 @@ lint: venv
 	$(VENV)/bin/ruff check optimizer operator tests benchmarks
 
 .PHONY: live
-## live: emulated cluster + Prometheus + emulated model servers + the operator + a load ramp, 5 min (Ctrl-C stops)
+## live: emulated cluster + Prometheus + emulated model servers + the operator + a load ramp, 5 min (Ctrl-C stops);
+## the gateway follows the operator's saturation and weights (GATEWAY=least-outstanding for the plain one)
 live: venv system-deps
-	$(PY) -m variant_autoscaler_testbed.live --duration $(or $(DURATION),300)
+	$(PY) -m variant_autoscaler_testbed.live --duration $(or $(DURATION),300) $(if $(GATEWAY),--gateway $(GATEWAY))
 
 clean:
 	rm -rf $(VENV) .pytest_cache .benchmarks reports

@@ -3,7 +3,12 @@
 Starts, on 127.0.0.1 and in this one process: the emulated cluster (real CRD server on etcd,
 emulated core API and kubelet), a real Prometheus, one emulated vLLM server per pod the kubelet
 runs, an inference gateway in front of them, the operator itself (kopf, standalone), and a load
-ramp. Three variants of one model compete: a cheap-per-hour T4 variant that cannot meet the ITL
+ramp. The gateway is flow-controlled by default: it polls the operator's /metrics, holds requests
+while the pool's published saturation is >= 1.0 (503 after a hold timeout; a stale signal counts as
+1.0) and sends each request to the variant the routing weights pick for its length bucket
+(`variant_autoscaler_testbed.gateway`); `--gateway least-outstanding` gives the plain
+least-outstanding gateway instead. At the end it prints how many requests were held, released and
+refused. Three variants of one model compete: a cheap-per-hour T4 variant that cannot meet the ITL
 target, an L4 variant (cheapest per request/s at the SLO) and a fast, dear H100 variant, on an
 inventory where the L4 pool is small, so a high enough load spills over to H100.
 
@@ -27,6 +32,7 @@ from pathlib import Path
 import yaml
 
 from variant_autoscaler_testbed.cluster import EmulatedCluster
+from variant_autoscaler_testbed.gateway import FlowControlSettings
 from variant_autoscaler_testbed.load import LoadSpec, generate_load
 from variant_autoscaler_testbed.model_pods import ModelGateway, ModelPods, model_server_annotation
 from variant_autoscaler_testbed.prometheus import PrometheusServer, free_port
@@ -49,6 +55,16 @@ SETTINGS = {
     "default_slo": {"ttft_s": 0.6, "itl_s": 0.09, "percentile": 90},
     "watched_namespaces": [NAMESPACE],
 }
+GATEWAY_MODES = ("flow", "least-outstanding")
+HOLD_TIMEOUT_S = 10.0  # below the load generator's drain time, so a request held at the end is answered
+
+
+def flow_settings(metrics_port: int) -> FlowControlSettings:
+    """The gateway follows the operator: poll each second, grace of three cycles, bounded holds."""
+    return FlowControlSettings(metrics_url=f"http://127.0.0.1:{metrics_port}/metrics", poll_interval_s=1.0,
+                               stale_after_s=3 * SETTINGS["interval_s"], hold_timeout_s=HOLD_TIMEOUT_S)
+
+
 MIX = [{"prompt_tokens": 100, "max_tokens": 40, "weight": 3}, {"prompt_tokens": 400, "max_tokens": 20}]
 
 
@@ -77,7 +93,8 @@ def _objects() -> tuple[list[dict], list[dict]]:
     return deployments, variants
 
 
-async def run_live(duration_s: float, metrics_port: int, kubeconfig_out: Path | None) -> None:
+async def run_live(duration_s: float, metrics_port: int, kubeconfig_out: Path | None,
+                   gateway_mode: str = "flow") -> None:
     from kubernetes import client
     from variant_autoscaler.commands.run import run_operator
     from variant_autoscaler.operator import RunOptions
@@ -92,7 +109,8 @@ async def run_live(duration_s: float, metrics_port: int, kubeconfig_out: Path | 
     try:
         async with cluster:
             pods = ModelPods(cluster.kubelet, prometheus).install()
-            gateway = await ModelGateway(pods).start()
+            flow = flow_settings(metrics_port) if gateway_mode == "flow" else None
+            gateway = await ModelGateway(pods, flow=flow).start()
             settings = {**SETTINGS, "prometheus": {"url": prometheus.url, "timeout_s": 3}}
             (work / "settings.yaml").write_text(yaml.safe_dump(settings))
             kubeconfig = cluster.kubeconfig_path
@@ -113,7 +131,7 @@ async def run_live(duration_s: float, metrics_port: int, kubeconfig_out: Path | 
 variant-autoscaler live run for {duration_s:g} s (Ctrl-C stops)
   operator metrics : http://127.0.0.1:{metrics_port}/metrics   (e.g. curl -s ... | grep -E 'normalized_load|wva_desired')
   Prometheus       : {prometheus.url}/graph
-  inference gateway: {gateway.url}/v1/completions  (model {MODEL!r})
+  inference gateway: {gateway.url}/v1/completions  (model {MODEL!r}; {gateway.mode})
   kubectl          : export KUBECONFIG={kubeconfig}; kubectl get va -n {NAMESPACE} -w
   load ramp        : {', '.join(f"{p['rate_rps']:g} req/s x {p['duration_s']:.0f} s" for p in ramp(duration_s))}
   reconcile log below (scale events and one line per cycle)
@@ -128,10 +146,17 @@ variant-autoscaler live run for {duration_s:g} s (Ctrl-C stops)
                 await asyncio.wait_for(stop.wait(), timeout=duration_s)
             stop.set()
             report = await load
-            print(f"load: {report.sent} sent, {report.ok} ok, {report.failed} failed", file=sys.stderr)
+            print(f"load: {report.sent} sent, {report.ok} ok, {report.failed} failed"
+                  + (f" ({', '.join(f'{k} {n}' for k, n in sorted(report.errors.items()))})" if report.errors else ""),
+                  file=sys.stderr)
+            if gateway.gate is not None:
+                print(f"gateway (flow-controlled on the operator's /metrics): {gateway.gate.counts.summary()}",
+                      file=sys.stderr)
+            else:
+                print(f"gateway (least-outstanding): per pod {dict(sorted(gateway.routed.items()))}", file=sys.stderr)
+            await gateway.stop()  # before the operator goes, so its last polls do not log a missing /metrics
             await asyncio.wait_for(operator, timeout=30)
             watch.cancel()
-            await gateway.stop()
             await pods.stop_all()
             pods.uninstall()
     finally:
@@ -161,11 +186,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=300.0, help="seconds to run (default 300)")
     parser.add_argument("--metrics-port", type=int, default=0, help="operator /metrics port (default: a free one)")
     parser.add_argument("--kubeconfig", type=Path, help="also write the kubeconfig here (removed on exit)")
+    parser.add_argument("--gateway", choices=GATEWAY_MODES, default="flow",
+                        help="flow: follow the operator's saturation and routing weights (default); "
+                             "least-outstanding: the plain gateway")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("kopf", "aiohttp", "urllib3", "kubernetes", "variant_autoscaler_testbed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    asyncio.run(run_live(args.duration, args.metrics_port or free_port(), args.kubeconfig))
+    asyncio.run(run_live(args.duration, args.metrics_port or free_port(), args.kubeconfig, args.gateway))
     return 0
 
 

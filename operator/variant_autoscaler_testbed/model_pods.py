@@ -7,7 +7,9 @@ emulated kubelet's start/stop hooks: a pod whose template carries `MODEL_SERVER_
 `ModelServerConfig` without host/port) gets a server on the pod's port, and Prometheus's targets are
 kept equal to the running servers, labelled with `namespace` and `pod` as a Kubernetes service
 discovery would. `ModelGateway` stands in for the inference gateway: one URL that sends each request
-to the ready pod of its model with the fewest requests in flight.
+to the ready pod of its model with the fewest requests in flight, or, given `flow` settings, follows
+the operator's published saturation and routing weights (`variant_autoscaler_testbed.gateway`: holds
+requests while the pool is saturated, picks the variant by weight for the request's length bucket).
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
+from pydantic import ValidationError
 
+from variant_autoscaler_testbed.gateway import FlowControlSettings, FlowGate
 from variant_autoscaler_testbed.kubelet import Kubelet, PodInfo, pod_is_ready
-from variant_autoscaler_testbed.model_server import EmulatedModelServer, ModelServerConfig
+from variant_autoscaler_testbed.model_server import CompletionRequest, EmulatedModelServer, ModelServerConfig
 from variant_autoscaler_testbed.prometheus import PrometheusServer, ScrapeTarget
 
 MODEL_SERVER_ANNOTATION = "emulation.variant-autoscaler.io/model-server"
@@ -103,17 +107,26 @@ class ModelPods:
 
 @dataclass
 class ModelGateway:
-    """One URL for completions: least-outstanding-requests routing over the ready pods of the model."""
+    """One URL for completions: least-outstanding over the ready pods of the model, or, with `flow`,
+    flow control on the operator's /metrics (hold at saturation >= 1.0, variant by routing weight)."""
 
     pods: ModelPods
     host: str = "127.0.0.1"
     port: int = 0
     url: str = ""
     routed: dict[str, int] = field(default_factory=dict)
+    flow: FlowControlSettings | None = None
 
     def __post_init__(self) -> None:
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
+        self.gate: FlowGate | None = FlowGate(self.flow, self.pods.ready_pods) if self.flow is not None else None
+        self._stopping = asyncio.Event()
+        self._poller: asyncio.Task | None = None
+
+    @property
+    def mode(self) -> str:
+        return "least-outstanding" if self.gate is None else "flow-controlled"
 
     async def start(self) -> ModelGateway:
         app = web.Application()
@@ -125,9 +138,16 @@ class ModelGateway:
         self.port = self._runner.addresses[0][1]
         self.url = f"http://{self.host}:{self.port}"
         self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        if self.gate is not None:
+            self._poller = asyncio.create_task(self.gate.run(self._session, self._stopping))
         return self
 
     async def stop(self) -> None:
+        self._stopping.set()
+        if self.gate is not None:
+            self.gate.stop()
+        if self._poller is not None:
+            await asyncio.gather(self._poller, return_exceptions=True)
         if self._runner is not None:
             await self._runner.cleanup()
         if self._session is not None:
@@ -135,6 +155,8 @@ class ModelGateway:
 
     async def _completions(self, request: web.Request) -> web.Response:
         body = await request.read()
+        if self.gate is not None:
+            return await self._flow_completions(request, body)
         try:
             model = json.loads(body).get("model", "")
         except ValueError:
@@ -144,6 +166,24 @@ class ModelGateway:
             return web.json_response({"error": {"message": f"no ready replica serves {model!r}"}}, status=503)
         pick = min(candidates, key=lambda r: (r.in_flight, r.info.name))
         pick.in_flight += 1
+        return await self._forward(pick, body)
+
+    async def _flow_completions(self, request: web.Request, body: bytes) -> web.Response:
+        try:
+            req = CompletionRequest.model_validate_json(body)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(x) for x in first.get("loc", ())) or "body"
+            return web.json_response({"error": {"message": f"invalid completion request: {where}: {first['msg']}"}},
+                                     status=400)
+        pick, status, message = await self.gate.admit(req.model, req.prompt_tokens(), req.max_tokens,
+                                                      request.headers.get("X-Request-Id"))
+        if pick is None:
+            return web.json_response({"error": {"message": message}}, status=status)
+        return await self._forward(pick, body)
+
+    async def _forward(self, pick: _Running, body: bytes) -> web.Response:
+        """Send to the picked pod, whose in-flight count the caller raised; lowered here."""
         self.routed[pick.info.name] = self.routed.get(pick.info.name, 0) + 1
         try:
             async with self._session.post(f"{pick.server.url}/v1/completions", data=body,
