@@ -195,6 +195,8 @@ class OperatorSignal:
         self.polls_ok = 0
         self.polls_failed = 0
         self.last_error = ""
+        self._last_ok_s = self.started_s
+        self._logged: tuple[str, int] | None = None
 
     async def poll_once(self, session: aiohttp.ClientSession) -> bool:
         """One bounded scrape; on failure the previous values stay and age towards fail-closed."""
@@ -210,8 +212,11 @@ class OperatorSignal:
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             self.polls_failed += 1
             why = f"{type(exc).__name__}: {exc}".rstrip(": ")
-            if why != self.last_error:
-                log.warning("gateway: cannot read the operator's metrics at %s: %s", self.settings.metrics_url, why)
+            # a warning once it matters (past the grace: the gate fails closed), not while an operator starts
+            level = logging.WARNING if time.time() - self._last_ok_s > self.settings.stale_after_s else logging.DEBUG
+            if (why, level) != self._logged:
+                log.log(level, "gateway: cannot read the operator's metrics at %s: %s", self.settings.metrics_url, why)
+                self._logged = (why, level)
             self.last_error = why
             return False
         self.ingest(reading)
@@ -226,6 +231,8 @@ class OperatorSignal:
         self.reading = reading
         self.polls_ok += 1
         self.last_error = ""
+        self._last_ok_s = now_s
+        self._logged = None
 
     def saturation(self, ref: PoolRef, now_s: float | None = None) -> tuple[float, str]:
         """The pool's effective saturation as the gate uses it, and where the number comes from."""
