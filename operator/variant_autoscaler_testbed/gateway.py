@@ -13,7 +13,8 @@ own text parser:
 
 `FlowGate` holds requests of a pool in a bounded FIFO while the pool's effective saturation is >= 1.0,
 and releases them in arrival order once it reads below 1.0 (checked after every poll and at every
-arrival). Fail closed, as the llm-d router treats a stale endpoint: a pool's value counts as fresh
+arrival). The FIFO is per model within the pool (a model is a flow, as llm-d's flow control keeps a
+queue per flow), so one model with no ready pod never blocks another model's requests behind it. Fail closed, as the llm-d router treats a stale endpoint: a pool's value counts as fresh
 for `stale_after_s` after the last scrape that carried it (or after the operator's last successful
 cycle, whichever is older); once older than that, or never seen and the gateway has run longer
 than `stale_after_s`, the pool reads 1.0 and new work is held. During that grace the last value
@@ -279,12 +280,19 @@ class FlowCounts:
     fallback: int = 0
     unguided: int = 0
     per_variant: dict[str, int] = field(default_factory=dict)
+    held_s_total: float = 0.0
+    held_s_max: float = 0.0
+
+    def note_hold(self, seconds: float) -> None:
+        self.held_s_total += seconds
+        self.held_s_max = max(self.held_s_max, seconds)
 
     def summary(self) -> str:
         variants = ", ".join(f"{v} {n}" for v, n in sorted(self.per_variant.items())) or "none"
         return (f"{self.weighted + self.fallback + self.unguided} dispatched ({self.weighted} by the operator's "
                 f"weights, {self.fallback} fallback to any ready pod, {self.unguided} without weights for their "
-                f"bucket); {self.held} held at saturation >= 1.0: {self.released} released, "
+                f"bucket); {self.held} held at saturation >= 1.0 (mean {self.held_s_total / max(1, self.held):.1f} s, "
+                f"longest {self.held_s_max:.1f} s): {self.released} released, "
                 f"{self.refused_timeout} refused 503 after the hold timeout, {self.refused_full} refused 429 "
                 f"(hold queue full), {self.refused_stopping} refused at shutdown; per variant: {variants}")
 
@@ -338,9 +346,11 @@ class FlowGate:
         queue.append(waiter)
         self.counts.held += 1
         self.release(model)
+        since = time.monotonic()
         try:
             pick = await asyncio.wait_for(waiter.future, self.settings.hold_timeout_s)
         except TimeoutError:
+            self.counts.note_hold(time.monotonic() - since)
             self._forget(queue, waiter)
             self.counts.refused_timeout += 1
             _, why = self.closed(model)
@@ -351,6 +361,7 @@ class FlowGate:
             if waiter.future.done() and not waiter.future.cancelled() and waiter.future.result() is not None:
                 waiter.future.result().in_flight -= 1
             raise
+        self.counts.note_hold(time.monotonic() - since)
         if pick is None:
             self.counts.refused_stopping += 1
             return None, 503, "the gateway is stopping; the request was held and not dispatched"
