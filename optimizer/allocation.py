@@ -43,13 +43,14 @@ bound, and the gap is (objective - bound) / objective of the full objective abov
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Mapping
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from optimizer.allocation_formulation import (
     STAGE_NAMES,
@@ -62,6 +63,7 @@ from optimizer.allocation_formulation import (
 )
 from optimizer.allocation_lagrangian import solve_lagrangian
 from optimizer.allocation_monolithic import NoMilpSolution, solve_monolithic
+from optimizer.allocation_warm import WarmStart
 from optimizer.problem import AllocationOptions, Problem
 
 # Up to this many integer columns one MILP proves optimality quickly; beyond, decompose.
@@ -112,6 +114,14 @@ class Allocation(_Strict):
     method: Literal["monolithic", "decomposition"]
     iterations: int = Field(description="Price-update rounds of the decomposition (0 for monolithic).")
     solve_time_s: float
+    warm_started: bool = Field(
+        default=False, description="The decomposition started from the previous allocation's prices and columns.")
+    _warm_start: WarmStart | None = PrivateAttr(default=None)
+
+    @property
+    def warm_start(self) -> WarmStart | None:
+        """What the next `allocate` call may start from (pass it as `warm_start`); not part of the output."""
+        return self._warm_start
 
 
 def allocate(
@@ -121,6 +131,7 @@ def allocate(
     options: AllocationOptions | None = None,
     method: Literal["auto", "monolithic", "decomposition"] = "auto",
     deadline: float | None = None,
+    warm_start: WarmStart | None = None,
 ) -> Allocation:
     """Choose replicas and routing for every model at least cost within inventory (see module doc).
 
@@ -129,6 +140,9 @@ def allocate(
     ``method`` "auto" solves small problems monolithically and decomposes larger ones.
     ``deadline`` (a ``time.perf_counter()`` instant) replaces now + ``options.time_limit_s``, so a
     caller can count its own work (the capacity table) against the same limit.
+    ``warm_start`` (a previous result's `Allocation.warm_start`, from this or any other problem) lets
+    the decomposition start from its prices, per-model results and replicas (optimizer.allocation_warm);
+    the bound stays proven and the plan feasible whatever it holds.
     """
     began = start = time.perf_counter()
     opts = options or problem.options
@@ -148,7 +162,7 @@ def allocate(
             # Never fail a solvable input: the decomposition always ends with a feasible answer.
             solution = solve_lagrangian(form, _left(start, opts), opts.relative_gap)
     else:
-        solution = solve_lagrangian(form, _left(start, opts), opts.relative_gap)
+        solution = solve_lagrangian(form, _left(start, opts), opts.relative_gap, warm=warm_start)
         if auto and proven_gap(solution.objective, solution.lower_bound) > opts.relative_gap \
                 and integers <= MONOLITHIC_FALLBACK_INTEGERS and _left(start, opts) > 0.1:
             try:
@@ -156,7 +170,11 @@ def allocate(
                                    opts.relative_gap)
             except NoMilpSolution:
                 pass  # keep the decomposition's answer and bound
-    return _report(form, solution, time.perf_counter() - began)
+    result = _report(form, solution, time.perf_counter() - began)
+    # the decomposition's prices and per-model results, with the replicas finally chosen
+    prior = solution.warm_start or WarmStart()
+    result._warm_start = dataclasses.replace(prior, replicas=dict(result.replicas))
+    return result
 
 
 def _left(start: float, opts: AllocationOptions) -> float:
@@ -169,7 +187,8 @@ def _better(a: Solution, b: Solution, relative_gap: float) -> Solution:
     bound = min(max(a.lower_bound, b.lower_bound), best.objective)
     status = gap_status(proven_gap(best.objective, bound), relative_gap, best.status)
     return Solution(columns=best.columns, objective=best.objective, lower_bound=bound, status=status,
-                    method=best.method, iterations=a.iterations + b.iterations)
+                    method=best.method, iterations=a.iterations + b.iterations,
+                    warm_started=a.warm_started or b.warm_started, warm_start=a.warm_start or b.warm_start)
 
 
 def _report(form: Formulation, sol: Solution, elapsed: float) -> Allocation:
@@ -206,7 +225,7 @@ def _report(form: Formulation, sol: Solution, elapsed: float) -> Allocation:
         objective=sol.objective, lower_bound=sol.lower_bound, gap=gap, unmet_demand_rps=unmet,
         normalized_load=load, binding_constraints=_binding(form, n_all, loads_all, unmet),
         notes=list(form.notes), status=sol.status, method=sol.method, iterations=sol.iterations,
-        solve_time_s=elapsed,
+        solve_time_s=elapsed, warm_started=sol.warm_started,
     )
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import scipy.sparse as sp
@@ -25,6 +26,9 @@ import scipy.sparse as sp
 from optimizer.fleet import Role, Variant
 from optimizer.input_limits import MAX_RATE_RPS
 from optimizer.problem import AllocationOptions, Problem
+
+if TYPE_CHECKING:
+    from optimizer.allocation_warm import WarmStart
 
 STAGE_PD, STAGE_P, STAGE_D = 0, 1, 2
 STAGE_NAMES = ("PD", "P", "D")
@@ -84,6 +88,8 @@ class Solution:
     status: str  # "optimal", "within_gap" or "time_limit"
     method: str
     iterations: int = 0
+    warm_started: bool = False  # the decomposition started from a previous solution's prices and columns
+    warm_start: WarmStart | None = None  # what the next solve may start from (decomposition only)
 
 
 def proven_gap(objective: float, bound: float) -> float:

@@ -30,6 +30,16 @@ term as prices rise, because usage is never negative. The loop:
    Otherwise the prices come from the duals of the master's LP relaxation (what inventory is worth
    given the known columns), smoothed towards the prices of the best bound so far (Wentges).
 
+Warm start (optimizer.allocation_warm): given the previous cycle's prices, per-model results and
+columns, the loop starts at those prices instead of the LP's. A model whose block and prices are
+unchanged takes its cached result (bound and column) as it is; every other model's MILP runs; the
+previous columns (or, for a changed block, the previous replicas repaired to it) go to the master
+at once. The LP relaxation still runs: its value is a bound whatever prices the loop starts from,
+and its roundings cover any model the warm start does not know. For the very same problem the
+previous proven bound still holds. So stale prices can cost time, never validity; and on an
+unchanged problem a cycle resumes where the last one stopped (even inside a price round cut short
+by the clock) and stops as soon as the proven gap is within target.
+
 Solvers: the LP relaxation goes to HiGHS's dual simplex through SciPy (GLOP as fallback); the
 master's LP, whose duals are prices, to GLOP (OR-Tools, see optimizer.allocation_ortools); the
 per-model MILPs and the master MILP to HiGHS. Each model's MILP is built once and re-solved with
@@ -55,12 +65,21 @@ from optimizer.allocation_formulation import Formulation, ModelBlock, Solution, 
 from optimizer.allocation_monolithic import stacked
 from optimizer.allocation_ortools import SparseProgram
 from optimizer.allocation_rounding import round_block
+from optimizer.allocation_warm import (
+    CachedBlock,
+    Fingerprints,
+    WarmStart,
+    prices_for,
+    repaired_columns,
+    row_names,
+)
 
 MAX_ROUNDS = 30
 SMOOTHING = 0.5  # next prices = SMOOTHING x best-bound prices + rest x master-LP duals (Wentges)
 MASTER_EVERY = 8  # per-model results between master solves while the first pass runs
 STALL_ROUNDS = 3  # stop after this many price rounds that improve neither bound nor master
 _INTEGRAL = 1e-6
+MAX_KEPT_COLUMNS = 32  # per model, handed to the next warm start
 FINISH_S = 0.1  # kept from the time limit for what follows the deadline: last master solve, workers, report
 
 
@@ -77,63 +96,53 @@ class _BlockState:
     current: int  # best known column at the prices of the last solve
     bound: float  # proven lower bound of the priced block problem at those prices
     exact: bool  # current column is optimal (within the per-model gap) at those prices
+    fingerprint: bytes = b""  # of the block at the prices its bound holds for (what a warm start may reuse)
 
 
 def solve_lagrangian(form: Formulation, time_limit_s: float, relative_gap: float,
-                     workers: int | None = None) -> Solution:
+                     workers: int | None = None, warm: WarmStart | None = None) -> Solution:
+    """The decomposition (module doc); `warm` (the previous cycle's `Solution.warm_start`) starts it warm."""
     deadline = time.perf_counter() + max(time_limit_s - FINISH_S, 0.05)
     usage = [form.coupling_usage(b) for b in form.blocks]
     rhs = form.coupling_rhs
     block_gap = max(relative_gap / 4, 1e-10)
+    fingerprints = Fingerprints(form, usage, block_gap)
 
-    prices, lp_x = _lp_relaxation(form)
-    states, fractional, loss = [], [], {}
-    for i, block in enumerate(form.blocks):
-        fallback = _column(_serve_nothing(form, block), block, usage[i])
-        x = lp_x[i]
-        n = x[block.col_n]
-        priced = form.priced_cost(block, prices)
-        lp_value = float(priced @ x)
-        if np.all(np.abs(n - np.rint(n)) <= _INTEGRAL):
-            x = x.copy()
-            x[block.col_n] = np.rint(n)
-            states.append(_BlockState([fallback, _column(x, block, usage[i])], 1, lp_value, True))
-            continue
-        states.append(_BlockState([fallback], 0, lp_value, False))
-        fractional.append(i)
-        # rounding every count up is feasible, so this bounds what the model's MILP can gain
-        loss[i] = float(priced[block.col_n] @ (np.ceil(n - 1e-7) - n))
+    lp_prices, lp_x = _lp_relaxation(form)
+    # the LP optimum: a valid bound whatever prices the loop starts from
+    lp_bound = float(sum(form.priced_cost(b, lp_prices) @ lp_x[i] for i, b in enumerate(form.blocks))
+                     - lp_prices @ rhs)
+    warm_prices = prices_for(form, warm) if warm is not None else None
+    if warm_prices is not None:
+        prices = warm_prices
+        states, pending = _warm_states(form, warm, prices, lp_x, usage, fingerprints)
+    else:
+        prices = lp_prices
+        states, pending = _cold_states(form, prices, lp_x, usage, fingerprints, block_gap, deadline)
+    fractional = [i for i in range(len(states)) if not _integral(lp_x[i][form.blocks[i].col_n])]
     rounds = 0
     timed_out = False
-    # cheap roundings first (a few ms each): what one costs above the LP value bounds the model's MILP
-    # gain more tightly than rounding up does, so the MILPs that can close most of the gap go first,
-    # and a rounding within the per-model gap of its LP value needs no MILP at all
-    for i in fractional:
-        if time.perf_counter() > deadline:
-            break
-        block = form.blocks[i]
-        priced = form.priced_cost(block, prices)
-        rounded = round_block(block, lp_x[i], priced, form.variant_current[block.variants])
-        states[i].columns.append(_column(rounded, block, usage[i]))
-        states[i].current = len(states[i].columns) - 1
-        loss[i] = min(loss[i], float(priced @ rounded) - states[i].bound)
-        states[i].exact = loss[i] <= block_gap * abs(states[i].bound) + 1e-9
-    pending = sorted((i for i in fractional if not states[i].exact), key=lambda i: (-loss[i], i))
     with BlockPool(form, block_gap, workers) as pool:
         # workers start on these while the roundings that fit the stock together are built
         results = pool.solve(pending, prices, deadline)
-        # those come whatever the clock says: they are what a clock-stopped run serves
-        joint = _jointly_feasible_roundings(form, states, fractional, lp_x, prices, usage, rhs)
-        for i, column in joint.items():
-            states[i].columns.append(column)
-            if states[i].current == 0:  # no cheap rounding in time: the joint one is the best known
-                states[i].current = len(states[i].columns) - 1
-        best_bound = _bound(states, prices, rhs)
+        # those come whatever the clock says: they are what a clock-stopped run serves (a warm start's
+        # repaired columns already fit together, unless a model is new)
+        if warm_prices is None or any(st.current == 0 for st in states):
+            joint = _jointly_feasible_roundings(form, lp_x, fractional, lp_prices, usage, rhs)
+            for i, column in joint.items():
+                states[i].columns.append(column)
+                if states[i].current == 0:  # no cheap rounding in time: the joint one is the best known
+                    states[i].current = len(states[i].columns) - 1
+        best_bound = max(_bound(states, prices, rhs), lp_bound)
+        if warm_prices is not None and warm.problem == fingerprints.problem:
+            best_bound = max(best_bound, warm.lower_bound)  # the very same problem: its proven bound holds
+        best_prices = prices if _bound(states, prices, rhs) >= lp_bound else lp_prices
         objective, chosen = _master(states, rhs)
         unmastered = 0  # results recorded since the last master solve
         # past the deadline the results stop by themselves, after those workers had already finished
         for done, res in enumerate(results, start=1):
-            _record(states[res.index], res, form.blocks[res.index], usage[res.index])
+            _record(states[res.index], res, form.blocks[res.index], usage[res.index],
+                    fingerprint=fingerprints.of(res.index, prices))
             unmastered += 1
             if done % MASTER_EVERY == 0 or done == len(pending):
                 best_bound = max(best_bound, _bound(states, prices, rhs))
@@ -146,7 +155,9 @@ def solve_lagrangian(form: Formulation, time_limit_s: float, relative_gap: float
             best_bound = max(best_bound, _bound(states, prices, rhs))
             objective, chosen = _master(states, rhs)
         timed_out = time.perf_counter() > deadline
-        best_prices, stalled = prices, 0
+        stalled = 0
+        # every block's result at the prices of the best bound found at consistent prices: the next warm start
+        kept = _Kept(states, prices)
         while (not timed_out and rounds < MAX_ROUNDS and stalled < STALL_ROUNDS
                and proven_gap(objective, best_bound) > relative_gap):
             over = sum(st.columns[st.current].usage for st in states) - rhs
@@ -166,30 +177,159 @@ def solve_lagrangian(form: Formulation, time_limit_s: float, relative_gap: float
                     if np.any(st.columns[st.current].usage[raised] > 0) or np.any(usage[i][lowered] > 0)
                     or not st.exact]
             prices = new_prices
+            # the others' bounds hold at the new prices too (their optimum cannot have moved down)
+            for i in set(range(len(states))) - set(redo):
+                states[i].fingerprint = fingerprints.of(i, prices)
             for res in pool.solve(redo, prices, deadline):
-                _record(states[res.index], res, form.blocks[res.index], usage[res.index], replace_bound=True)
+                _record(states[res.index], res, form.blocks[res.index], usage[res.index], replace_bound=True,
+                        fingerprint=fingerprints.of(res.index, prices))
+                unmastered += 1
                 if time.perf_counter() > deadline:
                     break
             timed_out = time.perf_counter() > deadline
             if timed_out:
-                break  # some models still hold bounds from the old prices: not a bound at the new ones
+                # some models still hold bounds from the old prices: not a bound at the new ones. The next
+                # warm start resumes this round where it stopped (its results are cached at these prices).
+                kept = _Kept(states, prices)
+                break
             bound_now = _bound(states, prices, rhs)
             before = (best_bound, objective)
+            if bound_now > kept.bound(rhs):
+                kept = _Kept(states, prices)
             if bound_now > best_bound:
                 best_bound, best_prices = bound_now, prices
             objective, chosen = _master(states, rhs)
+            unmastered = 0
             improved = best_bound > before[0] + 1e-9 * abs(before[0]) or objective < before[1] - 1e-9 * abs(before[1])
             stalled = 0 if improved else stalled + 1
             timed_out = time.perf_counter() > deadline
 
+        if unmastered:
+            # the round the clock stopped still found columns: they may make a cheaper plan (FINISH_S)
+            objective, chosen = _master(states, rhs)
     columns = [states[i].columns[chosen[i]].x for i in range(len(states))]
     status = gap_status(proven_gap(objective, best_bound), relative_gap,
                         "time_limit" if timed_out else "iteration_limit")
     return Solution(columns=columns, objective=objective, lower_bound=min(best_bound, objective), status=status,
-                    method="decomposition", iterations=rounds)
+                    method="decomposition", iterations=rounds, warm_started=warm_prices is not None,
+                    warm_start=kept.warm_start(form, states, columns, fingerprints, min(best_bound, objective)))
 
 
-def _jointly_feasible_roundings(form, states, fractional, lp_x, prices, usage, rhs) -> dict[int, _Column]:
+def _integral(n: np.ndarray) -> bool:
+    return bool(np.all(np.abs(n - np.rint(n)) <= _INTEGRAL))
+
+
+def _cold_states(form, prices, lp_x, usage, fingerprints, block_gap, deadline) -> tuple[list[_BlockState], list[int]]:
+    """Block states at the LP's prices, and the models whose MILP may close the gap, largest gain first.
+
+    Every block's bound is its LP value at those prices; a model whose LP counts are integral is solved.
+    """
+    states, fractional, loss = [], [], {}
+    for i, block in enumerate(form.blocks):
+        fallback = _column(_serve_nothing(form, block), block, usage[i])
+        x = lp_x[i]
+        n = x[block.col_n]
+        priced = form.priced_cost(block, prices)
+        lp_value = float(priced @ x)
+        fp = fingerprints.of(i, prices)
+        if _integral(n):
+            x = x.copy()
+            x[block.col_n] = np.rint(n)
+            states.append(_BlockState([fallback, _column(x, block, usage[i])], 1, lp_value, True, fp))
+            continue
+        states.append(_BlockState([fallback], 0, lp_value, False, fp))
+        fractional.append(i)
+        # rounding every count up is feasible, so this bounds what the model's MILP can gain
+        loss[i] = float(priced[block.col_n] @ (np.ceil(n - 1e-7) - n))
+    # cheap roundings first (a few ms each): what one costs above the LP value bounds the model's MILP
+    # gain more tightly than rounding up does, so the MILPs that can close most of the gap go first,
+    # and a rounding within the per-model gap of its LP value needs no MILP at all
+    for i in fractional:
+        if time.perf_counter() > deadline:
+            break
+        block = form.blocks[i]
+        priced = form.priced_cost(block, prices)
+        rounded = round_block(block, lp_x[i], priced, form.variant_current[block.variants])
+        states[i].columns.append(_column(rounded, block, usage[i]))
+        states[i].current = len(states[i].columns) - 1
+        loss[i] = min(loss[i], float(priced @ rounded) - states[i].bound)
+        states[i].exact = loss[i] <= block_gap * abs(states[i].bound) + 1e-9
+    pending = sorted((i for i in fractional if not states[i].exact), key=lambda i: (-loss[i], i))
+    return states, pending
+
+
+def _warm_states(form, warm: WarmStart, prices, lp_x, usage, fingerprints) -> tuple[list[_BlockState], list[int]]:
+    """Block states at the warm prices, and the models whose MILP must run, largest possible gain first.
+
+    A model whose block and prices are exactly those of its cached result takes that result (column,
+    bound, exactness) as it is. Any other model's bound starts at 0, which is valid (every cost and
+    price is >= 0), and its MILP runs. Every model is offered its previous replicas, repaired to this
+    problem (`repaired_columns`), and its LP column where that one is integral.
+    """
+    states = []
+    for i, block in enumerate(form.blocks):
+        columns = [_column(_serve_nothing(form, block), block, usage[i])]
+        fp = fingerprints.of(i, prices)
+        cached = warm.blocks.get(block.model)
+        if cached is not None and cached.fingerprint == fp:
+            columns.append(_column(cached.x, block, usage[i]))
+            states.append(_BlockState(columns, 1, cached.bound, cached.exact, fp))
+        else:
+            states.append(_BlockState(columns, 0, 0.0, False, fp))
+        known = warm.columns.get(block.model)
+        if known is not None and known[0] == fingerprints.blocks[i]:
+            for x in known[1]:
+                _add_column(states[i], x, block, usage[i])
+        if _integral(lp_x[i][block.col_n]):
+            x = lp_x[i].copy()
+            x[block.col_n] = np.rint(x[block.col_n])
+            states[i].columns.append(_column(x, block, usage[i]))
+            if states[i].current == 0:
+                states[i].current = len(states[i].columns) - 1
+    for i, x in repaired_columns(form, usage, warm, prices).items():
+        st = states[i]
+        st.columns.append(_column(x, form.blocks[i], usage[i]))
+        if st.current == 0:
+            st.current = len(st.columns) - 1
+
+    def gain(i: int) -> float:
+        st = states[i]
+        return float(form.priced_cost(form.blocks[i], prices) @ st.columns[st.current].x) - st.bound
+
+    pending = sorted((i for i, st in enumerate(states) if not st.exact), key=lambda i: (-gain(i), i))
+    return states, pending
+
+
+class _Kept:
+    """Every block's result (fingerprint, current column, bound, exact) at one price vector they all hold at."""
+
+    def __init__(self, states: list[_BlockState], prices: np.ndarray):
+        self.prices = prices
+        self.results = [(st.fingerprint, st.columns[st.current].x, st.bound, st.exact) for st in states]
+
+    def bound(self, rhs: np.ndarray) -> float:
+        return float(sum(r[2] for r in self.results) - self.prices @ rhs)
+
+    def warm_start(self, form: Formulation, states: list[_BlockState], columns: list[np.ndarray],
+                   fingerprints: Fingerprints, lower_bound: float) -> WarmStart:
+        """What the next allocation may start from: these prices and results, every column known (at most
+        MAX_KEPT_COLUMNS per model, the chosen one included), the replicas chosen and the bound proven."""
+        replicas = {}
+        for block, x in zip(form.blocks, columns, strict=True):
+            for j, g in enumerate(block.variants):
+                replicas[form.variants[g].name] = int(np.rint(x[block.col_n][j]))
+        blocks = {form.blocks[i].model: CachedBlock(fp, x, bound, exact)
+                  for i, (fp, x, bound, exact) in enumerate(self.results) if fp}
+        pool = {}
+        for i, st in enumerate(states):
+            kept = [c.x for c in st.columns[1:]]  # the serve-nothing column is rebuilt every time
+            pool[form.blocks[i].model] = (fingerprints.blocks[i], tuple([columns[i], *kept[-MAX_KEPT_COLUMNS + 1:]]))
+        return WarmStart(prices=dict(zip(row_names(form), map(float, self.prices), strict=True)),
+                         replicas=replicas, blocks=blocks, columns=pool, problem=fingerprints.problem,
+                         lower_bound=lower_bound)
+
+
+def _jointly_feasible_roundings(form, lp_x, fractional, prices, usage, rhs) -> dict[int, _Column]:
     """One more column per fractional model, rounded so that all models' columns fit the stock together.
 
     Rounding every LP count down keeps within the LP's usage, hence within stock; the demand this
@@ -203,8 +343,8 @@ def _jointly_feasible_roundings(form, states, fractional, lp_x, prices, usage, r
         return columns
     floors = {i: np.maximum(np.floor(lp_x[i][form.blocks[i].col_n] + 1e-7), form.blocks[i].col_lb[form.blocks[i].col_n])
               for i in fractional}
-    integral = set(range(len(states))) - set(fractional)  # their only columns besides serve-nothing are their LP's
-    left = rhs - sum((states[i].columns[states[i].current].usage for i in integral), np.zeros(len(rhs)))
+    integral = set(range(len(form.blocks))) - set(fractional)  # their LP columns are integral: taken as they are
+    left = rhs - sum((usage[i] @ np.rint(lp_x[i][form.blocks[i].col_n]) for i in integral), np.zeros(len(rhs)))
     left = left - sum((usage[i] @ floors[i] for i in fractional), np.zeros(len(rhs)))
     left = np.maximum(left, 0.0)
     order = sorted(fractional, key=lambda i: (-form.blocks[i].unmet_penalty_per_rps * form.blocks[i].rates.sum(), i))
@@ -261,7 +401,8 @@ def _lp_by_highs(cost, lb, ub, matrix, row_lb, row_ub, n_coupling: int):
     return np.asarray(res.x, dtype=float), prices
 
 
-def _record(st: _BlockState, res, block: ModelBlock, usage: np.ndarray, replace_bound: bool = False) -> None:
+def _record(st: _BlockState, res, block: ModelBlock, usage: np.ndarray, replace_bound: bool = False,
+            fingerprint: bytes = b"") -> None:
     n = res.x[block.col_n]
     same = next((j for j, c in enumerate(st.columns) if np.array_equal(c.x[block.col_n], n)), None)
     if same is None:
@@ -269,6 +410,12 @@ def _record(st: _BlockState, res, block: ModelBlock, usage: np.ndarray, replace_
         same = len(st.columns) - 1
     # at unchanged prices, or when prices only rose, an older bound stays valid: keep the larger
     st.current, st.bound, st.exact = same, res.bound if replace_bound else max(st.bound, res.bound), True
+    st.fingerprint = fingerprint
+
+
+def _add_column(st: _BlockState, x: np.ndarray, block: ModelBlock, usage: np.ndarray) -> None:
+    if not any(np.array_equal(c.x, x) for c in st.columns):
+        st.columns.append(_column(x, block, usage))
 
 
 def _column(x: np.ndarray, block: ModelBlock, usage: np.ndarray) -> _Column:

@@ -418,3 +418,81 @@ def test_a_deadline_spent_before_the_solve_stops_it_at_its_first_step():
     assert a.lower_bound <= a.objective + 1e-6
     roomy = allocate(prob, capacity, method="decomposition", deadline=time.perf_counter() + 120)
     assert roomy.objective <= a.objective + 1e-9
+
+
+# ----------------------------------------------------------------------------------------------
+# Warm start from a previous solution (optimizer.allocation_warm).
+
+WARM = {"relative_gap": 0.01, "time_limit_s": 30.0}
+
+
+def _used(prob: Problem, a) -> dict[str, int]:
+    used = defaultdict(int)
+    for v in prob.variants:
+        used[v.accelerator] += a.replicas[v.name] * v.accelerators_per_replica
+    return used
+
+
+def _scaled_demand(prob: Problem, factor: dict[str, float]) -> Problem:
+    workloads = [w.model_copy(update={"arrival_rate_rps": w.arrival_rate_rps * factor.get(w.model, 1.0)})
+                 for w in prob.workloads]
+    return prob.model_copy(update={"workloads": workloads})
+
+
+@pytest.mark.parametrize("power_cap_w", [None, 6000.0])
+def test_warm_start_from_the_previous_solution_is_no_worse_and_its_bound_holds(power_cap_w):
+    prob, capacity = many_models(1, n_models=20, power_cap_w=power_cap_w, **WARM)
+    exact = allocate(prob, capacity, options=prob.options.model_copy(update=EXACT), method="monolithic")
+    assert exact.status == "optimal"
+    cold = allocate(prob, capacity, method="decomposition")
+    warm = allocate(prob, capacity, method="decomposition", warm_start=cold.warm_start)
+    assert not cold.warm_started and warm.warm_started
+    assert set(cold.warm_start.prices) == {"accelerator/big", "accelerator/mid", "accelerator/small"} \
+        | ({"power_w"} if power_cap_w else set())
+    assert warm.lower_bound <= exact.objective + 1e-6 <= warm.objective + 2e-6
+    # the previous columns are all offered again and the previous bound still holds: no step back
+    assert warm.objective <= cold.objective + 1e-6 and warm.lower_bound >= cold.lower_bound - 1e-6
+    assert warm.gap <= cold.gap + 1e-9
+    # demand moved (one model up 30 %, one down 30 %): the cached results no longer apply, the bound must
+    # still be proven for the new problem
+    moved = _scaled_demand(prob, {"m3": 1.3, "m7": 0.7})
+    exact_moved = allocate(moved, capacity, options=moved.options.model_copy(update=EXACT), method="monolithic")
+    again = allocate(moved, capacity, method="decomposition", warm_start=warm.warm_start)
+    assert again.warm_started
+    assert again.lower_bound <= exact_moved.objective + 1e-6 <= again.objective + 2e-6
+
+
+def test_warm_start_from_another_instance_with_less_inventory_respects_the_new_stock():
+    prob, capacity = many_models(1, n_models=20, **WARM)
+    before = allocate(prob, capacity, method="decomposition")
+    cut = prob.model_copy(update={"accelerators": [
+        a.model_copy(update={"available": {"big": 5, "mid": 7}.get(a.name, a.available)}) for a in prob.accelerators]})
+    assert any(_used(cut, before)[a.name] > a.available for a in cut.accelerators), "the old plan must not fit"
+    exact = allocate(cut, capacity, options=cut.options.model_copy(update=EXACT), method="monolithic")
+    warm = allocate(cut, capacity, method="decomposition", warm_start=before.warm_start)
+    assert warm.warm_started
+    for a in cut.accelerators:
+        assert _used(cut, warm)[a.name] <= a.available
+    for v in cut.variants:
+        assert v.min_replicas <= warm.replicas[v.name] and (v.max_replicas is None or warm.replicas[v.name] <= v.max_replicas)
+    assert warm.lower_bound <= exact.objective + 1e-6 <= warm.objective + 2e-6
+    # and it is nearly as good as a cold start on the cut instance: stale prices only cost rounds
+    cold = allocate(cut, capacity, method="decomposition")
+    assert warm.objective <= cold.objective * 1.01
+
+
+def test_warm_start_with_absurd_prices_or_foreign_names_keeps_the_bound_valid():
+    from optimizer.allocation_warm import WarmStart
+
+    prob, capacity = many_models(2, n_models=12, **WARM)
+    exact = allocate(prob, capacity, options=prob.options.model_copy(update=EXACT), method="monolithic")
+    absurd = WarmStart(prices={"accelerator/big": 1e4, "accelerator/small": 0.0}, replicas={"m0-big": 99, "m1-mid": 7})
+    a = allocate(prob, capacity, method="decomposition", warm_start=absurd)
+    assert a.warm_started
+    assert a.lower_bound <= exact.objective + 1e-6 <= a.objective + 2e-6
+    for x in prob.accelerators:
+        assert _used(prob, a)[x.name] <= x.available
+    foreign = WarmStart(prices={"accelerator/tpu": 3.0}, replicas={"other-model": 2})
+    b = allocate(prob, capacity, method="decomposition", warm_start=foreign)
+    assert not b.warm_started  # none of its rows exist here: a cold start
+    assert b.lower_bound <= exact.objective + 1e-6
