@@ -43,10 +43,14 @@ Bottleneck = Literal["prefill", "kv_links", "decode", "mixed"]
 Layout = Literal["prefill-decode", "generic"]
 
 # The engine behind every analysis: scipy's compiled Dinic on integer units, refined until the
-# rounding is certified negligible (optimizer.scaled_max_flow). Nodes are numbered in a canonical
-# order (hops from the source, then name), so the split depends on the graph, not on the file's
-# edge order; on the seed example it equals networkx's Edmonds-Karp split (tests/test_pd_flow.py).
+# rounding is certified negligible (optimizer.scaled_max_flow); from INT64_MIN_EDGES edges the
+# first phase runs on OR-Tools' push-relabel in 64-bit units instead (FlowAnalysis.algorithm says
+# which). Nodes are numbered in a canonical order (hops from the source, then name), so the split
+# depends on the graph, not on the file's edge order; on the seed example it equals networkx's
+# Edmonds-Karp split (tests/test_pd_flow.py).
 ENGINE = "scipy_dinic"
+_ENGINE_WORDS = {"scipy_dinic": "Dinic, breadth-first levels in canonical node order",
+                 "ortools_push_relabel": "OR-Tools push-relabel over the canonical node order"}
 # networkx's algorithms, kept for drawing and for small-graph cross-checks (max_flow_value).
 ALGORITHMS = {
     "edmonds_karp": nx_flow.edmonds_karp,
@@ -334,7 +338,8 @@ class FlowAnalysis(BaseModel):
     source: str
     sink: str
     layout: Layout = Field(description="prefill-decode when every edge is source->P, P->D or D->sink.")
-    algorithm: str = ENGINE
+    algorithm: str = Field(ENGINE, description="The engine of the first phase: scipy_dinic, or "
+                                               "ortools_push_relabel on large graphs.")
     max_flow: float
     max_flow_gap: float = Field(0.0, description=(
         "Certified rounding bound: the true max flow lies in [max_flow, max_flow + max_flow_gap] "
@@ -344,8 +349,8 @@ class FlowAnalysis(BaseModel):
     bottleneck: Bottleneck
     scale_options: list[ScaleOption] = Field(description=f"Best first, at most {MAX_SCALE_OPTIONS}.")
     scale_options_total: int = Field(0, description="Edges on every minimum cut (scale_options lists the best).")
-    several_optimal_splits: bool = Field(description="Other maximum flows exist; the split is the engine's (Dinic, "
-                                                     "BFS levels over the canonical node order).")
+    several_optimal_splits: bool = Field(description="Other maximum flows exist; the split is the engine's (see "
+                                                     "algorithm), over the canonical node order.")
     recommendations: list[str]
     _facts: _Facts = PrivateAttr()
 
@@ -441,7 +446,7 @@ def analyze(graph: FlowGraph) -> FlowAnalysis:
     result = c.solve()
     forward, backward = result.forward, result.backward
     source_side = result.source_side
-    sink_side = lay.reach(result.arcs, c.sink, backward=True)
+    sink_side = result.sink_side
     tail_s, head_s = source_side[lay.tail], source_side[lay.head]
     tail_t, head_t = sink_side[lay.tail], sink_side[lay.head]
     source_cut = np.flatnonzero(c.on_path & tail_s & ~head_s)
@@ -454,11 +459,11 @@ def analyze(graph: FlowGraph) -> FlowAnalysis:
     candidates = np.flatnonzero(c.on_path & tail_s & head_t)
     options, n_options = _scale_options(c, result, (tail_s, head_s), (tail_t, head_t), candidates)
     analysis = FlowAnalysis(
-        source=graph.source, sink=graph.sink, layout=c.layout_kind, max_flow=result.value,
+        source=graph.source, sink=graph.sink, layout=c.layout_kind, algorithm=result.engine, max_flow=result.value,
         max_flow_gap=result.gap, min_cut_capacity=float(np.sum(c.capacity[source_cut])),
         min_cut_unique=np.array_equal(source_cut, sink_cut), bottleneck=bottleneck,
         scale_options=options, scale_options_total=n_options, several_optimal_splits=bool(varies.any()),
-        recommendations=_recommendations(facts, bottleneck, options, n_options),
+        recommendations=_recommendations(facts, bottleneck, options, n_options, result.engine),
     )
     analysis._facts = facts
     return analysis
@@ -583,7 +588,8 @@ def _cut_phrase(f: _Facts, cut: np.ndarray) -> str:
     return f"every source-to-sink path crosses a saturated edge among {f.names(cut)}"
 
 
-def _recommendations(f: _Facts, bottleneck: Bottleneck, options: list[ScaleOption], n_options: int) -> list[str]:
+def _recommendations(f: _Facts, bottleneck: Bottleneck, options: list[ScaleOption], n_options: int,
+                     engine: str) -> list[str]:
     c = f.compiled
     kind = c.layout_kind
     words = _STAGE_WORDS[kind]
@@ -628,6 +634,6 @@ def _recommendations(f: _Facts, bottleneck: Bottleneck, options: list[ScaleOptio
             out.append("Spare capacity: " + _listed(shown, len(spare)) + ".")
     moving = np.flatnonzero(f.varies)
     if len(moving):
-        out.append("This split is one of several optimal ones (Dinic, breadth-first levels in canonical node "
-                   f"order); flow can shift on {f.names(moving)} without changing the max flow.")
+        out.append(f"This split is one of several optimal ones ({_ENGINE_WORDS[engine]}); flow can shift on "
+                   f"{f.names(moving)} without changing the max flow.")
     return out

@@ -2,6 +2,7 @@
 bottleneck classification on constructed graphs, and the `flow` command end to end."""
 
 import json
+import math
 import random
 import subprocess
 from pathlib import Path
@@ -26,7 +27,7 @@ from optimizer.pd_flow import (
     max_flow_value,
 )
 from optimizer.problem import InputError
-from optimizer.scaled_max_flow import NEAR_CUT_MIN_EDGES, solve
+from optimizer.scaled_max_flow import INT64_MIN_EDGES, NEAR_CUT_MIN_EDGES, solve
 
 # an int32 overflow in the engine shows as a cast warning: make it fail
 pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
@@ -535,17 +536,59 @@ def test_refining_near_the_cut_is_used_on_real_capacities():
     assert all(r.phases - r.near_cut_phases <= 1 for r in refined)
 
 
-def test_analysis_of_a_graph_large_enough_to_refine_near_the_cut():
-    """Above NEAR_CUT_MIN_EDGES the analysis itself takes the near-cut refinement."""
+def test_analysis_of_a_graph_large_enough_for_the_int64_engine():
+    """From INT64_MIN_EDGES edges the analysis takes one 64-bit OR-Tools phase, certified like the
+    32-bit ones; scipy with the near-cut refinement (the path below it) gives the same maximum."""
     rng = random.Random(11)
     k = 240
     edges = [("S", f"P{i}", rng.uniform(5, 50)) for i in range(k)] + [(f"D{j}", "T", rng.uniform(5, 50))
                                                                         for j in range(k)]
     edges += [(f"P{i}", f"D{j}", rng.uniform(0.5, 5)) for i in range(k) for j in range(k) if rng.random() < 0.55]
     graph = graph_of(edges, "S", "T")
-    assert len(edges) >= NEAR_CUT_MIN_EDGES
+    assert len(edges) >= max(INT64_MIN_EDGES, NEAR_CUT_MIN_EDGES)
     a = analyze(graph)
-    assert graph._compiled.solve().near_cut_phases >= 1
+    c = graph._compiled
+    r = c.solve()
+    assert (r.engine, r.phases) == ("ortools_push_relabel", 1)
+    assert a.algorithm == "ortools_push_relabel"
     assert a.max_flow == pytest.approx(max_flow_value(graph, "preflow_push"), rel=1e-9)
     assert 0 <= a.max_flow_gap <= 1e-12 * a.max_flow
     assert_is_a_maximum_flow(graph, a)
+    assert_solver_result_is_a_maximum_flow(graph, r)
+    dinic = solve(c.layout, c.capacity, c.source, c.sink, int64_min_edges=len(edges) + 1)
+    assert dinic.engine == "scipy_dinic" and dinic.near_cut_phases >= 1
+    assert abs(dinic.value - r.value) <= dinic.gap + r.gap
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_int64_engine_gives_the_exact_maximum(seed):
+    """OR-Tools' 64-bit push-relabel forced onto small graphs: the value of networkx and of the LP,
+    certified in one phase, a feasible conserved flow; graphs with twin edges stay on scipy."""
+    for graph in (layered_real_graph(seed), random_graph(seed)):
+        c = graph._compiled
+        r = solve(c.layout, c.capacity, c.source, c.sink, int64_min_edges=0)
+        assert r.engine == ("scipy_dinic" if c.layout.has_twins else "ortools_push_relabel")
+        assert r.value == pytest.approx(max_flow_value(graph, "preflow_push"), rel=1e-9, abs=1e-12)
+        assert r.value == pytest.approx(lp_max_flow(graph), rel=1e-9, abs=1e-9)
+        assert 0 <= r.gap <= 1e-12 * max(1.0, r.value)
+        assert np.all(r.flow >= 0) and np.all(r.flow <= c.capacity)
+    assert_solver_result_is_a_maximum_flow(graph := layered_real_graph(seed),
+                                           solve(graph._compiled.layout, graph._compiled.capacity,
+                                                 graph._compiled.source, graph._compiled.sink, int64_min_edges=0))
+
+
+def test_a_64_bit_phase_that_leaves_a_gap_is_refined():
+    """20k parallel two-edge paths with real capacities: the 64-bit phase rounds down 20k cut edges,
+    which leaves more than GAP_REL of the value, and a near-cut phase closes it to the exact answer
+    (the sum over paths of the smaller capacity)."""
+    rng = random.Random(5)
+    k = 20_000
+    ins = [rng.uniform(1, 2) for _ in range(k)]
+    outs = [rng.uniform(1, 2) for _ in range(k)]
+    graph = graph_of([("S", f"M{i}", c) for i, c in enumerate(ins)] + [(f"M{i}", "T", c) for i, c in enumerate(outs)])
+    r = graph._compiled.solve()
+    assert r.engine == "ortools_push_relabel" and r.phases >= 2 and r.near_cut_phases == r.phases - 1
+    exact = math.fsum(min(a, b) for a, b in zip(ins, outs, strict=True))
+    assert r.value == pytest.approx(exact, rel=1e-12)
+    assert 0 <= r.gap <= 1e-12 * r.value
+    assert_solver_result_is_a_maximum_flow(graph, r)
