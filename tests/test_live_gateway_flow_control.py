@@ -135,6 +135,7 @@ def test_held_at_saturation_and_released_in_arrival_order_when_it_drops(world, g
     assert [rid for _, rid, _ in g.gate.dispatch_log] == ["r0", "r1", "r2", "r3", "r4"]
     assert (g.gate.counts.held, g.gate.counts.released, g.gate.counts.refused_timeout) == (5, 5, 0)
     assert g.post()[0] == 200 and g.gate.counts.held == 5  # below 1.0 a new request is not held
+    assert len(g.gateway.latencies_s) == 6 and set(g.gateway.latency_quantiles()) == {0.5, 0.9, 0.99}
 
 
 def test_held_beyond_the_timeout_is_refused_503_and_a_full_queue_429(world, gateway):
@@ -151,6 +152,7 @@ def test_held_beyond_the_timeout_is_refused_503_and_a_full_queue_429(world, gate
     assert "hold queue" in full and "full" in full
     assert (g.gate.counts.refused_timeout, g.gate.counts.refused_full, g.gate.counts.released) == (2, 1, 0)
     assert g.gate.held(MODEL) == 0
+    assert len(g.gateway.latencies_s) == 0 and g.gateway.latency_quantiles() == {}  # only answered 200 are timed
 
 
 def test_stale_or_missing_signal_fails_closed_after_the_grace(world, gateway):

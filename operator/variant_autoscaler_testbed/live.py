@@ -149,6 +149,11 @@ variant-autoscaler live run for {duration_s:g} s (Ctrl-C stops)
             print(f"load: {report.sent} sent, {report.ok} ok, {report.failed} failed"
                   + (f" ({', '.join(f'{k} {n}' for k, n in sorted(report.errors.items()))})" if report.errors else ""),
                   file=sys.stderr)
+            quantiles = gateway.latency_quantiles()
+            if quantiles:
+                print("gateway-side latency of the requests answered 200 (arrival at the gateway to reply, holds "
+                      "included): " + ", ".join(f"p{q * 100:g} {s:.2f} s" for q, s in quantiles.items()),
+                      file=sys.stderr)
             if gateway.gate is not None:
                 print(f"gateway (flow-controlled on the operator's /metrics): {gateway.gate.counts.summary()}",
                       file=sys.stderr)

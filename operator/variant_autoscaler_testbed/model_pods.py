@@ -15,8 +15,11 @@ requests while the pool is saturated, picks the variant by weight for the reques
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
+import math
+import time
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -29,6 +32,7 @@ from variant_autoscaler_testbed.model_server import CompletionRequest, EmulatedM
 from variant_autoscaler_testbed.prometheus import PrometheusServer, ScrapeTarget
 
 MODEL_SERVER_ANNOTATION = "emulation.variant-autoscaler.io/model-server"
+LATENCY_SAMPLES = 100_000
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +127,7 @@ class ModelGateway:
         self.gate: FlowGate | None = FlowGate(self.flow, self.pods.ready_pods) if self.flow is not None else None
         self._stopping = asyncio.Event()
         self._poller: asyncio.Task | None = None
+        self.latencies_s: collections.deque[float] = collections.deque(maxlen=LATENCY_SAMPLES)
 
     @property
     def mode(self) -> str:
@@ -154,6 +159,19 @@ class ModelGateway:
             await self._session.close()
 
     async def _completions(self, request: web.Request) -> web.Response:
+        """Times every answered request from its arrival at the gateway (holds included)."""
+        started = time.monotonic()
+        response = await self._handle(request)
+        if response.status == 200:
+            self.latencies_s.append(time.monotonic() - started)
+        return response
+
+    def latency_quantiles(self, qs: tuple[float, ...] = (0.5, 0.9, 0.99)) -> dict[float, float]:
+        """Gateway-side end-to-end latency of the requests answered 200 (nearest rank); empty when none."""
+        done = sorted(self.latencies_s)
+        return {q: done[min(len(done) - 1, max(0, math.ceil(q * len(done)) - 1))] for q in qs} if done else {}
+
+    async def _handle(self, request: web.Request) -> web.Response:
         body = await request.read()
         if self.gate is not None:
             return await self._flow_completions(request, body)
