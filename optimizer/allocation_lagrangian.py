@@ -79,6 +79,7 @@ SMOOTHING = 0.5  # next prices = SMOOTHING x best-bound prices + rest x master-L
 MASTER_EVERY = 8  # per-model results between master solves while the first pass runs
 STALL_ROUNDS = 3  # stop after this many price rounds that improve neither bound nor master
 _INTEGRAL = 1e-6
+WARM_MIN_UNCHANGED = 0.5  # share of models that must be unchanged for the warm prices to be used
 MAX_KEPT_COLUMNS = 32  # per model, handed to the next warm start
 FINISH_S = 0.1  # kept from the time limit for what follows the deadline: last master solve, workers, report
 
@@ -108,18 +109,37 @@ def solve_lagrangian(form: Formulation, time_limit_s: float, relative_gap: float
     block_gap = max(relative_gap / 4, 1e-10)
     fingerprints = Fingerprints(form, usage, block_gap)
 
-    lp_prices, lp_x = _lp_relaxation(form)
-    # the LP optimum: a valid bound whatever prices the loop starts from
-    lp_bound = float(sum(form.priced_cost(b, lp_prices) @ lp_x[i] for i, b in enumerate(form.blocks))
-                     - lp_prices @ rhs)
     warm_prices = prices_for(form, warm) if warm is not None else None
+    seeded = False  # a cold start took columns from the warm start
+    same = [warm is not None and warm.columns.get(b.model, (b"",))[0] == fingerprints.blocks[i]
+            for i, b in enumerate(form.blocks)]
+    if warm_prices is not None and sum(same) < WARM_MIN_UNCHANGED * len(form.blocks):
+        # most models changed: their results at the old prices are gone, and the LP's prices with the
+        # LP values as bounds prove more, sooner, than the old prices with per-model LPs; the previous
+        # plan and columns still seed the master
+        warm_prices = None
+    # the very same problem with every model's columns known: its bound and plan carry over as they are,
+    # and neither the LP relaxation nor a repair of the previous replicas can add anything
+    identical = warm is not None and warm.problem == fingerprints.problem
+    unchanged = warm_prices is not None and identical and all(same)
+    if unchanged:
+        lp_prices, lp_x, lp_bound = warm_prices, None, -np.inf
+    else:
+        lp_prices, lp_x = _lp_relaxation(form)
+        # the LP optimum: a valid bound whatever prices the loop starts from
+        lp_bound = float(sum(form.priced_cost(b, lp_prices) @ lp_x[i] for i, b in enumerate(form.blocks))
+                         - lp_prices @ rhs)
     if warm_prices is not None:
         prices = warm_prices
-        states, pending = _warm_states(form, warm, prices, lp_x, usage, fingerprints)
+        states, pending = _warm_states(form, warm, prices, lp_x, usage, fingerprints, repair=not unchanged,
+                                       block_lps=not identical)
     else:
         prices = lp_prices
         states, pending = _cold_states(form, prices, lp_x, usage, fingerprints, block_gap, deadline)
-    fractional = [i for i in range(len(states)) if not _integral(lp_x[i][form.blocks[i].col_n])]
+        if warm is not None:
+            seeded = _seed(form, states, warm, prices, usage, fingerprints)
+    fractional = [] if lp_x is None else [i for i in range(len(states))
+                                          if not _integral(lp_x[i][form.blocks[i].col_n])]
     rounds = 0
     timed_out = False
     with BlockPool(form, block_gap, workers) as pool:
@@ -134,11 +154,13 @@ def solve_lagrangian(form: Formulation, time_limit_s: float, relative_gap: float
                 if states[i].current == 0:  # no cheap rounding in time: the joint one is the best known
                     states[i].current = len(states[i].columns) - 1
         best_bound = max(_bound(states, prices, rhs), lp_bound)
-        if warm_prices is not None and warm.problem == fingerprints.problem:
+        if identical:
             best_bound = max(best_bound, warm.lower_bound)  # the very same problem: its proven bound holds
         best_prices = prices if _bound(states, prices, rhs) >= lp_bound else lp_prices
         objective, chosen = _master(states, rhs)
         unmastered = 0  # results recorded since the last master solve
+        if proven_gap(objective, best_bound) <= relative_gap:
+            results = iter(())  # proven already (a warm start's bound and plan): no per-model MILP is needed
         # past the deadline the results stop by themselves, after those workers had already finished
         for done, res in enumerate(results, start=1):
             _record(states[res.index], res, form.blocks[res.index], usage[res.index],
@@ -211,7 +233,7 @@ def solve_lagrangian(form: Formulation, time_limit_s: float, relative_gap: float
     status = gap_status(proven_gap(objective, best_bound), relative_gap,
                         "time_limit" if timed_out else "iteration_limit")
     return Solution(columns=columns, objective=objective, lower_bound=min(best_bound, objective), status=status,
-                    method="decomposition", iterations=rounds, warm_started=warm_prices is not None,
+                    method="decomposition", iterations=rounds, warm_started=warm_prices is not None or seeded,
                     warm_start=kept.warm_start(form, states, columns, fingerprints, min(best_bound, objective)))
 
 
@@ -258,13 +280,17 @@ def _cold_states(form, prices, lp_x, usage, fingerprints, block_gap, deadline) -
     return states, pending
 
 
-def _warm_states(form, warm: WarmStart, prices, lp_x, usage, fingerprints) -> tuple[list[_BlockState], list[int]]:
+def _warm_states(form, warm: WarmStart, prices, lp_x, usage, fingerprints, repair: bool,
+                 block_lps: bool) -> tuple[list[_BlockState], list[int]]:
     """Block states at the warm prices, and the models whose MILP must run, largest possible gain first.
 
     A model whose block and prices are exactly those of its cached result takes that result (column,
-    bound, exactness) as it is. Any other model's bound starts at 0, which is valid (every cost and
-    price is >= 0), and its MILP runs. Every model is offered its previous replicas, repaired to this
-    problem (`repaired_columns`), and its LP column where that one is integral.
+    bound, exactness) as it is. Any other model's bound is its own LP's value at those prices (with
+    `block_lps`; else 0, valid too as every cost and price is >= 0: for the very same problem, whose
+    previous bound still holds), its LP's rounding is a column, and its MILP runs. Every model is offered its previous replicas, repaired to this
+    problem (`repaired_columns`; not needed when `repair` is False: every block is unchanged and its
+    previous columns, the chosen one first, are offered as they are), and its LP column where that one
+    is integral (`lp_x` None: no LP was solved).
     """
     states = []
     for i, block in enumerate(form.blocks):
@@ -276,17 +302,25 @@ def _warm_states(form, warm: WarmStart, prices, lp_x, usage, fingerprints) -> tu
             states.append(_BlockState(columns, 1, cached.bound, cached.exact, fp))
         else:
             states.append(_BlockState(columns, 0, 0.0, False, fp))
+            lp = _block_lp(form, block, prices) if block_lps else None
+            if lp is not None:  # its LP value is a bound; its rounding a column
+                states[i].bound = lp[1]
+                rounded = round_block(block, lp[0], form.priced_cost(block, prices), form.variant_current[block.variants])
+                states[i].columns.append(_column(rounded, block, usage[i]))
+                states[i].current = 1
         known = warm.columns.get(block.model)
         if known is not None and known[0] == fingerprints.blocks[i]:
             for x in known[1]:
                 _add_column(states[i], x, block, usage[i])
-        if _integral(lp_x[i][block.col_n]):
+            if states[i].current == 0:
+                states[i].current = 1  # the previous plan's column
+        if lp_x is not None and _integral(lp_x[i][block.col_n]):
             x = lp_x[i].copy()
             x[block.col_n] = np.rint(x[block.col_n])
             states[i].columns.append(_column(x, block, usage[i]))
             if states[i].current == 0:
                 states[i].current = len(states[i].columns) - 1
-    for i, x in repaired_columns(form, usage, warm, prices).items():
+    for i, x in (repaired_columns(form, usage, warm, prices) if repair else {}).items():
         st = states[i]
         st.columns.append(_column(x, form.blocks[i], usage[i]))
         if st.current == 0:
@@ -298,6 +332,38 @@ def _warm_states(form, warm: WarmStart, prices, lp_x, usage, fingerprints) -> tu
 
     pending = sorted((i for i, st in enumerate(states) if not st.exact), key=lambda i: (-gain(i), i))
     return states, pending
+
+
+def _seed(form, states: list[_BlockState], warm: WarmStart, prices, usage, fingerprints) -> bool:
+    """A cold start still offers the master the previous plan: an unchanged model's known columns as they
+    are, the others' previous replicas repaired (`repaired_columns`). Bounds are not touched. False if
+    the warm start knew none of these models."""
+    fresh, repaired = {}, {}
+    for i, block in enumerate(form.blocks):
+        known = warm.columns.get(block.model)
+        if known is not None and known[0] == fingerprints.blocks[i]:
+            for x in known[1]:
+                _add_column(states[i], x, block, usage[i])
+            fresh[i] = True
+    if len(fresh) < len(form.blocks):
+        repaired = repaired_columns(form, usage, warm, prices)
+        for i, x in repaired.items():
+            if i not in fresh:
+                _add_column(states[i], x, form.blocks[i], usage[i])
+    for st in states:
+        if st.current == 0 and len(st.columns) > 1:
+            st.current = 1
+    return bool(fresh or repaired)
+
+
+def _block_lp(form: Formulation, block: ModelBlock, prices: np.ndarray) -> tuple[np.ndarray, float] | None:
+    """(solution, value) of one block's LP relaxation at `prices`; None if the LP solver failed."""
+    program = SparseProgram(form.priced_cost(block, prices), block.col_lb, block.col_ub, None, block.matrix,
+                            block.row_lb, block.row_ub)
+    with quiet_stdout():
+        res = program.solve_lp_with_duals()
+    return None if res.x is None else (res.x, float(res.objective))
+
 
 
 class _Kept:

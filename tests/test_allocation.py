@@ -460,6 +460,12 @@ def test_warm_start_from_the_previous_solution_is_no_worse_and_its_bound_holds(p
     again = allocate(moved, capacity, method="decomposition", warm_start=warm.warm_start)
     assert again.warm_started
     assert again.lower_bound <= exact_moved.objective + 1e-6 <= again.objective + 2e-6
+    # every model moved (+10 %): the LP's prices again, the previous plan repaired as a column
+    grown = _scaled_demand(prob, {f"m{m}": 1.1 for m in range(20)})
+    exact_grown = allocate(grown, capacity, options=grown.options.model_copy(update=EXACT), method="monolithic")
+    seeded = allocate(grown, capacity, method="decomposition", warm_start=warm.warm_start)
+    assert seeded.warm_started
+    assert seeded.lower_bound <= exact_grown.objective + 1e-6 <= seeded.objective + 2e-6
 
 
 def test_warm_start_from_another_instance_with_less_inventory_respects_the_new_stock():
@@ -482,17 +488,22 @@ def test_warm_start_from_another_instance_with_less_inventory_respects_the_new_s
 
 
 def test_warm_start_with_absurd_prices_or_foreign_names_keeps_the_bound_valid():
+    import dataclasses
+
     from optimizer.allocation_warm import WarmStart
 
     prob, capacity = many_models(2, n_models=12, **WARM)
-    exact = allocate(prob, capacity, options=prob.options.model_copy(update=EXACT), method="monolithic")
-    absurd = WarmStart(prices={"accelerator/big": 1e4, "accelerator/small": 0.0}, replicas={"m0-big": 99, "m1-mid": 7})
-    a = allocate(prob, capacity, method="decomposition", warm_start=absurd)
+    before = allocate(prob, capacity, method="decomposition")
+    # one model's demand moved, so the previous bound is no proof; the prices are nonsense
+    moved = _scaled_demand(prob, {"m1": 1.2})
+    exact = allocate(moved, capacity, options=moved.options.model_copy(update=EXACT), method="monolithic")
+    absurd = dataclasses.replace(before.warm_start, prices={"accelerator/big": 1e4, "accelerator/small": 0.0})
+    a = allocate(moved, capacity, method="decomposition", warm_start=absurd)
     assert a.warm_started
     assert a.lower_bound <= exact.objective + 1e-6 <= a.objective + 2e-6
-    for x in prob.accelerators:
-        assert _used(prob, a)[x.name] <= x.available
+    for x in moved.accelerators:
+        assert _used(moved, a)[x.name] <= x.available
     foreign = WarmStart(prices={"accelerator/tpu": 3.0}, replicas={"other-model": 2})
     b = allocate(prob, capacity, method="decomposition", warm_start=foreign)
-    assert not b.warm_started  # none of its rows exist here: a cold start
-    assert b.lower_bound <= exact.objective + 1e-6
+    assert not b.warm_started  # nothing in it applies here: a cold start
+    assert b.objective == pytest.approx(allocate(prob, capacity, method="decomposition").objective)

@@ -841,3 +841,32 @@ def test_an_unchanged_status_is_not_patched_again(kube, kube_api, emulated_clust
     demand.set(MODEL, 8.0)
     cycle(ctrl)
     assert status_patches() == settled + 1
+
+
+def test_the_second_cycle_starts_warm_from_the_first_and_says_so_on_metrics(kube, kube_api):
+    """Enough variants (8 models x 8) for the decomposition: the controller keeps the last allocation's
+    prices, columns and plan and hands them to the next one, which reports it (`optimizer_warm_start`)
+    with a proven gap no wider than the cold cycle's."""
+    models = [{**TINY_MODEL, "name": f"tiny/chat-1b-{m}"} for m in range(8)]
+    for m in range(8):
+        for acc, profile in (("L4", L4_PROFILE), ("H100", H100_PROFILE)):
+            for count in (1, 2, 3, 4):
+                name = f"m{m}-{acc.lower()}-x{count}"
+                kube.deploy(name, 0)
+                kube.apply_variant(variant(name, name, accelerator=acc, profile=profile, min_replicas=0,
+                                           model=models[m]["name"], acceleratorCount=count))
+    settings = settings_dict(models=models, accelerators=[{"name": "L4", "cost_per_hour": 1.0, "available": 10},
+                                                          {"name": "H100", "cost_per_hour": 8.0, "available": 16}])
+    demand = Demand({mm["name"]: 2.0 + m for m, mm in enumerate(models)})
+    ctrl = make_controller(kube_api, kube.ns, settings, collect=demand.collect)
+    first = cycle(ctrl)
+    assert first.ok and len(first.variants) == 64 and first.optimizer_gap is not None
+    assert not first.optimizer_warm_started
+    assert "variant_autoscaler_optimizer_warm_start 0.0" in ctrl.deps.exporter.render().decode()
+    second = cycle(ctrl)
+    assert second.ok and second.optimizer_warm_started
+    assert second.optimizer_gap <= first.optimizer_gap + 1e-9
+    scraped = ctrl.deps.exporter.render().decode()
+    assert "variant_autoscaler_optimizer_warm_start 1.0" in scraped
+    gap = re.search(r"^variant_autoscaler_optimizer_gap_ratio (\S+)$", scraped, flags=re.M)
+    assert gap and math.isclose(float(gap.group(1)), second.optimizer_gap, rel_tol=1e-9, abs_tol=1e-12)

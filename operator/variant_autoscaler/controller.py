@@ -146,6 +146,9 @@ class CycleReport(FrozenModel):
     metrics_available: bool = False
     metrics_reason: str = ""
     optimizer_status: str | None = None
+    optimizer_gap: float | None = Field(default=None, description="Proven optimality gap of this cycle's allocation.")
+    optimizer_warm_started: bool = Field(
+        default=False, description="The allocation started from the previous cycle's prices, columns and plan.")
     cost_per_hour: float | None = None
     variants: dict[str, VariantOutcome] = Field(default_factory=dict)
     plan: TransitionPlan | None = None
@@ -210,6 +213,7 @@ class Memory:
     last_good: dict[str, tuple[float, ModelObservation]] = field(default_factory=dict)  # model -> last metrics
     carry_since: dict[str, float] = field(default_factory=dict)  # model -> when one of its variants went away
     status_failing: set[str] = field(default_factory=set)  # variant keys whose last status write failed
+    warm_start: Any = None  # the last decision's optimizer.allocation_warm.WarmStart: the next allocation starts there
 
 
 class Controller:
@@ -429,7 +433,8 @@ class Controller:
         if problem is not None:
             t_opt = time.monotonic()
             try:
-                decision, capacity = await asyncio.to_thread(decide, problem)
+                decision, capacity = await asyncio.to_thread(decide, problem, memory.warm_start)
+                memory.warm_start = decision.warm_start
             except Exception as exc:  # noqa: BLE001 - an optimizer bug must not kill the loop
                 log.exception("optimizer failed")
                 deps.exporter.count_error("OptimizerFailed")
@@ -515,6 +520,8 @@ class Controller:
                            phases_s=dict(self._phases),
                            error=error, metrics_available=collection.available, metrics_reason=collection.reason,
                            optimizer_status=decision.status if decision else None,
+                           optimizer_gap=decision.gap if decision else None,
+                           optimizer_warm_started=bool(decision and decision.warm_started),
                            cost_per_hour=decision.cost_per_hour if decision else None, variants=outcomes, plan=plan)
 
     # ------------------------------------------------------------------------------------------
@@ -1125,6 +1132,8 @@ class Controller:
         return DecisionSnapshot(variants=variants, models=models, routing=routing, pools=pools,
                                 accelerators=accelerators,
                                 cost_per_hour=decision.cost_per_hour if decision else None,
+                                optimizer_gap=decision.gap if decision else None,
+                                optimizer_warm_start=decision.warm_started if decision else None,
                                 homogeneous_cost_per_hour=baseline[0] if baseline else None,
                                 homogeneous_accelerator=baseline[1] if baseline else None)
 

@@ -6,13 +6,16 @@ the single-accelerator baseline a mixed fleet is compared with on /metrics.
 
 What it may not touch: Kubernetes, Prometheus, HTTP, the exporter or the controller's memory between
 cycles. It is a pure function of the `Problem` the cycle built (the holds are already in it as pinned
-bounds, see `holds`), so the simulator and the benchmarks can call the same thing.
+bounds, see `holds`) and of the warm start the controller hands it (the previous decision's
+`warm_start`, which only makes the solve faster: the plan and its proven bound are valid whatever it
+holds), so the simulator and the benchmarks can call the same thing.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -36,6 +39,10 @@ class Decision(FrozenModel):
     message: str = ""
     capacity_s: float = 0.0
     solver_s: float = 0.0
+    gap: float = Field(default=0.0, description="Proven optimality gap of the allocation, (cost - bound) / cost.")
+    warm_started: bool = Field(default=False, description="The allocation started from the previous decision's.")
+    warm_start: Any = Field(default=None, exclude=True, repr=False,
+                            description="optimizer.allocation_warm.WarmStart for the next cycle's decide().")
 
 
 def homogeneous_baseline(problem: Problem, capacity: dict[tuple[str, str], CapacityEstimate]
@@ -74,8 +81,10 @@ def homogeneous_baseline(problem: Problem, capacity: dict[tuple[str, str], Capac
     return best
 
 
-def decide(problem: Problem) -> tuple[Decision, dict[tuple[str, str], CapacityEstimate]]:
-    """capacity_table + allocate, mapped to a `Decision`. No demand anywhere: every variant at its minimum."""
+def decide(problem: Problem, warm_start: Any = None) -> tuple[Decision, dict[tuple[str, str], CapacityEstimate]]:
+    """capacity_table + allocate, mapped to a `Decision`. No demand anywhere: every variant at its minimum.
+
+    `warm_start`: the previous decision's `warm_start` (None: a cold start)."""
     if not problem.workloads:
         replicas = {v.name: v.min_replicas for v in problem.variants}
         cost = sum(problem.variant_cost_per_hour(v) * replicas[v.name] for v in problem.variants)
@@ -85,7 +94,7 @@ def decide(problem: Problem) -> tuple[Decision, dict[tuple[str, str], CapacityEs
     t0 = time.perf_counter()
     capacity = capacity_table(problem)
     t1 = time.perf_counter()
-    result = allocate(problem, {k: e.max_rate_rps for k, e in capacity.items()})
+    result = allocate(problem, {k: e.max_rate_rps for k, e in capacity.items()}, warm_start=warm_start)
     decision = _decision_of(result, problem)
     return decision.model_copy(update={"capacity_s": t1 - t0, "solver_s": time.perf_counter() - t1}), capacity
 
@@ -101,4 +110,5 @@ def _decision_of(result, problem: Problem) -> Decision:
     message = "; ".join([*result.binding_constraints, *result.notes])
     return Decision(replicas={k: int(v) for k, v in result.replicas.items()}, routing=routing,
                     cost_per_hour=float(result.cost_per_hour), unmet_demand_rps=unmet, status=status,
-                    message=message)
+                    message=message, gap=float(result.gap), warm_started=bool(result.warm_started),
+                    warm_start=result.warm_start)

@@ -38,6 +38,8 @@ Metric names (all gauges unless noted; label sets in brackets):
 - `variant_autoscaler_inventory_in_use` / `variant_autoscaler_inventory_available` [accelerator]:
   accelerators the decision uses / the cluster has (no series when unlimited).
 - `variant_autoscaler_cost_per_hour`: cost of the decided allocation.
+- `variant_autoscaler_optimizer_gap_ratio`: proven optimality gap of the decided allocation, (objective - proven lower bound) / objective: 0.01 means no plan is more than 1 % cheaper (target: the optimizer's `relative_gap`); no series before the first allocation.
+- `variant_autoscaler_optimizer_warm_start`: 1 when the cycle's allocation started warm, from the previous cycle's inventory prices, per-model results and plan (optimizer.allocation_warm), 0 for a cold start (the first cycle, after a restart).
 - `variant_autoscaler_homogeneous_cost_per_hour` [accelerator]: cost of the cheapest allocation that
   meets the same demand on one accelerator type only (the label names it); the dashboard's baseline.
 - `variant_autoscaler_slo_target_seconds` / `variant_autoscaler_observed_latency_seconds` [model,
@@ -92,6 +94,8 @@ METRIC_NAMES: tuple[str, ...] = (
     f"{PREFIX}inventory_in_use",
     f"{PREFIX}inventory_available",
     f"{PREFIX}cost_per_hour",
+    f"{PREFIX}optimizer_gap_ratio",
+    f"{PREFIX}optimizer_warm_start",
     f"{PREFIX}homogeneous_cost_per_hour",
     f"{PREFIX}slo_target_seconds",
     f"{PREFIX}observed_latency_seconds",
@@ -165,6 +169,8 @@ class DecisionSnapshot(_Frozen):
     pools: list[PoolSaturation] = Field(default_factory=list)
     accelerators: list[AcceleratorUse] = Field(default_factory=list)
     cost_per_hour: float | None = Field(default=None, ge=0)
+    optimizer_gap: float | None = Field(default=None, ge=0, description="Proven gap of the allocation.")
+    optimizer_warm_start: bool | None = Field(default=None, description="The allocation started warm.")
     homogeneous_cost_per_hour: float | None = Field(
         default=None, ge=0, description="Cheapest allocation meeting the same demand on one accelerator type.")
     homogeneous_accelerator: str | None = Field(default=None, description="The type that baseline uses.")
@@ -263,6 +269,14 @@ class _SnapshotCollector:
         cost = GaugeMetricFamily(f"{PREFIX}cost_per_hour", "Cost per hour of the decided allocation.")
         if snap.cost_per_hour is not None:
             cost.add_metric([], snap.cost_per_hour)
+        gap = GaugeMetricFamily(f"{PREFIX}optimizer_gap_ratio",
+                                "Proven optimality gap of the decided allocation, (objective - bound) / objective.")
+        if snap.optimizer_gap is not None:
+            gap.add_metric([], snap.optimizer_gap)
+        warm = GaugeMetricFamily(f"{PREFIX}optimizer_warm_start",
+                                 "1 when the allocation started from the previous cycle's prices, columns and plan.")
+        if snap.optimizer_warm_start is not None:
+            warm.add_metric([], 1.0 if snap.optimizer_warm_start else 0.0)
         baseline = GaugeMetricFamily(f"{PREFIX}homogeneous_cost_per_hour",
                                      "Cost per hour of the cheapest single-accelerator-type allocation for the "
                                      "same demand.", labels=["accelerator"])
@@ -275,7 +289,7 @@ class _SnapshotCollector:
         act = GaugeMetricFamily(f"{PREFIX}active", "1 on the operator replica that runs the control loop.")
         act.add_metric([], 1.0 if active else 0.0)
         yield from (desired, optimal, current, ready, vload, cap, avail, mload, rate, unmet, target, observed,
-                    routing, saturation, in_use, have, cost, baseline, last, act, wdes, wcur, wratio)
+                    routing, saturation, in_use, have, cost, gap, warm, baseline, last, act, wdes, wcur, wratio)
 
 
 class Exporter:

@@ -411,8 +411,10 @@ class Runtime:
                     if self.last_report.ok:
                         self.last_ok_at = time.monotonic()
                     r = self.last_report
-                    log.info("cycle: %d variants, ok=%s, metrics=%s, optimizer=%s, cost/h=%s, %.2f s",
+                    log.info("cycle: %d variants, ok=%s, metrics=%s, optimizer=%s (gap %s, %s), cost/h=%s, %.2f s",
                              len(r.variants), r.ok, r.metrics_available, r.optimizer_status,
+                             f"{100 * r.optimizer_gap:.2f} %" if r.optimizer_gap is not None else "-",
+                             "warm" if r.optimizer_warm_started else "cold",
                              f"{r.cost_per_hour:.2f}" if r.cost_per_hour is not None else "-", r.duration_s)
                 except Exception:  # noqa: BLE001 - one bad cycle must not end the loop
                     log.exception("cycle failed")
