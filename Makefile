@@ -40,7 +40,8 @@ lint: venv
 
 .PHONY: live
 ## live: emulated cluster + Prometheus + emulated model servers + the operator + a load ramp, 5 min (Ctrl-C stops);
-## the gateway follows the operator's saturation and weights (GATEWAY=least-outstanding for the plain one)
+## the gateway follows the operator's saturation and weights (GATEWAY=weighted: weights, no holds;
+## GATEWAY=least-outstanding: the plain one)
 live: venv system-deps
 	$(PY) -m variant_autoscaler_testbed.live --duration $(or $(DURATION),300) $(if $(GATEWAY),--gateway $(GATEWAY))
 

@@ -219,6 +219,16 @@ def test_split_across_variants_follows_the_weights_per_bucket(world, gateway):
     assert (g.gate.counts.weighted, g.gate.counts.fallback, g.gate.counts.unguided) == (n + 10, 1, 1)
 
 
+def test_weights_only_mode_never_holds_on_saturation(world, gateway):
+    _, ns, _, exporter, _ = world
+    _publish(exporter, ns, 3.0, {SHORT_CELL: {"gw-fast": 1.0}})
+    g = gateway(hold=False, hold_timeout_s=0.3)
+    wait_until(lambda: g.saturation() == 3.0, timeout_s=10, what="the gateway to read saturation 3.0")
+    assert all(status == 200 for status, _ in g.post_many([SHORT] * 4))
+    assert (g.gate.counts.held, g.gate.counts.per_variant) == (0, {"gw-fast": 4})
+    assert g.gateway.mode == "weighted, no holds"
+
+
 def test_bad_request_is_refused_400_with_the_field(world, gateway):
     g = gateway()
     status, body = g.post({"max_tokens": 0, "prompt_token_count": 10})

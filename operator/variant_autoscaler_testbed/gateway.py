@@ -23,6 +23,9 @@ to measure). A pool with no ready pod of the model is held too (no endpoint: the
 Nothing is held forever: after `hold_timeout_s` a held request is answered 503 with the pool, the
 reading and why; beyond `max_held_requests` held in one pool a new request is answered 429.
 
+With `hold=False` the gate ignores saturation (weights only, as the simulator's `weighted` router
+follows the guidance without flow control); a model with no ready pod is still held.
+
 Dispatch (`choose_pod`): the request's bucket is the operator's length cell that holds its prompt and
 output token counts, found the way the operator names cells (`histogram_estimates`): vLLM's
 prompt and generation histograms count a request of n tokens in the bucket `(lo, hi]` with
@@ -100,6 +103,9 @@ class FlowControlSettings(BaseModel):
     poll_timeout_s: float = Field(default=2.0, gt=0, le=60)
     stale_after_s: float = Field(default=30.0, gt=0, le=3600,
                                  description="Grace before a stale or missing signal counts as saturation 1.0.")
+    hold: bool = Field(default=True, description="False: follow the weights but never hold on saturation "
+                                                 "(the simulator's `weighted` router; a model with no ready pod "
+                                                 "is still held).")
     hold_timeout_s: float = Field(default=15.0, gt=0, le=600, description="A held request is answered 503 after this.")
     max_held_requests: int = Field(default=1024, ge=1, le=100_000, description="Per pool; beyond it 429.")
     pools: dict[str, PoolRef] = Field(default_factory=dict,
@@ -291,7 +297,7 @@ class FlowCounts:
         variants = ", ".join(f"{v} {n}" for v, n in sorted(self.per_variant.items())) or "none"
         return (f"{self.weighted + self.fallback + self.unguided} dispatched ({self.weighted} by the operator's "
                 f"weights, {self.fallback} fallback to any ready pod, {self.unguided} without weights for their "
-                f"bucket); {self.held} held at saturation >= 1.0 (mean {self.held_s_total / max(1, self.held):.1f} s, "
+                f"bucket); {self.held} held (saturation >= 1.0 or no ready pod; mean {self.held_s_total / max(1, self.held):.1f} s, "
                 f"longest {self.held_s_max:.1f} s): {self.released} released, "
                 f"{self.refused_timeout} refused 503 after the hold timeout, {self.refused_full} refused 429 "
                 f"(hold queue full), {self.refused_stopping} refused at shutdown; per variant: {variants}")
@@ -316,7 +322,7 @@ class FlowGate:
     def closed(self, model: str) -> tuple[bool, str]:
         """Whether the model's pool holds new work now, and why."""
         value, why = self.signal.saturation(self.settings.pool_of(model))
-        if value >= 1.0:
+        if value >= 1.0 and self.settings.hold:
             return True, why
         if not self.ready_pods(model):
             return True, f"no ready replica serves {model!r}"

@@ -6,8 +6,8 @@ runs, an inference gateway in front of them, the operator itself (kopf, standalo
 ramp. The gateway is flow-controlled by default: it polls the operator's /metrics, holds requests
 while the pool's published saturation is >= 1.0 (503 after a hold timeout; a stale signal counts as
 1.0) and sends each request to the variant the routing weights pick for its length bucket
-(`variant_autoscaler_testbed.gateway`); `--gateway least-outstanding` gives the plain
-least-outstanding gateway instead. At the end it prints how many requests were held, released and
+(`variant_autoscaler_testbed.gateway`); `--gateway weighted` follows the weights without
+holding, `--gateway least-outstanding` is the plain least-outstanding gateway. At the end it prints how many requests were held, released and
 refused. Three variants of one model compete: a cheap-per-hour T4 variant that cannot meet the ITL
 target, an L4 variant (cheapest per request/s at the SLO) and a fast, dear H100 variant, on an
 inventory where the L4 pool is small, so a high enough load spills over to H100.
@@ -55,14 +55,14 @@ SETTINGS = {
     "default_slo": {"ttft_s": 0.6, "itl_s": 0.09, "percentile": 90},
     "watched_namespaces": [NAMESPACE],
 }
-GATEWAY_MODES = ("flow", "least-outstanding")
+GATEWAY_MODES = ("flow", "weighted", "least-outstanding")
 HOLD_TIMEOUT_S = 10.0  # below the load generator's drain time, so a request held at the end is answered
 
 
-def flow_settings(metrics_port: int) -> FlowControlSettings:
+def flow_settings(metrics_port: int, hold: bool = True) -> FlowControlSettings:
     """The gateway follows the operator: poll each second, grace of three cycles, bounded holds."""
     return FlowControlSettings(metrics_url=f"http://127.0.0.1:{metrics_port}/metrics", poll_interval_s=1.0,
-                               stale_after_s=3 * SETTINGS["interval_s"], hold_timeout_s=HOLD_TIMEOUT_S)
+                               stale_after_s=3 * SETTINGS["interval_s"], hold_timeout_s=HOLD_TIMEOUT_S, hold=hold)
 
 
 MIX = [{"prompt_tokens": 100, "max_tokens": 40, "weight": 3}, {"prompt_tokens": 400, "max_tokens": 20}]
@@ -109,7 +109,8 @@ async def run_live(duration_s: float, metrics_port: int, kubeconfig_out: Path | 
     try:
         async with cluster:
             pods = ModelPods(cluster.kubelet, prometheus).install()
-            flow = flow_settings(metrics_port) if gateway_mode == "flow" else None
+            flow = (None if gateway_mode == "least-outstanding"
+                    else flow_settings(metrics_port, hold=gateway_mode == "flow"))
             gateway = await ModelGateway(pods, flow=flow).start()
             settings = {**SETTINGS, "prometheus": {"url": prometheus.url, "timeout_s": 3}}
             (work / "settings.yaml").write_text(yaml.safe_dump(settings))
@@ -155,7 +156,7 @@ variant-autoscaler live run for {duration_s:g} s (Ctrl-C stops)
                       "included): " + ", ".join(f"p{q * 100:g} {s:.2f} s" for q, s in quantiles.items()),
                       file=sys.stderr)
             if gateway.gate is not None:
-                print(f"gateway (flow-controlled on the operator's /metrics): {gateway.gate.counts.summary()}",
+                print(f"gateway ({gateway.mode}, on the operator's /metrics): {gateway.gate.counts.summary()}",
                       file=sys.stderr)
             else:
                 print(f"gateway (least-outstanding): per pod {dict(sorted(gateway.routed.items()))}", file=sys.stderr)
@@ -192,8 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics-port", type=int, default=0, help="operator /metrics port (default: a free one)")
     parser.add_argument("--kubeconfig", type=Path, help="also write the kubeconfig here (removed on exit)")
     parser.add_argument("--gateway", choices=GATEWAY_MODES, default="flow",
-                        help="flow: follow the operator's saturation and routing weights (default); "
-                             "least-outstanding: the plain gateway")
+                        help="flow: follow the operator's saturation and routing weights (default); weighted: "
+                             "the weights without holding; least-outstanding: the plain gateway")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("kopf", "aiohttp", "urllib3", "kubernetes", "variant_autoscaler_testbed"):

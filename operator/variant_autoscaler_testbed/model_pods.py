@@ -131,7 +131,9 @@ class ModelGateway:
 
     @property
     def mode(self) -> str:
-        return "least-outstanding" if self.gate is None else "flow-controlled"
+        if self.gate is None:
+            return "least-outstanding"
+        return "flow-controlled" if self.gate.settings.hold else "weighted, no holds"
 
     async def start(self) -> ModelGateway:
         app = web.Application()
