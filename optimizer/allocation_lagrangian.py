@@ -176,6 +176,7 @@ def solve_lagrangian(form: Formulation, time_limit_s: float, relative_gap: float
             # stopped by the clock between master solves: the last results still count (FINISH_S)
             best_bound = max(best_bound, _bound(states, prices, rhs))
             objective, chosen = _master(states, rhs)
+            unmastered = 0
         timed_out = time.perf_counter() > deadline
         stalled = 0
         # every block's result at the prices of the best bound found at consistent prices: the next warm start
