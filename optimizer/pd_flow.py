@@ -445,19 +445,16 @@ def analyze(graph: FlowGraph) -> FlowAnalysis:
     lay = c.layout
     result = c.solve()
     forward, backward = result.forward, result.backward
-    source_side = result.source_side
-    sink_side = result.sink_side
-    tail_s, head_s = source_side[lay.tail], source_side[lay.head]
-    tail_t, head_t = sink_side[lay.tail], sink_side[lay.head]
-    source_cut = np.flatnonzero(c.on_path & tail_s & ~head_s)
-    sink_cut = np.flatnonzero(c.on_path & ~tail_t & head_t)
-    varies = flow_can_vary(lay, forward, backward, result.residual_graph)
+    source_side, sink_side = result.source_side, result.sink_side
+    source_cut = _on_path(c, lay.edges_between(source_side, ~source_side))
+    sink_cut = _on_path(c, lay.edges_between(~sink_side, sink_side))
+    varies = flow_can_vary(lay, forward, backward)
     facts = _Facts(compiled=c, value=result.value, flow=result.flow, saturated=~forward, varies=varies,
                    source_cut=source_cut, sink_cut=sink_cut)
     cut_stages = np.unique(c.stage_code[np.concatenate([source_cut, sink_cut])])
     bottleneck: Bottleneck = _STAGES[cut_stages[0]] if len(cut_stages) == 1 else "mixed"
-    candidates = np.flatnonzero(c.on_path & tail_s & head_t)
-    options, n_options = _scale_options(c, result, (tail_s, head_s), (tail_t, head_t), candidates)
+    candidates = _on_path(c, lay.edges_between(source_side, sink_side))
+    options, n_options = _scale_options(c, result, candidates)
     analysis = FlowAnalysis(
         source=graph.source, sink=graph.sink, layout=c.layout_kind, algorithm=result.engine, max_flow=result.value,
         max_flow_gap=result.gap, min_cut_capacity=float(np.sum(c.capacity[source_cut])),
@@ -467,6 +464,10 @@ def analyze(graph: FlowGraph) -> FlowAnalysis:
     )
     analysis._facts = facts
     return analysis
+
+
+def _on_path(c: CompiledGraph, edges: np.ndarray) -> np.ndarray:
+    return edges[c.on_path[edges]]
 
 
 def _unbounded() -> GraphFieldError:
@@ -512,12 +513,8 @@ def _stages(graph: FlowGraph, ends) -> tuple[list[Stage], list[float | None], La
     return stages, positions, "prefill-decode" if pd else "generic"
 
 
-def _scale_options(c: CompiledGraph, result: MaxFlow, source_ends: tuple[np.ndarray, np.ndarray],
-                   sink_ends: tuple[np.ndarray, np.ndarray],
-                   candidates: np.ndarray) -> tuple[list[ScaleOption], int]:
+def _scale_options(c: CompiledGraph, result: MaxFlow, candidates: np.ndarray) -> tuple[list[ScaleOption], int]:
     """Edges on every minimum cut (tail reached from the source, head reaching the sink), best first.
-
-    ``source_ends`` / ``sink_ends``: per edge, tail and head on the source / sink side.
 
     Unlimited, such an edge lets more flow through until another resource limits it. The gain is
     unbounded when the source reaches its tail, and its head the sink, over unlimited edges alone;
@@ -535,7 +532,7 @@ def _scale_options(c: CompiledGraph, result: MaxFlow, source_ends: tuple[np.ndar
     else:
         unbounded = (lay.tail[candidates] == c.source) & (lay.head[candidates] == c.sink)
     bound = gain_upper_bounds(lay, c.capacity, result.flow, result.forward, result.backward,
-                              source_ends, sink_ends, candidates, c.source, c.sink)
+                              result.source_side, result.sink_side, candidates, c.source, c.sink)
     probes = PROBE_EDGE_BUDGET // len(c.ends)
     order = np.argsort(-bound, kind="stable")  # candidate positions, highest bound first
     free = unbounded[order]

@@ -64,11 +64,15 @@ class ArcLayout:
 
     ``pos_fwd[i]`` / ``pos_bwd[i]`` index edge i's u->v / v->u arc in ``indices``;
     ``to_transposed`` reorders arcs into the transposed structure (``t_indptr``, ``t_indices``).
+    Index arrays that numpy gathers with are ``intp`` (an int32 index array is converted on every
+    gather, which doubles its cost); ``tail32`` / ``head32`` are the int32 copies scipy and OR-Tools take.
     """
 
     n_nodes: int
     tail: np.ndarray
     head: np.ndarray
+    tail32: np.ndarray
+    head32: np.ndarray
     indptr: np.ndarray
     indices: np.ndarray
     pos_fwd: np.ndarray
@@ -90,16 +94,17 @@ class ArcLayout:
         keys = np.concatenate([tail * n_nodes + head, head * n_nodes + tail])
         unique, where = np.unique(keys, return_inverse=True)
         rows, cols = unique // n_nodes, unique % n_nodes
-        to_transposed = np.lexsort((rows, cols)).astype(np.int32)
+        to_transposed = np.lexsort((rows, cols)).astype(np.intp)
         m = len(tail)
         has_twins = len(unique) < 2 * m
-        from_edges = np.empty(len(unique), dtype=np.int32)  # without twins, each arc is one edge direction
+        from_edges = np.empty(len(unique), dtype=np.intp)  # without twins, each arc is one edge direction
         if not has_twins:
-            from_edges[where] = np.arange(2 * m, dtype=np.int32)
+            from_edges[where] = np.arange(2 * m, dtype=np.intp)
         in_order = bool(np.all(keys[1:m] > keys[:m - 1]))
-        return cls(n_nodes=n_nodes, tail=tail.astype(np.int32), head=head.astype(np.int32),
+        return cls(n_nodes=n_nodes, tail=tail.astype(np.intp), head=head.astype(np.intp),
+                   tail32=tail.astype(np.int32), head32=head.astype(np.int32),
                    indptr=_indptr(rows, n_nodes), indices=cols.astype(np.int32),
-                   pos_fwd=where[:m].astype(np.int32), pos_bwd=where[m:].astype(np.int32),
+                   pos_fwd=where[:m].astype(np.intp), pos_bwd=where[m:].astype(np.intp),
                    to_transposed=to_transposed, t_indptr=_indptr(cols, n_nodes),
                    t_indices=rows[to_transposed].astype(np.int32), has_twins=has_twins, from_edges=from_edges,
                    fwd_indptr=_indptr(tail, n_nodes) if in_order else None, ones=_read_only(np.ones(len(unique))),
@@ -118,7 +123,32 @@ class ArcLayout:
 
     @cached_property
     def _by_head(self) -> tuple[np.ndarray, np.ndarray]:
-        return np.argsort(self.head, kind="stable"), _indptr(self.head, self.n_nodes)
+        return np.argsort(self.head, kind="stable").astype(np.intp), _indptr(self.head, self.n_nodes)
+
+    @cached_property
+    def _degrees(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per node: edges leaving it, edges entering it."""
+        return np.bincount(self.tail, minlength=self.n_nodes), np.bincount(self.head, minlength=self.n_nodes)
+
+    def edges_between(self, tails: np.ndarray, heads: np.ndarray) -> np.ndarray:
+        """Indices, ascending, of the edges whose tail is in ``tails`` and head in ``heads`` (node masks).
+
+        A cut touches few nodes on one side (a P/D graph's source side is often the source alone), so
+        the edges at the side with fewer of them are listed and filtered; only where both sides
+        hold a large share of the edges are all edges tested."""
+        out_degree, in_degree = self._degrees
+        from_tails, into_heads = int(out_degree[tails].sum()), int(in_degree[heads].sum())
+        m = len(self.tail)
+        if min(from_tails, into_heads) * 4 > m:
+            return np.flatnonzero(np.take(tails, self.tail) & np.take(heads, self.head))
+        if from_tails <= into_heads and self.fwd_indptr is not None:  # edges sorted by tail: ranges
+            nodes = np.flatnonzero(tails)
+            edges = _ranges(self.fwd_indptr[nodes], self.fwd_indptr[nodes + 1])
+            return edges[np.take(heads, np.take(self.head, edges))]
+        order, indptr = self._by_head
+        nodes = np.flatnonzero(heads)
+        edges = np.take(order, _ranges(indptr[nodes], indptr[nodes + 1]))
+        return np.sort(edges[np.take(tails, np.take(self.tail, edges))])
 
     def reach(self, arc_exists: np.ndarray, start: int, *, backward: bool = False) -> np.ndarray:
         """Nodes reachable from ``start`` over the structural arcs flagged in ``arc_exists``
@@ -145,7 +175,7 @@ class ArcLayout:
             indptr, indices = self.indptr, self.indices
         kept_before = np.zeros(len(arc_exists) + 1, dtype=np.int32)
         np.cumsum(arc_exists, out=kept_before[1:])
-        kept, ptr, n = indices[arc_exists], kept_before[indptr], self.n_nodes
+        kept, ptr, n = np.compress(arc_exists, indices), kept_before[indptr], self.n_nodes
         if root_of is not None:
             kept = np.concatenate([kept, root_of.astype(np.int32)])
             ptr = np.append(ptr, np.int32(len(kept)))
@@ -172,6 +202,16 @@ class ArcLayout:
         exists[self.pos_fwd] = forward
         exists[self.pos_bwd] |= backward
         return exists
+
+
+def _ranges(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """The integers of the ranges [starts[i], ends[i]) one after another."""
+    lengths = ends - starts
+    total = int(lengths.sum())
+    if not total:
+        return np.zeros(0, dtype=np.intp)
+    offsets = np.repeat(starts.astype(np.intp) - np.cumsum(lengths) + lengths, lengths)
+    return offsets + np.arange(total, dtype=np.intp)
 
 
 def _indptr(rows: np.ndarray, n_nodes: int) -> np.ndarray:
@@ -309,7 +349,7 @@ def _int64_phase(layout: ArcLayout, cap: np.ndarray, source: int, sink: int, upp
     np.minimum(units, INT64_UNIT_LIMIT + 1, out=units)
     units = units.astype(np.int64)
     engine = ortools_max_flow.SimpleMaxFlow()
-    arcs = engine.add_arcs_with_capacity(layout.tail, layout.head, units)
+    arcs = engine.add_arcs_with_capacity(layout.tail32, layout.head32, units)
     status = engine.solve(source, sink)
     if status != engine.OPTIMAL:  # no flow of 2**52 units can overflow 64 bits: not expected
         raise RuntimeError(f"OR-Tools max flow ended with status {status}")
@@ -478,7 +518,7 @@ def _unit_matrix(layout: ArcLayout, spare_units: np.ndarray, cancel_units: np.nd
     """
     shape = (layout.n_nodes,) * 2
     if cancel_units is None and layout.fwd_indptr is not None:
-        matrix = csr_array((spare_units.astype(np.int32), layout.head, layout.fwd_indptr), shape=shape)
+        matrix = csr_array((spare_units.astype(np.int32), layout.head32, layout.fwd_indptr), shape=shape)
     else:
         units = layout.per_arc(spare_units, np.zeros_like(spare_units) if cancel_units is None else cancel_units)
         if layout.has_twins:  # two edges' units on one arc: clip the sum again to stay in int32
@@ -504,10 +544,7 @@ def _residual(cap, flow, q, unlimited) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _cut_capacity(layout: ArcLayout, cap: np.ndarray, inside: np.ndarray) -> float:
-    leaving = inside[layout.tail] & ~inside[layout.head]
-    return float(cap[leaving].sum())
-
-
+    return float(cap[layout.edges_between(inside, ~inside)].sum())
 
 
 def _read_only(array: np.ndarray) -> np.ndarray:

@@ -6,6 +6,7 @@ import math
 import random
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import networkx as nx
 import numpy as np
@@ -14,6 +15,7 @@ import scipy.sparse as sp
 from scipy.optimize import linprog
 from scipy.sparse.csgraph import maximum_flow
 
+from optimizer.flow_residual import flow_can_vary
 from optimizer.pd_flow import (
     ALGORITHMS,
     MAX_LISTED,
@@ -442,6 +444,42 @@ def test_linear_time_analysis_matches_per_edge_brute_force(seed):
             relaxed = graph_of([(e.u, e.v, None if (e.u, e.v) == (o.u, o.v) else e.capacity) for e in graph.edges],
                                graph.source, graph.sink)
             assert o.max_flow_if_unlimited == pytest.approx(max_flow_value(relaxed, "preflow_push"), rel=1e-9)
+
+
+def sparse_graph(seed: int) -> FlowGraph:
+    """A random tree from the source plus a few extra edges (some antiparallel) and a path to the
+    sink: many partly used edges, bridges among them, few residual cycles."""
+    rng = random.Random(seed)
+    n = rng.randint(8, 60)
+    edges = {(rng.randrange(i), i): None for i in range(1, n)}
+    for _ in range(rng.randint(1, n // 2)):
+        a, b = rng.sample(range(n), 2)
+        edges[a, b] = None
+    edges.update({(i, n): None for i in rng.sample(range(1, n), max(1, n // 4))})
+    return graph_of([(f"n{a}", f"n{b}", rng.choice([rng.uniform(0.5, 20), rng.randint(1, 9)]))
+                     for a, b in edges], "n0", f"n{n}")
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_flow_can_vary_matches_the_per_edge_definition(seed):
+    """flow_can_vary (two strong-components passes, bridges only among what they leave open)
+    against the per-edge definition, brute_force_can_vary, on graphs the test above does not
+    draw: sparse ones with bridges, more random ones with twins, and layered ones on the 64-bit
+    engine's flow."""
+    graph = (sparse_graph, lambda s: random_graph(s + 100), layered_real_graph)[seed % 3](seed)
+    a = analyze(graph)
+    assert [e.flow_can_vary for e in a.edges] == brute_force_can_vary(a)
+    c = graph._compiled
+    r = solve(c.layout, c.capacity, c.source, c.sink, int64_min_edges=0)
+    assert np.array_equal(flow_can_vary(c.layout, r.forward, r.backward),
+                          brute_force_can_vary_of(graph, r.flow, r.forward, r.backward))
+
+
+def brute_force_can_vary_of(graph: FlowGraph, flow, forward, backward) -> list[bool]:
+    """brute_force_can_vary for a solver's arrays (edges in canonical order)."""
+    edges = [SimpleNamespace(u=u, v=v, saturated=not forward[i], flow=float(flow[i]) if backward[i] else 0.0)
+             for i, (u, v) in enumerate(graph._compiled.ends)]
+    return brute_force_can_vary(SimpleNamespace(edges=edges))
 
 
 def test_large_graph_lists_are_capped_and_gains_bounded():
