@@ -18,7 +18,12 @@ from operator_harness import H100_PROFILE, L4_PROFILE, Kube, server_profile, wai
 from variant_autoscaler.exporter import DecisionSnapshot, Exporter, MetricsServer, RoutingWeight
 from variant_autoscaler.histogram_estimates import joint_length_mix, token_distribution
 from variant_autoscaler.saturation import PoolSaturation
-from variant_autoscaler_testbed.gateway import FlowControlSettings, cell_for, parse_cell
+from variant_autoscaler_testbed.gateway import (
+    FlowControlSettings,
+    cell_for,
+    parse_cell,
+    parse_operator_metrics,
+)
 from variant_autoscaler_testbed.model_pods import ModelGateway, ModelPods, model_server_annotation
 from variant_autoscaler_testbed.vllm_metrics import one_two_five_buckets
 
@@ -254,3 +259,15 @@ def test_request_cells_match_the_operators_bucket_names():
     assert parse_cell("in120xout40") is None
     with pytest.raises(ValueError, match="loopback"):
         FlowControlSettings(metrics_url="http://10.0.0.1:9100/metrics")
+
+
+def test_parse_reads_the_exporters_text_and_an_infinite_saturation_holds():
+    exporter = Exporter()
+    exporter.publish(DecisionSnapshot(
+        pools=[PoolSaturation(namespace="a", pool="p", stage="prefill", saturation=0.5),
+               PoolSaturation(namespace="a", pool="p", stage="decode", saturation=float("inf"))],
+        routing=[RoutingWeight(model=MODEL, bucket=SHORT_CELL, namespace="a", variant="v", weight=1.0)]), at=123.0)
+    reading = parse_operator_metrics(exporter.render().decode())
+    assert reading.saturation == {("a", "p"): float("inf")}  # no effective stage: the larger one
+    assert reading.weights == {(MODEL, SHORT_CELL): {("a", "v"): 1.0}} and reading.last_cycle_s == 123.0
+    assert [c.label for c in reading.cells[MODEL]] == [SHORT_CELL]

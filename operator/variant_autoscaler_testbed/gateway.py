@@ -107,7 +107,7 @@ class FlowControlSettings(BaseModel):
                                                  "(the simulator's `weighted` router; a model with no ready pod "
                                                  "is still held).")
     hold_timeout_s: float = Field(default=15.0, gt=0, le=600, description="A held request is answered 503 after this.")
-    max_held_requests: int = Field(default=1024, ge=1, le=100_000, description="Per pool; beyond it 429.")
+    max_held_requests: int = Field(default=1024, ge=1, le=100_000, description="Per model's queue; beyond it 429.")
     pools: dict[str, PoolRef] = Field(default_factory=dict,
                                       description="Model -> pool; default: the pool named like the model "
                                                   "(the operator's default without the inference-pool annotation).")
@@ -172,15 +172,15 @@ def parse_operator_metrics(text: str) -> SignalReading:
     last_cycle = None
     for family in text_string_to_metric_families(text):
         for s in family.samples:
-            if not math.isfinite(s.value):
+            if math.isnan(s.value):
                 continue
-            if s.name == SATURATION_METRIC and s.value >= 0:
+            if s.name == SATURATION_METRIC and s.value >= 0:  # +Inf stays: an unbounded overload holds
                 key = (s.labels.get("namespace", ""), s.labels.get("inference_pool", ""))
                 stages.setdefault(key, {})[s.labels.get("stage", "")] = s.value
-            elif s.name == WEIGHT_METRIC and s.value > 0:
+            elif s.name == WEIGHT_METRIC and 0 < s.value < math.inf:
                 key = (s.labels.get("model", ""), s.labels.get("bucket", ""))
                 weights.setdefault(key, {})[(s.labels.get("namespace", ""), s.labels.get("variant", ""))] = s.value
-            elif s.name == LAST_CYCLE_METRIC:
+            elif s.name == LAST_CYCLE_METRIC and math.isfinite(s.value):
                 last_cycle = s.value
     saturation = {k: v["effective"] if "effective" in v else max(v.values()) for k, v in stages.items()}
     cells: dict[str, list[Cell]] = {}
