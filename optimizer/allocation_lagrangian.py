@@ -132,12 +132,12 @@ def solve_lagrangian(form: Formulation, time_limit_s: float, relative_gap: float
     if warm_prices is not None:
         prices = warm_prices
         states, pending = _warm_states(form, warm, prices, lp_x, usage, fingerprints, repair=not unchanged,
-                                       block_lps=not identical)
+                                       block_lps=not identical, deadline=deadline)
     else:
         prices = lp_prices
         states, pending = _cold_states(form, prices, lp_x, usage, fingerprints, block_gap, deadline)
         if warm is not None:
-            seeded = _seed(form, states, warm, prices, usage, fingerprints)
+            seeded = _seed(form, states, warm, prices, usage, fingerprints, deadline)
     fractional = [] if lp_x is None else [i for i in range(len(states))
                                           if not _integral(lp_x[i][form.blocks[i].col_n])]
     rounds = 0
@@ -282,7 +282,7 @@ def _cold_states(form, prices, lp_x, usage, fingerprints, block_gap, deadline) -
 
 
 def _warm_states(form, warm: WarmStart, prices, lp_x, usage, fingerprints, repair: bool,
-                 block_lps: bool) -> tuple[list[_BlockState], list[int]]:
+                 block_lps: bool, deadline: float) -> tuple[list[_BlockState], list[int]]:
     """Block states at the warm prices, and the models whose MILP must run, largest possible gain first.
 
     A model whose block and prices are exactly those of its cached result takes that result (column,
@@ -303,7 +303,7 @@ def _warm_states(form, warm: WarmStart, prices, lp_x, usage, fingerprints, repai
             states.append(_BlockState(columns, 1, cached.bound, cached.exact, fp))
         else:
             states.append(_BlockState(columns, 0, 0.0, False, fp))
-            lp = _block_lp(form, block, prices) if block_lps else None
+            lp = _block_lp(form, block, prices) if block_lps and time.perf_counter() <= deadline else None
             if lp is not None:  # its LP value is a bound; its rounding a column
                 states[i].bound = lp[1]
                 rounded = round_block(block, lp[0], form.priced_cost(block, prices), form.variant_current[block.variants])
@@ -321,7 +321,7 @@ def _warm_states(form, warm: WarmStart, prices, lp_x, usage, fingerprints, repai
             states[i].columns.append(_column(x, block, usage[i]))
             if states[i].current == 0:
                 states[i].current = len(states[i].columns) - 1
-    for i, x in (repaired_columns(form, usage, warm, prices) if repair else {}).items():
+    for i, x in (repaired_columns(form, usage, warm, prices, deadline) if repair else {}).items():
         st = states[i]
         st.columns.append(_column(x, form.blocks[i], usage[i]))
         if st.current == 0:
@@ -335,7 +335,7 @@ def _warm_states(form, warm: WarmStart, prices, lp_x, usage, fingerprints, repai
     return states, pending
 
 
-def _seed(form, states: list[_BlockState], warm: WarmStart, prices, usage, fingerprints) -> bool:
+def _seed(form, states: list[_BlockState], warm: WarmStart, prices, usage, fingerprints, deadline) -> bool:
     """A cold start still offers the master the previous plan: an unchanged model's known columns as they
     are, the others' previous replicas repaired (`repaired_columns`). Bounds are not touched. False if
     the warm start knew none of these models."""
@@ -347,7 +347,7 @@ def _seed(form, states: list[_BlockState], warm: WarmStart, prices, usage, finge
                 _add_column(states[i], x, block, usage[i])
             fresh[i] = True
     if len(fresh) < len(form.blocks):
-        repaired = repaired_columns(form, usage, warm, prices)
+        repaired = repaired_columns(form, usage, warm, prices, deadline)
         for i, x in repaired.items():
             if i not in fresh:
                 _add_column(states[i], x, form.blocks[i], usage[i])

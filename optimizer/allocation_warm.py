@@ -23,6 +23,8 @@ What is carried (`WarmStart`, no Kubernetes in it; the controller keeps the last
 from __future__ import annotations
 
 import hashlib
+import math
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -70,7 +72,25 @@ def prices_for(form: Formulation, warm: WarmStart) -> np.ndarray | None:
         return np.zeros(0)  # nothing couples the models: the per-model results still carry over
     if not any(n in warm.prices for n in names):
         return None
-    return np.array([max(float(warm.prices.get(n, 0.0)), 0.0) for n in names])
+    return np.array([_price(warm.prices.get(n, 0.0)) for n in names])
+
+
+def _price(value) -> float:
+    """A usable price: finite and >= 0 (anything else prices the row at 0, which keeps every bound valid)."""
+    try:
+        p = float(value)
+    except (TypeError, ValueError):
+        return 0.0
+    return p if math.isfinite(p) and p > 0 else 0.0
+
+
+def _count(value) -> float:
+    """A usable replica count: finite and >= 0, else 0."""
+    try:
+        n = float(value)
+    except (TypeError, ValueError):
+        return 0.0
+    return n if math.isfinite(n) and n > 0 else 0.0
 
 
 class Fingerprints:
@@ -99,8 +119,8 @@ class Fingerprints:
         return h.digest()
 
 
-def repaired_columns(form: Formulation, usage: list[np.ndarray], warm: WarmStart,
-                     prices: np.ndarray) -> dict[int, np.ndarray]:
+def repaired_columns(form: Formulation, usage: list[np.ndarray], warm: WarmStart, prices: np.ndarray,
+                     deadline: float | None = None) -> dict[int, np.ndarray]:
     """The previous replicas of every model, made a feasible column of this problem, all fitting stock together.
 
     Each model keeps its previous replica counts, clipped to this problem's bounds; its current
@@ -108,7 +128,8 @@ def repaired_columns(form: Formulation, usage: list[np.ndarray], warm: WarmStart
     (else left unmet). Models are taken lowest unmet penalty first, and each may use only the stock
     the others' previous replicas leave, so that together the columns never exceed the inventory
     (with an inventory cut, the first ones give replicas up). Models none of whose variants appear in
-    the warm start get no column.
+    the warm start get no column, nor do those left when the clock passes `deadline` (a
+    `time.perf_counter()` instant; the columns built by then still fit together).
     """
     rhs = form.coupling_rhs
     start: dict[int, np.ndarray] = {}
@@ -117,13 +138,15 @@ def repaired_columns(form: Formulation, usage: list[np.ndarray], warm: WarmStart
         if not any(n in warm.replicas for n in names):
             continue
         lo, hi = block.col_lb[block.col_n], block.col_ub[block.col_n]
-        prev = np.array([float(warm.replicas.get(n, 0)) for n in names])
+        prev = np.array([_count(warm.replicas.get(n, 0)) for n in names])
         start[i] = np.clip(np.rint(prev), lo, hi)
     reserved = sum((usage[i] @ n for i, n in start.items()), np.zeros(len(rhs)))
     used = np.zeros(len(rhs))
     out: dict[int, np.ndarray] = {}
     order = sorted(start, key=lambda i: (form.blocks[i].unmet_penalty_per_rps * form.blocks[i].rates.sum(), i))
     for i in order:
+        if deadline is not None and time.perf_counter() > deadline:
+            break
         block, n = form.blocks[i], start[i].copy()
         reserved = reserved - usage[i] @ n
         budget = rhs - reserved - used

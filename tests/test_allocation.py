@@ -503,6 +503,10 @@ def test_warm_start_with_absurd_prices_or_foreign_names_keeps_the_bound_valid():
     assert a.lower_bound <= exact.objective + 1e-6 <= a.objective + 2e-6
     for x in moved.accelerators:
         assert _used(moved, a)[x.name] <= x.available
+    garbage = WarmStart(prices={"accelerator/big": float("nan"), "accelerator/mid": float("inf"), "power_w": -3.0},
+                        replicas={"m0-big": float("nan"), "m1-mid": -4, "m2-small": "x"})
+    g = allocate(moved, capacity, method="decomposition", warm_start=garbage)
+    assert g.warm_started and g.lower_bound <= exact.objective + 1e-6 <= g.objective + 2e-6
     foreign = WarmStart(prices={"accelerator/tpu": 3.0}, replicas={"other-model": 2})
     b = allocate(prob, capacity, method="decomposition", warm_start=foreign)
     assert not b.warm_started  # nothing in it applies here: a cold start

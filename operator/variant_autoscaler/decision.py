@@ -13,6 +13,7 @@ holds), so the simulator and the benchmarks can call the same thing.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from typing import Any
@@ -22,6 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from optimizer.capacity import CapacityEstimate, capacity_table
 from optimizer.fleet import Variant
 from optimizer.problem import Problem
+
+log = logging.getLogger("variant_autoscaler.decision")
 
 
 class FrozenModel(BaseModel):
@@ -94,7 +97,15 @@ def decide(problem: Problem, warm_start: Any = None) -> tuple[Decision, dict[tup
     t0 = time.perf_counter()
     capacity = capacity_table(problem)
     t1 = time.perf_counter()
-    result = allocate(problem, {k: e.max_rate_rps for k, e in capacity.items()}, warm_start=warm_start)
+    rates = {k: e.max_rate_rps for k, e in capacity.items()}
+    try:
+        result = allocate(problem, rates, warm_start=warm_start)
+    except Exception:
+        if warm_start is None:
+            raise
+        # the warm start only saves time: should it ever break the solve, the cycle still gets its plan
+        log.warning("warm-started allocation failed; solving cold", exc_info=True)
+        result = allocate(problem, rates)
     decision = _decision_of(result, problem)
     return decision.model_copy(update={"capacity_s": t1 - t0, "solver_s": time.perf_counter() - t1}), capacity
 
