@@ -34,12 +34,15 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    started_s, entered = command_wall_s(), time.perf_counter()  # started_s: interpreter, imports
     problem = load_problem(args.file)
     began = time.perf_counter()
     capacity = capacity_table(problem)
-    allocation = allocate(problem, {key: est.max_rate_rps for key, est in capacity.items()},
-                          deadline=began + solve_budget_s(problem.options.time_limit_s, command_wall_s()))
-    solve_s = time.perf_counter() - began
+    capacity_s = time.perf_counter() - began
+    deadline = began + solve_budget_s(problem.options.time_limit_s, command_wall_s())
+    allocation = allocate(problem, {key: est.max_rate_rps for key, est in capacity.items()}, deadline=deadline)
+    solved = time.perf_counter()
+    solve_s = solved - began
     console = Console(width=max(110, Console().width))
     show(problem, capacity, allocation, console, with_capacity=args.capacity)
     if args.output:
@@ -51,6 +54,11 @@ def run(args) -> int:
         console.print(f"plan written to {args.output}")
     console.print(f"wall time {command_wall_s():.2f} s (solve {solve_s:.2f} s: capacity table + allocation, "
                   f"time limit {problem.options.time_limit_s:g} s)", highlight=False)
+    # where the wait went, so an overrun names its phase (benchmarks/bench_plan.py reads this line)
+    console.print(f"phases: start {started_s:.2f} s, read {began - entered:.2f} s, capacity table "
+                  f"{capacity_s:.2f} s, allocation {solved - began - capacity_s:.2f} s "
+                  f"({solved - deadline:+.2f} s against its deadline), output {time.perf_counter() - solved:.2f} s",
+                  highlight=False, soft_wrap=True)
     return 0
 
 
