@@ -328,7 +328,8 @@ def build_policy(prep: Prepared, plan: RunPlan):
                             scale_down_window_s=spec.scale_down_window_s, lead_time_s=lead,
                             input_edges=tuple(prep.scenario.input_edges),
                             rate_windows_s=tuple(spec.rate_windows_s), burst_headroom=spec.burst_headroom,
-                            capacity_correction=spec.capacity_correction, name=plan.label)
+                            capacity_correction=spec.capacity_correction,
+                            scale_down_stabilization=spec.scale_down_stabilization, name=plan.label)
     raise TypeError(f"unknown policy spec {type(spec).__name__}")
 
 

@@ -141,6 +141,10 @@ class OursSpec(_Strict):
                                                   "busiest stretch of this window).")
     scale_down_window_s: float = Field(default=120.0, ge=0, le=86400,
                                        description="HPA-style per-variant stabilization (the HPA's default).")
+    scale_down_stabilization: Literal["variant", "fleet"] = Field(
+        default="variant", description="What the scale-down window holds: each variant at its highest recommendation "
+                                       "of the window, or each model's fleet at the window's recommendation that "
+                                       "served most (optimizer.simulation.policies.engine, with figures).")
     lead_time_s: float | None = Field(default=None, ge=0, le=MAX_DURATION_S,
                                       description="None: the slowest variant's cold start.")
     rate_windows_s: list[Annotated[float, Field(gt=0, le=MAX_DURATION_S)]] = Field(
