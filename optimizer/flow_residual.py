@@ -16,13 +16,21 @@ from __future__ import annotations
 
 import numpy as np
 from scipy.sparse import csr_array
-from scipy.sparse.csgraph import connected_components, depth_first_order
+from scipy.sparse.csgraph import breadth_first_order, connected_components, depth_first_order
 
 from optimizer.scaled_max_flow import ArcLayout
 
 
 def flow_can_vary(layout: ArcLayout, forward: np.ndarray, backward: np.ndarray) -> np.ndarray:
-    """Per edge: some other maximum flow puts a different flow on it (a residual cycle through it).
+    """Per edge: some other maximum flow puts a different flow on it (a residual cycle through it)."""
+    return flow_can_vary_and_reach(layout, forward, backward)[0]
+
+
+def flow_can_vary_and_reach(layout: ArcLayout, forward: np.ndarray, backward: np.ndarray,
+                            sink: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """flow_can_vary, and with ``sink`` the nodes that reach it in the residual graph (a mask), read
+    off the same contracted graph: the nodes of one component of G1 reach each other, so a node
+    reaches the sink iff its component does, a search over a few dozen nodes on a P/D graph.
 
     Two strong-components passes, the second on a small graph: first over the residual arcs of
     the edges with one arc (G1), then over G1's components contracted, with every residual arc
@@ -41,6 +49,12 @@ def flow_can_vary(layout: ArcLayout, forward: np.ndarray, backward: np.ndarray) 
     x, y = at_tail[cross], at_head[cross]
     fwd, bwd = forward[cross], backward[cross]
     rows, cols = np.concatenate([x[fwd], y[bwd]]), np.concatenate([y[fwd], x[bwd]])
+    reach = None
+    if sink is not None:
+        classes = np.zeros(k1, dtype=bool)
+        classes[breadth_first_order(_graph(k1, cols, rows), label1[sink], directed=True,
+                                    return_predecessors=False)] = True
+        reach = np.take(classes, label1)
     if len(rows) and k1 > 1:
         _, label2 = connected_components(_graph(k1, rows, cols), directed=True, connection="strong")
         inside = label2[x] == label2[y]  # per cross edge: both ends in one residual component
@@ -59,7 +73,7 @@ def flow_can_vary(layout: ArcLayout, forward: np.ndarray, backward: np.ndarray) 
         if apart.any():
             settled[apart] = ~_bridges_of_multigraph(a[apart], b[apart])
         varies[cross[asked]] = settled
-    return varies
+    return varies, reach
 
 
 def _bridges_of_multigraph(a: np.ndarray, b: np.ndarray) -> np.ndarray:

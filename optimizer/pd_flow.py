@@ -33,7 +33,7 @@ from pydantic import (
     model_validator,
 )
 
-from optimizer.flow_residual import flow_can_vary, gain_upper_bounds
+from optimizer.flow_residual import flow_can_vary_and_reach, gain_upper_bounds
 from optimizer.input_limits import MAX_EDGE_CAPACITY
 from optimizer.problem import InputError, format_validation_error, read_document
 from optimizer.scaled_max_flow import ArcLayout, MaxFlow, UnboundedFlow, solve
@@ -445,16 +445,16 @@ def analyze(graph: FlowGraph) -> FlowAnalysis:
     lay = c.layout
     result = c.solve()
     forward, backward = result.forward, result.backward
-    source_side, sink_side = result.source_side, result.sink_side
+    source_side = result.source_side
+    varies, sink_side = flow_can_vary_and_reach(lay, forward, backward, c.sink)
     source_cut = _on_path(c, lay.edges_between(source_side, ~source_side))
     sink_cut = _on_path(c, lay.edges_between(~sink_side, sink_side))
-    varies = flow_can_vary(lay, forward, backward)
     facts = _Facts(compiled=c, value=result.value, flow=result.flow, saturated=~forward, varies=varies,
                    source_cut=source_cut, sink_cut=sink_cut)
     cut_stages = np.unique(c.stage_code[np.concatenate([source_cut, sink_cut])])
     bottleneck: Bottleneck = _STAGES[cut_stages[0]] if len(cut_stages) == 1 else "mixed"
     candidates = _on_path(c, lay.edges_between(source_side, sink_side))
-    options, n_options = _scale_options(c, result, candidates)
+    options, n_options = _scale_options(c, result, sink_side, candidates)
     analysis = FlowAnalysis(
         source=graph.source, sink=graph.sink, layout=c.layout_kind, algorithm=result.engine, max_flow=result.value,
         max_flow_gap=result.gap, min_cut_capacity=float(np.sum(c.capacity[source_cut])),
@@ -513,7 +513,8 @@ def _stages(graph: FlowGraph, ends) -> tuple[list[Stage], list[float | None], La
     return stages, positions, "prefill-decode" if pd else "generic"
 
 
-def _scale_options(c: CompiledGraph, result: MaxFlow, candidates: np.ndarray) -> tuple[list[ScaleOption], int]:
+def _scale_options(c: CompiledGraph, result: MaxFlow, sink_side: np.ndarray,
+                   candidates: np.ndarray) -> tuple[list[ScaleOption], int]:
     """Edges on every minimum cut (tail reached from the source, head reaching the sink), best first.
 
     Unlimited, such an edge lets more flow through until another resource limits it. The gain is
@@ -532,7 +533,7 @@ def _scale_options(c: CompiledGraph, result: MaxFlow, candidates: np.ndarray) ->
     else:
         unbounded = (lay.tail[candidates] == c.source) & (lay.head[candidates] == c.sink)
     bound = gain_upper_bounds(lay, c.capacity, result.flow, result.forward, result.backward,
-                              result.source_side, result.sink_side, candidates, c.source, c.sink)
+                              result.source_side, sink_side, candidates, c.source, c.sink)
     probes = PROBE_EDGE_BUDGET // len(c.ends)
     order = np.argsort(-bound, kind="stable")  # candidate positions, highest bound first
     free = unbounded[order]

@@ -225,7 +225,8 @@ class MaxFlow:
     """A maximum flow (within ``gap``) and the residual graph it leaves, per edge and per node.
 
     The residual graph as arcs and as a CSR graph, and the sink side, are built on first use (the
-    64-bit phase finds its cut without them; a caller after the value alone never needs them)."""
+    64-bit phase finds its cut without them; a caller after the value alone never needs them;
+    the analysis reads the sink side off flow_residual's contracted graph instead)."""
 
     value: float
     flow: np.ndarray  # per edge, 0 <= flow <= capacity
@@ -256,7 +257,7 @@ class MaxFlow:
         return self.layout.reach(self.arcs, self.sink, backward=True)
 
     def known(self, **values) -> MaxFlow:
-        """Seeds the lazily built parts the solver has already (arcs, residual_graph, sink_side)."""
+        """Seeds the lazily built parts the solver has already (arcs, residual_graph)."""
         self.__dict__.update((k, v) for k, v in values.items() if v is not None)
         return self
 
@@ -320,20 +321,16 @@ def solve(layout: ArcLayout, capacity: np.ndarray, source: int, sink: int, *,
         upper = gap = max(_cut_capacity(layout, cap, side) - value, 0.0)
         if upper <= GAP_REL * max(1.0, value):
             break
-    sink_side = None
     if side is None:  # a cut of zero capacity: no flow at all, and the residual graph is the graph
         forward, backward = _residual(cap, flow, q, unlimited)
         arcs = layout.arcs(forward, backward)
         residual_graph = layout.subgraph(arcs)
         side = layout.reach_in(residual_graph, source)
         gap = max(_cut_capacity(layout, cap, side) - value, 0.0)
-    elif int64 is not None:
-        sink_side = np.zeros(layout.n_nodes, dtype=bool)
-        sink_side[int64.get_sink_side_min_cut()] = True
     result = MaxFlow(value=value, flow=flow, forward=forward, backward=backward, source_side=side, resolution=q,
                      phases=phases, near_cut_phases=near_cut, gap=gap, layout=layout, sink=sink,
                      engine=engine if phases else "scipy_dinic")
-    return result.known(arcs=arcs, residual_graph=residual_graph, sink_side=sink_side)
+    return result.known(arcs=arcs, residual_graph=residual_graph)
 
 
 def _int64_phase(layout: ArcLayout, cap: np.ndarray, source: int, sink: int, upper: float):

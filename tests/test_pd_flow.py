@@ -15,7 +15,7 @@ import scipy.sparse as sp
 from scipy.optimize import linprog
 from scipy.sparse.csgraph import maximum_flow
 
-from optimizer.flow_residual import flow_can_vary
+from optimizer.flow_residual import flow_can_vary, flow_can_vary_and_reach
 from optimizer.pd_flow import (
     ALGORITHMS,
     MAX_LISTED,
@@ -465,14 +465,17 @@ def test_flow_can_vary_matches_the_per_edge_definition(seed):
     """flow_can_vary (two strong-components passes, bridges only among what they leave open)
     against the per-edge definition, brute_force_can_vary, on graphs the test above does not
     draw: sparse ones with bridges, more random ones with twins, and layered ones on the 64-bit
-    engine's flow."""
+    engine's flow; and the sink side it reads off its contracted graph."""
     graph = (sparse_graph, lambda s: random_graph(s + 100), layered_real_graph)[seed % 3](seed)
     a = analyze(graph)
     assert [e.flow_can_vary for e in a.edges] == brute_force_can_vary(a)
     c = graph._compiled
     r = solve(c.layout, c.capacity, c.source, c.sink, int64_min_edges=0)
-    assert np.array_equal(flow_can_vary(c.layout, r.forward, r.backward),
-                          brute_force_can_vary_of(graph, r.flow, r.forward, r.backward))
+    varies, reach = flow_can_vary_and_reach(c.layout, r.forward, r.backward, c.sink)
+    assert np.array_equal(varies, brute_force_can_vary_of(graph, r.flow, r.forward, r.backward))
+    assert np.array_equal(varies, flow_can_vary(c.layout, r.forward, r.backward))
+    # the sink side read off the contracted graph = a search of the whole residual graph into the sink
+    assert np.array_equal(reach, r.sink_side)
 
 
 def brute_force_can_vary_of(graph: FlowGraph, flow, forward, backward) -> list[bool]:
