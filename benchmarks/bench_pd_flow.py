@@ -4,17 +4,17 @@ scipy's own Dinic, measured side by side in one run.
 Graphs: the real Helix placement graph (100 nodes, 105 edges, ../shared/data/maxflow) and random
 layered P->D graphs (source -> k prefill groups -> k decode groups -> sink, real-valued capacities,
 a random subset of P->D KV links) of 1k, 10k and 100k edges, plus the 100k graph in whole units
-(one integer phase instead of two). Targets (issue 17): analysis <= 3x scipy's max-flow time at
-100k edges and <= 5 ms on the Helix graph. The real-valued 100k row takes a second, refining
-phase to certify its answer; from NEAR_CUT_MIN_EDGES edges on it runs on the residual graph near
-the cut alone (a few hundred arcs, ~0.3 ms instead of a second full scipy call), but the row is
-still above 3x; the whole-units row takes one phase.
+(exact in the first phase). Targets (issue 17): analysis <= 3x scipy's max-flow time at 100k
+edges and <= 5 ms on the Helix graph. From INT64_MIN_EDGES edges the engine's first phase is
+OR-Tools' push-relabel in 64-bit units, which certifies the real-valued row in one phase (scipy's
+32-bit units needed a second, refining one); below it, scipy's Dinic as before (Helix, 1k, 10k).
 
 Columns, each the best of several runs (machine load only slows runs down); the ratio is also
 given on CPU time (process_time), which other processes on a shared machine disturb less:
   build        FlowGraph validation + compiled arrays, once per graph (not part of the analysis)
   analysis     optimizer.pd_flow.analyze: max flow (refined until certified), cuts, bottleneck,
-               which flows can shift, scale options, recommendations
+               which flows can shift, scale options, recommendations (at 100k edges: one OR-Tools
+               phase ~1.3-1.5x a scipy call, the analysis after it ~1.1x)
   edge list    materialising analysis.edges as pydantic objects (done on first use, e.g. --json)
   flow value   optimizer.pd_flow.max_flow_value (the engine alone)
   networkx     the fastest of networkx's max-flow algorithms (all five up to 10k edges; at 100k the
@@ -109,7 +109,7 @@ def measure(name: str, graph: FlowGraph, build_s: float, repeats: int, nx_names)
     assert abs(res.flow_value * q - value) <= len(graph.edges) * q
     nx_best = min(nx_times, key=nx_times.get)
     return {"graph": name, "nodes": len(graph._compiled.names), "edges": len(graph.edges), "build_s": build_s,
-            "phases": graph._compiled.solve().phases,
+            "phases": graph._compiled.solve().phases, "engine": graph._compiled.solve().engine,
             "near_cut": graph._compiled.solve().near_cut_phases,
             "analysis_s": analysis_s, "edges_s": edges_s, "value_s": value_s, "nx_best": nx_best,
             "nx_s": nx_times[nx_best], "scipy_s": scipy_s, "cpu_ratio": analysis_cpu / scipy_cpu,
@@ -142,15 +142,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args()
     print("| graph | nodes | edges | build (once) | project analysis | + edge list | project flow value "
-          "| networkx best | scipy Dinic | analysis / scipy (CPU) | phases (near the cut) | max flow (gap) | bottleneck "
-          "| scale options (re-solved) |")
+          "| networkx best | scipy Dinic | analysis / scipy (CPU) | engine, phases (near the cut) | max flow (gap) "
+          "| bottleneck | scale options (re-solved) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, graph, build_s in graphs(args.sizes):
         nx_names = NX_AT_100K if len(graph.edges) > 20_000 else sorted(ALGORITHMS)
         r = measure(name, graph, build_s, args.repeats, nx_names)
         print(f"| {r['graph']} | {r['nodes']} | {r['edges']} | {ms(r['build_s'])} | {ms(r['analysis_s'])} "
               f"| {ms(r['edges_s'])} | {ms(r['value_s'])} | {ms(r['nx_s'])} ({r['nx_best']}) | {ms(r['scipy_s'])} "
-              f"| {r['analysis_s'] / r['scipy_s']:.2f}x ({r['cpu_ratio']:.2f}x) | {r['phases']} ({r['near_cut']}) | {r['max_flow']:.6g} ({r['gap']:.1e}) "
+              f"| {r['analysis_s'] / r['scipy_s']:.2f}x ({r['cpu_ratio']:.2f}x) | {r['engine']}, {r['phases']} ({r['near_cut']}) "
+              f"| {r['max_flow']:.6g} ({r['gap']:.1e}) "
               f"| {r['bottleneck']} "
               f"| {r['options']} ({r['probed']}) |", flush=True)
 
