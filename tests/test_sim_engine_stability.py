@@ -76,41 +76,47 @@ def test_length_spread_reaches_the_capacity_model_and_costs_replicas():
 
 
 def _two_shapes() -> Problem:
-    """One model on two variants: a big replica (10 req/s, $4/h) and a small one (3 req/s, $1/h)."""
-    from optimizer.workload import LengthBucket, Workload
-
+    """One model on two variants: a big replica and a small one."""
     base = fleet()
     variants = [Variant(name=n, model=MODEL, accelerator="gpu", max_batch=64, profile=PROFILE) for n in ("big", "small")]
     accelerators = [Accelerator(name="gpu", memory_gb=80, cost_per_hour=1.0, available=40)]
-    workload = Workload(model=MODEL, arrival_rate_rps=9.0, buckets=[LengthBucket(name="b", input_tokens=400,
-                                                                                  output_tokens=150, share=1.0)])
-    return base.model_copy(update={"accelerators": accelerators, "variants": variants, "workloads": [workload]})
+    return base.model_copy(update={"accelerators": accelerators, "variants": variants})
+
+
+def _planned(problem: Problem, rate: float) -> Problem:
+    from optimizer.workload import LengthBucket, Workload
+
+    bucket = LengthBucket(name="b", input_tokens=400, output_tokens=150, share=1.0)
+    return problem.model_copy(update={"workloads": [Workload(model=MODEL, arrival_rate_rps=rate, buckets=[bucket])]})
 
 
 def test_fleet_stabilization_holds_one_recommended_fleet_not_the_union_of_two():
-    """The allocation moved from {big} (10 req/s) to {3 small} (9 req/s, cheaper) within the window. Per
-    variant the window keeps big at its recommendation and adds the smalls: the union of both fleets.
-    Per fleet it keeps the recommendation that served most, {big}, and adds nothing until it has left
-    the window; then the smalls come."""
+    """The plan fell from 10 to 9 req/s and the allocation moved from {big} to {3 small} within the window.
+    Per variant the window keeps big at its recommendation and adds the smalls: the union of both fleets.
+    Per fleet it keeps the recommendation for the window's highest plan, {big}, and adds nothing until
+    that plan has left the window; then the smalls come."""
     problem = _two_shapes()
-    capacity = {("big", "b"): 10.0, ("small", "b"): 3.0}
     for mode, held in (("variant", {"big": 1, "small": 3}), ("fleet", {"big": 1, "small": 0})):
         policy = EnginePolicy(problem, scale_down_window_s=120.0, scale_down_stabilization=mode)
-        assert policy._stabilized({"big": 1, "small": 0}, {"big": 1, "small": 0}, 0.0, problem, capacity) == \
+        assert policy._stabilized({"big": 1, "small": 0}, {"big": 1, "small": 0}, 0.0, _planned(problem, 10.0)) == \
             {"big": 1, "small": 0}
-        assert policy._stabilized({"big": 0, "small": 3}, {"big": 1, "small": 0}, 60.0, problem, capacity) == held
-        later = policy._stabilized({"big": 0, "small": 3}, {"big": 1, "small": 0}, 200.0, problem, capacity)
+        assert policy._stabilized({"big": 0, "small": 3}, {"big": 1, "small": 0}, 60.0, _planned(problem, 9.0)) == held
+        later = policy._stabilized({"big": 0, "small": 3}, {"big": 1, "small": 0}, 200.0, _planned(problem, 9.0))
         assert later == {"big": 0, "small": 3}
 
 
-def test_fleet_stabilization_still_holds_a_plain_scale_down():
-    """Demand fell: {4 small} -> {2 small}; both modes keep 4 through the window."""
+def test_fleet_stabilization_follows_a_rising_plan_and_holds_a_plain_scale_down():
+    """A swap for a higher plan is the allocation's answer to more demand: followed at once (the transition
+    keeps the old fleet until the new one is ready). A fall on one variant is held in both modes."""
     problem = _two_shapes()
-    capacity = {("big", "b"): 10.0, ("small", "b"): 3.0}
+    policy = EnginePolicy(problem, scale_down_window_s=120.0, scale_down_stabilization="fleet")
+    policy._stabilized({"big": 0, "small": 3}, {"big": 0, "small": 3}, 0.0, _planned(problem, 9.0))
+    assert policy._stabilized({"big": 1, "small": 1}, {"big": 0, "small": 3}, 30.0, _planned(problem, 12.0)) == \
+        {"big": 1, "small": 1}
     for mode in ("variant", "fleet"):
         policy = EnginePolicy(problem, scale_down_window_s=120.0, scale_down_stabilization=mode)
-        policy._stabilized({"big": 0, "small": 4}, {"big": 0, "small": 4}, 0.0, problem, capacity)
-        assert policy._stabilized({"big": 0, "small": 2}, {"big": 0, "small": 4}, 60.0, problem, capacity) == \
+        policy._stabilized({"big": 0, "small": 4}, {"big": 0, "small": 4}, 0.0, _planned(problem, 12.0))
+        assert policy._stabilized({"big": 0, "small": 2}, {"big": 0, "small": 4}, 60.0, _planned(problem, 6.0)) == \
             {"big": 0, "small": 4}
 
 
