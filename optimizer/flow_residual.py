@@ -80,7 +80,7 @@ def _bridges_of_multigraph(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Per undirected edge a[i] - b[i] (no self-loops, parallel edges allowed): is it a bridge?
 
     A parallel edge never is; for the others one depth-first search from a virtual root joined to
-    one node of every connected part covers them all. Each non-tree link of an undirected DFS
+    every node covers all connected parts. Each non-tree link of an undirected DFS
     joins a node to an ancestor, so a tree edge is a bridge iff no non-tree link leaves the
     subtree below it.
     """
@@ -90,9 +90,9 @@ def _bridges_of_multigraph(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     pairs, which, count = np.unique(lo * k + hi, return_inverse=True, return_counts=True)
     x, y = pairs // k, pairs % k  # one link per node pair
     rows, cols = np.concatenate([x, y]), np.concatenate([y, x])
-    _, part = _parts(k, x, y)
-    _, one_node = np.unique(part, return_index=True)
-    rooted = _graph(k + 1, np.concatenate([rows, np.full(len(one_node), k)]), np.concatenate([cols, one_node]))
+    # the virtual root k has an arc to every node: each one it reaches unvisited starts the tree of a
+    # new connected part, the others are no links (only x, y count below)
+    rooted = _graph(k + 1, np.concatenate([rows, np.full(k, k)]), np.concatenate([cols, np.arange(k)]))
     order, pred = depth_first_order(rooted, k, directed=True, return_predecessors=True)
     order, pred = order.astype(np.intp), pred.astype(np.intp)
     child = np.where(pred[x] == y, x, np.where(pred[y] == x, y, -1))  # the lower end of a tree link
