@@ -39,7 +39,7 @@ Metric names (all gauges unless noted; label sets in brackets):
   accelerators the decision uses / the cluster has (no series when unlimited).
 - `variant_autoscaler_cost_per_hour`: cost of the decided allocation.
 - `variant_autoscaler_optimizer_gap_ratio`: proven optimality gap of the decided allocation, (objective - proven lower bound) / objective: 0.01 means no plan is more than 1 % cheaper (target: the optimizer's `relative_gap`); no series before the first allocation.
-- `variant_autoscaler_optimizer_warm_start`: 1 when the cycle's allocation started warm, from the previous cycle's inventory prices, per-model results and plan (optimizer.allocation_warm), 0 for a cold start (the first cycle, after a restart).
+- `variant_autoscaler_optimizer_warm_start`: 1 when the cycle's allocation started warm, from the previous cycle's inventory prices, per-model results and plan (optimizer.allocation_warm), 0 for a cold start (the first cycle, after a restart, and always on fleets of up to 60 variants, which one MILP solves whole).
 - `variant_autoscaler_homogeneous_cost_per_hour` [accelerator]: cost of the cheapest allocation that
   meets the same demand on one accelerator type only (the label names it); the dashboard's baseline.
 - `variant_autoscaler_slo_target_seconds` / `variant_autoscaler_observed_latency_seconds` [model,
