@@ -11,10 +11,10 @@ import sys
 
 from rich import box
 from rich.console import Console
-from rich.table import Table
 
 from optimizer.pd_flow import FlowAnalysis, GraphFieldError, analyze, load_flow_graph, resource_name
 from optimizer.problem import InputError
+from variant_autoscaler.tables import print_table
 
 NAME = "flow"
 HELP = "max flow, bottleneck stage, KV split and what to scale in a prefill -> decode graph"
@@ -62,32 +62,26 @@ def show(a: FlowAnalysis, console: Console) -> None:
                   f"minimum cut capacity {_num(a.min_cut_capacity)}"
                   + ("" if a.min_cut_unique else " (several minimum cuts)"))
     in_cut = {(e.u, e.v) for e in a.min_cut}
-    edges = Table(title="Edges", box=box.SIMPLE_HEAD)
-    for col in ("edge", "stage", "capacity", "flow", "spare", "use %", ""):
-        edges.add_column(col, justify="left" if col in ("edge", "stage", "") else "right")
+    rows, styles = [], []
     for e in a.edges:
         use = "" if e.capacity in (None, 0) else f"{100 * e.flow / e.capacity:.1f}"
         marks = " ".join(m for m, on in (("saturated", e.saturated), ("min-cut", (e.u, e.v) in in_cut),
                                          ("can-shift", e.flow_can_vary)) if on)
-        style = "red" if e.saturated else None
-        edges.add_row(f"{e.u} → {e.v}", e.stage, _num(e.capacity), _num(e.flow), _num(e.spare), use, marks,
-                      style=style)
-    console.print(edges)
+        rows.append([f"{e.u} → {e.v}", e.stage, _num(e.capacity), _num(e.flow), _num(e.spare), use, marks])
+        styles.append("red" if e.saturated else None)
+    print_table(console, "Edges", [(col, "left" if col in ("edge", "stage", "") else "right")
+                                   for col in ("edge", "stage", "capacity", "flow", "spare", "use %", "")],
+                rows, styles, table_box=box.SIMPLE_HEAD)
     if a.kv_schedule:
-        kv = Table(title="KV transfer schedule (share of max flow)", box=box.SIMPLE_HEAD)
-        for col in ("prefill", "decode", "flow", "share %"):
-            kv.add_column(col, justify="right" if col in ("flow", "share %") else "left")
-        for s in a.kv_schedule:
-            kv.add_row(s.prefill, s.decode, _num(s.flow), f"{100 * s.share:.1f}")
-        console.print(kv)
+        print_table(console, "KV transfer schedule (share of max flow)",
+                    [("prefill", "left"), ("decode", "left"), ("flow", "right"), ("share %", "right")],
+                    [[s.prefill, s.decode, _num(s.flow), f"{100 * s.share:.1f}"] for s in a.kv_schedule],
+                    table_box=box.SIMPLE_HEAD)
     if a.scale_options:
-        scale = Table(title="Scale options (edges on every minimum cut)", box=box.SIMPLE_HEAD)
-        for col in ("resource", "max flow if unlimited", "gain"):
-            scale.add_column(col, justify="left" if col == "resource" else "right")
-        for o in a.scale_options:
-            scale.add_row(resource_name(a, o.u, o.v, o.stage), _num(o.max_flow_if_unlimited),
-                          _num(o.gain_if_unlimited))
-        console.print(scale)
+        print_table(console, "Scale options (edges on every minimum cut)",
+                    [("resource", "left"), ("max flow if unlimited", "right"), ("gain", "right")],
+                    [[resource_name(a, o.u, o.v, o.stage), _num(o.max_flow_if_unlimited), _num(o.gain_if_unlimited)]
+                     for o in a.scale_options], table_box=box.SIMPLE_HEAD)
     console.print("[bold]Recommendations[/bold]")
     for line in a.recommendations:
         console.print(f"  • {line}", highlight=False)

@@ -14,13 +14,12 @@ import os
 import time
 from pathlib import Path
 
-from rich import box
 from rich.console import Console
-from rich.table import Table
 
 from optimizer.allocation import Allocation, allocate
 from optimizer.capacity import CapacityEstimate, capacity_table
 from optimizer.problem import InputError, Problem, load_problem
+from variant_autoscaler.tables import print_table
 
 NAME = "plan"
 HELP = "cheapest replicas per variant meeting the SLOs within inventory, and the routing to follow"
@@ -75,32 +74,6 @@ def solve_budget_s(time_limit_s: float, started_s_ago: float) -> float:
 
 
 _BOLD, _UNSERVED = "[bold]{}[/bold]", "[red]unserved[/red]"
-# Larger tables print as plain columns: rich spends about a millisecond a row laying a table out,
-# which at 100 models (1,000 routing rows) would double what the user waits for past the solve.
-RICH_TABLE_MAX_ROWS = 60
-
-
-def _table(console: Console, title: str, columns: list[tuple[str, str]], rows: list[list[str]]) -> None:
-    if len(rows) <= RICH_TABLE_MAX_ROWS:
-        table = Table(title=title, box=box.SIMPLE_HEAVY)
-        for col, justify in columns:
-            table.add_column(col, justify=justify)
-        for row in rows:
-            table.add_row(*row)
-        console.print(table)
-        return
-    plain = [[c.replace("[bold]", "").replace("[/bold]", "") if c != _UNSERVED else "unserved" for c in row]
-             for row in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in plain]) for i, (h, _) in enumerate(columns)]
-    align = {"left": str.ljust, "right": str.rjust, "center": str.center}
-
-    def line(cells) -> str:
-        return "  ".join(align[j](c, w) for c, w, (_, j) in zip(cells, widths, columns, strict=True)).rstrip()
-
-    text = [title, line([h for h, _ in columns]), "  ".join("-" * w for w in widths), *map(line, plain)]
-    console.print("\n".join(text), markup=False, highlight=False, soft_wrap=True)
-
-
 def command_wall_s() -> float:
     """Seconds since this process started (Linux /proc: interpreter start and imports included)."""
     try:
@@ -144,7 +117,7 @@ def show(problem: Problem, capacity, allocation: Allocation, console: Console, *
         rows.append([name, v.model, f"{v.accelerators_per_replica} x {v.accelerator}", v.role.value,
                      str(v.current_replicas), _BOLD.format(n),
                      f"{n * problem.variant_cost_per_hour(v):.2f}", "-" if load is None else f"{load:.2f}"])
-    _table(console, "Replicas per variant", [
+    print_table(console, "Replicas per variant", [
         ("variant", "left"), ("model", "left"), ("accelerators", "left"), ("role", "center"),
         ("current", "right"), ("planned", "right"), ("cost $/h", "right"), ("load", "right")], rows)
 
@@ -157,13 +130,13 @@ def show(problem: Problem, capacity, allocation: Allocation, console: Console, *
         for bucket, rate in w.bucket_rates_rps().items():
             text = ", ".join(f"{r.variant} [{r.stage}] {r.weight:.0%}" for r in legs.get((w.model, bucket), ()))
             rows.append([w.model, bucket, f"{rate:.2f}", text or _UNSERVED])
-    _table(console, "Routing per (model, bucket): share of requests per variant and stage",
+    print_table(console, "Routing per (model, bucket): share of requests per variant and stage",
            [("model", "left"), ("bucket", "left"), ("req/s", "right"), ("routes", "left")], rows)
 
     if with_capacity:
         rows = [[variant, bucket, f"{est.max_rate_rps:.3f}", est.reason or est.limiting]
                 for (variant, bucket), est in sorted(capacity.items())]
-        _table(console, "Capacity per replica at SLO (req/s) and what limits it",
+        print_table(console, "Capacity per replica at SLO (req/s) and what limits it",
                [("variant", "left"), ("bucket", "left"), ("req/s", "right"), ("limit", "left")], rows)
 
     unmet = {m: r for m, r in allocation.unmet_demand_rps.items() if r > 1e-9}
