@@ -269,3 +269,33 @@ def test_a_smooth_rise_is_not_a_jump():
     for t in np.arange(15, 1800, 15):
         allowance.observe(arr[(arr > t - 15) & (arr <= t)].tolist(), float(t))
     assert allowance.jump_rate_rps() <= 1.1 * allowance.level_rps()
+
+
+def test_the_forecast_plan_leads_a_steady_rise_the_envelope_trails():
+    """The default demo's 8B rises ~1 req/s per minute: below the two-count trend's noise bar, so the
+    envelope plan trails it by about a minute; the Kalman forecast plans where it will be."""
+    rates = list(np.linspace(5.0, 17.0, 48))
+    lead = 48.0
+    truth = rates[-1] + (rates[-1] - rates[-2]) / 15.0 * (lead + 15.0)
+    errs = {}
+    for forecast in (False, True):
+        est = DemandEstimator("m", rate_windows_s=(60.0,), rate_horizon_s=60.0, lead_time_s=lead,
+                              forecast=forecast)
+        planned = _feed(est, np.random.default_rng(4), rates)
+        errs[forecast] = planned[-1] / truth - 1
+    assert errs[False] < -0.04, errs  # the envelope trails
+    assert abs(errs[True]) < abs(errs[False]) and abs(errs[True]) < 0.08, errs
+
+
+def test_the_forecast_plan_follows_a_fall_within_a_lead_time_the_envelope_holds_it():
+    lead = 110.0
+    held = {}
+    for forecast in (False, True):
+        est = DemandEstimator("m", rate_windows_s=(60.0,), rate_horizon_s=60.0, lead_time_s=lead,
+                              forecast=forecast)
+        rng = np.random.default_rng(6)
+        _feed(est, rng, [10.0] * 40)
+        planned = _feed(est, rng, [5.0] * 6, start=600.0)  # 90 s after the fall: under one lead time
+        held[forecast] = planned[-1]
+    assert held[False] > 9.0, held  # the whole plan is held for the lead time
+    assert held[True] < 7.0, held

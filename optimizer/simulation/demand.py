@@ -11,6 +11,10 @@ the two and is where an autoscaler decides how much of the future it plans for:
   is held for `lead_time_s`, so replicas requested for a rise are not cancelled while they are
   still starting when the trend term fades (cancelling them wastes their cold start and leaves
   the rise uncovered);
+* **forecast** (with `forecast=True`, what the simulator's `ours` runs): instead of the envelope,
+  the trend and the hold, the path of a Kalman forecast of the rate over the lead time
+  (`optimizer.forecast`); it leads a steady rise the two-count trend cannot see beyond its noise and
+  follows a fall at once. Only the burst allowance is then held for the lead time;
 * **bursts** (with `burst_absorb_s`): the level times the traffic's own burst factor over seconds
   (`optimizer.simulation.burst`), for bursts too short for any scale-up to catch;
 * **mix**: buckets by prompt length (the router sees the prompt, not the future output), each
@@ -33,6 +37,7 @@ import bisect
 import math
 from collections import deque
 
+from optimizer.forecast import ArrivalForecast
 from optimizer.simulation.burst import BurstAllowance
 from optimizer.simulation.envelope import TrafficEnvelope
 from optimizer.simulation.policy import Observation
@@ -72,6 +77,7 @@ class DemandEstimator:
         prior_output_tokens: float = 256.0,
         burst_absorb_s: float | None = None,
         interval_s: float = 15.0,
+        forecast: bool = False,
     ):
         edges = tuple(sorted(set(int(e) for e in input_edges)))
         if any(e <= 0 for e in edges):
@@ -96,6 +102,7 @@ class DemandEstimator:
         self._planned: deque[tuple[float, float]] = deque()  # (time, planned rate) of the last lead time
         self._published: dict[int, tuple[float, float]] = {}  # bucket -> (input, output) last planned for
         self._since: float | None = None  # first observation
+        self.forecast = ArrivalForecast(interval_s) if forecast else None
         self.bursts = None if burst_absorb_s is None else BurstAllowance(
             absorb_s=burst_absorb_s, interval_s=interval_s, lead_time_s=lead_time_s)
 
@@ -107,6 +114,8 @@ class DemandEstimator:
         if self._since is None:
             self._since = observation.time_s - observation.interval_s
         self.envelope.extend(arrivals.times_s)
+        if self.forecast is not None:
+            self.forecast.observe(len(arrivals.times_s), observation.interval_s)
         if self.bursts is not None:
             self.bursts.observe(arrivals.times_s, observation.time_s)
         for t, n_in in zip(arrivals.times_s, arrivals.input_tokens, strict=True):
@@ -157,12 +166,17 @@ class DemandEstimator:
         # standing 30-50 % over-provisioning on the default demo.
         slope = max(0.0, slope) - TREND_Z * math.sqrt(newer + older) / (w * w)
         rate = max(envelope, newer / w + max(0.0, slope) * self.lead_time_s)
-        if self.bursts is not None:
-            rate = max(rate, self.bursts.rate_rps())
+        if self.forecast is not None:
+            # The forecast replaces the envelope, the trend and the hold of the whole plan: its path
+            # already leads a rise and follows a fall. Only the burst allowance is held (it swings
+            # from interval to interval, and a plan that dips between bursts swaps replicas).
+            rate = self.forecast.upper_rps(self.lead_time_s + self.forecast.interval_s)
+        burst = self.bursts.rate_rps() if self.bursts is not None else 0.0
+        rate = max(rate, burst)
         while self._planned and self._planned[0][0] <= now - self.lead_time_s:
             self._planned.popleft()
         held = max((r for _, r in self._planned), default=0.0)
-        self._planned.append((now, rate))
+        self._planned.append((now, burst if self.forecast is not None else rate))
         return on_grid(max(rate, held), RATE_GRID, up=True)
 
     def _lengths(self, b: int, n_in: float, n_out: float) -> tuple[float, float]:

@@ -93,13 +93,14 @@ class EnginePolicy:
         interval_s: float = 30.0,
         scale_down_delay_s: float = 120.0,
         scale_down_window_s: float = 0.0,
-        lead_time_s: float = 60.0,
+        lead_time_s: float | Mapping[str, float] = 60.0,
         input_edges: tuple[int, ...] = DEFAULT_INPUT_EDGES,
         rate_windows_s: tuple[float, ...] = (30.0, 60.0),
         allocator: Callable | None = None,
         burst_headroom: bool = True,
         capacity_correction: bool = True,
         scale_down_stabilization: str = "variant",
+        forecast: bool = False,
         name: str = "ours",
     ):
         if not 0 < service_level <= 1:
@@ -116,11 +117,13 @@ class EnginePolicy:
         self.scale_down_delay_s = scale_down_delay_s
         self.name = name
         self.allocator = allocator or _default_allocator
+        leads = lead_time_s if isinstance(lead_time_s, Mapping) else {s.model: lead_time_s for s in problem.slos}
         self.estimators = {
-            s.model: DemandEstimator(s.model, input_edges=input_edges, lead_time_s=lead_time_s,
+            s.model: DemandEstimator(s.model, input_edges=input_edges, lead_time_s=leads[s.model],
                                      rate_windows_s=rate_windows_s,
                                      rate_horizon_s=max(scale_down_delay_s, 2 * interval_s),
-                                     burst_absorb_s=s.ttft_s if burst_headroom else None, interval_s=interval_s)
+                                     burst_absorb_s=s.ttft_s if burst_headroom else None, interval_s=interval_s,
+                                     forecast=forecast)
             for s in problem.slos
         }
         self._ranges = {
@@ -135,7 +138,7 @@ class EnginePolicy:
         self._memo: dict[tuple, object] = {}
         self._spread: dict[tuple[str, str], list[float]] = {}
         self._edges = sorted({int(e) for e in input_edges})
-        self.backlog_drain_s = max(lead_time_s, 2 * interval_s)
+        self.backlog_drain_s = {m: max(lead, 2 * interval_s) for m, lead in leads.items()}
         self.correction = CapacityCorrection() if capacity_correction else None
         self._model_of = {v.name: v.model for v in problem.variants}
         self.last_problem: Problem | None = None
@@ -148,7 +151,7 @@ class EnginePolicy:
             model = self._model_of.get(r.variant)
             if model is not None and r.state is not ReplicaState.STARTING:
                 queued[model] = queued.get(model, 0.0) + r.queue_len
-        return {m: q / self.backlog_drain_s for m, q in queued.items()}
+        return {m: q / self.backlog_drain_s[m] for m, q in queued.items()}
 
     def _problem(self, observation: Observation) -> Problem:
         now = observation.time_s

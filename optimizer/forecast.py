@@ -1,0 +1,115 @@
+"""Short-horizon arrival-rate forecast: a local linear trend Kalman filter on the log of the rate.
+
+Why: capacity requested now serves only after a cold start, so the plan must cover the rate one
+lead time ahead. A trend read from the difference of two minute counts is as noisy as the counts
+(two minutes at 12 req/s differ by ~38 requests by chance), so it has to be discounted by its own
+noise and then misses a steady diurnal rise of 1 req/s per minute altogether: the plan lagged the
+default demo's 8B by a minute of growth. A Kalman filter pools every interval it has seen, weighs
+each by its Poisson noise, and says how sure it is: the plan covers the forecast's upper quantile.
+
+The state is (log rate, growth per second), observed once per interval as log((n + 1/2) / dt)
+with the Poisson variance 1 / (n + 1/2): working on the log makes the noise grids scale-free (the
+same filter fits 0.5 and 50 req/s). How fast level and growth may wander is not assumed: a small
+bank of filters, one per (level noise, growth noise) pair of `LEVEL_NOISE` x `GROWTH_NOISE`, runs
+side by side and the forecast comes from the one whose one-step predictions explained the recent
+intervals best (log-likelihood, exponentially forgotten over `memory_s`). Calm traffic then
+selects slow filters with tight bands, wandering traffic fast ones with wide bands.
+
+The filters are `filterpy.kalman.KalmanFilter`; this module only builds them, picks among them and
+reads a forecast off the chosen one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from filterpy.kalman import KalmanFilter
+
+LEVEL_NOISE = (1e-5, 1e-4, 1e-3, 1e-2)
+"""Variance per second of the log-rate's own random walk (1e-3: ~25 % per minute)."""
+GROWTH_NOISE = (1e-10, 1e-9, 1e-8, 1e-7)
+"""Variance per second of the growth rate's random walk, in (1/s)^2 per s."""
+FORECAST_Z = 0.0
+"""The plan covers the forecast's path plus this many standard deviations. 0: the capacity model
+already sizes replicas for Poisson arrivals at the SLO percentile, and on six draws of the default
+demo z = 0.5 cost 25-35 % more than z = 0 for no attainment that z = 0 lacked (both >= 99 %)."""
+PATH_POINTS = 5
+
+
+class ArrivalForecast:
+    def __init__(self, interval_s: float, *, memory_s: float = 1800.0, z: float = FORECAST_Z,
+                 level_noise: tuple[float, ...] = LEVEL_NOISE, growth_noise: tuple[float, ...] = GROWTH_NOISE):
+        if interval_s <= 0 or memory_s <= 0 or z < 0:
+            raise ValueError("need interval_s > 0, memory_s > 0, z >= 0")
+        self.interval_s = float(interval_s)
+        self.z = float(z)
+        self._forget = math.exp(-interval_s / memory_s)
+        self._noise = [(q_l, q_g) for q_l in level_noise for q_g in growth_noise]
+        self._filters: list[KalmanFilter] | None = None
+        self._score = np.zeros(len(self._noise))
+        self.observed = 0
+
+    def _bank(self, x0: float, dt: float) -> list[KalmanFilter]:
+        bank = []
+        for q_l, q_g in self._noise:
+            kf = KalmanFilter(dim_x=2, dim_z=1)
+            kf.x = np.array([[x0], [0.0]])
+            kf.P = np.diag([1.0, 1e-5])
+            kf.H = np.array([[1.0, 0.0]])
+            self._set_dt(kf, q_l, q_g, dt)
+            bank.append(kf)
+        return bank
+
+    @staticmethod
+    def _set_dt(kf: KalmanFilter, q_l: float, q_g: float, dt: float) -> None:
+        kf.F = np.array([[1.0, dt], [0.0, 1.0]])
+        # Growth noise integrates into the level over the step: the usual local-linear-trend Q.
+        kf.Q = np.array([[q_l * dt + q_g * dt ** 3 / 3, q_g * dt ** 2 / 2], [q_g * dt ** 2 / 2, q_g * dt]])
+
+    def observe(self, arrivals: int, duration_s: float) -> None:
+        """Count of arrivals in the last `duration_s` seconds (one interval)."""
+        if duration_s <= 0 or arrivals < 0:
+            raise ValueError("need duration_s > 0 and arrivals >= 0")
+        n = arrivals + 0.5
+        z = math.log(n / duration_s)
+        if self._filters is None:
+            self._filters = self._bank(z, duration_s)
+        for k, kf in enumerate(self._filters):
+            self._set_dt(kf, *self._noise[k], duration_s)
+            kf.predict()
+            kf.update(np.array([[z]]), R=np.array([[1.0 / n]]))
+            self._score[k] = self._forget * self._score[k] + float(kf.log_likelihood)
+        self.observed += 1
+
+    def _best(self) -> KalmanFilter | None:
+        if self._filters is None:
+            return None
+        return self._filters[int(np.argmax(self._score))]
+
+    def level_rps(self) -> float:
+        kf = self._best()
+        return 0.0 if kf is None else math.exp(float(kf.x[0, 0]))
+
+    def growth_per_s(self) -> float:
+        kf = self._best()
+        return 0.0 if kf is None else float(kf.x[1, 0])
+
+    def upper_rps(self, horizon_s: float) -> float:
+        """The highest upper-quantile rate over the next `horizon_s` seconds (0: now)."""
+        kf = self._best()
+        if kf is None:
+            return 0.0
+        k = int(np.argmax(self._score))
+        q_l, q_g = self._noise[k]
+        x, p = kf.x[:, 0], kf.P
+        best = 0.0
+        for h in np.linspace(0.0, max(horizon_s, 0.0), PATH_POINTS):
+            mean = x[0] + x[1] * h
+            var = p[0, 0] + 2 * h * p[0, 1] + h * h * p[1, 1] + q_l * h + q_g * h ** 3 / 3
+            best = max(best, math.exp(mean + self.z * math.sqrt(max(var, 0.0))))
+        return best
+
+    def selected_noise(self) -> tuple[float, float] | None:
+        """(level, growth) noise of the filter in use: how wild the traffic has looked."""
+        return None if self._filters is None else self._noise[int(np.argmax(self._score))]

@@ -1,0 +1,80 @@
+"""The arrival-rate forecast (optimizer.forecast): tracks a level, leads a ramp, adapts to a step."""
+
+import math
+
+import numpy as np
+import pytest
+
+from optimizer.forecast import ArrivalForecast
+
+DT = 15.0
+
+
+def feed(forecast: ArrivalForecast, rates, seed: int = 3) -> None:
+    rng = np.random.default_rng(seed)
+    for r in rates:
+        forecast.observe(int(rng.poisson(r * DT)), DT)
+
+
+def test_steady_poisson_traffic_gives_its_rate_and_no_growth():
+    for rate in (0.5, 4.0, 40.0):
+        f = ArrivalForecast(DT, z=0.0)
+        feed(f, [rate] * 80)
+        assert f.level_rps() == pytest.approx(rate, rel=0.12)
+        # No growth worth a lead time: over two minutes the forecast moves by under 5 %.
+        assert abs(f.growth_per_s()) * 120 < 0.05
+        assert f.upper_rps(120) == pytest.approx(f.level_rps(), rel=0.05)
+
+
+def test_a_ramp_is_forecast_ahead_not_trailed():
+    """A diurnal-like rise of ~1 req/s per minute: the two-count trend cannot see it beyond its noise,
+    the filter pools the intervals and plans for where the rate will be one lead time ahead."""
+    rates = np.linspace(5.0, 17.0, 48)  # 12 minutes
+    f = ArrivalForecast(DT, z=0.0)
+    feed(f, rates)
+    lead = 63.0
+    truth_then = rates[-1] + (rates[-1] - rates[-2]) / DT * lead
+    ahead = f.upper_rps(lead)
+    assert ahead > f.level_rps()
+    assert abs(ahead / truth_then - 1) < abs(rates[-1] / truth_then - 1)  # closer than "now"
+    assert ahead == pytest.approx(truth_then, rel=0.12)
+
+
+def test_a_step_is_followed_within_two_minutes_and_a_drop_is_not_held():
+    f = ArrivalForecast(DT, z=0.0)
+    feed(f, [4.0] * 40 + [8.0] * 8)
+    assert f.level_rps() == pytest.approx(8.0, rel=0.15)
+    feed(f, [3.0] * 8, seed=5)
+    assert f.upper_rps(0) == pytest.approx(3.0, rel=0.2)
+
+
+def test_the_upper_band_widens_with_z_and_horizon():
+    f = ArrivalForecast(DT, z=1.645)
+    feed(f, [6.0] * 60)
+    g = ArrivalForecast(DT, z=0.0)
+    feed(g, [6.0] * 60)
+    assert f.upper_rps(0) > g.upper_rps(0)
+    assert f.upper_rps(300) >= f.upper_rps(60) >= f.upper_rps(0)
+
+
+def test_wandering_traffic_selects_faster_noise_than_calm_traffic():
+    calm = ArrivalForecast(DT)
+    feed(calm, [10.0] * 120)
+    rng = np.random.default_rng(9)
+    wild_rates = 10.0 * np.exp(np.cumsum(rng.normal(0, 0.15, 120)))
+    wild = ArrivalForecast(DT)
+    feed(wild, wild_rates)
+    assert wild.selected_noise()[0] > calm.selected_noise()[0]
+
+
+def test_no_observation_means_no_forecast_and_bad_input_is_refused():
+    f = ArrivalForecast(DT)
+    assert f.level_rps() == 0.0 and f.upper_rps(60) == 0.0 and f.selected_noise() is None
+    with pytest.raises(ValueError):
+        f.observe(-1, DT)
+    with pytest.raises(ValueError):
+        f.observe(3, 0.0)
+    with pytest.raises(ValueError):
+        ArrivalForecast(0.0)
+    f.observe(0, DT)  # an idle interval is an observation, not an error
+    assert math.isfinite(f.level_rps()) and f.level_rps() < 0.2
