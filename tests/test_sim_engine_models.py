@@ -65,3 +65,36 @@ def test_one_models_spare_capacity_does_not_hide_anothers_gap_in_a_rolling_swap(
     assert decision.desired_replicas["b-old"] == 1
     assert decision.desired_replicas["b-spare"] >= 1
     assert decision.desired_replicas["a"] == 1
+
+
+def test_a_plan_the_steps_cannot_reach_is_bridged_with_free_accelerators():
+    """The allocation wants b-new, whose accelerator b-old still holds (make-before-break waits), and
+    nothing shrinks: the fleet the steps lead to is bridged up to the plan, not left short of it."""
+    from optimizer.transition import VariantState
+
+    rng = np.random.default_rng(7)
+    policy = EnginePolicy(fleet(), service_level=1.0, change_penalty=0.0, lead_time_s=0.0, scale_down_delay_s=0.0,
+                          rate_windows_s=(30.0,), input_edges=(1000,), capacity_correction=False)
+    a, a_done = sample("a", 0.2, 30.0, rng)
+    b, b_done = sample("b", 3.0, 30.0, rng)
+    replicas = [ReplicaObservation(name="a-0", variant="a", state=ReplicaState.READY),
+                ReplicaObservation(name="b-old-0", variant="b-old", state=ReplicaState.READY)]
+    policy.decide(Observation(time_s=30.0, interval_s=30.0, replicas=replicas,
+                              arrivals=[a, b], completions=[a_done, b_done]))
+    problem = policy.last_problem
+    from optimizer.capacity import capacity_table
+    capacity = {k: e.max_rate_rps for k, e in capacity_table(problem).items()}
+    per_replica = policy._per_replica_rate(problem, capacity)
+    planned = {"a": 1, "b-new": 1}
+    inventory = {x.name: x.available for x in problem.accelerators}
+    states = [VariantState(name=v.name, group=v.model, accelerator=v.accelerator,
+                           accelerators_per_replica=v.accelerators_per_replica,
+                           current_replicas=int(v.name in ("a", "b-old")), ready_replicas=int(v.name in ("a", "b-old")),
+                           pods=int(v.name in ("a", "b-old")), desired_replicas=0)
+              for v in problem.variants]
+    blocked = {"a": 1, "b-old": 1, "b-new": 0, "b-spare": 0}
+    policy._bridge_blocked(problem, states, blocked, planned, per_replica, inventory)
+    assert blocked["b-spare"] >= 1 and blocked["b-new"] == 0 and blocked["a"] == 1
+    reached = {"a": 1, "b-old": 0, "b-new": 1, "b-spare": 0}
+    policy._bridge_blocked(problem, states, reached, planned, per_replica, inventory)
+    assert reached == {"a": 1, "b-old": 0, "b-new": 1, "b-spare": 0}
