@@ -14,6 +14,7 @@ import pytest
 import scipy.sparse as sp
 from scipy.optimize import linprog
 from scipy.sparse.csgraph import maximum_flow
+from variant_autoscaler.tables import RICH_TABLE_MAX_ROWS
 
 from optimizer.flow_residual import flow_can_vary, flow_can_vary_and_reach
 from optimizer.pd_flow import (
@@ -297,6 +298,25 @@ def test_cli_prints_the_analysis():
     assert "Max flow 120" in out.stdout
     assert "bottleneck: decode" in out.stdout
     assert "33.3" in out.stdout and "29.2" in out.stdout
+
+
+def test_cli_prints_a_large_edge_table_as_plain_columns(tmp_path):
+    """Past RICH_TABLE_MAX_ROWS rows the edge table is plain columns: every edge on its own line,
+    its marks in the last column, no table borders."""
+    k = 9
+    graph = build_pd_graph({f"P{i}": 10.0 + i for i in range(k)}, {f"D{j}": 12.0 for j in range(k)},
+                           {(f"P{i}", f"D{j}"): 3.0 for i in range(k) for j in range(k)}, kv_bytes_per_request=1)
+    assert len(graph.edges) > RICH_TABLE_MAX_ROWS
+    path = tmp_path / "large.json"
+    path.write_text(graph.model_dump_json())
+    out = cli(path)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    for e in analyze(graph).edges:
+        row = [ln for ln in lines if ln.startswith(f"{e.u} → {e.v} ")]
+        assert len(row) == 1, (e.u, e.v)
+        assert ("saturated" in row[0]) == e.saturated
+    assert "─" not in out.stdout.split("KV transfer schedule")[0]  # no rich borders in the edge table
 
 
 def test_cli_json_and_plot(tmp_path):
