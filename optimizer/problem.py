@@ -59,7 +59,7 @@ class AllocationOptions(BaseModel):
                     "geometrically between the length nodes. Against the replica simulator the batch model rated "
                     "the 70B H100 prefill server +10 % high on 8k prompts (cv 0.5) and +91 % on the long-context "
                     "benchmark's prompts; this one -2 % and -26 %. Off by default: with it the simulator's "
-                    "decisions cost more (longctx70b $39.72 -> $48.41, code8b $10.69 -> $11.10, held-out seeds-a "
+                    "decisions cost more (longctx70b $39.72 -> $46.96, code8b $10.69 -> $11.10, held-out seeds-a "
                     "$58.43 -> $59.68) at the same attainment, since the other errors of the plan (a planned rate "
                     "~50 % over the true one at 0.2 req/s, every bucket held to the model-wide percentile) were "
                     "hidden by the optimistic prefill capacity.",
