@@ -47,7 +47,8 @@ def sample(model, rate, t, rng):
             CompletionSample(model=model, input_tokens=[300] * n, output_tokens=[150] * n))
 
 
-def test_one_models_spare_capacity_does_not_hide_anothers_gap_in_a_rolling_swap():
+def decided_once():
+    """Ours after one decision: "a" on its own replica, "b" on b-old, b's traffic well above a trickle."""
     rng = np.random.default_rng(7)
     policy = EnginePolicy(fleet(), service_level=1.0, change_penalty=0.0, lead_time_s=0.0, scale_down_delay_s=0.0,
                           rate_windows_s=(30.0,), input_edges=(1000,), capacity_correction=False)
@@ -57,6 +58,11 @@ def test_one_models_spare_capacity_does_not_hide_anothers_gap_in_a_rolling_swap(
                 ReplicaObservation(name="b-old-0", variant="b-old", state=ReplicaState.READY)]
     decision = policy.decide(Observation(time_s=30.0, interval_s=30.0, replicas=replicas,
                                          arrivals=[a, b], completions=[a_done, b_done]))
+    return policy, decision
+
+
+def test_one_models_spare_capacity_does_not_hide_anothers_gap_in_a_rolling_swap():
+    policy, decision = decided_once()
     allocation = policy.last_allocation.replicas
     # The end state is the swap: b-new on the one gpu, b-old gone, nothing on the dear spare.
     assert allocation.get("b-new", 0) == 1 and allocation.get("b-old", 0) == 0 and allocation.get("b-spare", 0) == 0
@@ -72,15 +78,7 @@ def test_a_plan_the_steps_cannot_reach_is_bridged_with_free_accelerators():
     nothing shrinks: the fleet the steps lead to is bridged up to the plan, not left short of it."""
     from optimizer.transition import VariantState
 
-    rng = np.random.default_rng(7)
-    policy = EnginePolicy(fleet(), service_level=1.0, change_penalty=0.0, lead_time_s=0.0, scale_down_delay_s=0.0,
-                          rate_windows_s=(30.0,), input_edges=(1000,), capacity_correction=False)
-    a, a_done = sample("a", 0.2, 30.0, rng)
-    b, b_done = sample("b", 3.0, 30.0, rng)
-    replicas = [ReplicaObservation(name="a-0", variant="a", state=ReplicaState.READY),
-                ReplicaObservation(name="b-old-0", variant="b-old", state=ReplicaState.READY)]
-    policy.decide(Observation(time_s=30.0, interval_s=30.0, replicas=replicas,
-                              arrivals=[a, b], completions=[a_done, b_done]))
+    policy, _ = decided_once()
     problem = policy.last_problem
     from optimizer.capacity import capacity_table
     capacity = {k: e.max_rate_rps for k, e in capacity_table(problem).items()}
