@@ -102,7 +102,7 @@ def rss_mb() -> tuple[float, float]:
     return fields["VmRSS"], fields["VmHWM"]
 
 
-def worker(kubeconfig: str, settings_file: str, cycles: int) -> dict:
+def worker(kubeconfig: str, settings_file: str, cycles: int, profile: str | None = None) -> dict:
     import variant_autoscaler.operator  # noqa: F401 - the operator process imports kopf and its handlers
     from kubernetes import config
     from variant_autoscaler.actuator import KubeGateway
@@ -136,7 +136,14 @@ def worker(kubeconfig: str, settings_file: str, cycles: int) -> dict:
         t = time.perf_counter()
         resources = asyncio.run(gateway.list_variant_autoscalings(settings_of(settings_file)))
         list_s = time.perf_counter() - t
-        report = asyncio.run(controller.cycle(resources))
+        if profile and k == cycles // 2:
+            import cProfile  # one steady warm cycle, the controller's own (event-loop thread) work
+
+            with cProfile.Profile() as prof:
+                report = asyncio.run(controller.cycle(resources))
+            prof.dump_stats(profile)
+        else:
+            report = asyncio.run(controller.cycle(resources))
         out.append({"ok": report.ok, "error": report.error, "variants": len(report.variants),
                     "duration_s": report.duration_s, "optimizer_s": report.optimizer_s,
                     "status": report.optimizer_status, "cost": report.cost_per_hour,
@@ -179,8 +186,9 @@ def test_one_cycle_for_1000_variant_autoscalings(tmp_path):
     (tmp_path / "settings.yaml").write_text(yaml.safe_dump(settings()))
     with EmulatedCluster(namespaces=[f"bench-{i}" for i in range(NAMESPACES)], start_delay_s=0.0) as cluster:
         setup_s = _populate(cluster)
+        profile = ["--profile", os.environ["BENCH_PROFILE"]] if os.environ.get("BENCH_PROFILE") else []
         proc = subprocess.run([sys.executable, __file__, "--kubeconfig", str(cluster.kubeconfig_path),
-                               "--settings", str(tmp_path / "settings.yaml"), "--cycles", str(CYCLES)],
+                               "--settings", str(tmp_path / "settings.yaml"), "--cycles", str(CYCLES), *profile],
                               capture_output=True, text=True, timeout=600,
                               env={**os.environ, "MALLOC_ARENA_MAX": "2"})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -223,5 +231,6 @@ if __name__ == "__main__":
     parser.add_argument("--kubeconfig", required=True)
     parser.add_argument("--settings", required=True)
     parser.add_argument("--cycles", type=int, default=CYCLES)
+    parser.add_argument("--profile", help="cProfile one steady warm cycle (the middle one) into this file")
     args = parser.parse_args()
-    print(json.dumps(worker(args.kubeconfig, args.settings, args.cycles)))
+    print(json.dumps(worker(args.kubeconfig, args.settings, args.cycles, args.profile)))

@@ -364,8 +364,11 @@ def _make_before_break(variants, inventory, stabilized, granted, limits) -> dict
 
 def _no_half_pairs(variants, targets, limits) -> None:
     """Rule 8: no new replicas for one half of a prefill/decode pair while the other half gets none."""
-    for group in {v.group for v in variants}:
-        halves = {role: [v for v in variants if v.group == group and v.role == role] for role in ("prefill", "decode")}
+    pairs: dict[str, dict[str, list[VariantState]]] = {}  # one pass over the variants, not one per group
+    for v in variants:
+        if v.role in ("prefill", "decode"):
+            pairs.setdefault(v.group, {"prefill": [], "decode": []})[v.role].append(v)
+    for halves in pairs.values():
         for role, other in (("prefill", "decode"), ("decode", "prefill")):
             if halves[role] and not any(targets[u.name] for u in halves[other]):
                 for v in halves[role]:

@@ -90,3 +90,30 @@ def test_run_with_a_bad_settings_file_is_one_line_and_exit_2(tmp_path, capsys):
     assert main(["run", "--settings", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"error: {bad}: interval_s: Input should be greater than 0"
+
+
+def test_pod_index_matches_the_pods_a_scan_of_every_pod_matches():
+    """`PodIndex.matching` (read_targets' label index) gives the very pods, in order, that `selector_matches`
+    over every pod gives, for matchLabels, matchExpressions, empty, absent and malformed selectors."""
+    from variant_autoscaler.actuator import PodIndex, selector_matches
+
+    def pod(name, **labels):
+        return {"metadata": {"name": name, "labels": labels}}
+
+    pods = [pod("a1", app="a", tier="gpu"), pod("b1", app="b"), pod("a2", app="a"), pod("x"),
+            {"metadata": {"name": "nolabels"}}, {"metadata": {"name": "odd", "labels": {"app": ["a"]}}},
+            pod("c1", app="c", tier="gpu"), pod("a3", app="a", tier="cpu")]
+    selectors = [
+        {"matchLabels": {"app": "a"}}, {"matchLabels": {"app": "a", "tier": "gpu"}}, {"matchLabels": {"app": "zz"}},
+        {"matchLabels": {"tier": "gpu"}, "matchExpressions": [{"key": "app", "operator": "NotIn", "values": ["c"]}]},
+        {"matchExpressions": [{"key": "tier", "operator": "Exists"}]},
+        {"matchExpressions": [{"key": "app", "operator": "In", "values": ["a", "b"]}]},
+        {"matchLabels": {"app": ["a"]}}, {"matchLabels": {}}, {}, None,
+    ]
+    index = PodIndex(pods)
+    for sel in selectors:
+        scan = [p for p in pods if selector_matches(sel, (p.get("metadata") or {}).get("labels") or {})]
+        assert index.matching(sel) == scan, sel
+    assert [p["metadata"]["name"] for p in index.matching({"matchLabels": {"app": "a"}})] == ["a1", "a2", "a3"]
+    assert [p["metadata"]["name"] for p in index.matching({"matchLabels": {"app": ["a"]}})] == ["odd"]
+    assert PodIndex([]).matching({"matchLabels": {"app": "a"}}) == []

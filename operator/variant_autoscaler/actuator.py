@@ -167,6 +167,37 @@ def selector_matches(selector: JsonObj | None, labels: dict[str, str]) -> bool:
     return True
 
 
+class PodIndex:
+    """One namespace's pods by label (key, value), so that matching each of 1,000 selectors against that
+    namespace's pods looks up the pods carrying one of its matchLabels instead of scanning them all (the
+    steady-state cycle spent 0.2 s on 100,000 `selector_matches` calls). `matching` gives the very pods,
+    in the very order, that `selector_matches` over every pod gives."""
+
+    def __init__(self, pods: list[JsonObj]):
+        self.pods = pods
+        self.by_label: dict[tuple, list[JsonObj]] = {}
+        for pod in pods:
+            labels = (pod.get("metadata") or {}).get("labels") or {}
+            if not isinstance(labels, dict):
+                continue
+            for pair in labels.items():
+                try:
+                    self.by_label.setdefault(pair, []).append(pod)
+                except TypeError:  # an unhashable value: a selector naming it is matched by the full scan below
+                    continue
+
+    def matching(self, selector: JsonObj | None) -> list[JsonObj]:
+        candidates = self.pods
+        try:
+            for pair in ((selector or {}).get("matchLabels") or {}).items():
+                found = self.by_label.get(pair, ())  # every pod the selector matches carries each of its pairs
+                if len(found) < len(candidates):
+                    candidates = found
+        except (AttributeError, TypeError):  # not a mapping, or an unhashable value: scan every pod
+            candidates = self.pods
+        return [p for p in candidates if selector_matches(selector, (p.get("metadata") or {}).get("labels") or {})]
+
+
 def pod_view(pod: JsonObj) -> PodView:
     meta, status = pod.get("metadata") or {}, pod.get("status") or {}
     ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
@@ -383,21 +414,29 @@ class KubeGateway:
         results = await asyncio.gather(*(self._in_thread(lambda k=k: list_kind(*k)) for k in kinds),
                                        *(self._in_thread(lambda n=n: list_pods(n)) for n in namespaces))
         objects = dict(zip(kinds, results[:len(kinds)], strict=True))
-        pods = dict(zip(namespaces, results[len(kinds):], strict=True))
+        pods = {ns: PodIndex(found) for ns, found in zip(namespaces, results[len(kinds):], strict=True)}
+        # by name (the first object of each name, as a scan would find it): one dict per (namespace, kind)
+        # instead of a scan of the namespace's objects per target
+        named: dict[tuple[str, str], dict[str, JsonObj]] = {}
+        for key, items in objects.items():
+            if not isinstance(items, ApiCallFailed):
+                index = named[key] = {}
+                for o in items:
+                    index.setdefault(o["metadata"]["name"], o)
+        no_pods = PodIndex([])
         out: dict[TargetRef, TargetView | TargetUnreadable | None] = {}
         for r in refs:
             items = objects.get((r.namespace, r.kind))
             if isinstance(items, ApiCallFailed):
                 out[r] = TargetUnreadable(ref=r, status=items.status, reason=items.reason)
                 continue
-            obj = next((o for o in items or [] if o["metadata"]["name"] == r.name), None)
+            obj = named.get((r.namespace, r.kind), {}).get(r.name)
             if obj is None:
                 out[r] = None
                 continue
             spec, status = obj.get("spec") or {}, obj.get("status") or {}
             selector = spec.get("selector")
-            mine = tuple(pod_view(p) for p in pods.get(r.namespace, [])
-                         if selector_matches(selector, (p.get("metadata") or {}).get("labels") or {}))
+            mine = tuple(pod_view(p) for p in pods.get(r.namespace, no_pods).matching(selector))
             node_selector = ((spec.get("template") or {}).get("spec") or {}).get("nodeSelector") or {}
             out[r] = TargetView(ref=r, spec_replicas=int(spec.get("replicas", 1)),
                                 status_replicas=int(status.get("replicas") or 0),

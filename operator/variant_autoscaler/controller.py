@@ -776,13 +776,17 @@ class Controller:
             except ValidationError as err:
                 v.problem, v.problem_reason = "InvalidVariant", str(err.errors()[0]["msg"])
         workloads = []
+        priorities: dict[str, list[float]] = {}  # per model, its variants' priorities (one pass, not one per model)
+        for k in keys:
+            if live[k].parsed.priority:
+                priorities.setdefault(live[k].parsed.model_id, []).append(live[k].parsed.priority)
         for m in sorted(models):
             if m in held:
                 continue
             obs = collection.models.get(m)
             entry = settings.model(m)
             mix = (entry.length_mix if entry and entry.length_mix else None) or settings.default_length_mix
-            prios = [live[k].parsed.priority for k in keys if live[k].parsed.model_id == m and live[k].parsed.priority]
+            prios = priorities.get(m, [])
             priority = max(prios) if prios else (entry.priority if entry else 1.0)
             w = obs.to_workload(priority=priority, fallback_mix=mix) if obs is not None else None
             if w is None:
@@ -1090,9 +1094,14 @@ class Controller:
                 capacity_per_replica_rps=info.get("capacity"),
                 metrics_available=model_ok.get(v.parsed.model_id, (False, ""))[0]))
         models = []
+        loaded: dict[str, list[str]] = {}  # per model, its variants with a load (one pass, not one per model)
+        for k, v in live.items():
+            if k in load:
+                loaded.setdefault(v.parsed.model_id, []).append(k)
+        slo_models = {s.model for s in problem.slos} if problem is not None else set()
         for m in sorted({v.parsed.model_id for v in live.values()}):
             obs = collection.models.get(m)
-            mine = [k for k, v in live.items() if v.parsed.model_id == m and k in load]
+            mine = loaded.get(m, [])
             groups: dict[str, list[str]] = {}
             for k in mine:
                 groups.setdefault(live[k].parsed.role_name, []).append(k)
@@ -1102,7 +1111,7 @@ class Controller:
                 used = sum(load[k]["used"] for k in ks)
                 if ready > 0:
                     mload = max(mload or 0.0, used / ready)
-            slo = problem.slo(m) if problem is not None and any(s.model == m for s in problem.slos) else None
+            slo = problem.slo(m) if m in slo_models else None
             q = f"p{(slo.percentile if slo else 90.0):g}"
             models.append(ModelReading(
                 model=m, arrival_rate_rps=obs.arrival_rate_rps if obs and model_ok.get(m, (False,))[0] else None,
