@@ -49,7 +49,9 @@ class BlockModels:
         return model
 
 
-def solve_block(models: BlockModels, index: int, prices: np.ndarray, relative_gap: float) -> BlockResult:
+def solve_block(models: BlockModels, index: int, prices: np.ndarray, relative_gap: float,
+                cutoff: float | None = None) -> BlockResult:
+    """The block's MILP at `prices`; `cutoff`: the priced cost of a column known for it (see solve_milp)."""
     form = models.form
     block = form.blocks[index]
     priced = form.priced_cost(block, prices)
@@ -57,7 +59,7 @@ def solve_block(models: BlockModels, index: int, prices: np.ndarray, relative_ga
     columns = np.arange(block.col_n.start, block.col_n.stop)
     model.set_cost(columns, priced[block.col_n])
     with quiet_stdout():
-        res = model.solve_milp(relative_gap, node_limit=BLOCK_NODE_LIMIT, small=True)
+        res = model.solve_milp(relative_gap, node_limit=BLOCK_NODE_LIMIT, small=True, cutoff=cutoff)
     if res.x is None:
         raise RuntimeError(f"model {block.model}: per-model MILP found no solution ({res.message})")
     x = res.x.copy()
@@ -89,9 +91,9 @@ def quiet_stdout() -> Iterator[None]:
 _FORKED: tuple[BlockModels, float] | None = None
 
 
-def _solve_forked(task: tuple[int, np.ndarray]) -> BlockResult:
+def _solve_forked(task: tuple[int, np.ndarray, float | None]) -> BlockResult:
     models, gap = _FORKED
-    return solve_block(models, task[0], task[1], gap)
+    return solve_block(models, task[0], task[1], gap, task[2])
 
 
 class BlockPool:
@@ -107,21 +109,22 @@ class BlockPool:
         self.workers = _usable_cpus() if workers is None else workers
         self._pool = None
 
-    def solve(self, indices: list[int], prices: np.ndarray, deadline: float | None = None) -> Iterator[BlockResult]:
+    def solve(self, indices: list[int], prices: np.ndarray, deadline: float | None = None,
+              cutoffs: dict[int, float] | None = None) -> Iterator[BlockResult]:
         """Results in the order of `indices`; with workers, every task is handed out before this returns.
 
         Past ``deadline`` (a ``time.perf_counter()`` instant) the results stop: no new in-process
         solve starts, and waiting for a worker's next result gives up at the deadline; the results
         other workers had finished by then still come (in order), rather than being thrown away
-        behind one slow model.
+        behind one slow model. `cutoffs`: per block, the priced cost of a column known for it.
         """
-        tasks = [(i, prices) for i in indices]
+        tasks = [(i, prices, (cutoffs or {}).get(i)) for i in indices]
         if self._pool is None and self.workers > 1 and len(tasks) > 1 and _can_fork():
             global _FORKED
             _FORKED = (self.models, self.gap)
             self._pool = multiprocessing.get_context("fork").Pool(self.workers)
         if self._pool is None or len(tasks) <= 1:
-            return (solve_block(self.models, i, p, self.gap) for i, p in tasks
+            return (solve_block(self.models, i, p, self.gap, c) for i, p, c in tasks
                     if deadline is None or time.perf_counter() <= deadline)
         return _until([self._pool.apply_async(_solve_forked, (task,)) for task in tasks], deadline)
 

@@ -144,7 +144,7 @@ def solve_lagrangian(form: Formulation, time_limit_s: float, relative_gap: float
     timed_out = False
     with BlockPool(form, block_gap, workers) as pool:
         # workers start on these while the roundings that fit the stock together are built
-        results = pool.solve(pending, prices, deadline)
+        results = pool.solve(pending, prices, deadline, _cutoffs(form, states, pending, prices))
         # those come whatever the clock says: they are what a clock-stopped run serves (a warm start's
         # repaired columns already fit together, unless a model is new)
         if warm_prices is None or any(st.current == 0 for st in states):
@@ -203,7 +203,7 @@ def solve_lagrangian(form: Formulation, time_limit_s: float, relative_gap: float
             # the others' bounds hold at the new prices too (their optimum cannot have moved down)
             for i in set(range(len(states))) - set(redo):
                 states[i].fingerprint = fingerprints.of(i, prices)
-            for res in pool.solve(redo, prices, deadline):
+            for res in pool.solve(redo, prices, deadline, _cutoffs(form, states, redo, prices)):
                 _record(states[res.index], res, form.blocks[res.index], usage[res.index], replace_bound=True,
                         fingerprint=fingerprints.of(res.index, prices))
                 unmastered += 1
@@ -236,6 +236,15 @@ def solve_lagrangian(form: Formulation, time_limit_s: float, relative_gap: float
     return Solution(columns=columns, objective=objective, lower_bound=min(best_bound, objective), status=status,
                     method="decomposition", iterations=rounds, warm_started=warm_prices is not None or seeded,
                     warm_start=kept.warm_start(form, states, columns, fingerprints, min(best_bound, objective)))
+
+
+def _cutoffs(form: Formulation, states: list[_BlockState], indices: list[int], prices: np.ndarray) -> dict[int, float]:
+    """Per block, the priced cost of its best known column at `prices`: its MILP may prune above it."""
+    out = {}
+    for i in indices:
+        priced = form.priced_cost(form.blocks[i], prices)
+        out[i] = min(float(priced @ c.x) for c in states[i].columns)
+    return out
 
 
 def _integral(n: np.ndarray) -> bool:

@@ -67,7 +67,7 @@ class SparseProgram:
         self._model.set_objective_coefficients([int(j) for j in columns], [float(v) for v in values])
 
     def solve_milp(self, relative_gap: float, *, time_limit_s: float | None = None,
-                   node_limit: int | None = None, small: bool = False) -> Answer:
+                   node_limit: int | None = None, small: bool = False, cutoff: float | None = None) -> Answer:
         """HiGHS branch-and-bound to `relative_gap`, stopped by a node count and/or a clock.
 
         `small`: skip presolve and every primal heuristic. The per-model MILPs mostly close at the
@@ -77,8 +77,17 @@ class SparseProgram:
         another 40 % of what is left, for the same bounds (54 fractional blocks of the 100-model
         instance at LP prices: 3.4 s -> 2.05 s CPU). Should that find no integer point within the
         node limit, the solve is repeated with the heuristics on, so the caller still gets one.
+
+        `cutoff`: the objective of a known feasible point (a rounding). HiGHS prunes every node whose
+        bound reaches it from the start, as it would with that point as incumbent (a MIP start through
+        `add_hint` crashes HiGHS); the bound stays valid, as pruned nodes cannot hold anything cheaper.
+        Same answers, 16 % less CPU on those 54 blocks (2.03 -> 1.71 s). Should nothing beat the cutoff,
+        the solve is repeated without it.
         """
-        answer = self._solve_milp(relative_gap, time_limit_s, node_limit, SMALL_PARAMS if small else [])
+        extra = [f"objective_bound = {cutoff * (1 + 1e-9) + 1e-9!r}"] if cutoff is not None and math.isfinite(cutoff) else []
+        answer = self._solve_milp(relative_gap, time_limit_s, node_limit, (SMALL_PARAMS if small else []) + extra)
+        if extra and answer.x is None:
+            answer = self._solve_milp(relative_gap, time_limit_s, node_limit, SMALL_PARAMS if small else [])
         if small and answer.x is None:
             answer = self._solve_milp(relative_gap, time_limit_s, node_limit, ["presolve = off"])
         return answer
