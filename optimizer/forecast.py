@@ -7,9 +7,16 @@ noise and then misses a steady diurnal rise of 1 req/s per minute altogether: th
 default demo's 8B by a minute of growth. A Kalman filter pools every interval it has seen, weighs
 each by its Poisson noise, and says how sure it is: the plan covers the forecast's upper quantile.
 
-The state is (log rate, growth per second), observed once per interval as log((n + 1/2) / dt)
-with the Poisson variance 1 / (n + 1/2): working on the log makes the noise grids scale-free (the
-same filter fits 0.5 and 50 req/s). How fast level and growth may wander is not assumed: a small
+The state is (log rate, growth per second), observed once per interval as log((n + 1/2) / dt):
+working on the log makes the noise grids scale-free (the same filter fits 0.5 and 50 req/s). By
+default its variance is 1 / (n + 1/2) of the count seen, which trusts the busy intervals most, so
+the level reads high wherever counts are small (+23 % at 0.25 req/s with 15 s intervals, 2.1x at
+0.05 req/s; +1 % at 12 req/s). `count_noise="predicted"` takes the observation's relation to the
+state and its noise from each filter's own predicted count instead (the exact moments of
+log(n + 1/2) for a Poisson count, linearised as an extended Kalman filter does): unbiased at every
+rate, but it also reacts more slowly to a count above the prediction, and the simulator's azure70b
+fell from 99.35 % to 96.93 % with it (longctx70b, whose plan it lowers by ~20 %, did not get cheaper:
+its burst allowance then set the plan); so it is not the default. How fast level and growth may wander is not assumed: a small
 bank of filters, one per (level noise, growth noise) pair of `LEVEL_NOISE` x `GROWTH_NOISE`, runs
 side by side and the forecast comes from the one whose one-step predictions explained the recent
 intervals best (log-likelihood, exponentially forgotten over `memory_s`). Calm traffic then
@@ -25,6 +32,7 @@ import math
 
 import numpy as np
 from filterpy.kalman import KalmanFilter
+from scipy.special import gammaln
 
 LEVEL_NOISE = (1e-5, 1e-4, 1e-3, 1e-2)
 """Variance per second of the log-rate's own random walk (1e-3: ~25 % per minute)."""
@@ -37,11 +45,47 @@ demo z = 0.5 cost 25-35 % more than z = 0 for no attainment that z = 0 lacked (b
 PATH_POINTS = 5
 
 
+COUNT_NOISE = ("observed", "predicted")
+"""How an interval's count is weighed. "observed" (the default): log((n + 1/2) / dt) with variance
+1 / (n + 1/2) of the count seen. "predicted": the exact moments of log(n + 1/2) at each filter's own
+predicted count, linearised as an extended Kalman filter does (see the module docstring)."""
+_EXACT_COUNT_LIMIT = 400.0
+"""Above this many expected arrivals per interval log(n + 1/2) is taken as normal around log(mean)."""
+_MIN_SLOPE = 1e-3
+
+
+def log_count_moments(mean_count: float) -> tuple[float, float, float]:
+    """Mean and variance of log(n + 1/2) for n ~ Poisson(mean_count), and its slope d mean / d log(mean_count).
+
+    Why exact: at a few arrivals per interval log(n + 1/2) is skewed and its spread, 1 / mean_count
+    in the limit, is far from 1 / (n + 1/2) of the one count seen; near zero arrivals it barely moves
+    with the rate (the slope falls below 1), which a plain log observation would misread as a steady
+    level. Sums the Poisson pmf over n up to mean + 12 sd + 12; above `_EXACT_COUNT_LIMIT` the normal
+    limit (log mean, 1 / mean, 1).
+    """
+    mu = max(float(mean_count), 1e-9)
+    if mu > _EXACT_COUNT_LIMIT:
+        return math.log(mu), 1.0 / mu, 1.0
+    n = np.arange(int(math.ceil(mu + 12.0 * math.sqrt(mu) + 12.0)) + 1, dtype=float)
+    pmf = np.exp(n * math.log(mu) - mu - gammaln(n + 1.0))
+    pmf /= pmf.sum()
+    logs = np.log(n + 0.5)
+    mean = float(pmf @ logs)
+    var = max(float(pmf @ (logs - mean) ** 2), 1e-12)
+    # d E[f(n)] / d mu = E[f(n + 1) - f(n)] for a Poisson count; times mu for the log scale.
+    slope = max(mu * float(pmf @ (np.log(n + 1.5) - logs)), _MIN_SLOPE)
+    return mean, var, slope
+
+
 class ArrivalForecast:
     def __init__(self, interval_s: float, *, memory_s: float = 1800.0, z: float = FORECAST_Z,
-                 level_noise: tuple[float, ...] = LEVEL_NOISE, growth_noise: tuple[float, ...] = GROWTH_NOISE):
+                 level_noise: tuple[float, ...] = LEVEL_NOISE, growth_noise: tuple[float, ...] = GROWTH_NOISE,
+                 count_noise: str = "observed"):
         if interval_s <= 0 or memory_s <= 0 or z < 0:
             raise ValueError("need interval_s > 0, memory_s > 0, z >= 0")
+        if count_noise not in COUNT_NOISE:
+            raise ValueError(f"count_noise must be one of {COUNT_NOISE}, got {count_noise!r}")
+        self.count_noise = count_noise
         self.interval_s = float(interval_s)
         self.z = float(z)
         self._forget = math.exp(-interval_s / memory_s)
@@ -71,14 +115,23 @@ class ArrivalForecast:
         """Count of arrivals in the last `duration_s` seconds (one interval)."""
         if duration_s <= 0 or arrivals < 0:
             raise ValueError("need duration_s > 0 and arrivals >= 0")
-        n = arrivals + 0.5
-        z = math.log(n / duration_s)
+        z = math.log((arrivals + 0.5) / duration_s)
         if self._filters is None:
             self._filters = self._bank(z, duration_s)
         for k, kf in enumerate(self._filters):
             self._set_dt(kf, *self._noise[k], duration_s)
             kf.predict()
-            kf.update(np.array([[z]]), R=np.array([[1.0 / n]]))
+            if self.count_noise == "observed":
+                kf.update(np.array([[z]]), R=np.array([[1.0 / (arrivals + 0.5)]]))
+                self._score[k] = self._forget * self._score[k] + float(kf.log_likelihood)
+                continue
+            # Linearised around the predicted log rate x: z ~ mean(x) + slope (state - x), variance
+            # var(x); update() takes z - H state, so the offset moves into the observation.
+            x = float(kf.x[0, 0])
+            mean, var, slope = log_count_moments(math.exp(x) * duration_s)
+            kf.H = np.array([[slope, 0.0]])
+            z_lin = z - (mean - math.log(duration_s)) + slope * x
+            kf.update(np.array([[z_lin]]), R=np.array([[var]]))
             self._score[k] = self._forget * self._score[k] + float(kf.log_likelihood)
         self.observed += 1
 
