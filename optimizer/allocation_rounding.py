@@ -42,17 +42,21 @@ def round_block(block: ModelBlock, x_lp: np.ndarray, priced: np.ndarray, current
     y = np.clip(x_lp[block.col_y], 0.0, None)
     u = np.clip(x_lp[block.col_u], 0.0, 1.0)
     starts = [(floor, y, u), (lo.copy(), np.zeros_like(y), u)]
+    flows = _Flows(block)  # once for the four roundings below: it depends on the block alone
     for n0, y0, u0 in starts:
         for greedy in (False, True):
-            n, y1, u1 = _floor_and_cover(block, n0.copy(), y0.copy(), u0.copy(), priced, hi, usage, budget, greedy)
+            n, y1, u1 = _floor_and_cover(block, n0.copy(), y0.copy(), u0.copy(), priced, hi, usage, budget, greedy,
+                                         flows)
             cand = _complete(block, n, y1, u1, current)
             if best is None or priced @ cand < priced @ best - _EPS:
                 best = cand
     return best
 
 
-def _floor_and_cover(block: ModelBlock, n, y, u, priced, hi, usage, budget, greedy: bool):
-    """Shrink the routing to fit `n`, then add replicas until the demand `1 - u` is covered again."""
+def _floor_and_cover(block: ModelBlock, n, y, u, priced, hi, usage, budget, greedy: bool, flows=None):
+    """Shrink the routing to fit `n`, then add replicas until the demand `1 - u` is covered again.
+
+    `flows`: the block's `_Flows`, when the caller already built them."""
     work = block.flow_work
     fv, fb, fs = block.flow_variant, block.flow_bucket, block.flow_stage
     nv, nb = len(block.variants), len(block.rates)
@@ -67,7 +71,7 @@ def _floor_and_cover(block: ModelBlock, n, y, u, priced, hi, usage, budget, gree
     need_dec = np.maximum((1 - u) - np.bincount(fb[dec], weights=y[dec], minlength=nb), 0.0) \
         if block.disaggregated else need_pre.copy()
     left = None if budget is None else budget - usage @ n
-    flows = _Flows(block)
+    flows = flows if flows is not None else _Flows(block)
     _route(flows, y, spare, need_pre, need_dec)
     if not greedy:
         _cover_alone(block, work, y, spare, need_pre, need_dec, priced[block.col_n], n, hi, usage, left)
