@@ -33,6 +33,20 @@ def knapsack_like(seed: int):
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
+def test_a_cutoff_prunes_without_changing_the_optimum_and_a_wrong_one_still_gets_a_solution(seed):
+    """`solve_milp(cutoff=...)`: at or above the optimum (the decomposition passes a known column's cost) the
+    optimum and a valid bound come back; at a cutoff below the optimum nothing beats it, and the solve is repeated
+    without it, so the caller still gets the optimum rather than no point."""
+    cost, lb, ub, integ, a, rlb, rub = knapsack_like(seed)
+    reference = milp(cost, integrality=integ, bounds=Bounds(lb, ub), constraints=LinearConstraint(a, rlb, rub))
+    for cutoff in (1.2 * reference.fun, reference.fun, 0.5 * reference.fun):
+        answer = SparseProgram(cost, lb, ub, integ, a, rlb, rub).solve_milp(1e-9, small=True, cutoff=cutoff)
+        assert answer.x is not None, cutoff
+        assert answer.objective == pytest.approx(reference.fun, rel=1e-6)
+        assert answer.bound <= reference.fun + 1e-6
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
 def test_repriced_model_solves_like_a_fresh_one(seed):
     cost, lb, ub, integ, a, rlb, rub = knapsack_like(seed)
     program = SparseProgram(cost, lb, ub, integ, a, rlb, rub)
