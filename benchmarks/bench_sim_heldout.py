@@ -13,7 +13,7 @@ verdict lines of optimizer/simulation/verdict.py: costs compared only between ru
 
     .venv/bin/python benchmarks/bench_sim_heldout.py                 # every held-out scenario (~2-3 min on 2 cores)
     .venv/bin/python benchmarks/bench_sim_heldout.py seeds-a         # one of them
-    .venv/bin/python benchmarks/bench_sim_heldout.py draws           # six fresh draws of the default (~5 min)
+    .venv/bin/python benchmarks/bench_sim_heldout.py draws           # six fresh draws of the default (~15 min at load 3-5)
     .venv/bin/python -m pytest -q benchmarks/bench_sim_heldout.py -o python_files='bench_*.py' -s
 """
 
