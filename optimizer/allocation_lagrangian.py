@@ -286,8 +286,24 @@ def _cold_states(form, prices, lp_x, usage, fingerprints, block_gap, deadline) -
         states[i].current = len(states[i].columns) - 1
         loss[i] = min(loss[i], float(priced @ rounded) - states[i].bound)
         states[i].exact = loss[i] <= block_gap * abs(states[i].bound) + 1e-9
-    pending = sorted((i for i in fractional if not states[i].exact), key=lambda i: (-loss[i], i))
+    pending = sorted((i for i in fractional if not states[i].exact),
+                     key=lambda i: (-loss[i] / milp_work(form.blocks[i], lp_x[i]), i))
     return states, pending
+
+
+def milp_work(block: ModelBlock, x_lp: np.ndarray) -> float:
+    """A model's MILP CPU cost relative to others': its flows times (1 + its fractional replica counts).
+
+    Why: the first pass of per-model MILPs rarely finishes within a short limit, so it goes in order
+    of possible gain per CPU-second. The MILPs' CPU time varies 30-fold (13 ms for a 10-variant
+    model, up to 0.4 s for a 30-variant P/D one on the 100-model benchmark), and this product ranks
+    it best among the block sizes tried (Spearman 0.65 over 161 blocks of 3 seeds, against 0.46 for
+    the flows alone). In a simulated budget of 0.5 CPU-s per seed the order by gain per work finds
+    74 of the 130 $/h of bound the whole pass finds, against 50 in order of gain alone.
+    """
+    n = x_lp[block.col_n]
+    fractional = int(np.sum(np.abs(n - np.rint(n)) > _INTEGRAL))
+    return float(max(len(block.flow_variant), 1) * (1 + fractional))
 
 
 def _warm_states(form, warm: WarmStart, prices, lp_x, usage, fingerprints, repair: bool,
