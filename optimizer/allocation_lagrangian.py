@@ -129,6 +129,7 @@ def solve_lagrangian(form: Formulation, time_limit_s: float, relative_gap: float
         # the LP optimum: a valid bound whatever prices the loop starts from
         lp_bound = float(sum(form.priced_cost(b, lp_prices) @ lp_x[i] for i, b in enumerate(form.blocks))
                          - lp_prices @ rhs)
+    cheap: dict[int, _Column] = {}  # cold start: the cheap roundings at the LP's prices
     if warm_prices is not None:
         prices = warm_prices
         states, pending = _warm_states(form, warm, prices, lp_x, usage, fingerprints, repair=not unchanged,
@@ -136,6 +137,8 @@ def solve_lagrangian(form: Formulation, time_limit_s: float, relative_gap: float
     else:
         prices = lp_prices
         states, pending = _cold_states(form, prices, lp_x, usage, fingerprints, block_gap, deadline)
+        # the stock-fitting roundings take these where they fit
+        cheap = {i: st.columns[st.current] for i, st in enumerate(states) if st.current > 0}
         if warm is not None:
             seeded = _seed(form, states, warm, prices, usage, fingerprints, deadline)
     fractional = [] if lp_x is None else [i for i in range(len(states))
@@ -148,8 +151,10 @@ def solve_lagrangian(form: Formulation, time_limit_s: float, relative_gap: float
         # those come whatever the clock says: they are what a clock-stopped run serves (a warm start's
         # repaired columns already fit together, unless a model is new)
         if warm_prices is None or any(st.current == 0 for st in states):
-            joint = _jointly_feasible_roundings(form, lp_x, fractional, lp_prices, usage, rhs)
+            joint = _jointly_feasible_roundings(form, lp_x, fractional, lp_prices, usage, rhs, cheap)
             for i, column in joint.items():
+                if column is cheap.get(i):
+                    continue  # already known: the model's cheap rounding fits the stock the others leave
                 states[i].columns.append(column)
                 if states[i].current == 0:  # no cheap rounding in time: the joint one is the best known
                     states[i].current = len(states[i].columns) - 1
@@ -421,7 +426,8 @@ class _Kept:
                          lower_bound=lower_bound)
 
 
-def _jointly_feasible_roundings(form, lp_x, fractional, prices, usage, rhs) -> dict[int, _Column]:
+def _jointly_feasible_roundings(form, lp_x, fractional, prices, usage, rhs,
+                                cheap: dict[int, _Column] | None = None) -> dict[int, _Column]:
     """One more column per fractional model, rounded so that all models' columns fit the stock together.
 
     Rounding every LP count down keeps within the LP's usage, hence within stock; the demand this
@@ -429,6 +435,11 @@ def _jointly_feasible_roundings(form, lp_x, fractional, prices, usage, rhs) -> d
     master can therefore always serve nearly all demand, even if the clock stops every MILP. Built
     whatever the clock says (one rounding per model, milliseconds each): a plan that serves nothing
     because the limit was short would scale models to zero.
+
+    `cheap`: per model, a column already known (its cheap rounding at these prices); where it fits
+    the stock left, it is taken as it is instead of rounding again (the rounding under that budget
+    could retrace it step by step, as a cover only adds replicas; it may also end elsewhere), and the
+    rounding is what this saves: 0.19 s on an idle core at 100 models, 0.35-0.95 s beside the workers.
     """
     columns: dict[int, _Column] = {}
     if not len(rhs):
@@ -443,6 +454,11 @@ def _jointly_feasible_roundings(form, lp_x, fractional, prices, usage, rhs) -> d
     for i in order:
         block = form.blocks[i]
         budget = left + usage[i] @ floors[i]
+        known = (cheap or {}).get(i)
+        if known is not None and np.all(known.usage <= budget + 1e-9):
+            left = budget - known.usage
+            columns[i] = known
+            continue
         x = round_block(block, lp_x[i], form.priced_cost(block, prices), form.variant_current[block.variants],
                         usage[i], budget)
         left = budget - usage[i] @ x[block.col_n]

@@ -13,7 +13,13 @@ import time
 import numpy as np
 
 from optimizer.allocation_formulation import build_formulation
-from optimizer.allocation_lagrangian import _cold_states, _lp_relaxation, milp_work
+from optimizer.allocation_lagrangian import (
+    _cold_states,
+    _integral,
+    _jointly_feasible_roundings,
+    _lp_relaxation,
+    milp_work,
+)
 from optimizer.allocation_warm import Fingerprints
 
 _SPEC = importlib.util.spec_from_file_location(
@@ -65,3 +71,24 @@ def test_milp_work_grows_with_flows_and_fractional_counts():
     integral = x.copy()
     integral[block.col_n] = np.rint(integral[block.col_n])
     assert milp_work(block, x) > milp_work(block, integral) == len(block.flow_variant)
+
+
+def test_stock_fitting_roundings_take_the_cheap_roundings_where_they_fit_and_still_fit_stock():
+    form, prices, lp_x, states, _ = _first_pass(30, seed=3)
+    usage = [form.coupling_usage(b) for b in form.blocks]
+    rhs = form.coupling_rhs
+    fractional = [i for i, b in enumerate(form.blocks) if not _integral(lp_x[i][b.col_n])]
+    cheap = {i: st.columns[st.current] for i, st in enumerate(states) if st.current > 0}
+    joint = _jointly_feasible_roundings(form, lp_x, fractional, prices, usage, rhs, cheap)
+    assert set(joint) == set(fractional)
+    reused = [i for i in joint if joint[i] is cheap.get(i)]
+    assert reused, "no cheap rounding taken: each one was rounded again"
+    total = sum(joint[i].usage for i in fractional)
+    total = total + sum(usage[i] @ np.rint(lp_x[i][form.blocks[i].col_n])
+                        for i in range(len(form.blocks)) if i not in joint)
+    assert np.all(total <= rhs + 1e-9)
+    # each is a column of its own model: demand rows hold
+    for i, column in joint.items():
+        block = form.blocks[i]
+        activity = block.matrix @ column.x
+        assert np.all(activity >= block.row_lb - 1e-7) and np.all(activity <= block.row_ub + 1e-7)
