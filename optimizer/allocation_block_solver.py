@@ -1,4 +1,4 @@
-"""One model's block of the allocation MILP, priced and solved on its own (HiGHS via OR-Tools).
+"""One model's block of the allocation MILP, priced and solved on its own (HiGHS, directly or via OR-Tools).
 
 Kept apart from the decomposition loop because it is what worker processes run: the decomposition
 solves dozens of these per pass, and on a multi-core machine it farms them out (`BlockPool`).
@@ -20,7 +20,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from optimizer import allocation_highs
 from optimizer.allocation_formulation import Formulation
+from optimizer.allocation_highs import HighsBlockProgram
 from optimizer.allocation_ortools import SparseProgram
 
 BLOCK_NODE_LIMIT = 2_000
@@ -34,17 +36,20 @@ class BlockResult:
 
 
 class BlockModels:
-    """Every block's OR-Tools model, built on first use and then only re-priced."""
+    """Every block's model, built on first use and then only re-priced: in HiGHS itself where SciPy
+    ships its bindings (optimizer.allocation_highs: its own dual bound, less CPU), else in OR-Tools."""
 
-    def __init__(self, form: Formulation):
+    def __init__(self, form: Formulation, direct: bool | None = None):
         self.form = form
-        self._models: dict[int, SparseProgram] = {}
+        self.direct = allocation_highs.available() if direct is None else direct
+        self._models: dict[int, HighsBlockProgram | SparseProgram] = {}
 
-    def get(self, index: int) -> SparseProgram:
+    def get(self, index: int) -> HighsBlockProgram | SparseProgram:
         model = self._models.get(index)
         if model is None:
             b = self.form.blocks[index]
-            model = SparseProgram(b.cost, b.col_lb, b.col_ub, b.integrality, b.matrix, b.row_lb, b.row_ub)
+            kind = HighsBlockProgram if self.direct else SparseProgram
+            model = kind(b.cost, b.col_lb, b.col_ub, b.integrality, b.matrix, b.row_lb, b.row_ub)
             self._models[index] = model
         return model
 
@@ -59,7 +64,10 @@ def solve_block(models: BlockModels, index: int, prices: np.ndarray, relative_ga
     columns = np.arange(block.col_n.start, block.col_n.stop)
     model.set_cost(columns, priced[block.col_n])
     with quiet_stdout():
-        res = model.solve_milp(relative_gap, node_limit=BLOCK_NODE_LIMIT, small=True, cutoff=cutoff)
+        if isinstance(model, HighsBlockProgram):
+            res = model.solve_milp(relative_gap, node_limit=BLOCK_NODE_LIMIT, cutoff=cutoff)
+        else:
+            res = model.solve_milp(relative_gap, node_limit=BLOCK_NODE_LIMIT, small=True, cutoff=cutoff)
     if res.x is None:
         raise RuntimeError(f"model {block.model}: per-model MILP found no solution ({res.message})")
     x = res.x.copy()
