@@ -60,22 +60,10 @@ class HighsBlockProgram:
                  matrix: sp.spmatrix, row_lb: np.ndarray, row_ub: np.ndarray):
         if _hc is None:
             raise RuntimeError("SciPy's HiGHS bindings are not installed")
-        inf = _hc.kHighsInf
-        lp = _hc.HighsLp()
-        lp.num_col_, lp.num_row_ = len(cost), matrix.shape[0]
-        lp.col_cost_ = np.asarray(cost, dtype=float)
-        lp.col_lower_ = np.where(np.isfinite(col_lb), col_lb, -inf).astype(float)
-        lp.col_upper_ = np.where(np.isfinite(col_ub), col_ub, inf).astype(float)
-        lp.row_lower_ = np.where(np.isfinite(row_lb), row_lb, -inf).astype(float)
-        lp.row_upper_ = np.where(np.isfinite(row_ub), row_ub, inf).astype(float)
-        csc = sp.csc_matrix(matrix, dtype=float)
-        lp.a_matrix_.format_ = _hc.MatrixFormat.kColwise
-        lp.a_matrix_.start_ = csc.indptr
-        lp.a_matrix_.index_ = csc.indices
-        lp.a_matrix_.value_ = csc.data
+        lp = _model(cost, col_lb, col_ub, matrix, row_lb, row_ub)
         lp.integrality_ = [_hc.HighsVarType.kInteger if v else _hc.HighsVarType.kContinuous for v in integrality]
-        self._highs = _hc._Highs()
-        self._set({"output_flag": False, "log_to_console": False, "threads": 1, "mip_abs_gap": 0.0})
+        self._highs = _quiet_highs()
+        self._set({"mip_abs_gap": 0.0})
         status = self._highs.passModel(lp)
         if status == _hc.HighsStatus.kError:
             raise RuntimeError("HiGHS rejected the block model")
@@ -116,3 +104,51 @@ class HighsBlockProgram:
             bound = -math.inf
         return Answer(x, objective, min(bound, objective), status == _hc.HighsModelStatus.kOptimal, None,
                       self._highs.modelStatusToString(status))
+
+
+def solve_lp(cost: np.ndarray, col_lb: np.ndarray, col_ub: np.ndarray, matrix: sp.spmatrix, row_lb: np.ndarray,
+             row_ub: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(solution, row duals) of an LP by HiGHS's dual simplex, presolve off; None without the bindings or an optimum.
+
+    Row duals in HiGHS's sign: for a minimisation, a `<=` row at its bound has a dual <= 0. The
+    allocation's LP relaxation (100 models: 14,108 rows, 14,576 columns) takes 0.19 s CPU this way
+    against 0.26-0.29 s through `scipy.optimize.linprog` (which splits ranged rows and copies the
+    matrix twice), for the same value and prices.
+    """
+    if _hc is None:
+        return None
+    highs = _quiet_highs()
+    for name, value in {"presolve": "off", "solver": "simplex"}.items():
+        highs.setOptionValue(name, value)
+    if highs.passModel(_model(cost, col_lb, col_ub, matrix, row_lb, row_ub)) == _hc.HighsStatus.kError:
+        return None
+    highs.run()
+    if highs.getModelStatus() != _hc.HighsModelStatus.kOptimal:
+        return None
+    solution = highs.getSolution()
+    return np.asarray(solution.col_value, dtype=float), np.asarray(solution.row_dual, dtype=float)
+
+
+def _quiet_highs():
+    highs = _hc._Highs()
+    for name, value in {"output_flag": False, "log_to_console": False, "threads": 1}.items():
+        highs.setOptionValue(name, value)
+    return highs
+
+
+def _model(cost, col_lb, col_ub, matrix, row_lb, row_ub):
+    """A HiGHS LP from arrays (infinite bounds as HiGHS's infinity) and a sparse matrix."""
+    inf = _hc.kHighsInf
+    lp = _hc.HighsLp()
+    lp.num_col_, lp.num_row_ = len(cost), matrix.shape[0]
+    lp.col_cost_ = np.asarray(cost, dtype=float)
+    lp.col_lower_ = np.where(np.isfinite(col_lb), col_lb, -inf).astype(float)
+    lp.col_upper_ = np.where(np.isfinite(col_ub), col_ub, inf).astype(float)
+    lp.row_lower_ = np.where(np.isfinite(row_lb), row_lb, -inf).astype(float)
+    lp.row_upper_ = np.where(np.isfinite(row_ub), row_ub, inf).astype(float)
+    csc = sp.csc_matrix(matrix, dtype=float)
+    lp.a_matrix_.format_ = _hc.MatrixFormat.kColwise
+    lp.a_matrix_.start_ = csc.indptr
+    lp.a_matrix_.index_ = csc.indices
+    lp.a_matrix_.value_ = csc.data
+    return lp

@@ -6,13 +6,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.sparse as sp
-from scipy.optimize import Bounds, LinearConstraint, milp
+from scipy.optimize import Bounds, LinearConstraint, linprog, milp
 from test_allocation_first_pass import _first_pass
 from test_allocation_ortools import knapsack_like
 
 from optimizer import allocation_highs
 from optimizer.allocation_block_solver import BlockModels, solve_block
 from optimizer.allocation_highs import HighsBlockProgram
+from optimizer.allocation_lagrangian import _block_lp, _lp_relaxation
+from optimizer.allocation_monolithic import stacked
 from optimizer.allocation_ortools import SparseProgram
 
 pytestmark = pytest.mark.skipif(not allocation_highs.available(), reason="SciPy without its HiGHS bindings")
@@ -81,3 +83,23 @@ def test_block_bounds_are_valid_and_prove_more_than_objective_minus_gap():
         assert exact.objective - 1e-7 <= value <= exact.objective + gap * abs(exact.objective) + 1e-7
         tighter += res.bound > value - gap * max(abs(value), 1.0) + 1e-9
     assert tighter > 0
+
+
+def test_lp_relaxation_in_highs_itself_has_linprogs_value_and_prices_that_prove_it():
+    """The LP's coupling prices are optimal duals: every block's LP part is optimal for that block priced at
+    them, so the Lagrangian bound at those prices equals the LP value (what the decomposition relies on)."""
+    form, prices, lp_x, _, _ = _first_pass(20, seed=2)
+    value = sum(float(b.cost @ lp_x[i]) for i, b in enumerate(form.blocks))
+    matrix, row_lb, row_ub, _ = stacked(form)
+    cost = np.concatenate([b.cost for b in form.blocks])
+    bounds = np.column_stack([np.concatenate([b.col_lb for b in form.blocks]),
+                              np.concatenate([b.col_ub for b in form.blocks])])
+    eq = row_lb == row_ub
+    le, ge = ~eq & np.isfinite(row_ub), ~eq & np.isfinite(row_lb)
+    ref = linprog(cost, A_ub=sp.vstack([matrix[le], -matrix[ge]]), b_ub=np.concatenate([row_ub[le], -row_lb[ge]]),
+                  A_eq=matrix[eq], b_eq=row_ub[eq], bounds=bounds, method="highs")
+    assert value == pytest.approx(ref.fun, rel=1e-9)
+    assert allocation_highs.solve_lp(cost, bounds[:, 0], bounds[:, 1], matrix, row_lb, row_ub) is not None
+    lagrangian = sum(_block_lp(form, b, prices)[1] for b in form.blocks) - float(prices @ form.coupling_rhs)
+    assert lagrangian == pytest.approx(value, rel=1e-7)
+    assert _lp_relaxation(form)[0] == pytest.approx(prices)
