@@ -160,6 +160,9 @@ class OursSpec(_Strict):
                                                      "its trend and a hold of the whole plan.")
     capacity_correction: bool = Field(default=True, description="Lower a variant's modelled capacity while its "
                                                                 "replicas miss the SLO (optimizer.capacity_correction).")
+    swap_break_even: bool = Field(default=False, description="Start a swap made only to save money once its saving "
+                                                             "forgone has repaid its cold start (ski rental; "
+                                                             "EnginePolicy._gate_swaps).")
     router: RouterName = "weighted"
 
 
