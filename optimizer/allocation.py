@@ -166,10 +166,13 @@ def allocate(
         if auto and proven_gap(solution.objective, solution.lower_bound) > opts.relative_gap \
                 and integers <= MONOLITHIC_FALLBACK_INTEGERS and _left(start, opts) > 0.1:
             try:
-                solution = _better(solution, solve_monolithic(form, _left(start, opts), opts.relative_gap),
-                                   opts.relative_gap)
-            except NoMilpSolution:
-                pass  # keep the decomposition's answer and bound
+                solution = _better(solution, solve_monolithic(form, _left(start, opts), opts.relative_gap,
+                                                              cutoff=solution.objective), opts.relative_gap)
+            except NoMilpSolution as none:
+                # keep the decomposition's answer, with the search's bound where that is tighter
+                bound = min(max(solution.lower_bound, none.bound), solution.objective)
+                solution = dataclasses.replace(solution, lower_bound=bound, status=gap_status(
+                    proven_gap(solution.objective, bound), opts.relative_gap, solution.status))
     result = _report(form, solution, time.perf_counter() - began)
     # the decomposition's prices and per-model results, with the replicas finally chosen
     prior = solution.warm_start or WarmStart()

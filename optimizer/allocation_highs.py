@@ -81,13 +81,33 @@ class HighsBlockProgram:
     def solve_milp(self, relative_gap: float, *, node_limit: int, cutoff: float | None = None) -> Answer:
         """Branch-and-bound to `relative_gap` within `node_limit` nodes; `cutoff` as in SparseProgram.solve_milp."""
         limit = cutoff * (1 + 1e-9) + 1e-9 if cutoff is not None and math.isfinite(cutoff) else None
-        self._set({"mip_rel_gap": max(float(relative_gap), 0.0), "mip_max_nodes": int(node_limit)})
+        self._set({"mip_rel_gap": max(float(relative_gap), 0.0), "mip_max_nodes": int(node_limit),
+                   "time_limit": math.inf})
         answer = self._run(_SMALL, limit)
         if limit is not None and (answer.x is None or not answer.objective <= limit):
             answer = self._run(_SMALL, None)
         if answer.x is None:
             answer = self._run(_HEURISTICS_ON, None)
         return answer
+
+    def solve_below(self, relative_gap: float, cutoff: float, time_limit_s: float, node_limit: int) -> Answer:
+        """HiGHS's full search (presolve, heuristics) for a point cheaper than `cutoff`, the cost of a known one.
+
+        One solve, no repeat: the answer's `x` is None when none was found in time, and its `bound`
+        is then still HiGHS's proven bound (a valid bound on the optimum, which is at most `cutoff`
+        as a point of that cost exists; -inf if the root was not done).
+        """
+        self._set({"mip_rel_gap": max(float(relative_gap), 0.0), "mip_max_nodes": int(node_limit),
+                   "time_limit": max(float(time_limit_s), 0.01), "presolve": "choose"})
+        limit = cutoff * (1 + 1e-9) + 1e-9
+        answer = self._run(_HEURISTICS_ON | {"presolve": "choose"}, limit)
+        if answer.x is not None and answer.objective <= limit:
+            return answer
+        if answer.x is not None:  # above the cutoff: HiGHS's bound is then not to be trusted (see SparseProgram)
+            return Answer(None, math.inf, -math.inf, False, None, answer.message)
+        bound = float(self._highs.getInfo().mip_dual_bound)
+        bound = min(bound, cutoff) if math.isfinite(bound) else -math.inf
+        return Answer(None, math.inf, bound, False, None, answer.message)
 
     def _run(self, options: dict, limit: float | None) -> Answer:
         self._set({**options, "objective_bound": math.inf if limit is None else float(limit)})

@@ -7,14 +7,16 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 from scipy.optimize import Bounds, LinearConstraint, linprog, milp
+from test_allocation import EXACT, many_models
 from test_allocation_first_pass import _first_pass
 from test_allocation_ortools import knapsack_like
 
 from optimizer import allocation_highs
 from optimizer.allocation_block_solver import BlockModels, solve_block
+from optimizer.allocation_formulation import build_formulation
 from optimizer.allocation_highs import HighsBlockProgram
 from optimizer.allocation_lagrangian import _block_lp, _lp_relaxation
-from optimizer.allocation_monolithic import stacked
+from optimizer.allocation_monolithic import NoMilpSolution, solve_monolithic, stacked
 from optimizer.allocation_ortools import SparseProgram
 
 pytestmark = pytest.mark.skipif(not allocation_highs.available(), reason="SciPy without its HiGHS bindings")
@@ -103,3 +105,20 @@ def test_lp_relaxation_in_highs_itself_has_linprogs_value_and_prices_that_prove_
     lagrangian = sum(_block_lp(form, b, prices)[1] for b in form.blocks) - float(prices @ form.coupling_rhs)
     assert lagrangian == pytest.approx(value, rel=1e-7)
     assert _lp_relaxation(form)[0] == pytest.approx(prices)
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_monolithic_search_below_a_known_cost_finds_cheaper_or_proves_a_valid_bound(seed):
+    """After the decomposition, the monolithic MILP searches only below the decomposition's cost: above the
+    optimum it returns a cheaper point and a valid bound; at the optimum it finds none, and its bound is
+    still valid (never above the optimum) and what `allocate` keeps."""
+    prob, capacity = many_models(seed, n_models=6, **EXACT)
+    form = build_formulation(prob, capacity, prob.options)
+    exact = solve_monolithic(form, 60.0, 1e-9)
+    assert exact.status == "optimal"
+    above = solve_monolithic(form, 60.0, 1e-9, cutoff=exact.objective * 1.05)
+    assert above.objective == pytest.approx(exact.objective, rel=1e-7)
+    assert above.lower_bound <= exact.objective + 1e-6
+    with pytest.raises(NoMilpSolution) as none:
+        solve_monolithic(form, 60.0, 1e-9, cutoff=exact.objective * (1 - 1e-7))
+    assert none.value.bound <= exact.objective + 1e-6
