@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 
+from optimizer.allocation import allocate
 from optimizer.allocation_formulation import build_formulation
 from optimizer.allocation_lagrangian import (
     _cold_states,
@@ -92,3 +93,17 @@ def test_stock_fitting_roundings_take_the_cheap_roundings_where_they_fit_and_sti
         block = form.blocks[i]
         activity = block.matrix @ column.x
         assert np.all(activity >= block.row_lb - 1e-7) and np.all(activity <= block.row_ub + 1e-7)
+
+
+def test_a_first_pass_stopped_anywhere_keeps_a_bound_below_the_optimum():
+    """Stopped by the clock at any point of the first pass, the models not yet solved keep their LP value
+    as their bound: the bound stays at most the optimum (a long monolithic solve), the plan at least it."""
+    inst = instances.make_instance(10, seed=3)
+    exact = allocate(inst.problem, inst.capacity, method="monolithic",
+                     options=inst.problem.options.model_copy(update={"relative_gap": 1e-6, "time_limit_s": 120}))
+    assert exact.gap <= 1e-6
+    for limit in (0.05, 0.15, 0.3, 0.6):
+        opts = inst.problem.options.model_copy(update={"relative_gap": 1e-6, "time_limit_s": limit})
+        dec = allocate(inst.problem, inst.capacity, method="decomposition", options=opts)
+        assert dec.lower_bound <= exact.objective + 1e-6, limit
+        assert dec.objective >= exact.objective - 1e-6, limit
