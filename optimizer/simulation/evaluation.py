@@ -333,6 +333,7 @@ def build_policy(prep: Prepared, plan: RunPlan):
                             input_edges=tuple(prep.scenario.input_edges),
                             rate_windows_s=tuple(spec.rate_windows_s), burst_headroom=spec.burst_headroom,
                             capacity_correction=spec.capacity_correction, forecast=spec.forecast,
+                            forecast_error_z=spec.forecast_error_z,
                             scale_down_stabilization=spec.scale_down_stabilization,
                             swap_break_even=spec.swap_break_even, name=plan.label)
     raise TypeError(f"unknown policy spec {type(spec).__name__}")

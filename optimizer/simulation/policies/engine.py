@@ -102,6 +102,7 @@ class EnginePolicy:
         scale_down_stabilization: str = "variant",
         forecast: bool = False,
         swap_break_even: bool = False,
+        forecast_error_z: float | None = None,
         name: str = "ours",
     ):
         if not 0 < service_level <= 1:
@@ -124,7 +125,7 @@ class EnginePolicy:
                                      rate_windows_s=rate_windows_s,
                                      rate_horizon_s=max(scale_down_delay_s, 2 * interval_s),
                                      burst_absorb_s=s.ttft_s if burst_headroom else None, interval_s=interval_s,
-                                     forecast=forecast)
+                                     forecast=forecast, forecast_error_z=forecast_error_z)
             for s in problem.slos
         }
         self._ranges = {
