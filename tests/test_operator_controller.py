@@ -870,3 +870,36 @@ def test_the_second_cycle_starts_warm_from_the_first_and_says_so_on_metrics(kube
     assert "variant_autoscaler_optimizer_warm_start 1.0" in scraped
     gap = re.search(r"^variant_autoscaler_optimizer_gap_ratio (\S+)$", scraped, flags=re.M)
     assert gap and math.isclose(float(gap.group(1)), second.optimizer_gap, rel_tol=1e-9, abs_tol=1e-12)
+
+
+def test_a_rising_demand_is_planned_ahead_and_the_status_says_so(kube, kube_api):
+    """With the forecast (the default) the plan leads a steady rise; status and /metrics show the planned
+    rate beside the observed one, and the normalized load stays the observed one."""
+    kube.deploy("ahead-l4", 1)
+    kube.apply_variant(variant("ahead-l4", "ahead-l4", accelerator="L4", profile=L4_PROFILE, min_replicas=1))
+    now = [5000.0]
+    demand = Demand({MODEL: 1.0})
+    ctrl = make_controller(kube_api, kube.ns, settings_dict(interval_s=30, forecast_lead_time_s=120),
+                           collect=demand.collect, clock=lambda: now[0])
+    for i in range(16):  # +0.25 req/s per 30 s cycle
+        now[0] = 5000.0 + 30.0 * i
+        demand.set(MODEL, 1.0 + 0.25 * i)
+        cycle(ctrl)
+    status = kube.variant("ahead-l4")["status"]
+    observed = status["observedLoad"]["arrivalRateRps"]
+    assert observed == 4.75
+    assert status["plannedArrivalRateRps"] > observed * 1.05
+    scraped = ctrl.deps.exporter.render().decode()
+    line = next(x for x in scraped.splitlines()
+                if x.startswith(f'variant_autoscaler_model_planned_arrival_rate_rps{{model="{MODEL}"}} '))
+    assert float(line.split()[-1]) == pytest.approx(status["plannedArrivalRateRps"], abs=1e-5)
+    assert status["normalizedLoad"] * status["capacityPerReplicaRps"] * status["readyReplicas"] \
+        == pytest.approx(observed, rel=0.02)
+
+    off = make_controller(kube_api, kube.ns, settings_dict(interval_s=30, forecast=False), collect=demand.collect,
+                          clock=lambda: now[0] + 30.0)
+    report = cycle(off)
+    assert report.ok and not off.memory.forecasts
+    line = next(x for x in off.deps.exporter.render().decode().splitlines()
+                if x.startswith(f'variant_autoscaler_model_planned_arrival_rate_rps{{model="{MODEL}"}} '))
+    assert float(line.split()[-1]) == observed  # forecast off: the plan is the measured rate

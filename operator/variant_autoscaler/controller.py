@@ -80,6 +80,7 @@ from variant_autoscaler.collector import (
     VariantSelector,
 )
 from variant_autoscaler.decision import Decision, FrozenModel, decide, homogeneous_baseline
+from variant_autoscaler.demand_forecast import ModelForecast, forecast_demand
 from variant_autoscaler.exporter import (
     AcceleratorUse,
     DecisionSnapshot,
@@ -214,6 +215,7 @@ class Memory:
     carry_since: dict[str, float] = field(default_factory=dict)  # model -> when one of its variants went away
     status_failing: set[str] = field(default_factory=set)  # variant keys whose last status write failed
     warm_start: Any = None  # the last decision's optimizer.allocation_warm.WarmStart: the next allocation starts there
+    forecasts: dict[str, ModelForecast] = field(default_factory=dict)  # model -> its arrival-rate forecast
 
 
 class Controller:
@@ -231,6 +233,7 @@ class Controller:
         self._mark = 0.0
         self._scope_warned: tuple | None = None
         self._annotation_skip: list[str] = []
+        self._planned_rates: dict[str, float | None] = {}  # model -> the rate this cycle planned for
 
     # ------------------------------------------------------------------------------------------
     async def cycle(self, resources: list[dict] | None = None) -> CycleReport:
@@ -416,8 +419,10 @@ class Controller:
         model_ok = models_with_metrics(live, collection)
         carried = carry_demand(self.memory, live, collection, model_ok, started)
         plan_ok = {**model_ok, **{m: (True, model_ok[m][1]) for m in carried}}
-        plan_collection = collection.model_copy(update={"models": {**collection.models, **carried}}) \
-            if carried else collection
+        ahead = forecast_demand(memory.forecasts, collection, model_ok, settings, started)
+        planned_models = {**collection.models, **ahead, **carried}
+        plan_collection = collection.model_copy(update={"models": planned_models}) if carried or ahead else collection
+        self._planned_rates = {m: o.arrival_rate_rps for m, o in planned_models.items() if plan_ok.get(m, (False,))[0]}
 
         self._phase("collect", t0)
         # 4. the problem, jointly
@@ -892,7 +897,12 @@ class Controller:
         out: dict[str, dict] = {}
         if problem is None:
             return out
-        rates = {w.model: w.bucket_rates_rps() for w in problem.workloads}
+        # The load is what arrives now, not the forecast the plan was made for: the rate observed where
+        # there is one (a carried model has only its last one, already in its workload).
+        observed = {m: o.arrival_rate_rps for m, o in collection.models.items() if o.arrival_rate_rps is not None}
+        rates = {w.model: {label: r * observed.get(w.model, w.arrival_rate_rps) / w.arrival_rate_rps
+                           if w.arrival_rate_rps > 0 else r for label, r in w.bucket_rates_rps().items()}
+                 for w in problem.workloads}
         shares = {w.model: {b.label: b.share for b in w.buckets} for w in problem.workloads}
         for var in problem.variants:
             v = live[var.name]
@@ -1006,6 +1016,9 @@ class Controller:
                                                                   ("meanInputTokens", mobs.mean_input_tokens),
                                                                   ("meanOutputTokens", mobs.mean_output_tokens))
                                      if x is not None}
+            planned = self._planned_rates.get(p.model_id)
+            if planned is not None:
+                extra["plannedArrivalRateRps"] = round(planned, 6)
         if info.get("capacity") is not None:
             extra["capacityPerReplicaRps"] = round(info["capacity"], 6)
         if info.get("load") is not None:
@@ -1031,7 +1044,8 @@ class Controller:
         gw = self.deps.gateway
 
         def material(body: dict) -> dict:
-            out = {k: v for k, v in body.items() if k != "lastOptimizationTime"}
+            # the planned rate moves a little every cycle; /metrics has it live, the status gets it with the rest
+            out = {k: v for k, v in body.items() if k not in ("lastOptimizationTime", "plannedArrivalRateRps")}
             if "desiredOptimizedAlloc" in out:
                 out["desiredOptimizedAlloc"] = {k: v for k, v in out["desiredOptimizedAlloc"].items()
                                                 if k != "lastRunTime"}
@@ -1115,6 +1129,7 @@ class Controller:
             q = f"p{(slo.percentile if slo else 90.0):g}"
             models.append(ModelReading(
                 model=m, arrival_rate_rps=obs.arrival_rate_rps if obs and model_ok.get(m, (False,))[0] else None,
+                planned_arrival_rate_rps=self._planned_rates.get(m) if m in slo_models else None,
                 normalized_load=mload, unmet_demand_rps=(decision.unmet_demand_rps.get(m, 0.0) if decision else 0.0),
                 slo_percentile=slo.percentile if slo else 90.0, slo_ttft_s=slo.ttft_s if slo else None,
                 slo_itl_s=slo.itl_s if slo else None,

@@ -28,6 +28,8 @@ Metric names (all gauges unless noted; label sets in brackets):
 - `variant_autoscaler_model_normalized_load` [model]: the model's demand / capacity at SLO of its ready
   replicas (all variants together).
 - `variant_autoscaler_model_arrival_rate_rps` [model]: observed requests/s.
+- `variant_autoscaler_model_planned_arrival_rate_rps` [model]: requests/s the optimizer planned for: the
+  forecast one lead time ahead with its error headroom (settings `forecast`), never below the observed.
 - `variant_autoscaler_unmet_demand_rps` [model]: demand the decided allocation cannot serve at SLO.
 - `variant_autoscaler_pool_saturation` [namespace, inference_pool, stage (prefill|decode|effective)]: the
   llm-d router flow-control contract (`variant_autoscaler.saturation`): routed demand / SLO capacity of
@@ -88,6 +90,7 @@ METRIC_NAMES: tuple[str, ...] = (
     f"{PREFIX}metrics_available",
     f"{PREFIX}model_normalized_load",
     f"{PREFIX}model_arrival_rate_rps",
+    f"{PREFIX}model_planned_arrival_rate_rps",
     f"{PREFIX}unmet_demand_rps",
     f"{PREFIX}pool_saturation",
     f"{PREFIX}routing_weight",
@@ -137,6 +140,7 @@ class VariantReading(_Frozen):
 class ModelReading(_Frozen):
     model: str
     arrival_rate_rps: float | None = Field(default=None, ge=0)
+    planned_arrival_rate_rps: float | None = Field(default=None, ge=0, description="What the optimizer planned for.")
     normalized_load: float | None = Field(default=None, ge=0)
     unmet_demand_rps: float = Field(default=0.0, ge=0)
     slo_percentile: float = Field(default=90.0, gt=0, lt=100, description="Percentile the SLO targets apply at.")
@@ -227,6 +231,8 @@ class _SnapshotCollector:
         mload = family(f"{PREFIX}model_normalized_load",
                        "Model demand / capacity at SLO of its ready replicas (1.0 = at SLO capacity).", ["model"])
         rate = family(f"{PREFIX}model_arrival_rate_rps", "Observed requests/s of the model.", ["model"])
+        planned = family(f"{PREFIX}model_planned_arrival_rate_rps",
+                         "Requests/s the optimizer planned the model for (forecast one lead time ahead).", ["model"])
         unmet = family(f"{PREFIX}unmet_demand_rps", "Demand the decided allocation cannot serve at SLO.", ["model"])
         slo_names = ["model", "objective", "percentile"]
         target = family(f"{PREFIX}slo_target_seconds", "Latency target of the model at the SLO percentile.",
@@ -238,6 +244,8 @@ class _SnapshotCollector:
                 mload.add_metric([m.model], m.normalized_load)
             if m.arrival_rate_rps is not None:
                 rate.add_metric([m.model], m.arrival_rate_rps)
+            if m.planned_arrival_rate_rps is not None:
+                planned.add_metric([m.model], m.planned_arrival_rate_rps)
             unmet.add_metric([m.model], m.unmet_demand_rps)
             pct = f"{m.slo_percentile:g}"
             for objective, goal, seen in (("ttft", m.slo_ttft_s, m.observed_ttft_s),
@@ -288,7 +296,7 @@ class _SnapshotCollector:
             last.add_metric([], last_ok)
         act = GaugeMetricFamily(f"{PREFIX}active", "1 on the operator replica that runs the control loop.")
         act.add_metric([], 1.0 if active else 0.0)
-        yield from (desired, optimal, current, ready, vload, cap, avail, mload, rate, unmet, target, observed,
+        yield from (desired, optimal, current, ready, vload, cap, avail, mload, rate, planned, unmet, target, observed,
                     routing, saturation, in_use, have, cost, gap, warm, baseline, last, act, wdes, wcur, wratio)
 
 

@@ -31,6 +31,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 from optimizer import input_limits as lim
 from optimizer.datasheet import DATASHEETS, MODEL_FACTS, ModelFacts
 from optimizer.fleet import Accelerator, ModelSpec
+from optimizer.planned_rate import DEFAULT_ERROR_Z
 from optimizer.problem import AllocationOptions, InputError, format_validation_error, read_document, read_text
 from optimizer.workload import SLO, LengthBucket
 from variant_autoscaler.collector import PrometheusSettings
@@ -111,6 +112,9 @@ class ModelSettings(_Strict):
     priority: float = Field(default=1.0, ge=lim.MIN_PRIORITY, le=lim.MAX_PRIORITY)
     length_mix: list[LengthBucket] | None = Field(
         default=None, description="Request-length mix to size for when the metrics show none yet.")
+    lead_time_s: float | None = Field(
+        default=None, ge=0, le=lim.MAX_DURATION_S,
+        description="This model's forecast lead time (its replicas' cold start); default forecast_lead_time_s.")
 
     @model_validator(mode="after")
     def _facts(self) -> ModelSettings:
@@ -170,6 +174,18 @@ class OperatorSettings(_Strict):
         default=25.0, gt=0, le=lim.MAX_BANDWIDTH_GB_S, description="P->D KV-cache link bandwidth, GB/s."
     )
     service_level: float = Field(default=1.0, gt=0, le=1, description="Share of SLO capacity to plan for.")
+    forecast: bool = Field(
+        default=True, description="Plan each model on a Kalman forecast of its arrival rate one lead time ahead, "
+                                  "times the headroom its own recorded errors ask for, never below the rate measured "
+                                  "now (optimizer.planned_rate: what the simulator's `ours` runs). Off: the measured rate.")
+    forecast_lead_time_s: float = Field(
+        default=120.0, ge=0, le=lim.MAX_DURATION_S,
+        description="Seconds from a scale-up to a ready replica (scheduling, image pull, weights load): how far "
+                    "ahead the forecast plans. Per model: models[].lead_time_s.")
+    forecast_error_z: float | None = Field(
+        default=DEFAULT_ERROR_Z, ge=0, le=5,
+        description="Spread of the forecast's recorded errors one lead time ahead that the plan covers (beyond "
+                    "Poisson noise); null: the forecast's path alone.")
     optimizer_time_limit_s: float = Field(
         default=AllocationOptions.model_fields["time_limit_s"].default, gt=0, le=lim.MAX_TIME_LIMIT_S,
         description="Allocation solver budget, the optimizer's own default (2 s). A cycle after the first starts "

@@ -40,8 +40,7 @@ import bisect
 import math
 from collections import deque
 
-from optimizer.forecast import ArrivalForecast
-from optimizer.forecast_error import ForecastErrorBand
+from optimizer.planned_rate import RATE_GRID, PlannedRate, on_grid
 from optimizer.simulation.burst import BurstAllowance
 from optimizer.simulation.envelope import TrafficEnvelope
 from optimizer.simulation.policy import Observation
@@ -50,17 +49,8 @@ from optimizer.workload import LengthBucket, Workload
 DEFAULT_INPUT_EDGES = (256, 1024, 2048, 4096)
 LENGTH_DEADBAND = 0.05
 PRIOR_WEIGHT = 5
-RATE_GRID = 1.02
 TREND_Z = 2.0
 """A trend counts only beyond this many standard errors of its estimate from two Poisson counts."""
-
-
-def on_grid(value: float, ratio: float, *, up: bool = False) -> float:
-    """`value` moved to the nearest (or next higher) power of `ratio`; 0 stays 0."""
-    if value <= 0:
-        return 0.0
-    steps = math.log(value) / math.log(ratio)
-    return ratio ** (math.ceil(steps - 1e-9) if up else round(steps))
 
 
 def bucket_label(lo: int, hi: int | None) -> str:
@@ -104,12 +94,10 @@ class DemandEstimator:
         self._out_sum = [0] * n
         self._out_n = [0] * n
         self._recent: deque[float] = deque()  # arrival times of the last 2 trend windows
-        self._planned: deque[tuple[float, float]] = deque()  # (time, planned rate) of the last lead time
+        self._held_plans: deque[tuple[float, float]] = deque()  # (time, planned rate) of the last lead time
         self._published: dict[int, tuple[float, float]] = {}  # bucket -> (input, output) last planned for
         self._since: float | None = None  # first observation
-        self.forecast = ArrivalForecast(interval_s) if forecast else None
-        self.errors = (ForecastErrorBand(lead_time_s, z=forecast_error_z)
-                       if forecast and forecast_error_z is not None else None)
+        self.planned = PlannedRate(lead_time_s, interval_s, error_z=forecast_error_z) if forecast else None
         self.bursts = None if burst_absorb_s is None else BurstAllowance(
             absorb_s=burst_absorb_s, interval_s=interval_s, lead_time_s=lead_time_s)
 
@@ -121,10 +109,8 @@ class DemandEstimator:
         if self._since is None:
             self._since = observation.time_s - observation.interval_s
         self.envelope.extend(arrivals.times_s)
-        if self.forecast is not None:
-            self.forecast.observe(len(arrivals.times_s), observation.interval_s)
-        if self.errors is not None:
-            self.errors.observe(observation.time_s, len(arrivals.times_s), observation.interval_s)
+        if self.planned is not None:
+            self.planned.observe(observation.time_s, len(arrivals.times_s), observation.interval_s)
         if self.bursts is not None:
             self.bursts.observe(arrivals.times_s, observation.time_s)
         for t, n_in in zip(arrivals.times_s, arrivals.input_tokens, strict=True):
@@ -175,22 +161,17 @@ class DemandEstimator:
         # standing 30-50 % over-provisioning on the default demo.
         slope = max(0.0, slope) - TREND_Z * math.sqrt(newer + older) / (w * w)
         rate = max(envelope, newer / w + max(0.0, slope) * self.lead_time_s)
-        if self.forecast is not None:
+        burst = self.bursts.rate_rps() if self.bursts is not None else 0.0
+        if self.planned is not None:
             # The forecast replaces the envelope, the trend and the hold of the whole plan: its path
             # already leads a rise and follows a fall. Only the burst allowance is held (it swings
             # from interval to interval, and a plan that dips between bursts swaps replicas).
-            rate = self.forecast.upper_rps(self.lead_time_s + self.forecast.interval_s)
-        burst = self.bursts.rate_rps() if self.bursts is not None else 0.0
-        if self.forecast is not None and self.errors is not None:
-            # Checked against the whole plan: where the burst allowance already covered the rate that
-            # came, the forecast needs no headroom for it (bursty70b: $157.74 -> $134.47 at z 0.75).
-            self.errors.predicted(now, max(rate, burst))
-            rate *= self.errors.factor()
+            rate = self.planned.rate_rps(now, floor_rps=burst)
         rate = max(rate, burst)
-        while self._planned and self._planned[0][0] <= now - self.lead_time_s:
-            self._planned.popleft()
-        held = max((r for _, r in self._planned), default=0.0)
-        self._planned.append((now, burst if self.forecast is not None else rate))
+        while self._held_plans and self._held_plans[0][0] <= now - self.lead_time_s:
+            self._held_plans.popleft()
+        held = max((r for _, r in self._held_plans), default=0.0)
+        self._held_plans.append((now, burst if self.planned is not None else rate))
         return on_grid(max(rate, held), RATE_GRID, up=True)
 
     def _lengths(self, b: int, n_in: float, n_out: float) -> tuple[float, float]:
