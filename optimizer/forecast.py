@@ -77,6 +77,14 @@ def log_count_moments(mean_count: float) -> tuple[float, float, float]:
     return mean, var, slope
 
 
+def _log_likelihood(kf: KalmanFilter) -> float:
+    """The last measurement's log-likelihood: filterpy's `log_likelihood` with one observed dimension,
+    without its scipy multivariate-normal call (0.4 ms each, 16 per interval per model: 0.2 s a cycle
+    at 100 models in the operator)."""
+    y, var = float(kf.y[0, 0]), float(kf.S[0, 0])
+    return -0.5 * (math.log(2.0 * math.pi * var) + y * y / var)
+
+
 class ArrivalForecast:
     def __init__(self, interval_s: float, *, memory_s: float = 1800.0, z: float = FORECAST_Z,
                  level_noise: tuple[float, ...] = LEVEL_NOISE, growth_noise: tuple[float, ...] = GROWTH_NOISE,
@@ -123,7 +131,7 @@ class ArrivalForecast:
             kf.predict()
             if self.count_noise == "observed":
                 kf.update(np.array([[z]]), R=np.array([[1.0 / (arrivals + 0.5)]]))
-                self._score[k] = self._forget * self._score[k] + float(kf.log_likelihood)
+                self._score[k] = self._forget * self._score[k] + _log_likelihood(kf)
                 continue
             # Linearised around the predicted log rate x: z ~ mean(x) + slope (state - x), variance
             # var(x); update() takes z - H state, so the offset moves into the observation.
@@ -132,8 +140,25 @@ class ArrivalForecast:
             kf.H = np.array([[slope, 0.0]])
             z_lin = z - (mean - math.log(duration_s)) + slope * x
             kf.update(np.array([[z_lin]]), R=np.array([[var]]))
-            self._score[k] = self._forget * self._score[k] + float(kf.log_likelihood)
+            self._score[k] = self._forget * self._score[k] + _log_likelihood(kf)
         self.observed += 1
+
+    def state(self) -> tuple:
+        """What `restore` needs to put the forecast back as it is now (each filter's mean and covariance)."""
+        kept = None if self._filters is None else [(kf.x.copy(), kf.P.copy()) for kf in self._filters]
+        return kept, self._score.copy(), self.observed
+
+    def restore(self, state: tuple) -> None:
+        kept, score, observed = state
+        if kept is None:
+            self._filters = None
+        else:
+            if self._filters is None:
+                self._filters = self._bank(0.0, self.interval_s)
+            for kf, (x, p) in zip(self._filters, kept, strict=True):
+                kf.x, kf.P = x.copy(), p.copy()
+        self._score = score.copy()
+        self.observed = observed
 
     def _best(self) -> KalmanFilter | None:
         if self._filters is None:

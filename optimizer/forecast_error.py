@@ -62,6 +62,16 @@ class ForecastErrorBand:
         while self._counts and self._counts[0][0] <= first:
             self._counts.popleft()
 
+    def state(self) -> tuple:
+        """What `restore` needs to put the record back as it is now."""
+        return tuple(self._pending), tuple(self._counts), tuple(self._errors)
+
+    def restore(self, state: tuple) -> None:
+        pending, counts, errors = state
+        self._pending = deque(pending)
+        self._counts = deque(counts)
+        self._errors = deque(errors, maxlen=self._errors.maxlen)
+
     @property
     def checked(self) -> int:
         return len(self._errors)

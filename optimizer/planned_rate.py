@@ -57,6 +57,16 @@ class PlannedRate:
         if self.errors is not None:
             self.errors.observe(end_s, arrivals, duration_s)
 
+    def state(self) -> tuple:
+        """A snapshot `restore` goes back to (the operator replaces a reading taken again within an interval)."""
+        return self.forecast.state(), None if self.errors is None else self.errors.state()
+
+    def restore(self, state: tuple) -> None:
+        forecast, errors = state
+        self.forecast.restore(forecast)
+        if self.errors is not None and errors is not None:
+            self.errors.restore(errors)
+
     def path_rps(self) -> float:
         """The forecast's highest rate until capacity asked for now would serve (one interval after the lead time)."""
         return self.forecast.upper_rps(self.lead_time_s + self.forecast.interval_s)

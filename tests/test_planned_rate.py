@@ -53,3 +53,17 @@ def test_bad_arguments_are_refused():
         PlannedRate(-1.0, INTERVAL_S)
     with pytest.raises(ValueError, match="interval_s"):
         PlannedRate(LEAD_S, 0.0)
+
+
+def test_restoring_a_snapshot_undoes_the_readings_since():
+    twin, planned = PlannedRate(LEAD_S, INTERVAL_S), PlannedRate(LEAD_S, INTERVAL_S)
+    feed(twin, [5.0] * 30)
+    feed(planned, [5.0] * 30)
+    snap = planned.state()
+    planned.observe(31 * INTERVAL_S, 400, INTERVAL_S)  # a reading taken again, much higher
+    planned.rate_rps(31 * INTERVAL_S)
+    planned.restore(snap)
+    for p in (twin, planned):
+        p.observe(31 * INTERVAL_S, 80, INTERVAL_S)
+    assert planned.rate_rps(31 * INTERVAL_S) == twin.rate_rps(31 * INTERVAL_S)
+    assert planned.forecast.observed == twin.forecast.observed == 31

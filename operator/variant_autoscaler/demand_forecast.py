@@ -19,7 +19,6 @@ module only reads the collection and writes the controller's forecast memory.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 from optimizer.planned_rate import RATE_GRID, PlannedRate, on_grid
@@ -33,7 +32,7 @@ MAX_GAP_INTERVALS = 4.0
 class ModelForecast:
     planned: PlannedRate
     fed_s: float  # end of the last reading fed
-    before: PlannedRate | None  # the forecast as it was before that reading
+    before: tuple | None  # PlannedRate.state() before that reading
     before_s: float | None  # end of the reading before it
     built_with: tuple[float, float, float | None]  # (lead time, interval, error z) it was made for
 
@@ -71,8 +70,9 @@ def forecast_demand(forecasts: dict[str, ModelForecast], collection: CollectionR
             if f.before is None:
                 f = None
             else:
-                base, since = copy.deepcopy(f.before), f.before_s
-                f = ModelForecast(base, since, None, None, spec)
+                f.planned.restore(f.before)
+                since = f.before_s
+                f = ModelForecast(f.planned, since, None, None, spec)
                 duration = now - since
                 _feed(f, now, rate, duration)
                 forecasts[model] = f
@@ -92,6 +92,6 @@ def forecast_demand(forecasts: dict[str, ModelForecast], collection: CollectionR
 
 
 def _feed(f: ModelForecast, now: float, rate_rps: float, duration_s: float) -> None:
-    f.before, f.before_s = copy.deepcopy(f.planned), f.fed_s
+    f.before, f.before_s = f.planned.state(), f.fed_s
     f.planned.observe(now, max(0, round(rate_rps * duration_s)), duration_s)
     f.fed_s = now
