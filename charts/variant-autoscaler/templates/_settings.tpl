@@ -35,6 +35,9 @@ parses the rendered file with the operator's own parser for default and non-defa
   "staleness_threshold_s" $op.stalenessThresholdSeconds
   "rate_window_s" $op.rateWindowSeconds
   "service_level" $op.serviceLevel
+  "forecast" $op.forecast
+  "forecast_lead_time_s" $op.forecastLeadTimeSeconds
+  "forecast_error_z" $op.forecastErrorZ
 -}}
 {{- if $op.maxChangePerCycle }}{{ $_ := set $s "max_change_per_cycle" $op.maxChangePerCycle }}{{ end -}}
 {{- with $op.defaultSLO -}}
