@@ -166,8 +166,9 @@ def allocate(
         if auto and proven_gap(solution.objective, solution.lower_bound) > opts.relative_gap \
                 and integers <= MONOLITHIC_FALLBACK_INTEGERS and _left(start, opts) > 0.1:
             try:
-                solution = _better(solution, solve_monolithic(form, _left(start, opts), opts.relative_gap,
-                                                              cutoff=solution.objective), opts.relative_gap)
+                solution = _better(solution, solve_monolithic(
+                    form, _left(start, opts), opts.relative_gap, cutoff=solution.objective,
+                    cuts=solution.cuts, start=solution.columns), opts.relative_gap)
             except NoMilpSolution as none:
                 # keep the decomposition's answer, with the search's bound where that is tighter
                 bound = min(max(solution.lower_bound, none.bound), solution.objective)

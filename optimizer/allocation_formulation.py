@@ -78,6 +78,21 @@ class ModelBlock:
         return self.matrix.shape[1]
 
 
+@dataclass(frozen=True)
+class LagrangianCut:
+    """A proven lower bound of one block's problem at some coupling prices: a valid row for the whole MILP.
+
+    Why: every feasible allocation's columns x_m of block m are feasible for the block on its own, so
+    `priced_cost(block, prices) @ x_m >= bound` holds for all of them. Added to the monolithic MILP,
+    the cuts of the decomposition's price rounds lift its LP relaxation to the Lagrangian bound (10
+    models: 196 -> 207.6 $/h on seed 2), which its own cuts do not reach; branching then starts there.
+    """
+
+    block: int  # index into Formulation.blocks
+    prices: np.ndarray  # per coupling row, as in Formulation.coupling_rhs
+    bound: float
+
+
 @dataclass
 class Solution:
     """A solver's answer in block terms: one column vector per block, with its proof."""
@@ -90,6 +105,7 @@ class Solution:
     iterations: int = 0
     warm_started: bool = False  # the decomposition started from a previous solution's prices and columns
     warm_start: WarmStart | None = None  # what the next solve may start from (decomposition only)
+    cuts: list[LagrangianCut] = field(default_factory=list)  # per-block bounds the decomposition proved
 
 
 def proven_gap(objective: float, bound: float) -> float:

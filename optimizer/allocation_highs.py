@@ -90,17 +90,20 @@ class HighsBlockProgram:
             answer = self._run(_HEURISTICS_ON, None)
         return answer
 
-    def solve_below(self, relative_gap: float, cutoff: float, time_limit_s: float, node_limit: int) -> Answer:
+    def solve_below(self, relative_gap: float, cutoff: float, time_limit_s: float, node_limit: int,
+                    start: np.ndarray | None = None) -> Answer:
         """HiGHS's full search (presolve, heuristics) for a point cheaper than `cutoff`, the cost of a known one.
 
         One solve, no repeat: the answer's `x` is None when none was found in time, and its `bound`
         is then still HiGHS's proven bound (a valid bound on the optimum, which is at most `cutoff`
-        as a point of that cost exists; -inf if the root was not done).
+        as a point of that cost exists; -inf if the root was not done). `start`: that known point, as
+        HiGHS's first incumbent (its improvement heuristics start from it); HiGHS checks it and drops
+        it if it is not feasible.
         """
         self._set({"mip_rel_gap": max(float(relative_gap), 0.0), "mip_max_nodes": int(node_limit),
                    "time_limit": max(float(time_limit_s), 0.01), "presolve": "choose"})
         limit = cutoff * (1 + 1e-9) + 1e-9
-        answer = self._run(_HEURISTICS_ON | {"presolve": "choose"}, limit)
+        answer = self._run(_HEURISTICS_ON | {"presolve": "choose"}, limit, start)
         if answer.x is not None and answer.objective <= limit:
             return answer
         if answer.x is not None:  # above the cutoff: HiGHS's bound is then not to be trusted (see SparseProgram)
@@ -109,9 +112,14 @@ class HighsBlockProgram:
         bound = min(bound, cutoff) if math.isfinite(bound) else -math.inf
         return Answer(None, math.inf, bound, False, None, answer.message)
 
-    def _run(self, options: dict, limit: float | None) -> Answer:
+    def _run(self, options: dict, limit: float | None, start: np.ndarray | None = None) -> Answer:
         self._set({**options, "objective_bound": math.inf if limit is None else float(limit)})
         self._highs.clearSolver()
+        if start is not None:
+            solution = _hc.HighsSolution()
+            solution.col_value = np.asarray(start, dtype=float)
+            solution.value_valid = True
+            self._highs.setSolution(solution)
         self._highs.run()
         info = self._highs.getInfo()
         status = self._highs.getModelStatus()

@@ -62,7 +62,14 @@ from scipy.optimize import linprog
 
 from optimizer import allocation_highs
 from optimizer.allocation_block_solver import BlockPool, quiet_stdout
-from optimizer.allocation_formulation import Formulation, ModelBlock, Solution, gap_status, proven_gap
+from optimizer.allocation_formulation import (
+    Formulation,
+    LagrangianCut,
+    ModelBlock,
+    Solution,
+    gap_status,
+    proven_gap,
+)
 from optimizer.allocation_highs import HighsBlockProgram
 from optimizer.allocation_monolithic import stacked
 from optimizer.allocation_ortools import SparseProgram
@@ -148,6 +155,7 @@ def solve_lagrangian(form: Formulation, time_limit_s: float, relative_gap: float
                                           if not _integral(lp_x[i][form.blocks[i].col_n])]
     rounds = 0
     timed_out = False
+    cuts = _Cuts(usage)  # every block's bound at each price vector all the bounds hold at
     with BlockPool(form, block_gap, workers) as pool:
         # workers start on these while the roundings that fit the stock together are built
         results = pool.solve(pending, prices, deadline, _cutoffs(form, states, pending, prices))
@@ -185,6 +193,7 @@ def solve_lagrangian(form: Formulation, time_limit_s: float, relative_gap: float
             best_bound = max(best_bound, _bound(states, prices, rhs))
             objective, chosen = _master(states, rhs)
             unmastered = 0
+        cuts.add(states, prices)  # every block's bound holds at these prices, even if the clock stopped the pass
         timed_out = time.perf_counter() > deadline
         stalled = 0
         # every block's result at the prices of the best bound found at consistent prices: the next warm start
@@ -224,6 +233,7 @@ def solve_lagrangian(form: Formulation, time_limit_s: float, relative_gap: float
                 kept = _Kept(states, prices)
                 break
             bound_now = _bound(states, prices, rhs)
+            cuts.add(states, prices)
             before = (best_bound, objective)
             if bound_now > kept.bound(rhs):
                 kept = _Kept(states, prices)
@@ -243,7 +253,8 @@ def solve_lagrangian(form: Formulation, time_limit_s: float, relative_gap: float
                         "time_limit" if timed_out else "iteration_limit")
     return Solution(columns=columns, objective=objective, lower_bound=min(best_bound, objective), status=status,
                     method="decomposition", iterations=rounds, warm_started=warm_prices is not None or seeded,
-                    warm_start=kept.warm_start(form, states, columns, fingerprints, min(best_bound, objective)))
+                    warm_start=kept.warm_start(form, states, columns, fingerprints, min(best_bound, objective)),
+                    cuts=cuts.cuts)
 
 
 def _cutoffs(form: Formulation, states: list[_BlockState], indices: list[int], prices: np.ndarray) -> dict[int, float]:
@@ -398,6 +409,23 @@ def _block_lp(form: Formulation, block: ModelBlock, prices: np.ndarray) -> tuple
         res = program.solve_lp_with_duals()
     return None if res.x is None else (res.x, float(res.objective))
 
+
+
+class _Cuts:
+    """Lagrangian cuts (optimizer.allocation_formulation.LagrangianCut), each block's once per distinct row."""
+
+    def __init__(self, usage: list[np.ndarray]):
+        self.used_rows = [np.any(u > 0, axis=1) for u in usage]  # a block's priced cost depends only on these
+        self.cuts: list[LagrangianCut] = []
+        self._seen: set[tuple] = set()
+
+    def add(self, states: list[_BlockState], prices: np.ndarray) -> None:
+        """One cut per block at `prices`: only where every block's bound holds at them."""
+        for i, st in enumerate(states):
+            key = (i, st.bound, prices[self.used_rows[i]].tobytes())
+            if key not in self._seen:
+                self._seen.add(key)
+                self.cuts.append(LagrangianCut(i, prices, float(st.bound)))
 
 
 class _Kept:

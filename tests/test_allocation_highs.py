@@ -8,14 +8,14 @@ import pytest
 import scipy.sparse as sp
 from scipy.optimize import Bounds, LinearConstraint, linprog, milp
 from test_allocation import EXACT, many_models
-from test_allocation_first_pass import _first_pass
+from test_allocation_first_pass import _first_pass, instances
 from test_allocation_ortools import knapsack_like
 
 from optimizer import allocation_highs
 from optimizer.allocation_block_solver import BlockModels, solve_block
 from optimizer.allocation_formulation import build_formulation
 from optimizer.allocation_highs import HighsBlockProgram
-from optimizer.allocation_lagrangian import _block_lp, _lp_relaxation
+from optimizer.allocation_lagrangian import _block_lp, _lp_relaxation, solve_lagrangian
 from optimizer.allocation_monolithic import NoMilpSolution, solve_monolithic, stacked
 from optimizer.allocation_ortools import SparseProgram
 
@@ -122,3 +122,32 @@ def test_monolithic_search_below_a_known_cost_finds_cheaper_or_proves_a_valid_bo
     with pytest.raises(NoMilpSolution) as none:
         solve_monolithic(form, 60.0, 1e-9, cutoff=exact.objective * (1 - 1e-7))
     assert none.value.bound <= exact.objective + 1e-6
+
+
+
+@pytest.mark.parametrize("seed", [2, 3, 4])
+def test_lagrangian_cuts_hold_for_the_optimum_and_lift_the_monolithic_root_to_the_decompositions_bound(seed):
+    """Each cut the decomposition hands the monolithic search (a block's priced cost >= its proven bound
+    at some prices) must hold for the optimal allocation's own columns. These 3-model fleets have a
+    duality gap (the decomposition alone proves less than the optimum) and a root LP below the
+    decomposition's bound; with the cuts the root alone proves that bound, and the search still ends at
+    the optimum."""
+    inst = instances.make_instance(3, seed=seed)
+    form = build_formulation(inst.problem, inst.capacity, inst.problem.options)
+    exact = solve_monolithic(form, 60.0, 1e-9)
+    assert exact.status == "optimal"
+    dec = solve_lagrangian(form, 60.0, 1e-9, workers=1)
+    assert dec.lower_bound < exact.objective - 1e-3 < dec.objective  # the duality gap this is about
+    assert len(dec.cuts) >= len(form.blocks)
+    for cut in dec.cuts:
+        priced = float(form.priced_cost(form.blocks[cut.block], cut.prices) @ exact.columns[cut.block])
+        assert priced >= cut.bound - 1e-7 * max(1.0, abs(cut.bound)), cut
+    kwargs = {"cutoff": dec.objective, "start": dec.columns, "node_limit": 1}
+    bare = solve_monolithic(form, 60.0, 1e-9, **kwargs)
+    root = solve_monolithic(form, 60.0, 1e-9, cuts=dec.cuts, **kwargs)
+    assert bare.lower_bound < dec.lower_bound - 1e-3
+    assert dec.lower_bound - 1e-6 * abs(dec.lower_bound) <= root.lower_bound <= exact.objective + 1e-6
+    assert root.objective <= dec.objective + 1e-6  # the start is HiGHS's incumbent
+    full = solve_monolithic(form, 60.0, 1e-9, cutoff=dec.objective, cuts=dec.cuts, start=dec.columns)
+    assert full.objective == pytest.approx(exact.objective, rel=1e-7)
+    assert full.lower_bound <= exact.objective + 1e-6
