@@ -119,15 +119,19 @@ class ArrivalForecast:
         # Growth noise integrates into the level over the step: the usual local-linear-trend Q.
         kf.Q = np.array([[q_l * dt + q_g * dt ** 3 / 3, q_g * dt ** 2 / 2], [q_g * dt ** 2 / 2, q_g * dt]])
 
-    def observe(self, arrivals: int, duration_s: float) -> None:
-        """Count of arrivals in the last `duration_s` seconds (one interval)."""
-        if duration_s <= 0 or arrivals < 0:
-            raise ValueError("need duration_s > 0 and arrivals >= 0")
+    def observe(self, arrivals: float, duration_s: float, *, elapsed_s: float | None = None) -> None:
+        """Count of arrivals in the last `duration_s` seconds, `elapsed_s` (default: `duration_s`) after
+        the previous reading. They differ where the count comes from a rate measured over a window
+        longer than the time between readings (the operator's Prometheus window): the count of the
+        window carries its noise, the time since the last reading moves the state."""
+        if duration_s <= 0 or arrivals < 0 or (elapsed_s is not None and elapsed_s <= 0):
+            raise ValueError("need duration_s > 0, elapsed_s > 0 and arrivals >= 0")
+        dt = duration_s if elapsed_s is None else elapsed_s
         z = math.log((arrivals + 0.5) / duration_s)
         if self._filters is None:
-            self._filters = self._bank(z, duration_s)
+            self._filters = self._bank(z, dt)
         for k, kf in enumerate(self._filters):
-            self._set_dt(kf, *self._noise[k], duration_s)
+            self._set_dt(kf, *self._noise[k], dt)
             kf.predict()
             if self.count_noise == "observed":
                 kf.update(np.array([[z]]), R=np.array([[1.0 / (arrivals + 0.5)]]))

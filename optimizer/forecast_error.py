@@ -43,11 +43,12 @@ class ForecastErrorBand:
         if rate_rps > 0:
             self._pending.append((float(time_s), float(rate_rps)))
 
-    def observe(self, end_s: float, arrivals: int, duration_s: float) -> None:
-        """Arrivals of the interval that ended at `end_s`; checks every forecast whose window has passed."""
+    def observe(self, end_s: float, arrivals: float, duration_s: float) -> None:
+        """Arrivals of the interval that ended at `end_s` (a count, or a measured rate times the interval);
+        checks every forecast whose window has passed."""
         if duration_s <= 0 or arrivals < 0:
             raise ValueError("need duration_s > 0 and arrivals >= 0")
-        self._counts.append((float(end_s), int(arrivals), float(duration_s)))
+        self._counts.append((float(end_s), float(arrivals), float(duration_s)))
         while self._pending and self._pending[0][0] + self.lead_time_s + self.window_s <= end_s + 1e-9:
             t, rate = self._pending.popleft()
             lo, hi = t + self.lead_time_s, t + self.lead_time_s + self.window_s

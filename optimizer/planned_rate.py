@@ -67,6 +67,18 @@ class PlannedRate:
         if self.errors is not None and errors is not None:
             self.errors.restore(errors)
 
+    def observe_rate(self, end_s: float, rate_rps: float, elapsed_s: float, window_s: float) -> None:
+        """A rate measured over the `window_s` seconds that ended at `end_s`, `elapsed_s` after the last one.
+
+        The forecast reads the window's count (rate x window: a count of one second at 1.5 req/s would
+        read as (1.5 + 1/2) / 1 = 2 req/s through its +1/2 term); the error record, which sums counts
+        over its own window, gets the count of the time since the last reading, so none is counted twice.
+        """
+        window_s = max(window_s, elapsed_s)
+        self.forecast.observe(rate_rps * window_s, window_s, elapsed_s=elapsed_s)
+        if self.errors is not None:
+            self.errors.observe(end_s, rate_rps * elapsed_s, elapsed_s)
+
     def path_rps(self) -> float:
         """The forecast's highest rate until capacity asked for now would serve (one interval after the lead time)."""
         return self.forecast.upper_rps(self.lead_time_s + self.forecast.interval_s)

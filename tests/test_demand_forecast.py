@@ -5,6 +5,7 @@ them from a demand per model, as the controller tests do); the clock is the cycl
 """
 
 import numpy as np
+import pytest
 from operator_harness import TINY_MODEL, settings_dict
 from variant_autoscaler.collector import VariantSelector
 from variant_autoscaler.demand_forecast import MAX_GAP_INTERVALS, forecast_demand
@@ -20,8 +21,13 @@ def settings(**over) -> OperatorSettings:
     return OperatorSettings.model_validate(settings_dict(interval_s=30, **over))
 
 
-def planned(memory: dict, rate: float, now: float, s: OperatorSettings, ok=OK) -> float | None:
-    out = forecast_demand(memory, observations({MODEL: rate}, SELECTORS), ok, s, now)
+def planned(memory: dict, rate: float, now: float, s: OperatorSettings, ok=OK, waiting: float = 0.0) -> float | None:
+    """The planned rate, or None where the model is left at its measured rate."""
+    collection = observations({MODEL: rate}, SELECTORS)
+    if waiting:
+        obs = collection.models[MODEL].model_copy(update={"waiting": waiting})
+        collection = collection.model_copy(update={"models": {MODEL: obs}})
+    out = forecast_demand(memory, collection, ok, s, now)
     return out[MODEL].arrival_rate_rps if MODEL in out else None
 
 
@@ -86,5 +92,23 @@ def test_a_window_without_requests_plans_zero_so_an_idle_model_can_scale_down():
     s, memory = settings(), {}
     for i in range(10):
         planned(memory, 4.0, 30.0 * i, s)
-    assert planned(memory, 0.0, 300.0, s) == 0.0
+    assert planned(memory, 0.0, 300.0, s) is None  # left at the measured 0
     assert memory[MODEL].planned.forecast.observed == 11
+
+
+def test_queued_requests_are_planned_as_the_rate_that_serves_them_within_the_lead_time():
+    for forecast in (True, False):
+        s = settings(forecast=forecast, forecast_lead_time_s=120)
+        memory, without = {}, {}
+        for i in range(10):
+            base = planned(without, 4.0, 30.0 * i, s) or 4.0
+            queued = planned(memory, 4.0, 30.0 * i, s, waiting=60.0)
+        assert queued == pytest.approx(base + 60.0 / 120, rel=0.03), forecast
+
+
+def test_a_rate_read_more_often_than_its_window_is_not_inflated_by_tiny_counts():
+    """1 s cycles on a 10 s rate window (the fault matrix's settings) at 1.5 req/s: one second's count
+    (1.5) read through the forecast's +1/2 term would plan 2 req/s; the window's count (15) does not."""
+    s, memory = OperatorSettings.model_validate(settings_dict(interval_s=1, rate_window_s=10)), {}
+    plans = [planned(memory, 1.5, 1000.0 + i, s) or 1.5 for i in range(300)]
+    assert max(plans[20:]) < 1.5 * 1.08, max(plans[20:])
