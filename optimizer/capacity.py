@@ -112,7 +112,12 @@ class CapacityEstimate(BaseModel):
         "them is what breaks it; 'none' when a prefill server saturates its compute first. At rate 0: what "
         "fails even unloaded."
     )
-    reason: str | None = Field(default=None, description="Why the replica cannot serve this bucket at all.")
+    reason: str | None = Field(default=None, description="Why the replica cannot serve this bucket at all, or why "
+                               "it is planned at a percentile below its SLO's (see `percentile`).")
+    percentile: float | None = Field(
+        default=None, gt=0, lt=100,
+        description="Set where no variant of the model serves this bucket at its SLO's percentile: the lower "
+        "percentile this estimate is planned at, the highest at which one does (None: the SLO's own).")
 
 
 def replica_capacity(
@@ -151,7 +156,55 @@ def capacity_table(problem: Problem) -> dict[tuple[str, str], CapacityEstimate]:
     """
     opts = problem.options
     levels = bucket_percentiles(problem) if opts.shared_tail else {}
-    return _table(problem, levels)
+    return _attainable(problem, _table(problem, levels), levels)
+
+
+ATTAINABLE_TAIL_LEVELS = tuple(2.0 ** (k / 3.0) for k in range(1, 13))
+"""Where no variant serves a bucket at its percentile: the miss shares, as multiples of the SLO's
+(1 - percentile), tried in turn for the highest level one serves it at (2^(1/3) to 16x)."""
+
+
+def _served(model: str, label: str, variants, table) -> bool:
+    """Some PD variant, or some P and some D variant, take a positive rate of the bucket."""
+    rate = {r: any(table[(v.name, label)].max_rate_rps > 0 for v in variants if Role(v.role) is r) for r in Role}
+    return rate[Role.BOTH] or (rate[Role.PREFILL] and rate[Role.DECODE])
+
+
+def _attainable(problem: Problem, table: dict[tuple[str, str], CapacityEstimate],
+                levels: dict[tuple[str, str], float]) -> dict[tuple[str, str], CapacityEstimate]:
+    """Buckets no variant serves at their percentile, planned at the highest percentile one does.
+
+    Why: a bucket whose tail is too long for every variant at p99 (long-context prompts whose p99
+    prefill alone nearly fills the TTFT) got rate 0 everywhere, so the allocation planned nothing
+    for it: as its mean prompt drifted across that edge, longctx70b's plan fell from an H100 prefill
+    + A100 decode pair to one A100 PD replica (the fleet was kept only because demand went unserved).
+    Those requests still come; the plan should serve them as well as any variant can, and say so.
+    """
+    slos = {s.model: s for s in problem.slos}
+    out = dict(table)
+    for w in problem.workloads:
+        slo = slos[w.model]
+        variants = [v for v in problem.variants if v.model == w.model]
+        for b in w.buckets:
+            if not variants or _served(w.model, b.label, variants, table):
+                continue
+            pct = levels.get((w.model, b.label), slo.percentile)
+            lone = problem.model_copy(update={"workloads": [w.model_copy(update={
+                "buckets": [b.model_copy(update={"share": 1.0})]})]})
+            for mult in ATTAINABLE_TAIL_LEVELS:
+                lower = 100.0 - mult * (100.0 - pct)
+                if lower < _MIN_SHARED_PERCENTILE:
+                    break
+                at = _table(lone, {(w.model, b.label): lower})
+                if _served(w.model, b.label, variants, at):
+                    why = (f"no variant meets p{pct:g} for bucket {b.label}; planned at p{lower:.3g}, the highest "
+                           f"percentile one serves")
+                    for v in variants:
+                        est = at[(v.name, b.label)]
+                        out[(v.name, b.label)] = est.model_copy(update={
+                            "percentile": lower, "reason": why if est.max_rate_rps > 0 else est.reason})
+                    break
+    return out
 
 
 def _table(problem: Problem, levels: dict[tuple[str, str], float],

@@ -278,6 +278,67 @@ def test_capacity_table_covers_variants_with_demand_and_matches_single_calls():
         CapacityEstimate.model_validate(est.model_dump())  # what model_construct built is valid
 
 
+def _long_context_problem(ttft_s: float = 10.0) -> Problem:
+    """The example fleet's 70B with a 10 s p99 TTFT, 80 % of its requests long-context prompts
+    (mean 17.1k tokens, cv 0.9: longctx70b's 4096+ bucket at its longest) whose p99 prefill alone
+    nearly fills the TTFT."""
+    from optimizer.problem import load_problem
+
+    fleet = load_problem(pathlib.Path(__file__).resolve().parents[1] / "examples" / "fleet.yaml")
+    big = "Llama-3.1-70B"
+    slos = [s.model_copy(update={"ttft_s": ttft_s, "itl_s": 0.1, "percentile": 99.0}) if s.model == big else s
+            for s in fleet.slos]
+    buckets = [LengthBucket(name="long", input_tokens=17100, output_tokens=270, share=0.8, input_tokens_cv=0.9,
+                            output_tokens_cv=0.8),
+               LengthBucket(name="short", input_tokens=1500, output_tokens=270, share=0.2, input_tokens_cv=0.5,
+                            output_tokens_cv=0.8)]
+    return fleet.model_copy(update={"slos": slos, "workloads": [Workload(model=big, arrival_rate_rps=0.1,
+                                                                         buckets=buckets)]})
+
+
+def _direct(problem: Problem, variant: Variant, bucket: LengthBucket, percentile: float) -> CapacityEstimate:
+    model, acc = problem.model(variant.model), problem.accelerator(variant.accelerator)
+    slo = problem.slo(variant.model).model_copy(update={"percentile": percentile})
+    transfer = 0.0 if variant.role is Role.BOTH else \
+        bucket.input_tokens * model.kv_bytes_per_token / (problem.options.kv_transfer_gb_s * 1e9)
+    return replica_capacity(variant, model, acc, bucket, slo, kv_transfer_s=transfer)
+
+
+def test_a_bucket_no_variant_serves_at_its_percentile_is_planned_at_the_highest_one_serves():
+    """At p99 no 70B variant prefills the long bucket (rate 0 on every PD and P variant), so the allocation planned
+    nothing for 80 % of the requests. It is planned at the highest percentile of the grid some variant
+    serves it at (p98.7: the H100 prefill server), and the estimates say so; the short bucket is untouched."""
+    from optimizer.allocation import allocate
+
+    problem = _long_context_problem()
+    variants = [v for v in problem.variants if v.model == "Llama-3.1-70B"]
+    long, short = problem.workloads[0].buckets
+    assert all(_direct(problem, v, long, 99.0).max_rate_rps == 0 for v in variants if v.role is not Role.DECODE)
+    table = capacity_table(problem)
+    level = table[("llama70b-prefill-h100x4", "long")].percentile
+    assert level == pytest.approx(100.0 - 2 ** (1 / 3))
+    assert table[("llama70b-prefill-h100x4", "long")].max_rate_rps > 0
+    assert "planned at p98.7" in table[("llama70b-prefill-h100x4", "long")].reason
+    for v in variants:
+        assert table[(v.name, "long")].percentile == level
+        assert table[(v.name, "long")].max_rate_rps == pytest.approx(_direct(problem, v, long, level).max_rate_rps)
+        assert table[(v.name, "short")].percentile is None
+        assert table[(v.name, "short")].max_rate_rps == pytest.approx(_direct(problem, v, short, 99.0).max_rate_rps)
+    plan = allocate(problem, {k: e.max_rate_rps for k, e in table.items()})
+    assert plan.unmet_demand_rps.get("Llama-3.1-70B", 0.0) == pytest.approx(0.0, abs=1e-6)
+    assert plan.replicas.get("llama70b-prefill-h100x4", 0) >= 1
+
+
+def test_a_bucket_no_percentile_rescues_stays_unserved_with_its_reason():
+    """A TTFT below the long prompts' own prefill fails at every percentile: still rate 0, the reason
+    why, and no lowered percentile claimed."""
+    problem = _long_context_problem(ttft_s=0.5)
+    table = capacity_table(problem)
+    for v in (v for v in problem.variants if v.model == "Llama-3.1-70B" and v.role is not Role.DECODE):
+        est = table[(v.name, "long")]
+        assert est.max_rate_rps == 0 and est.percentile is None and est.reason
+
+
 def test_service_level_is_applied_once_by_the_allocation_not_by_the_table():
     from optimizer.allocation import allocate
 
