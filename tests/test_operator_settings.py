@@ -46,7 +46,7 @@ staleness_threshold_s: 45
 
 def test_defaults_follow_the_hpa_and_the_brief():
     s = OperatorSettings()
-    assert (s.interval_s, s.scale_up_window_s, s.scale_down_window_s) == (30.0, 0.0, 300.0)
+    assert (s.interval_s, s.scale_up_window_s, s.scale_down_window_s) == (30.0, 0.0, 60.0)
     assert s.actuation_mode == "direct"
     assert s.watched_namespaces == []
 
